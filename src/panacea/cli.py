@@ -1,0 +1,162 @@
+"""Command line: ``panacea-lrs2``.
+
+``panacea-lrs2 -d YYYYMMDD -s uv,orange ...`` reduces a night (the interface LRS2 users know);
+``panacea-lrs2 simulate ...`` writes a simulated night; ``panacea-lrs2 inventory ...`` lists
+what a night holds. Only argument parsing and logging set-up live here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("panacea")
+
+SUBCOMMANDS = ("simulate", "inventory")
+
+
+def _date(text: str) -> str:
+    if len(text) != 8 or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"date must be YYYYMMDD, got {text!r}")
+    return text
+
+
+def reduce_parser() -> argparse.ArgumentParser:
+    """Parser of the classic reduction call."""
+    p = argparse.ArgumentParser(
+        prog="panacea-lrs2",
+        description="Reduce LRS2 (HET) data of one night: calibrations, then every science "
+        "exposure. Other commands: 'panacea-lrs2 simulate -h' writes a simulated night with "
+        "its truth, 'panacea-lrs2 inventory -h' lists what a night holds.",
+    )
+    p.add_argument("-d", "--date", type=_date, required=True, help="night, YYYYMMDD")
+    p.add_argument("-s", "--sides", default="uv,orange,red,farred",
+                   help="channels to reduce, comma separated (default: all four)")
+    p.add_argument("-o", "--object", default=None,
+                   help="reduce only observations whose OBJECT contains this text")
+    p.add_argument("--baseraw", default="/work/03946/hetdex/maverick",
+                   help="archive root holding {date}/lrs2/lrs2NNNNNNN.tar")
+    p.add_argument("--output", default="LRS2", help="product tree root (default ./LRS2)")
+    p.add_argument("-uf", "--use_flat", action="store_true",
+                   help="trace and flat-field with internal (LDLS) flats, not twilights")
+    p.add_argument("-cf", "--correct_ftf", action="store_true",
+                   help="re-derive the fiber-to-fiber correction from each frame's sky")
+    p.add_argument("-cw", "--central_wave", type=float, default=None,
+                   help="central wavelength (A) of the collapsed image")
+    p.add_argument("-wb", "--wavelength_bin", type=float, default=10.0,
+                   help="half-width (A) of the collapse window (default 10)")
+    p.add_argument("-re", "--reduce_eng", action="store_true", help="treat eng frames as science")
+    p.add_argument("-rf", "--reduce_flt", action="store_true", help="treat flt frames as science")
+    p.add_argument("-rd", "--reduce_drk", action="store_true", help="treat drk frames as science")
+    p.add_argument("--source_x", type=float, default=None, help="force source IFU x (arcsec)")
+    p.add_argument("--source_y", type=float, default=None, help="force source IFU y (arcsec)")
+    p.add_argument("--standard_star_date", type=_date, default=None,
+                   help="night of the standard star to use for the response")
+    p.add_argument("--standard_star_obsid", type=int, default=None,
+                   help="observation number of the standard star to use")
+    p.add_argument("--standards-dir", default=None,
+                   help="folder of standard reference spectra m{name}.dat.txt")
+    p.add_argument("--response-dir", default=None,
+                   help="folder of response_{channel}.fits files to use")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"panacea-lrs2 {__version__}")
+    return p
+
+
+def simulate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="panacea-lrs2 simulate",
+        description="Write a simulated LRS2 night in the archive layout, with its truth.",
+    )
+    p.add_argument("--date", type=_date, required=True, help="night, YYYYMMDD")
+    p.add_argument("--out", required=True, help="archive root to write (baseraw)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--channels", default="uv,orange,red,farred", help="channels to simulate")
+    p.add_argument("--n-bias", type=int, default=10, help="number of biases (default 10)")
+    p.add_argument("--n-twilight", type=int, default=3, help="twilight flats (default 3)")
+    p.add_argument("--n-science", type=int, default=2, help="science exposures (default 2)")
+    p.add_argument("--no-extended", action="store_true",
+                   help="leave out the extended emission-line target")
+    p.add_argument("--compress", action="store_true", help="write .tar.gz tarballs")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: cores)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def inventory_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="panacea-lrs2 inventory",
+                                description="List the observations of one night.")
+    p.add_argument("-d", "--date", type=_date, required=True, help="night, YYYYMMDD")
+    p.add_argument("--baseraw", required=True, help="archive root")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def setup_logging(verbose: bool) -> None:
+    """Configure logging once, for the command line only."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from .instrument import parse_channels
+    from .simulate import NightConfig, simulate_night
+
+    cfg = NightConfig(
+        date=args.date,
+        seed=args.seed,
+        channels=tuple(c.name for c in parse_channels(args.channels)),
+        n_bias=args.n_bias,
+        n_twilight=args.n_twilight,
+        n_science=args.n_science,
+        extended=not args.no_extended,
+        compress=args.compress,
+    )
+    summary = simulate_night(cfg, args.out, workers=args.workers)
+    print(f"simulated night {args.date}: {summary['files']} raw files in "
+          f"{summary['seconds']:.1f} s under {Path(args.out) / args.date}; truth in "
+          f"{Path(args.out) / 'truth' / args.date}")
+    return 0
+
+
+def run_inventory(date: str, baseraw: str) -> int:
+    from .archive import Archive
+    from .inventory import format_inventory
+
+    with Archive(baseraw).night(date) as night:
+        print(format_inventory(night))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .errors import PanaceaError
+
+    try:
+        if argv and argv[0] == "simulate":
+            args = simulate_parser().parse_args(argv[1:])
+            setup_logging(args.verbose)
+            return run_simulate(args)
+        if argv and argv[0] == "inventory":
+            args = inventory_parser().parse_args(argv[1:])
+            setup_logging(args.verbose)
+            return run_inventory(args.date, args.baseraw)
+        args = reduce_parser().parse_args(argv)
+        setup_logging(args.verbose)
+        from .pipeline import reduce_night
+
+        return reduce_night(args)
+    except PanaceaError as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

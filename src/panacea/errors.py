@@ -1,0 +1,43 @@
+"""Exceptions raised by Panacea.
+
+Every error the pipeline raises on purpose derives from :class:`PanaceaError`, so a driver
+can tell a data problem (skip this exposure, report it) from a programming error.
+"""
+
+from __future__ import annotations
+
+
+class PanaceaError(Exception):
+    """Base class of all Panacea errors."""
+
+
+class ArchiveError(PanaceaError):
+    """A raw archive file (tarball, member, folder) could not be read."""
+
+
+class NoDataError(ArchiveError):
+    """No LRS2 raw data exist where they were looked for."""
+
+
+class CalibrationNotFound(ArchiveError):
+    """No calibration exposure of the requested kind within the search window.
+
+    Attributes
+    ----------
+    kind : str
+        Calibration kind (``bias``, ``twi``, ``flt``, ``arc``).
+    searched : list of str
+        Nights (YYYYMMDD) searched, in search order.
+    baseraw : str
+        Root of the raw archive that was searched.
+    """
+
+    def __init__(self, message: str, kind: str, searched: list[str], baseraw: str):
+        super().__init__(message)
+        self.kind = kind
+        self.searched = list(searched)
+        self.baseraw = baseraw
+
+
+class FrameError(PanaceaError):
+    """A raw amplifier frame is unreadable, malformed or missing."""

@@ -1,0 +1,605 @@
+"""Plan and write a whole simulated LRS2 night in the archive's layout, with its truth.
+
+Output, for ``out`` and date ``D``::
+
+    out/D/lrs2/lrs2NNNNNNN.tar        raw amplifier files, one tarball per observation
+    out/D/gc1/gc1.tar, gc2/gc2.tar    guider frames (TRANSPAR, GUIDLOOP, tracker position)
+    out/standards/m<name>.dat.txt     reference spectrum of the night's standard (AB mag)
+    out/truth/D/                      the truth (see the README written there)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.time import Time
+
+from .. import instrument as inst
+from . import spectra as sp
+from .detector import bias_structure, expose, fits_bytes
+from .optics import (
+    ChannelOptics,
+    build_optics,
+    channel_seed,
+    continuum_to_pixels,
+    lines_to_pixels,
+)
+
+log = logging.getLogger(__name__)
+
+LENSLET_AREA = inst.LENSLET_PITCH**2  # arcsec^2 of sky per fiber
+MOFFAT_BETA = 3.5
+
+
+@dataclass
+class NightConfig:
+    """What to simulate. Defaults give the full demo night."""
+
+    date: str
+    seed: int = 0
+    channels: tuple[str, ...] = ("uv", "orange", "red", "farred")
+    n_bias: int = 10
+    n_twilight: int = 3
+    n_flat: int = 2
+    arcs: tuple[str, ...] = ("hg", "cd", "fear")
+    standard: str = "FEIGE_34"
+    n_science: int = 2
+    science_exptime: float = 900.0
+    extended: bool = True
+    program: str = "HET18-2-100"
+    compress: bool = False
+
+
+@dataclass
+class ExposurePlan:
+    """One exposure of the night and its true conditions."""
+
+    obsid: int
+    exp: int
+    ftype: str
+    object: str
+    exptime: float
+    start: str  # ISO UTC
+    kind: str  # bias, twilight, flat, arc, standard, science, extended
+    lamp: str | None = None
+    program: str | None = None
+    source_slot: str | None = None  # IFU slot that holds the standard star
+    source_xy: tuple[float, float] | None = None
+    seeing: float | None = None  # Moffat FWHM at 5000 A (arcsec)
+    ellipticity: float = 0.0
+    transparency: float = 1.0
+    area_cm2: float = inst.DEFAULT_AREA_CM2
+    parangle: float = 0.0
+    ra: float = 0.0
+    dec: float = 0.0
+    temperature: float = 10.0
+    pressure: float = 795.0
+    humidity: float = 30.0
+    trace_shift: float = 0.0
+    level: float = 1.0
+    tracker: list = field(default_factory=list)  # [(x_m, y_m, phi_deg)] at start, end
+
+    @property
+    def time(self) -> dt.datetime:
+        return dt.datetime.fromisoformat(self.start)
+
+    @property
+    def stamp(self) -> str:
+        t = self.time
+        return t.strftime("%Y%m%dT%H%M%S") + f".{t.microsecond // 100000}"
+
+
+def plan_night(cfg: NightConfig) -> list[ExposurePlan]:
+    """The sequence of exposures of a night with their true conditions."""
+    rng = np.random.default_rng([cfg.seed, int(cfg.date), 99])
+    day = dt.datetime.strptime(cfg.date, "%Y%m%d")
+    plans: list[ExposurePlan] = []
+
+    def at(hour: float) -> dt.datetime:
+        return day + dt.timedelta(hours=hour)
+
+    t = at(0.1)
+    for i in range(cfg.n_bias):
+        plans.append(ExposurePlan(1, i + 1, "zro", "bias", 0.0, t.isoformat(), "bias"))
+        t += dt.timedelta(seconds=40)
+    t = at(0.65)
+    for i in range(cfg.n_twilight):
+        exptime = 10.0 * (i + 1)
+        plans.append(
+            ExposurePlan(2, i + 1, "twi", "skyflat", exptime, t.isoformat(), "twilight",
+                         level=0.8 ** i * 10.0 / exptime)
+        )
+        t += dt.timedelta(seconds=exptime + 40)
+    t = at(0.9)
+    for i in range(cfg.n_flat):
+        plans.append(ExposurePlan(3, i + 1, "flt", "ldls_long", 60.0, t.isoformat(), "flat"))
+        t += dt.timedelta(seconds=100)
+    arc_objects = {"hg": ("Hg_B", 20.0), "cd": ("Cd-A_B", 60.0), "fear": ("FeAr_R", 180.0)}
+    t = at(1.1)
+    for i, lamp in enumerate(cfg.arcs):
+        obj, exptime = arc_objects[lamp]
+        plans.append(ExposurePlan(4 + i, 1, "cmp", obj, exptime, t.isoformat(), "arc",
+                                  lamp=lamp))
+        t += dt.timedelta(seconds=exptime + 60)
+
+    def observed(obsid, exp, obj, exptime, start, kind, **kw):
+        x0 = rng.uniform(-2.5, 2.5)
+        tracker = [(x0, rng.uniform(-1.5, 1.5), rng.uniform(0, 360)), None]
+        tracker[1] = (x0 + rng.uniform(0.8, 1.6), tracker[0][1] + rng.uniform(-0.3, 0.3),
+                      tracker[0][2] + 1.0)
+        track = np.linspace(0, 1, 21)
+        xs = tracker[0][0] + track * (tracker[1][0] - tracker[0][0])
+        ys = tracker[0][1] + track * (tracker[1][1] - tracker[0][1])
+        area = float(np.mean(inst.illuminated_area(xs, ys)))
+        return ExposurePlan(
+            obsid, exp, "sci", obj, exptime, start.isoformat(), kind,
+            seeing=float(rng.uniform(1.2, 1.8)), ellipticity=float(rng.uniform(0.0, 0.08)),
+            transparency=float(rng.uniform(0.85, 0.98)), area_cm2=area,
+            parangle=float(rng.uniform(-170, 170)), temperature=float(rng.uniform(5, 15)),
+            pressure=float(rng.uniform(790, 800)), humidity=float(rng.uniform(15, 50)),
+            trace_shift=float(rng.uniform(-0.25, 0.25)), tracker=tracker, **kw,
+        )
+
+    t = at(2.0)
+    if cfg.standard:
+        for obsid, slot in ((7, "056"), (8, "066")):
+            plans.append(observed(obsid, 1, f"{cfg.standard}_{slot}_E", 180.0, t, "standard",
+                                  source_slot=slot, source_xy=(rng.uniform(-0.8, 0.8),
+                                                               rng.uniform(-0.6, 0.6)),
+                                  ra=40.5, dec=13.1))
+            t += dt.timedelta(seconds=600)
+    t = at(3.0)
+    xy = (float(rng.uniform(-1.5, 1.5)), float(rng.uniform(-1.0, 1.0)))
+    for i in range(cfg.n_science):
+        plans.append(observed(12, i + 1, "SN2018abc", cfg.science_exptime, t, "science",
+                              program=cfg.program, source_xy=xy, ra=52.3, dec=-0.4))
+        t += dt.timedelta(seconds=cfg.science_exptime + 60)
+    if cfg.extended:
+        t = at(4.5)
+        plans.append(observed(13, 1, "NGC1234_HII", cfg.science_exptime, t, "extended",
+                              program=cfg.program, source_xy=(-1.8, 0.9), ra=60.1, dec=20.2))
+    return plans
+
+
+# ----------------------------------------------------------------------------- light
+
+
+def _fiber_xy() -> np.ndarray:
+    return inst.fiber_positions()
+
+
+def moffat_fractions(plan: ExposurePlan, waves: np.ndarray, offsets: tuple) -> np.ndarray:
+    """Fraction of a point source's light in every lenslet at each wavelength (280, nwave).
+
+    The lenslet is integrated on an 8 x 8 sub-grid of its 0.59" square; the PSF is an
+    elliptical Moffat (beta 3.5) whose FWHM scales as wavelength^-0.2.
+    """
+    xy = _fiber_xy()
+    n = 8
+    sub = (np.arange(n) + 0.5) / n - 0.5
+    sx, sy = np.meshgrid(sub * inst.LENSLET_PITCH, sub * inst.LENSLET_PITCH)
+    px = xy[:, 0, None] + sx.ravel()[None, :]
+    py = xy[:, 1, None] + sy.ravel()[None, :]
+    dxs, dys = offsets
+    out = np.empty((inst.NFIBERS, waves.size))
+    q = 1 - plan.ellipticity
+    for i, w in enumerate(waves):
+        fwhm = plan.seeing * (w / 5000.0) ** -0.2
+        alpha = fwhm / (2 * np.sqrt(2 ** (1 / MOFFAT_BETA) - 1))
+        x = px - (plan.source_xy[0] + dxs[i])
+        y = py - (plan.source_xy[1] + dys[i])
+        r2 = (x**2 + (y / q) ** 2) / alpha**2
+        norm = (MOFFAT_BETA - 1) / (np.pi * alpha**2 * q)
+        out[:, i] = (norm * (1 + r2) ** -MOFFAT_BETA).sum(axis=1) * (LENSLET_AREA / n**2)
+    return out
+
+
+def dar_offsets(plan: ExposurePlan, waves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """True refraction offsets (arcsec) relative to 5000 A for this exposure."""
+    return sp.refraction_offsets(waves, 5000.0, plan.parangle, plan.temperature,
+                                 plan.pressure, plan.humidity)
+
+
+def photons_per_angstrom(ch: inst.Channel, wave: np.ndarray, flam: np.ndarray,
+                         plan: ExposurePlan, transparency: bool = True) -> np.ndarray:
+    """Electrons per Angstrom collected in the exposure from F_lambda (before fiber effects)."""
+    tau = plan.transparency if transparency else 1.0
+    return flam * plan.area_cm2 * tau * plan.exptime / sp.response(ch, wave)
+
+
+def sky_spectra(optics: ChannelOptics, plan: ExposurePlan, rng) -> np.ndarray:
+    """Expected sky electrons per column in every fiber (with fiber throughput)."""
+    ch = optics.channel
+    wf = sp.fine_grid(ch)
+    cont = photons_per_angstrom(ch, wf, sp.sky_continuum(wf) * LENSLET_AREA, plan, False)
+    s = continuum_to_pixels(optics, wf, cont)
+    lines = [ln for ln in inst.sky_lines() if ch.wave_lo - 30 < ln.wavelength < ch.wave_hi + 30]
+    if lines:
+        lw = np.array([ln.wavelength for ln in lines])
+        var = rng.uniform(0.8, 1.2, lw.size)  # line strengths change through the night
+        flux = sp.sky_line_flux([ln.strength for ln in lines]) * var * LENSLET_AREA
+        e_lines = flux * plan.area_cm2 * plan.exptime / sp.response(ch, lw)
+        s = s + lines_to_pixels(optics, lw, e_lines)
+    xy = _fiber_xy()
+    grad = 1 + 0.004 * xy[:, 0] - 0.003 * xy[:, 1]
+    return s * grad[:, None] * optics.fiber_throughput
+
+
+def point_source_spectra(optics: ChannelOptics, plan: ExposurePlan, flam_fn) -> np.ndarray:
+    """Expected electrons per column of a point source in every fiber."""
+    ch = optics.channel
+    wf = sp.fine_grid(ch)
+    total = continuum_to_pixels(optics, wf, photons_per_angstrom(ch, wf, flam_fn(wf), plan))
+    wk = np.linspace(ch.wave_lo - 100, ch.wave_hi + 100, 48)
+    frac = moffat_fractions(plan, wk, dar_offsets(plan, wk))
+    frac_pix = np.stack([np.interp(optics.wave[k], wk, frac[k]) for k in range(inst.NFIBERS)])
+    return total * frac_pix * optics.fiber_throughput
+
+
+def extended_spectra(optics: ChannelOptics, plan: ExposurePlan, z: float = 0.005) -> np.ndarray:
+    """Expected electrons per column of an extended emission-line region in every fiber."""
+    ch = optics.channel
+    xy = _fiber_xy()
+    r = np.hypot(xy[:, 0] - plan.source_xy[0], (xy[:, 1] - plan.source_xy[1]) / 0.7)
+    profile = np.exp(-r / 1.8) * LENSLET_AREA  # arcsec^2 weighted surface brightness
+    waves = np.array([w for w, _ in sp.EXTENDED_LINES]) * (1 + z)
+    sb = np.array([f for _, f in sp.EXTENDED_LINES])
+    keep = (waves > ch.wave_lo - 20) & (waves < ch.wave_hi + 20)
+    out = np.zeros((inst.NFIBERS, optics.ncol))
+    if keep.any():
+        e = sb[keep] * plan.area_cm2 * plan.transparency * plan.exptime / sp.response(
+            ch, waves[keep])
+        out += lines_to_pixels(optics, waves[keep], profile[:, None] * e[None, :])
+    wf = sp.fine_grid(ch)
+    cont = photons_per_angstrom(ch, wf, sp.ab_to_flambda(22.0, wf), plan)
+    out += continuum_to_pixels(optics, wf, cont) * profile[:, None]
+    return out * optics.fiber_throughput
+
+
+def lamp_lines(optics: ChannelOptics, lamp: str) -> tuple[np.ndarray, np.ndarray]:
+    """Lines of one lamp in a channel: listed lines plus a few weak unlisted ones (blends)."""
+    ch = optics.channel
+    listed = [a for a in inst.arc_lines(ch.name) if a.lamp == lamp]
+    w = [a.wavelength for a in listed]
+    s = [a.strength for a in listed]
+    rng = np.random.default_rng(channel_seed(f"unlisted-{ch.name}-{lamp}"))
+    if listed:
+        nextra = 5
+        w += list(rng.uniform(ch.wave_lo, ch.wave_hi, nextra))
+        s += list(rng.uniform(0.002, 0.012, nextra) * max(s))
+    return np.array(w), np.array(s)
+
+
+#: Electrons (summed over the line) of a line of listed strength 1.0 in one fiber, per second.
+ARC_SCALE = {"uv": 6.0e4, "orange": 1.2e4, "red": 5.0e3, "farred": 5.0e3}
+
+
+def expected_spectra(optics: ChannelOptics, plan: ExposurePlan, rng) -> dict[str, np.ndarray]:
+    """All expected per-fiber electron spectra of one exposure, by component."""
+    ch = optics.channel
+    zeros = np.zeros((inst.NFIBERS, optics.ncol))
+    wf = sp.fine_grid(ch)
+    if plan.kind == "bias":
+        return {"total": zeros}
+    if plan.kind == "twilight":
+        sun = sp.solar_photons(wf)
+        peak = 1.2e3 * plan.level * plan.exptime  # electrons per Angstrom per fiber
+        s = continuum_to_pixels(optics, wf, sun * peak / np.median(sun)) * optics.fiber_throughput
+        return {"total": s}
+    if plan.kind == "flat":
+        lamp = sp.ldls_photons(wf)
+        xy = _fiber_xy()
+        illum = 1 + 0.02 * xy[:, 0] / 6.2 + 0.01 * (xy[:, 1] / 3.5) ** 2
+        s = continuum_to_pixels(optics, wf, lamp * 150.0 * plan.exptime)
+        return {"total": s * illum[:, None] * optics.fiber_throughput}
+    if plan.kind == "arc":
+        w, s = lamp_lines(optics, plan.lamp)
+        if w.size == 0:
+            return {"total": zeros}
+        e = s * ARC_SCALE[ch.name] * plan.exptime
+        return {"total": lines_to_pixels(optics, w, e) * optics.fiber_throughput}
+    sky = sky_spectra(optics, plan, rng)
+    if plan.kind == "standard":
+        if plan.source_slot == ch.ifuslot:
+            src = point_source_spectra(
+                optics, plan, lambda w: sp.standard_flambda(plan.object, w))
+        else:
+            src = zeros
+    elif plan.kind == "science":
+        src = point_source_spectra(optics, plan, sp.science_flambda)
+    elif plan.kind == "extended":
+        src = extended_spectra(optics, plan)
+    else:
+        raise ValueError(f"unknown exposure kind {plan.kind!r}")
+    return {"total": sky + src, "sky": sky, "source": src}
+
+
+# ----------------------------------------------------------------------------- headers
+
+
+def raw_header(plan: ExposurePlan, optics: ChannelOptics, amp_index: int) -> fits.Header:
+    """Header cards of one raw amplifier file, as the HET archive writes them."""
+    ch = optics.channel
+    amp = ch.amps[amp_index]
+    t = plan.time
+    h = fits.Header()
+    h["OBJECT"] = plan.object
+    h["OBSID"] = (plan.obsid, "observation number")
+    h["EXPN"] = (plan.exp, "exposure number")
+    h["IMAGETYP"] = plan.ftype
+    h["DATE-OBS"] = t.strftime("%Y-%m-%d")
+    h["UT"] = t.strftime("%H:%M:%S.%f")[:12]
+    h["MJD"] = (round(Time(t).mjd, 6), "modified Julian date at start")
+    h["EXPTIME"] = (plan.exptime, "seconds")
+    h["DARKTIME"] = (plan.exptime + 1.3, "seconds")
+    h["TELESCOP"] = "HET"
+    h["INSTRUME"] = "LRS2"
+    h["OBSERVAT"] = "McDonald"
+    h["SPECID"] = ch.specid
+    h["IFUSLOT"] = int(ch.ifuslot)
+    h["IFUID"] = str(ch.ifuid)
+    h["CCDPOS"] = amp[0]
+    h["CCDHALF"] = amp[1]
+    h["AMPNAME"] = amp
+    h["AMPLIFIE"] = amp
+    h["GAIN"] = (float(optics.gain[amp_index]), "e-/ADU")
+    h["RDNOISE"] = (float(optics.header_rdnoise[amp_index]), "e-")
+    nx, ny, no = optics.ncol, optics.nrow_amp, inst.AMP_OVERSCAN_COLS
+    h["BIASSEC"] = f"[{nx + 1}:{nx + no},1:{ny}]"
+    h["TRIMSEC"] = f"[1:{nx},1:{ny}]"
+    h["DATASEC"] = f"[1:{nx},1:{ny}]"
+    h["CCDSEC"] = f"[1:{nx},1:{ny}]"
+    h["BINNING"] = "1x1"
+    h["AIRMASS"] = 1.22
+    if plan.program:
+        h["QPROG"] = (plan.program, "program")
+    if plan.kind in ("standard", "science", "extended"):
+        h["PARANGLE"] = (round(plan.parangle, 3), "parallactic angle (deg)")
+        h["TRAJRA"] = (plan.ra, "trajectory RA of the IFU (deg)")
+        h["TRAJDEC"] = (plan.dec, "trajectory Dec of the IFU (deg)")
+        h["AMBTEMP"] = (round(plan.temperature, 2), "ambient temperature (C)")
+        h["BAROMPRE"] = (round(plan.pressure, 2), "barometric pressure (mbar)")
+        h["HUMIDITY"] = (round(plan.humidity, 1), "relative humidity (%)")
+    return h
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_guider(out_night: Path, plans: list[ExposurePlan], seed: int) -> list[dict]:
+    """Guider tarballs gc1/gc2: frames every 15 s through each on-sky exposure."""
+    rng = np.random.default_rng([seed, 4242])
+    records = []
+    for cam in ("gc1", "gc2"):
+        folder = out_night / cam
+        folder.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(folder / f"{cam}.tar", "w") as tf:
+            for p in plans:
+                if not p.tracker:
+                    continue
+                t0 = p.time - dt.timedelta(seconds=30)
+                n = int((p.exptime + 60) / 15) + 1
+                for i in range(n):
+                    t = t0 + dt.timedelta(seconds=15 * i)
+                    frac = np.clip((t - p.time).total_seconds() / max(p.exptime, 1), 0, 1)
+                    (x0, y0, f0), (x1, y1, f1) = p.tracker
+                    active = p.time <= t <= p.time + dt.timedelta(seconds=p.exptime)
+                    transp = p.transparency + rng.normal(0, 0.01)
+                    if rng.uniform() < 0.05:
+                        transp = float(rng.choice([0.0, 1.6, 3.2]))  # glitches, not trusted
+                    h = fits.Header()
+                    h["DATE-OBS"] = t.strftime("%Y-%m-%d")
+                    h["UT"] = t.strftime("%H:%M:%S.%f")[:12]
+                    h["MJD"] = round(Time(t).mjd, 7)
+                    h["GUIDLOOP"] = "ACTIVE" if active else "ACQUIRE"
+                    h["TRANSPAR"] = round(float(transp), 4)
+                    h["X_STRT"] = round(x0 + frac * (x1 - x0), 4)
+                    h["Y_STRT"] = round(y0 + frac * (y1 - y0), 4)
+                    h["PHI_STRT"] = round(f0 + frac * (f1 - f0), 4)
+                    img = rng.poisson(300, (32, 32)).astype(np.uint16)
+                    name = t.strftime("%Y%m%dT%H%M%S") + f".{t.microsecond // 100000}"
+                    data = fits_bytes(img, h)
+                    info = tarfile.TarInfo(f"{name}_{cam}_sci.fits")
+                    info.size = len(data)
+                    info.mtime = t.timestamp()
+                    tf.addfile(info, io.BytesIO(data))
+                    if cam == "gc1":
+                        records.append({"time": t.isoformat(), "obsid": p.obsid, "exp": p.exp,
+                                        "guidloop": h["GUIDLOOP"], "transpar": h["TRANSPAR"]})
+    return records
+
+
+def standard_filename(name: str) -> str:
+    """File name of a standard's reference spectrum, e.g. ``mfeige34.dat.txt``."""
+    return "m" + "".join(c for c in name.lower() if c.isalnum()) + ".dat.txt"
+
+
+def write_standard(folder: Path, name: str) -> Path:
+    """Reference spectrum of the standard: wavelength (A) and AB magnitude, 2 A steps."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wave = np.arange(3500.0, 10700.0, 2.0)
+    mag = sp.flambda_to_ab(sp.standard_flambda(name, wave), wave)
+    path = folder / standard_filename(name)
+    np.savetxt(path, np.column_stack([wave, mag]), fmt="%.2f %.4f",
+               header=f"{name}: simulated reference spectrum; wavelength (A, air), AB mag")
+    return path
+
+
+TRUTH_README = """# Simulator truth for night {date}
+
+Written by `panacea-lrs2 simulate`; every array is in the oriented, stitched channel frame
+(rows = spatial, 2 x 1032; columns = dispersion, 2064; fiber k = 0..279 is IFU fiber 280-k).
+
+* `night.json`: configuration, every exposure with its true conditions (seeing = Moffat FWHM
+  at 5000 A in arcsec, beta 3.5; source_xy in IFU arcsec at 5000 A; transparency; illuminated
+  area in cm^2; trace_shift in px relative to the night's traces), and the guider records.
+* `channel_<name>.fits`, one per channel, extensions:
+  `WAVELENGTH` (280 x 2064, air A at pixel centres), `TRACE` (280 x 2064, stitched row of each
+  fiber's centre), `SIGMA` (core Gaussian sigma of the cross-dispersion profile, px; the
+  profile is 96 % that core and 4 % a Gaussian 2.2 times wider), `LSF_FWHM` (px),
+  `THROUGHPUT` (280 x 2064, fiber-to-fiber throughput at each fiber's own pixel wavelengths;
+  0 for dead fibers), `DEAD` (280, 1 = dead), `BIAS` (2 x 1032 x 2064, fixed bias structure of
+  each amp in units of 0.01 ADU minus the pedestal PEDEST1/2 of the primary header, raw
+  readout orientation, data columns only; each frame adds a row drift), `PIXELFLAT` (2064 x
+  2064, relative pixel quantum efficiency minus 1 in units of 1e-4),
+  `RESPONSE` (2 x 2064: common grid wavelength, erg per electron), and header cards GAIN1/2,
+  RDNOISE1/2 (true values; headers carry RDNOISE with a few per cent error).
+* `exp_<obsid7>_<NN>_<channel>.fits` for every exposure with light: `COSMIC` (2064 x 2064
+  uint8, 1 where a cosmic ray was added) and, for on-sky exposures, `SKY` and `SOURCE`
+  (280 x 2064, expected electrons per column of each fiber, noise free, fiber throughput
+  included). Calibration light follows from the channel truth.
+* `spectra/<kind>.txt`: the true F_lambda (erg/s/cm^2/A, before the line spread) of the
+  standard and the science point source on a 0.5 A grid.
+"""
+
+
+def _write_channel_truth(folder: Path, optics: ChannelOptics) -> None:
+    ch = optics.channel
+    grid = ch.grid
+    hdus = [fits.PrimaryHDU()]
+    hdr = hdus[0].header
+    for i in range(2):
+        hdr[f"GAIN{i + 1}"] = float(optics.gain[i])
+        hdr[f"RDNOISE{i + 1}"] = float(optics.rdnoise[i])
+        hdr[f"AMP{i + 1}"] = ch.amps[i]
+        hdr[f"PEDEST{i + 1}"] = (float(optics.pedestal[i]), "bias pedestal (ADU)")
+    for name, arr in (
+        ("WAVELENGTH", optics.wave),
+        ("TRACE", optics.trace),
+        ("SIGMA", optics.sigma),
+        ("LSF_FWHM", optics.lsf_fwhm),
+        ("THROUGHPUT", optics.fiber_throughput),
+    ):
+        hdus.append(fits.ImageHDU(arr.astype(np.float64 if name == "WAVELENGTH" else np.float32),
+                                  name=name))
+    hdus.append(fits.ImageHDU(optics.dead.astype(np.uint8), name="DEAD"))
+    # bias structure minus pedestal in units of 0.01 ADU, Rice-compressed int16
+    bias = np.stack([bias_structure(optics, i) - optics.pedestal[i] for i in range(2)])
+    bhdu = fits.CompImageHDU(np.round(bias * 100).astype(np.int16), name="BIAS")
+    bhdu.header["BUNIT"] = ("0.01 ADU", "bias structure minus PEDEST1/2")
+    hdus.append(bhdu)
+    pix = fits.CompImageHDU(np.round((optics.pixel_flat - 1) * 1e4).astype(np.int16),
+                            name="PIXELFLAT")
+    pix.header["BUNIT"] = ("1e-4", "pixel flat minus 1, in units of 1e-4")
+    hdus.append(pix)
+    hdus.append(fits.ImageHDU(np.stack([grid, sp.response(ch, grid)]), name="RESPONSE"))
+    fits.HDUList(hdus).writeto(folder / f"channel_{ch.name}.fits", overwrite=True)
+
+
+def _simulate_channel(cfg: NightConfig, name: str, staging: Path, truth: Path) -> int:
+    """Render every exposure of one channel into raw FITS files under ``staging``."""
+    ch = inst.get_channel(name)
+    ci = list(inst.channels()).index(name)
+    o = build_optics(ch, cfg.date)
+    _write_channel_truth(truth, o)
+    nfiles = 0
+    for p in plan_night(cfg):
+        rng = np.random.default_rng([cfg.seed, int(cfg.date), p.obsid, p.exp, ci])
+        comps = expected_spectra(o, p, rng)
+        if p.kind == "bias":
+            image = np.zeros((2 * o.nrow_amp, o.ncol))
+        else:
+            image = o.render(comps["total"], shift=p.trace_shift) * o.pixel_flat
+        raws, cosmic = expose(o, image, rng, p.exptime, with_cosmics=p.exptime > 0)
+        member_dir = staging / f"lrs2{p.obsid:07d}" / f"exp{p.exp:02d}" / "lrs2"
+        member_dir.mkdir(parents=True, exist_ok=True)
+        for ai, raw in enumerate(raws):
+            fname = f"{p.stamp}_{ch.ifuslot}{ch.amps[ai]}_{p.ftype}.fits"
+            (member_dir / fname).write_bytes(fits_bytes(raw, raw_header(p, o, ai)))
+            nfiles += 1
+        if p.kind != "bias":
+            _write_exposure_truth(truth, p, ch, comps, cosmic)
+    return nfiles
+
+
+def _pack_tarballs(staging: Path, night_dir: Path, compress: bool) -> None:
+    """One tarball per observation from the staged files; the staging tree is removed."""
+    for obs_dir in sorted(staging.iterdir()):
+        suffix = ".tar.gz" if compress else ".tar"
+        final = night_dir / f"{obs_dir.name}{suffix}"
+        partial = final.with_name(final.name + ".part")
+        with tarfile.open(partial, "w:gz" if compress else "w") as tf:
+            for f in sorted(obs_dir.rglob("*.fits")):
+                tf.add(f, arcname=str(f.relative_to(staging)))
+        partial.replace(final)
+    shutil.rmtree(staging)
+
+
+def simulate_night(cfg: NightConfig, out: str | Path, workers: int | None = None) -> dict:
+    """Simulate a whole night; return a summary (paths, counts, seconds).
+
+    Channels are rendered in parallel by up to ``workers`` processes (default: one per core,
+    at most one per channel).
+    """
+    t_start = time.perf_counter()
+    out = Path(out)
+    night_dir = out / cfg.date / "lrs2"
+    night_dir.mkdir(parents=True, exist_ok=True)
+    truth = out / "truth" / cfg.date
+    truth.mkdir(parents=True, exist_ok=True)
+    staging = night_dir / ".staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    names = [inst.get_channel(c).name for c in cfg.channels]
+    plans = plan_night(cfg)
+    workers = min(len(names), workers or os.cpu_count() or 1)
+    if workers > 1:
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            counts = list(pool.map(_simulate_channel, [cfg] * len(names), names,
+                                   [staging] * len(names), [truth] * len(names)))
+    else:
+        counts = [_simulate_channel(cfg, n, staging, truth) for n in names]
+    nfiles = sum(counts)
+    _pack_tarballs(staging, night_dir, cfg.compress)
+    guider = write_guider(out / cfg.date, plans, cfg.seed)
+    std_path = write_standard(out / "standards", cfg.standard) if cfg.standard else None
+    _write_spectra_truth(truth / "spectra", cfg)
+    (truth / "README.md").write_text(TRUTH_README.format(date=cfg.date))
+    summary = {
+        "config": asdict(cfg),
+        "exposures": [asdict(p) for p in plans],
+        "guider": guider,
+        "standard_file": str(std_path) if std_path else None,
+        "files": nfiles,
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }
+    (truth / "night.json").write_text(json.dumps(summary, indent=1, default=str))
+    log.info("simulated %s: %d raw files in %.1f s", cfg.date, nfiles, summary["seconds"])
+    return summary
+
+
+def _write_exposure_truth(folder: Path, p: ExposurePlan, ch: inst.Channel, comps: dict,
+                          cosmic: np.ndarray) -> None:
+    hdus = [fits.PrimaryHDU()]
+    # calibration light follows from the channel truth; on-sky exposures keep their parts
+    for key in ("sky", "source"):
+        if key in comps:
+            hdus.append(fits.ImageHDU(comps[key].astype(np.float32), name=key.upper()))
+    hdus.append(fits.CompImageHDU(cosmic.astype(np.uint8), name="COSMIC"))
+    fits.HDUList(hdus).writeto(folder / f"exp_{p.obsid:07d}_{p.exp:02d}_{ch.name}.fits",
+                               overwrite=True)
+
+
+def _write_spectra_truth(folder: Path, cfg: NightConfig) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    wave = np.arange(3500.0, 10700.0, 0.5)
+    np.savetxt(folder / "science.txt", np.column_stack([wave, sp.science_flambda(wave)]),
+               header="wavelength (A, air), F_lambda (erg/s/cm2/A)")
+    if cfg.standard:
+        np.savetxt(folder / "standard.txt",
+                   np.column_stack([wave, sp.standard_flambda(cfg.standard, wave)]),
+                   header=f"{cfg.standard}: wavelength (A, air), F_lambda (erg/s/cm2/A)")

@@ -1,0 +1,171 @@
+"""Spectra of the simulated night: sun (twilight), night sky, lamps, standard and science targets,
+the channel efficiency that turns F_lambda into electrons, and atmospheric refraction.
+
+Units: F_lambda in erg/s/cm^2/Angstrom (surface brightness per arcsec^2 for the sky), wavelengths
+in air Angstrom. The response of a channel (erg per electron) is ``h c / (lambda * eta)`` with
+``eta`` the total efficiency (atmosphere at HET's fixed elevation, telescope, spectrograph, CCD).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import instrument as inst
+
+H_CGS = 6.62607015e-27  # erg s
+C_ANGSTROM = 2.99792458e18  # Angstrom / s
+#: Peak total efficiency of each channel (atmosphere + telescope + instrument + CCD).
+PEAK_EFFICIENCY = {"uv": 0.13, "orange": 0.24, "red": 0.22, "farred": 0.11}
+#: Fine wavelength grid used for all continua.
+FINE_STEP = 0.1
+
+
+def fine_grid(channel: inst.Channel, margin: float = 150.0) -> np.ndarray:
+    """Fine wavelength grid (Angstrom) covering a channel with margin."""
+    return np.arange(channel.wave_lo - margin, channel.wave_hi + margin, FINE_STEP)
+
+
+def ab_to_flambda(mag: np.ndarray | float, wave: np.ndarray) -> np.ndarray:
+    """AB magnitude to F_lambda (erg/s/cm^2/Angstrom)."""
+    fnu = 10 ** (-0.4 * (np.asarray(mag) + 48.6))
+    return fnu * C_ANGSTROM / wave**2
+
+
+def flambda_to_ab(flam: np.ndarray, wave: np.ndarray) -> np.ndarray:
+    """F_lambda (erg/s/cm^2/Angstrom) to AB magnitude."""
+    fnu = flam * wave**2 / C_ANGSTROM
+    return -2.5 * np.log10(fnu) - 48.6
+
+
+def efficiency(channel: inst.Channel, wave: np.ndarray) -> np.ndarray:
+    """Total efficiency (electrons per photon at the top of the atmosphere) of a channel."""
+    lo, hi = channel.wave_lo, channel.wave_hi
+    u = (np.asarray(wave) - lo) / (hi - lo)
+    shape = np.exp(-(((u - 0.5) / 0.62) ** 4)) * (1 + 0.08 * np.sin(2 * np.pi * (u + 0.1)))
+    extinction = 10 ** (-0.4 * 1.22 * (0.012 + 0.0085 * (np.asarray(wave) / 1e4) ** -4))
+    return PEAK_EFFICIENCY[channel.name] * shape * extinction
+
+
+def response(channel: inst.Channel, wave: np.ndarray) -> np.ndarray:
+    """Channel response (erg per electron): F_lambda = e-/s/Angstrom/cm^2 x response."""
+    return H_CGS * C_ANGSTROM / np.asarray(wave) / efficiency(channel, wave)
+
+
+def _absorption(wave: np.ndarray, centres, depths, widths) -> np.ndarray:
+    """Multiplicative spectrum of Gaussian absorption lines."""
+    out = np.ones_like(wave)
+    for c, d, w in zip(centres, depths, widths):
+        sel = np.abs(wave - c) < 6 * w
+        out[sel] *= 1 - d * np.exp(-0.5 * ((wave[sel] - c) / w) ** 2)
+    return out
+
+
+def planck_lambda(wave: np.ndarray, temperature: float) -> np.ndarray:
+    """Planck function B_lambda (arbitrary normalisation)."""
+    x = 1.438777e8 / (wave * temperature)
+    return wave**-5 / np.expm1(x)
+
+
+#: Strong Fraunhofer and telluric-free solar absorption lines: centre, depth, Gaussian sigma (A).
+_SOLAR_LINES = [
+    (3820.4, 0.5, 1.5), (3933.66, 0.85, 4.0), (3968.47, 0.85, 4.0), (4045.8, 0.5, 1.0),
+    (4101.74, 0.5, 3.0), (4226.7, 0.55, 1.2), (4300.0, 0.35, 6.0), (4340.47, 0.55, 3.0),
+    (4383.5, 0.5, 1.0), (4861.33, 0.55, 3.0), (5167.3, 0.5, 1.0), (5172.7, 0.5, 1.0),
+    (5183.6, 0.55, 1.0), (5269.5, 0.4, 1.0), (5889.95, 0.7, 0.8), (5895.92, 0.65, 0.8),
+    (6562.8, 0.6, 2.5), (8498.0, 0.4, 1.5), (8542.1, 0.55, 2.0), (8662.1, 0.5, 2.0),
+]
+
+
+def solar_photons(wave: np.ndarray, seed: int = 7) -> np.ndarray:
+    """Relative solar photon spectrum with Fraunhofer lines and a forest of weak lines."""
+    rng = np.random.default_rng(seed)
+    cont = planck_lambda(wave, 5778.0) * wave  # photons ~ energy x lambda
+    cont /= np.median(cont)
+    centres, depths, widths = map(list, zip(*_SOLAR_LINES))
+    nweak = int((wave[-1] - wave[0]) / 6)
+    centres += list(rng.uniform(wave[0], wave[-1], nweak))
+    blue = np.clip((6000 - np.array(centres[len(_SOLAR_LINES):])) / 2500, 0.1, 1.0)
+    depths += list(rng.uniform(0.02, 0.25, nweak) * blue)
+    widths += list(rng.uniform(0.3, 0.8, nweak))
+    return cont * _absorption(wave, centres, depths, widths)
+
+
+def sky_continuum(wave: np.ndarray) -> np.ndarray:
+    """Dark-sky continuum surface brightness (erg/s/cm^2/Angstrom/arcsec^2), about 21.7 AB in V."""
+    mag = 21.9 - 0.9 * np.clip((wave - 5500) / 4500, -0.4, 1.0)
+    return ab_to_flambda(mag, wave)
+
+
+def sky_line_flux(strength: np.ndarray) -> np.ndarray:
+    """Integrated sky-line surface brightness (erg/s/cm^2/arcsec^2) for a list strength."""
+    return 4.0e-17 * np.asarray(strength)
+
+
+def ldls_photons(wave: np.ndarray) -> np.ndarray:
+    """Relative photon spectrum of the internal laser-driven light source (smooth, blue)."""
+    return (wave / 5000.0) ** -1.2 * (1 + 0.05 * np.sin(wave / 900.0))
+
+
+def standard_flambda(name: str, wave: np.ndarray, v_mag: float = 11.5) -> np.ndarray:
+    """A hot-star spectrum (40,000 K with Balmer and Paschen absorption) for a standard."""
+    f = planck_lambda(wave, 40000.0)
+    balmer = [3835.4, 3889.1, 3970.1, 4101.7, 4340.5, 4861.3, 6562.8]
+    paschen = [8665.0, 8750.5, 8862.8, 9014.9, 9229.0, 9545.9, 10049.4]
+    f = f * _absorption(wave, balmer, [0.3] * 7, [9.0] * 7)
+    f = f * _absorption(wave, paschen, [0.15] * 7, [6.0] * 7)
+    norm = ab_to_flambda(v_mag, 5500.0) / np.interp(5500.0, wave, f)
+    return f * norm
+
+
+def science_flambda(wave: np.ndarray, r_mag: float = 17.0, z: float = 0.021) -> np.ndarray:
+    """Point-source target: a power-law continuum with emission and absorption lines."""
+    f = ab_to_flambda(r_mag, 6200.0) * (wave / 6200.0) ** -1.3
+    rest_em = [(3727.4, 6e-16), (4861.3, 5e-16), (5006.8, 9e-16), (6562.8, 1.6e-15),
+               (6583.5, 5e-16), (6716.4, 2e-16), (6730.8, 1.6e-16), (9068.6, 1.5e-16)]
+    for lam, flux in rest_em:
+        c, s = lam * (1 + z), 3.0
+        f = f + flux / (np.sqrt(2 * np.pi) * s) * np.exp(-0.5 * ((wave - c) / s) ** 2)
+    f = f * _absorption(wave, [5175.0 * (1 + z), 5892.9 * (1 + z)], [0.1, 0.08], [8.0, 5.0])
+    return f
+
+
+#: Emission lines of the extended target: rest wavelength (A), surface brightness at the centre
+#: (erg/s/cm^2/arcsec^2).
+EXTENDED_LINES = [(3727.4, 6e-16), (4861.3, 4e-16), (4958.9, 3e-16), (5006.8, 9e-16),
+                  (6548.1, 1.5e-16), (6562.8, 1.4e-15), (6583.5, 4.5e-16),
+                  (6716.4, 2e-16), (6730.8, 1.5e-16), (9068.6, 1e-16), (9530.6, 2.4e-16)]
+
+
+def air_refractivity(wave: np.ndarray, temperature_c: float, pressure_mbar: float,
+                     humidity: float) -> np.ndarray:
+    """(n - 1) of moist air, Edlen (1966) dispersion scaled to ambient conditions.
+
+    Parameters are the air temperature (Celsius), pressure (mbar) and relative humidity (%).
+    """
+    s2 = (1e4 / np.asarray(wave)) ** 2  # inverse micron squared
+    n15 = 1e-8 * (8342.13 + 2406030.0 / (130.0 - s2) + 15997.0 / (38.9 - s2))
+    p_torr = pressure_mbar * 0.750062
+    n = n15 * p_torr * (1 + p_torr * (1.049 - 0.0157 * temperature_c) * 1e-6) / (
+        720.883 * (1 + 0.003661 * temperature_c)
+    )
+    # water vapour: saturation pressure (Torr) from the Magnus formula
+    e_sat = 6.1094 * np.exp(17.625 * temperature_c / (temperature_c + 243.04)) * 0.750062
+    f_torr = humidity / 100.0 * e_sat
+    n -= f_torr * (0.0624 - 0.000680 * s2) / (1 + 0.003661 * temperature_c) * 1e-6
+    return n
+
+
+def refraction_offsets(wave: np.ndarray, ref_wave: float, parangle_deg: float,
+                       temperature_c: float, pressure_mbar: float, humidity: float,
+                       elevation_deg: float = inst.HET_ELEVATION_DEG) -> tuple:
+    """Differential refraction (arcsec) of ``wave`` relative to ``ref_wave`` on the IFU.
+
+    The image moves towards the zenith with decreasing wavelength; on the IFU that direction
+    is set by the parallactic angle. Returns (dx, dy) in IFU arcsec.
+    """
+    z = np.deg2rad(90.0 - elevation_deg)
+    n = air_refractivity(np.asarray(wave, float), temperature_c, pressure_mbar, humidity)
+    n0 = air_refractivity(np.asarray(ref_wave, float), temperature_c, pressure_mbar, humidity)
+    r = 206264.806 * (n - n0) * np.tan(z)
+    pa = np.deg2rad(parangle_deg)
+    return r * np.sin(pa), r * np.cos(pa)
