@@ -229,3 +229,37 @@ def bad_archive(tmp_path_factory) -> Path:
     (folder / "lrs20000026.tar.gz").write_bytes(b"\x1f\x8b\x08" + bytes(range(200)))
     (folder / "notes.txt").write_text("an unrelated file")
     return base
+
+
+# --------------------------------------------------------------------------- simulated night
+
+
+class SimNight:
+    """A small simulated night shared by the calibration and science tests."""
+
+    def __init__(self, baseraw: Path, date: str):
+        self.baseraw = baseraw
+        self.date = date
+
+    def truth(self, channel: str):
+        from panacea.simulate.truth import load_channel
+
+        return load_channel(self.baseraw, self.date, channel)
+
+    def night_truth(self) -> dict:
+        from panacea.simulate.truth import load_night
+
+        return load_night(self.baseraw, self.date)
+
+
+@pytest.fixture(scope="session")
+def sim_night(tmp_path_factory) -> SimNight:
+    """All four channels; 3 biases, 2 twilights, 1 internal flat, Hg/Cd/FeAr arcs, the
+    standard and one science exposure (no extended target). About 15 s on 2 cores."""
+    from panacea.simulate import NightConfig, simulate_night
+
+    base = tmp_path_factory.mktemp("simnight")
+    cfg = NightConfig(date="20181108", seed=11, n_bias=3, n_twilight=2, n_flat=1,
+                      n_science=1, extended=False)
+    simulate_night(cfg, base)
+    return SimNight(base, cfg.date)

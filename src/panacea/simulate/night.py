@@ -19,8 +19,8 @@ import os
 import shutil
 import tarfile
 import time
-from dataclasses import asdict, dataclass, field
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
