@@ -1,0 +1,160 @@
+"""The calibration bundle ``cal_{date}_{channel}.fits``: declared layout, writing and reading.
+
+The first fourteen extensions keep the names, order and meaning LRS2 users know; Panacea's
+own additions follow them. Every extension is named and carries BUNIT; the primary header
+holds the layout version, the inputs (raw exposures used) and a fingerprint of them, so a
+rerun can tell whether the bundle is still valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from .errors import PanaceaError
+from .io_utils import write_fits_atomic
+from .provenance import stamp
+
+LAYOUT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Extension:
+    """One declared extension: name, meaning, unit, dtype, shape rule."""
+
+    name: str
+    description: str
+    unit: str
+    dtype: str
+    shape: str  # human-readable shape, e.g. "280 x ncol"
+
+
+#: Extensions of the calibration bundle, in file order (index = HDU number).
+CAL_LAYOUT: tuple[Extension, ...] = (
+    Extension("wavelength", "wavelength of each fiber at each column", "Angstrom", "float64",
+              "280 x ncol"),
+    Extension("trace", "stitched-frame row of each fiber at each column", "pixel", "float64",
+              "280 x ncol"),
+    Extension("flat", "fiber-to-fiber throughput of each fiber at each column", "", "float32",
+              "280 x ncol"),
+    Extension("bigw", "wavelength of every pixel of the stitched frame", "Angstrom",
+              "float32", "nrow x ncol"),
+    Extension("masterbias", "master bias after overscan subtraction", "electron", "float32",
+              "nrow x ncol"),
+    Extension("xypos", "IFU x, y of each fiber", "arcsec", "float32", "280 x 2"),
+    Extension("dead", "1 for a dead fiber", "", "uint8", "280"),
+    Extension("arcspec", "extracted master arc (all lamps) per fiber", "electron", "float32",
+              "280 x ncol"),
+    Extension("twispec", "extracted master twilight per fiber", "electron", "float32",
+              "280 x ncol"),
+    Extension("flatspec", "extracted master internal flat per fiber", "electron", "float32",
+              "280 x ncol"),
+    Extension("bigf", "fiber-to-fiber throughput of every pixel", "", "float32",
+              "nrow x ncol"),
+    Extension("masterarc", "master arc frame (all lamps)", "electron", "float32",
+              "nrow x ncol"),
+    Extension("masterflat", "master twilight (or internal flat) frame", "electron", "float32",
+              "nrow x ncol"),
+    Extension("response", "wavelength and response on the channel grid", "erg / electron",
+              "float64", "2 x 2064"),
+    # ---- Panacea additions
+    Extension("pixelflat", "pixel-to-pixel flat", "", "float32", "nrow x ncol"),
+    Extension("profile", "empirical cross-dispersion profile model", "", "float32",
+              "model-defined"),
+    Extension("rdnoise", "read noise measured per amplifier", "electron", "float64", "namp"),
+    Extension("wavefit", "arc lines used: wavelength, lamp code, fibers used, rms", "",
+              "float64", "nline x 4"),
+)
+CAL_NAMES = tuple(e.name for e in CAL_LAYOUT)
+
+
+class BundleError(PanaceaError):
+    """A calibration bundle that is missing, unreadable or of another layout."""
+
+
+@dataclass
+class CalibrationBundle:
+    """Arrays of a calibration bundle keyed by extension name, plus header metadata."""
+
+    date: str
+    channel: str
+    arrays: dict[str, np.ndarray]
+    inputs: list[str] = field(default_factory=list)  # raw exposures used
+    meta: dict = field(default_factory=dict)  # header cards (short keys)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    @property
+    def fingerprint(self) -> str:
+        return inputs_fingerprint(self.inputs, self.meta.get("OPTIONS", ""))
+
+
+def inputs_fingerprint(inputs: list[str], options: str = "") -> str:
+    """SHA-1 of the sorted input list and the options that shape the calibration."""
+    h = hashlib.sha1()
+    for item in sorted(inputs):
+        h.update(item.encode())
+    h.update(options.encode())
+    return h.hexdigest()[:16]
+
+
+def bundle_path(root: str | Path, date: str, channel: str) -> Path:
+    """``{root}/CALS/cal_{date}_{channel}.fits``."""
+    return Path(root) / "CALS" / f"cal_{date}_{channel}.fits"
+
+
+def write_bundle(bundle: CalibrationBundle, path: str | Path) -> Path:
+    """Write the bundle atomically in the declared layout (missing arrays are empty HDUs)."""
+    unknown = set(bundle.arrays) - set(CAL_NAMES)
+    if unknown:
+        raise ValueError(f"arrays not in the calibration layout: {sorted(unknown)}")
+    hdus: list[fits.hdu.base.ExtensionHDU | fits.PrimaryHDU] = []
+    for i, ext in enumerate(CAL_LAYOUT):
+        data = bundle.arrays.get(ext.name)
+        if data is not None:
+            data = np.asarray(data, dtype=ext.dtype)
+        hdu = fits.PrimaryHDU(data) if i == 0 else fits.ImageHDU(data)
+        hdu.name = ext.name.upper()
+        hdu.header["EXTNAME"] = ext.name
+        hdu.header["BUNIT"] = (ext.unit, ext.description[:47])
+        hdus.append(hdu)
+    prim = hdus[0].header
+    prim["CALVERS"] = (LAYOUT_VERSION, "calibration bundle layout version")
+    prim["CALDATE"] = (bundle.date, "night of the calibration")
+    prim["CHANNEL"] = (bundle.channel, "LRS2 channel")
+    prim["CALFP"] = (bundle.fingerprint, "fingerprint of inputs and options")
+    prim["NINPUTS"] = (len(bundle.inputs), "raw exposures used")
+    for i, item in enumerate(bundle.inputs):
+        prim[f"HIERARCH PAN INPUT {i}"] = item[:60]
+    for key, value in bundle.meta.items():
+        prim[f"HIERARCH PAN {key}"] = value
+    stamp(prim)
+    return write_fits_atomic(fits.HDUList(hdus), path)
+
+
+def read_bundle(path: str | Path) -> CalibrationBundle:
+    """Read a bundle, checking its layout version and extension names."""
+    path = Path(path)
+    try:
+        hdul = fits.open(path, checksum=True)
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{path}: cannot read calibration bundle ({err})") from err
+    with hdul:
+        prim = hdul[0].header
+        version = prim.get("CALVERS")
+        if version != LAYOUT_VERSION:
+            raise BundleError(f"{path}: layout version {version}, expected {LAYOUT_VERSION}")
+        names = tuple(str(h.header.get("EXTNAME", h.name)).lower() for h in hdul)
+        if names != CAL_NAMES:
+            raise BundleError(f"{path}: extensions {names} differ from the layout {CAL_NAMES}")
+        arrays = {n: np.asarray(h.data) for n, h in zip(names, hdul) if h.data is not None}
+        inputs = [prim[f"HIERARCH PAN INPUT {i}"] for i in range(prim.get("NINPUTS", 0))]
+        meta = {k.replace("PAN ", "", 1): v for k, v in prim.items()
+                if k.startswith("PAN ") and not k.startswith("PAN INPUT")}
+        return CalibrationBundle(str(prim["CALDATE"]), str(prim["CHANNEL"]), arrays,
+                                 inputs, meta)

@@ -1,0 +1,540 @@
+"""Fiber-to-fiber throughput and pixel-to-pixel flat field.
+
+Two calibrations come from twilight flats (preferred) or the internal LDLS flat:
+
+* :func:`fiber_to_fiber` factors extracted flat-field spectra into one common source
+  spectrum (the twilight sun or the lamp, a function of wavelength only) times a smooth
+  relative throughput of every fiber, ``ftf``. The division happens in *wavelength*: each
+  fiber's pixels are compared with the common spectrum at that fiber's own wavelengths, so
+  the few-pixel differences between the fibers' wavelength solutions do not imprint solar
+  lines on the throughputs.
+* :func:`pixel_flat` measures the pixel-to-pixel quantum-efficiency variations of a
+  (bias-subtracted) flat-field frame by dividing out a model that is smooth along each row.
+
+Model of a flat-field spectrum (electrons per column of fiber ``k`` at column ``c``)::
+
+    counts[k, c] = ftf[k, c] * S(wave[k, c]) * dwave/dc[k, c]
+
+where ``S`` (electrons per Angstrom) is the common spectrum and ``dwave/dc`` the fiber's
+dispersion (Angstrom per pixel). ``S`` is a cubic B-spline in wavelength with breakpoints
+about 1.5 pixels apart, fitted to the pixels of all live fibers at once; each ``ftf[k]`` is
+a cubic B-spline along the columns (a smooth function of the fiber's wavelength) with
+breakpoints about 160 pixels apart. The two are fitted alternately with sigma clipping.
+
+Normalisation: at every column the median of ``ftf`` over the live fibers is 1, so ``S``
+is the spectrum seen by a median fiber. Dead fibers have ``ftf = 0``.
+
+Nothing here reads or writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+from scipy.interpolate import BSpline
+from scipy.linalg import solveh_banded
+from scipy.ndimage import uniform_filter1d
+from scipy.signal import savgol_filter
+
+log = logging.getLogger(__name__)
+
+#: Breakpoint spacing of the common source spectrum (pixels of the median dispersion).
+SOURCE_KNOT_SPACING = 1.5
+#: Breakpoint spacing (columns) of each fiber's smooth throughput curve.
+THROUGHPUT_KNOT_SPACING = 160.0
+#: Below this median signal-to-noise ratio per column a flat cannot give a fiber-to-fiber.
+MIN_SNR = 10.0
+#: Live fibers whose median throughput is below this fraction of the median fiber are
+#: flagged as dead.
+MIN_THROUGHPUT = 0.3
+#: Cubic B-splines throughout.
+_DEGREE = 3
+#: Relative weight of the second-difference penalty that keeps splines defined where a
+#: breakpoint interval holds (almost) no data.
+_PENALTY = 1e-6
+
+
+@dataclass
+class FiberFlat:
+    """Fiber-to-fiber throughput and the common flat-field spectrum of one channel.
+
+    Attributes
+    ----------
+    ftf : ndarray, shape (nfiber, ncol)
+        Relative throughput of every fiber at each of its own columns (dimensionless). At
+        every column the median over the live fibers is 1; dead fibers are 0.
+    dead : ndarray of bool, shape (nfiber,)
+        Dead fibers: those given as dead plus live ones found without light.
+    newly_dead : ndarray of bool, shape (nfiber,)
+        Fibers given as live but flagged dead here (too little light).
+    source_wave : ndarray, shape (ncol,)
+        Median wavelength (air Angstrom) of the live fibers at each column.
+    source_spectrum : ndarray, shape (ncol,)
+        Common spectrum at ``source_wave`` (electrons per Angstrom for ``ftf = 1``).
+    source_knots, source_coeffs : ndarray
+        The common spectrum as a cubic B-spline in wavelength (knots in Angstrom,
+        coefficients in electrons per Angstrom); see :meth:`source`.
+    rejected : ndarray of bool, shape (nfiber, ncol)
+        Pixels of live fibers left out of the final fit (masked, not finite, clipped).
+    chi2 : ndarray, shape (nfiber,)
+        Reduced chi^2 of the final model of each fiber (NaN for dead fibers).
+    snr : float
+        Median signal-to-noise ratio per column of the live fibers' pixels.
+    """
+
+    ftf: np.ndarray
+    dead: np.ndarray
+    newly_dead: np.ndarray
+    source_wave: np.ndarray
+    source_spectrum: np.ndarray
+    source_knots: np.ndarray
+    source_coeffs: np.ndarray
+    rejected: np.ndarray
+    chi2: np.ndarray
+    snr: float
+
+    def source(self, wave: np.ndarray) -> np.ndarray:
+        """Common spectrum (electrons per Angstrom) at ``wave`` (Angstrom); NaN outside."""
+        spline = BSpline(self.source_knots, self.source_coeffs, _DEGREE, extrapolate=False)
+        return spline(np.asarray(wave, dtype=float))
+
+    def model(self, wave: np.ndarray) -> np.ndarray:
+        """Expected flat-field spectra (electrons per column) on wavelengths ``wave``.
+
+        Parameters
+        ----------
+        wave : ndarray, shape (nfiber, ncol)
+            Wavelength (Angstrom) of every fiber at every column.
+
+        Returns
+        -------
+        ndarray, shape (nfiber, ncol)
+            ``ftf * S(wave) * dwave/dc``; NaN where ``wave`` is outside the fitted range.
+        """
+        wave = np.asarray(wave, dtype=float)
+        return self.ftf * self.source(wave) * np.gradient(wave, axis=1)
+
+
+# --------------------------------------------------------------------------- splines
+
+
+def _clamped_knots(lo: float, hi: float, spacing: float) -> np.ndarray:
+    """Knot vector of a clamped cubic B-spline on [lo, hi] with near-``spacing`` intervals."""
+    nint = max(1, int(np.ceil((hi - lo) / spacing)))
+    inner = np.linspace(lo, hi, nint + 1)
+    return np.concatenate([[lo] * _DEGREE, inner, [hi] * _DEGREE])
+
+
+def _difference_penalty(nbasis: int) -> np.ndarray:
+    """Second-difference penalty D^T D as a dense (nbasis, nbasis) matrix."""
+    d2 = sparse.diags([1.0, -2.0, 1.0], [0, 1, 2], shape=(max(nbasis - 2, 1), nbasis))
+    return (d2.T @ d2).toarray()
+
+
+class _SplineDesign:
+    """Cubic B-spline basis evaluated once at fixed abscissae (k+1 non-zeros per point)."""
+
+    def __init__(self, x: np.ndarray, knots: np.ndarray):
+        self.knots = knots
+        self.nbasis = len(knots) - _DEGREE - 1
+        design = BSpline.design_matrix(x, knots, _DEGREE)
+        self.values = design.data.reshape(-1, _DEGREE + 1)
+        self.first = design.indices.reshape(-1, _DEGREE + 1)[:, 0]
+        pen = _difference_penalty(self.nbasis)
+        self.penalty_bands = np.array(
+            [np.concatenate([np.diagonal(pen, -d), np.zeros(d)]) for d in range(_DEGREE + 1)])
+
+    def fit(self, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Coefficients minimising sum w (y - B c)^2 plus a tiny smoothness penalty."""
+        nb, vals, j0 = self.nbasis, self.values, self.first
+        bands = np.zeros((_DEGREE + 1, nb))
+        rhs = np.zeros(nb)
+        for p in range(_DEGREE + 1):
+            rhs += np.bincount(j0 + p, weights=w * y * vals[:, p], minlength=nb)
+            for d in range(_DEGREE + 1 - p):
+                bands[d] += np.bincount(j0 + p, weights=w * vals[:, p] * vals[:, p + d],
+                                        minlength=nb)
+        scale = np.median(bands[0][bands[0] > 0]) if np.any(bands[0] > 0) else 1.0
+        bands += _PENALTY * scale * self.penalty_bands
+        return solveh_banded(bands, rhs, lower=True)
+
+    def evaluate(self, coeffs: np.ndarray) -> np.ndarray:
+        """Spline value at every abscissa."""
+        idx = self.first[:, None] + np.arange(_DEGREE + 1)
+        return np.einsum("ij,ij->i", self.values, coeffs[idx])
+
+
+def _fit_rows(y: np.ndarray, w: np.ndarray, basis: np.ndarray, penalty: np.ndarray
+              ) -> np.ndarray:
+    """Weighted least-squares fit of every row of ``y`` with one shared basis.
+
+    Parameters
+    ----------
+    y, w : ndarray, shape (nrow, npix)
+        Data and weights (0 for pixels to ignore).
+    basis : ndarray, shape (npix, nbasis)
+    penalty : ndarray, shape (nbasis, nbasis)
+        Smoothness penalty, scaled per row to a tiny fraction of the data term.
+
+    Returns
+    -------
+    ndarray, shape (nrow, npix)
+        The fitted curves.
+    """
+    normal = (w[:, :, None] * basis[None]).transpose(0, 2, 1) @ basis  # (nrow, nb, nb)
+    rhs = (w * y) @ basis
+    scale = np.trace(normal, axis1=1, axis2=2) / basis.shape[1]
+    normal += (_PENALTY * np.where(scale > 0, scale, 1.0))[:, None, None] * penalty[None]
+    coeffs = np.linalg.solve(normal, rhs[:, :, None])[:, :, 0]
+    return coeffs @ basis.T
+
+
+# --------------------------------------------------------------------------- fiber-to-fiber
+
+
+def _as_inputs(spectra, variance, wave, dead, mask):
+    """Validate shapes, sum stacked exposures, return float arrays and the bad-pixel mask."""
+    spectra = np.asarray(spectra, dtype=float)
+    variance = np.asarray(variance, dtype=float)
+    if spectra.shape != variance.shape:
+        raise ValueError(f"spectra {spectra.shape} and variance {variance.shape} differ in shape")
+    bad = np.zeros(spectra.shape, bool) if mask is None else np.asarray(mask, dtype=bool)
+    if bad.shape != spectra.shape:
+        raise ValueError(f"mask {bad.shape} does not match spectra {spectra.shape}")
+    if spectra.ndim == 3:  # several exposures: the common spectrum absorbs colour changes
+        bad = bad.any(axis=0)
+        spectra, variance = spectra.sum(axis=0), variance.sum(axis=0)
+    if spectra.ndim != 2:
+        raise ValueError(f"spectra must be (nfiber, ncol) or (nexp, nfiber, ncol), "
+                         f"not {spectra.shape}")
+    wave = np.asarray(wave, dtype=float)
+    dead = np.asarray(dead, dtype=bool)
+    if wave.shape != spectra.shape:
+        raise ValueError(f"wave {wave.shape} does not match spectra {spectra.shape}")
+    if dead.shape != spectra.shape[:1]:
+        raise ValueError(f"dead {dead.shape} must have one entry per fiber ({spectra.shape[0]})")
+    return spectra, variance, wave, dead, bad
+
+
+def fiber_to_fiber(
+    spectra: np.ndarray,
+    variance: np.ndarray,
+    wave: np.ndarray,
+    dead: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    knot_spacing: float = SOURCE_KNOT_SPACING,
+    throughput_spacing: float = THROUGHPUT_KNOT_SPACING,
+    nsigma: float = 5.0,
+    niter: int = 3,
+    min_snr: float = MIN_SNR,
+    min_throughput: float = MIN_THROUGHPUT,
+) -> FiberFlat:
+    """Relative throughput of every fiber from twilight or internal-flat spectra.
+
+    Parameters
+    ----------
+    spectra : ndarray, shape (nfiber, ncol) or (nexp, nfiber, ncol)
+        Extracted flat-field spectra (electrons per column), bias subtracted. Several
+        exposures are summed (the product of source and throughput still factorises).
+    variance : ndarray, same shape as ``spectra``
+        Their variance (electrons^2).
+    wave : ndarray, shape (nfiber, ncol)
+        Wavelength (air Angstrom) of every fiber at every column, increasing with column.
+    dead : ndarray of bool, shape (nfiber,)
+        Fibers known to be dead (no light expected).
+    mask : ndarray of bool, same shape as ``spectra``, optional
+        Pixels to ignore (True = bad).
+    knot_spacing : float
+        Breakpoint spacing of the common spectrum, in pixels of the median dispersion.
+    throughput_spacing : float
+        Breakpoint spacing (columns) of each fiber's throughput curve.
+    nsigma : float
+        Clipping threshold (standard deviations of the model noise).
+    niter : int
+        Alternations of the source and throughput fits (each followed by clipping).
+    min_snr : float
+        Minimum median signal-to-noise ratio per column of the live fibers.
+    min_throughput : float
+        Live fibers whose median level is below this fraction of the median fiber are
+        flagged as dead (with a warning).
+
+    Returns
+    -------
+    FiberFlat
+        ``ftf`` normalised to a median of 1 over the live fibers at every column.
+
+    Raises
+    ------
+    ValueError
+        Inconsistent shapes, wavelengths not increasing, no live fiber, or a flat too faint
+        (median S/N per column below ``min_snr``).
+    """
+    spectra, variance, wave, dead, bad = _as_inputs(spectra, variance, wave, dead, mask)
+    nfib, ncol = spectra.shape
+    live = ~dead
+    if not live.any():
+        raise ValueError("every fiber is dead: no fiber-to-fiber can be measured")
+    dlam = np.gradient(wave, axis=1)
+    if not np.all(dlam[live] > 0):
+        raise ValueError("wavelengths must be finite and increase with column for live fibers")
+
+    finite = np.isfinite(spectra) & np.isfinite(variance) & (variance > 0) & ~bad
+    usable = live[:, None] & finite
+    y = np.where(usable, spectra, 0.0) / dlam  # electrons per Angstrom
+    vy = np.where(usable, variance, 1.0) / dlam**2
+    if usable.sum() < ncol:
+        raise ValueError("too few valid pixels for a fiber-to-fiber")
+    snr = float(np.median(y[usable] / np.sqrt(vy[usable])))
+    if not snr >= min_snr:
+        raise ValueError(f"flat too faint for a fiber-to-fiber: median S/N per column "
+                         f"{snr:.2f} < {min_snr:g}")
+
+    # ---- starting point: one grey level per fiber; fibers without light become dead
+    level = np.nanmedian(np.where(usable, y, np.nan), axis=1)
+    ref = np.nanmedian(level[live])
+    newly_dead = live & ~(level > min_throughput * ref)
+    if newly_dead.any():
+        log.warning("fibers %s have less than %.0f%% of the median flat level; flagged dead",
+                    np.flatnonzero(newly_dead).tolist(), 100 * min_throughput)
+    dead = dead | newly_dead
+    live = ~dead
+    usable &= live[:, None]
+    ftf = np.where(live, level / ref, 0.0)[:, None] * np.ones(ncol)
+
+    # ---- basis functions, built once
+    pix = np.flatnonzero(usable.ravel())  # every usable pixel of a live fiber
+    order = np.argsort(wave.ravel()[pix], kind="stable")
+    pix = pix[order]
+    x = wave.ravel()[pix]
+    knots = _clamped_knots(x[0], x[-1], knot_spacing * float(np.median(dlam[live])))
+    src = _SplineDesign(x, knots)
+    cols = np.arange(ncol, dtype=float)
+    tknots = _clamped_knots(0.0, ncol - 1.0, throughput_spacing)
+    tbasis = BSpline.design_matrix(cols, tknots, _DEGREE).toarray()
+    tpen = _difference_penalty(tbasis.shape[1])
+    excess = np.nanmedian(np.where(usable, variance - np.maximum(spectra, 0), np.nan), axis=1)
+    excess = np.clip(np.nan_to_num(excess), 0.0, None)  # read noise etc. (e-^2 per column)
+
+    good = usable.copy()
+    var_model = vy
+    s_pix = np.zeros((nfib, ncol))
+    for it in range(niter + 1):
+        # common spectrum from all live fibers' pixels, each divided by its throughput
+        yf, vf, tf = (a.ravel()[pix] for a in (y, var_model, ftf))
+        w = np.where(good.ravel()[pix] & (tf > 0), tf**2 / vf, 0.0)
+        coeffs = src.fit(np.divide(yf, tf, out=np.zeros_like(yf), where=tf > 0), w)
+        s_pix.ravel()[pix] = src.evaluate(coeffs)
+        if it == niter:
+            break
+        # smooth throughput of each fiber: data over the common spectrum at its wavelengths
+        ok = good & (s_pix > 0)
+        wr = np.where(ok, s_pix**2 / var_model, 0.0)
+        ratio = np.divide(y, s_pix, out=np.zeros_like(y), where=ok)
+        ftf = np.where(live[:, None], _fit_rows(ratio, wr, tbasis, tpen), 0.0)
+        norm = np.median(ftf[live], axis=0)
+        ftf /= np.where(norm > 0, norm, 1.0)
+        # noise of the model (not of the data: unbiased weights), then clip
+        counts = ftf * s_pix * dlam
+        var_model = np.where(usable, (np.maximum(counts, 0) + excess[:, None]), 1.0) / dlam**2
+        resid = (y - ftf * s_pix) / np.sqrt(var_model)
+        good = usable & (np.abs(resid) <= nsigma)
+        log.debug("fiber_to_fiber iteration %d: %d pixels clipped", it + 1,
+                  int(usable.sum() - good.sum()))
+
+    resid = (y - ftf * s_pix) / np.sqrt(var_model)
+    ngood = good.sum(axis=1)
+    dof = np.maximum(ngood - tbasis.shape[1], 1)
+    chi2 = np.where(live, np.where(good, resid**2, 0.0).sum(axis=1) / dof, np.nan)
+    source_wave = np.median(wave[live], axis=0)
+    spline = BSpline(knots, coeffs, _DEGREE, extrapolate=False)
+    result = FiberFlat(
+        ftf=ftf,
+        dead=dead,
+        newly_dead=newly_dead,
+        source_wave=source_wave,
+        source_spectrum=spline(source_wave),
+        source_knots=knots,
+        source_coeffs=coeffs,
+        rejected=live[:, None] & ~good,
+        chi2=chi2,
+        snr=snr,
+    )
+    log.info("fiber-to-fiber: %d live fibers, median S/N %.0f per column, throughput "
+             "5-95%% range %.3f-%.3f, median chi2 %.2f, %d pixels rejected",
+             int(live.sum()), snr, *np.percentile(ftf[live], [5, 95]),
+             float(np.nanmedian(chi2)), int(result.rejected.sum()))
+    return result
+
+
+# --------------------------------------------------------------------------- pixel flat
+
+
+def pixel_wavelength(trace: np.ndarray, wave: np.ndarray, nrow: int) -> np.ndarray:
+    """Wavelength of every pixel of a channel frame, interpolated between the fibers.
+
+    Parameters
+    ----------
+    trace : ndarray, shape (nfiber, ncol)
+        Row of every fiber's centre at every column (increasing with fiber).
+    wave : ndarray, shape (nfiber, ncol)
+        Wavelength (Angstrom) of every fiber at every column.
+    nrow : int
+        Rows of the frame.
+
+    Returns
+    -------
+    ndarray, shape (nrow, ncol)
+        Wavelength (Angstrom); rows outside the traces take the nearest fiber's value.
+    """
+    rows = np.arange(nrow, dtype=float)
+    out = np.empty((nrow, trace.shape[1]))
+    for c in range(trace.shape[1]):
+        out[:, c] = np.interp(rows, trace[:, c], wave[:, c])
+    return out
+
+
+def _near_traces(trace: np.ndarray, nrow: int, half_width: float) -> np.ndarray:
+    """Pixels within ``half_width`` rows of any of the given traces, (nrow, ncol) bool."""
+    ncol = trace.shape[1]
+    near = np.zeros((nrow, ncol), bool)
+    r0 = np.floor(trace - half_width + 0.5).astype(int)
+    cols = np.broadcast_to(np.arange(ncol), trace.shape)
+    for j in range(int(np.ceil(2 * half_width)) + 1):
+        rows = r0 + j
+        ok = (rows >= 0) & (rows < nrow) & (np.abs(rows - trace) <= half_width)
+        near[rows[ok], cols[ok]] = True
+    return near
+
+
+def pixel_flat(
+    image: np.ndarray,
+    variance: np.ndarray,
+    trace: np.ndarray,
+    *,
+    wave: np.ndarray | None = None,
+    source: Callable[[np.ndarray], np.ndarray] | None = None,
+    dead: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    window: int = 31,
+    half_width: float = 3.5,
+    min_snr: float = 100.0,
+    nsigma: float = 5.0,
+    niter: int = 3,
+) -> np.ndarray:
+    """Pixel-to-pixel flat field (relative quantum efficiency) from a flat-field frame.
+
+    Along every row the illuminated pixels are fitted by a running quadratic
+    (Savitzky-Golay, ``window`` columns) with iterative outlier rejection; that keeps the
+    slowly changing cross-dispersion profile and spectrum while it removes pixel-to-pixel
+    variations. The flat is the frame divided by this model. For a source with sharp
+    spectral features (twilight), pass ``wave`` and ``source`` (e.g.
+    :meth:`FiberFlat.source`): the frame is first divided by the source spectrum at every
+    pixel's wavelength, so that only smooth structure is left for the row fit.
+
+    Parameters
+    ----------
+    image : ndarray, shape (nrow, ncol)
+        Bias-subtracted flat-field frame (electrons); a sum of frames improves the result.
+    variance : ndarray, shape (nrow, ncol)
+        Its variance (electrons^2).
+    trace : ndarray, shape (nfiber, ncol)
+        Row of every fiber's centre at every column.
+    wave : ndarray, shape (nfiber, ncol), optional
+        Wavelength (Angstrom) of every fiber at every column; needed with ``source``.
+    source : callable, optional
+        Source spectrum (electrons per Angstrom) as a function of wavelength (Angstrom).
+    dead : ndarray of bool, shape (nfiber,), optional
+        Dead fibers: their rows are not measured.
+    mask : ndarray of bool, shape (nrow, ncol), optional
+        Pixels to leave unmeasured (True = bad, e.g. cosmic rays or bad columns).
+    window : int
+        Columns of the running quadratic (odd).
+    half_width : float
+        Pixels within this many rows of a live fiber's trace are measured.
+    min_snr : float
+        Minimum signal-to-noise ratio of a pixel for it to be measured (100 gives a flat
+        value good to 1 %).
+    nsigma : float
+        Rejection threshold (standard deviations, photon noise plus the measured
+        pixel-to-pixel scatter). High outliers (cosmic rays) are left unmeasured.
+    niter : int
+        Rejection iterations of the row fit.
+
+    Returns
+    -------
+    ndarray of float32, shape (nrow, ncol)
+        Relative quantum efficiency (mean 1 on smooth scales); exactly 1 for pixels not
+        measured (too little light, far from a live fiber, masked or rejected high).
+
+    Raises
+    ------
+    ValueError
+        Inconsistent shapes, an even or too short ``window``, ``source`` without ``wave``,
+        or no pixel with enough light.
+    """
+    image = np.asarray(image, dtype=float)
+    variance = np.asarray(variance, dtype=float)
+    trace = np.asarray(trace, dtype=float)
+    nrow, ncol = image.shape
+    if variance.shape != image.shape:
+        raise ValueError(f"variance {variance.shape} does not match image {image.shape}")
+    if trace.ndim != 2 or trace.shape[1] != ncol:
+        raise ValueError(f"trace {trace.shape} does not match image columns ({ncol})")
+    if window % 2 != 1 or window < 5 or window > ncol:
+        raise ValueError(f"window must be odd and between 5 and {ncol}, not {window}")
+    live = np.ones(trace.shape[0], bool) if dead is None else ~np.asarray(dead, dtype=bool)
+
+    data, var = image, variance
+    ok = np.isfinite(data) & np.isfinite(var) & (var > 0)
+    if mask is not None:
+        ok &= ~np.asarray(mask, dtype=bool)
+    if source is not None:
+        if wave is None:
+            raise ValueError("pixel_flat needs wave to divide by a source spectrum")
+        bigw = pixel_wavelength(trace, np.asarray(wave, dtype=float), nrow)
+        shape = source(bigw) * np.gradient(bigw, axis=1)
+        ok &= np.isfinite(shape) & (shape > 0)
+        shape = np.where(ok, shape, 1.0)
+        data, var = data / shape, var / shape**2
+    ok &= _near_traces(trace[live], nrow, half_width)
+    data = np.where(ok, data, 0.0)
+    var = np.where(ok, var, np.inf)
+
+    # first guess: running mean of the good pixels only; then clipped running quadratics
+    weight = ok.astype(float)
+    denom = uniform_filter1d(weight, window, axis=1, mode="nearest")
+    model = uniform_filter1d(data, window, axis=1, mode="nearest") / np.maximum(denom, 1e-3)
+    use = ok.copy()
+    qe_rms = 0.0
+    for _ in range(niter):
+        filled = np.where(use, data, model)
+        model = savgol_filter(filled, window, 2, axis=1, mode="interp")
+        bright = ok & (model > 0) & (model * model > min_snr**2 * var)
+        if not bright.any():
+            raise ValueError(f"no pixel reaches S/N {min_snr:g}: the flat is too faint "
+                             f"for a pixel flat")
+        rel = np.where(bright, data / np.where(model > 0, model, 1.0) - 1.0, 0.0)
+        noise2 = np.where(bright, var / np.where(model > 0, model, 1.0) ** 2, np.inf)
+        qe_rms = _excess_scatter(rel[bright], noise2[bright])
+        limit = nsigma * np.sqrt(noise2 + qe_rms**2)
+        use = ok & (np.abs(rel) <= limit) & (model > 0)
+
+    flat = np.ones((nrow, ncol), np.float32)
+    keep = bright & (rel <= limit)  # high outliers (cosmic rays) stay unmeasured
+    flat[keep] = (1.0 + rel[keep]).astype(np.float32)
+    log.info("pixel flat: %d pixels measured (S/N >= %g), pixel-to-pixel rms %.4f, "
+             "median noise of a measured pixel %.4f", int(keep.sum()), min_snr, qe_rms,
+             float(np.sqrt(np.median(noise2[keep]))))
+    return flat
+
+
+def _excess_scatter(rel: np.ndarray, noise2: np.ndarray) -> float:
+    """Robust rms of ``rel`` beyond the expected noise (quadrature difference, >= 0)."""
+    q16, q50, q84 = np.percentile(rel, [16, 50, 84])
+    total2 = (0.5 * (q84 - q16)) ** 2
+    return float(np.sqrt(max(total2 - np.median(noise2), 0.0)))

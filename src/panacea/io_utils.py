@@ -1,0 +1,27 @@
+"""Safe product writing: a file appears whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from astropy.io import fits
+
+
+def write_fits_atomic(hdul: fits.HDUList, path: str | Path) -> Path:
+    """Write ``hdul`` with checksums to a temporary file beside ``path``, then rename.
+
+    A crash or a full disk leaves any previous file at ``path`` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        hdul.writeto(tmp, overwrite=True, checksum=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,150 @@
+"""The night simulator: archive layout, headers, orientation, truth consistency, CLI."""
+
+from __future__ import annotations
+
+import tarfile
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from panacea import instrument as inst
+from panacea.archive import Archive
+from panacea.ccd import read_channel
+from panacea.cli import main
+from panacea.extract import boxcar
+from panacea.inventory import format_inventory
+from panacea.simulate import NightConfig, simulate_night
+from panacea.simulate.truth import load_exposure
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["-h"])
+    assert err.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--date", "--sides", "--baseraw", "--use_flat", "--correct_ftf",
+                 "--central_wave", "--wavelength_bin", "--source_x", "--standard_star_obsid"):
+        assert flag in out
+    with pytest.raises(SystemExit):
+        main(["simulate", "-h"])
+    assert "--seed" in capsys.readouterr().out
+
+
+def test_night_layout_and_inventory(sim_night):
+    night = Archive(sim_night.baseraw).night(sim_night.date)
+    obs = night.observations()
+    truth = sim_night.night_truth()
+    assert len(night.files) == 8 * len(truth["exposures"])
+    kinds = {e.ftype for e in night.exposures()}
+    assert kinds == {"zro", "twi", "flt", "cmp", "sci"}
+    arcs = {e.object.lower() for e in night.exposures(ftype="cmp")}
+    assert arcs <= set(inst.ARC_OBJECTS) and {inst.ARC_OBJECTS[a] for a in arcs} == {
+        "hg", "cd", "fear"}
+    assert inst.match_standard(obs[7][0].object) == "FEIGE_34"
+    assert obs[12][0].program == "HET18-2-100" and obs[7][0].program is None
+    text = format_inventory(night)
+    assert "Hg_B" in text and "SN2018abc" in text and "guider frames" in text
+    # the standard's reference spectrum and the guider tarballs
+    ref = np.loadtxt(sim_night.baseraw / "standards" / "mfeige34.dat.txt")
+    assert ref.shape[1] == 2 and np.all(np.diff(ref[:, 0]) > 0)
+    guiders = night.guider_files()
+    assert {g.camera for g in guiders} == {"gc1", "gc2"}
+    h = night.read_header(guiders[0])
+    assert {"GUIDLOOP", "TRANSPAR", "X_STRT", "Y_STRT", "PHI_STRT", "MJD"} <= set(h)
+
+
+def test_raw_format(sim_night):
+    night = Archive(sim_night.baseraw).night(sim_night.date)
+    bias = night.exposures(ftype="zro")[0]
+    raw = fits.getdata(__import__("io").BytesIO(night.read_bytes(bias.file("056", "LL"))),
+                       do_not_scale_image_data=True)
+    h = bias.header("056", "LL")
+    assert raw.shape == (1032, 2128) and h["BZERO"] == 32768 and h["BITPIX"] == 16
+    truth = sim_night.truth("uv")
+    adu = raw.astype(float) + 32768
+    # overscan noise is the true read noise in ADU
+    over = adu[:, 2070:] - np.median(adu[:, 2070:], axis=1, keepdims=True)
+    assert np.std(over) == pytest.approx(truth.rdnoise[0] / truth.gain[0], rel=0.05)
+    assert h["GAIN"] == pytest.approx(truth.gain[0])
+
+
+def test_fiber_order_and_orientation(sim_night):
+    """A source at IFU fiber ID n lands in stitched fiber 280 - n; wavelength rises rightward."""
+    night = Archive(sim_night.baseraw).night(sim_night.date)
+    sci = night.exposures(ftype="sci")
+    plan = next(p for p in sim_night.night_truth()["exposures"] if p["kind"] == "science")
+    exp = next(e for e in sci if e.obsid == plan["obsid"])
+    xy = inst.fiber_positions()  # IFU position of stitched fiber k (IFU ID 280 - k)
+    for name in ("orange",):  # 5000 A, the simulator's refraction reference, is in orange
+        truth = sim_night.truth(name)
+        frame = read_channel(night, exp, name)
+        flux, _ = boxcar(frame.image, truth.trace + plan["trace_shift"], 3.0)
+        near = np.abs(truth.wavelength - 5000.0).argmin(axis=1)  # column of 5000 A per fiber
+        cols = near[:, None] + np.arange(-60, 61)[None, :]
+        signal = np.median(np.take_along_axis(flux, cols, axis=1), axis=1)
+        signal = np.where(truth.dead, 0, signal / np.where(truth.dead, 1, truth.throughput[:, 1000]))
+        signal -= np.median(signal)
+        core = signal > 0.2 * signal.max()
+        centroid = (signal[core, None] * xy[core]).sum(0) / signal[core].sum()
+        # the lenslets sample the star coarsely: the centroid lands within a third of a pitch
+        assert np.hypot(*(centroid - np.array(plan["source_xy"]))) < 0.2
+        assert np.all(np.diff(truth.wavelength, axis=1) > 0)
+    # uv Hg arc: 4046 A lies left of 4358 A in every fiber
+    hg = next(e for e in night.exposures(ftype="cmp") if e.object.lower().startswith("hg"))
+    frame = read_channel(night, hg, "uv")
+    truth = sim_night.truth("uv")
+    flux, _ = boxcar(frame.image, truth.trace, 3.0)
+    med = np.median(flux[~truth.dead], axis=0)
+    c4358 = np.argmax(med)
+    c4046 = np.argmax(np.where(np.abs(np.arange(med.size) - c4358) > 50, med, 0))
+    assert c4046 < c4358
+    col = np.argmin(np.abs(truth.wavelength[140] - 4358.33))
+    assert abs(c4358 - col) <= 2
+
+
+def test_truth_is_consistent_with_frames(sim_night):
+    """Sky + source truth explains the science frame to the noise level."""
+    night = Archive(sim_night.baseraw).night(sim_night.date)
+    plan = next(p for p in sim_night.night_truth()["exposures"] if p["kind"] == "science")
+    exp = next(e for e in night.exposures(ftype="sci") if e.obsid == plan["obsid"])
+    truth = sim_night.truth("orange")
+    parts = load_exposure(sim_night.baseraw, sim_night.date, plan["obsid"], plan["exp"], "orange")
+    frame = read_channel(night, exp, "orange")
+    ch = inst.get_channel("orange")
+    bias = inst.stitch(*(inst.orient(truth.bias_adu[a], amp, amp) * truth.gain[a]
+                         for a, amp in enumerate(ch.amps)))
+    clean = np.where(parts["cosmic"].astype(bool), 0.0, frame.image - bias)
+    cols = slice(200, 1800)
+    expected = (parts["sky"] + parts["source"])[:, cols].sum()
+    # all light of all fibers, up to the pixel flat (mean 1, 1% per pixel) and Poisson noise
+    assert clean[:, cols].sum() / expected == pytest.approx(1.0, abs=0.003)
+    assert parts["cosmic"].sum() > 100
+
+
+def test_compressed_and_plain_nights_are_identical(tmp_path):
+    kw = dict(date="20190301", seed=5, channels=("uv",), n_bias=2, n_twilight=1, n_flat=0,
+              arcs=("hg",), standard="", n_science=0, extended=False)
+    simulate_night(NightConfig(**kw), tmp_path / "plain", workers=1)
+    simulate_night(NightConfig(**kw, compress=True), tmp_path / "gz", workers=1)
+    assert (tmp_path / "gz" / "20190301" / "lrs2" / "lrs20000002.tar.gz").exists()
+    with tarfile.open(tmp_path / "plain" / "20190301" / "lrs2" / "lrs20000002.tar") as tf:
+        assert all(n.endswith("_twi.fits") for n in tf.getnames())
+    a = Archive(tmp_path / "plain").night("20190301")
+    b = Archive(tmp_path / "gz").night("20190301")
+    ea, eb = a.exposures(ftype="twi")[0], b.exposures(ftype="twi")[0]
+    fa, fb = read_channel(a, ea, "uv"), read_channel(b, eb, "uv")
+    assert np.array_equal(fa.image, fb.image)
+
+
+def test_cli_simulate_and_inventory(tmp_path, capsys):
+    rc = main(["simulate", "--date", "20190302", "--out", str(tmp_path), "--channels", "uv",
+               "--n-bias", "2", "--n-twilight", "1", "--n-science", "1", "--no-extended",
+               "--workers", "1"])
+    assert rc == 0
+    assert "simulated night 20190302" in capsys.readouterr().out
+    assert main(["inventory", "-d", "20190302", "--baseraw", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "SN2018abc" in out and "bias" in out
+    # a date without data exits non-zero with a message naming the folder
+    assert main(["inventory", "-d", "20190303", "--baseraw", str(tmp_path)]) == 2
