@@ -19,7 +19,7 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(BIN)/panacea-lrs2 simulate --date $(DEMO_DATE) --out $(DEMO_DIR)/raw --seed 1
-	$(BIN)/panacea-lrs2 -d $(DEMO_DATE) -s uv,orange,red,farred --baseraw $(DEMO_DIR)/raw -o $(DEMO_DIR)/reduced
+	$(BIN)/panacea-lrs2 -d $(DEMO_DATE) -s uv,orange,red,farred --baseraw $(DEMO_DIR)/raw --output $(DEMO_DIR)/reduced
 
 test: venv
 	$(BIN)/python -m pytest -q

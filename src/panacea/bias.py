@@ -58,7 +58,8 @@ def combine_bands(
     for start in range(0, shape[0], band_rows):
         rows = slice(start, min(start + band_rows, shape[0]))
         stack = np.stack([read_rows(i, rows) for i in range(nframes)])
-        clipped = sigma_clip(stack, sigma=sigma, axis=0, maxiters=3, masked=True)
+        clipped = sigma_clip(stack, sigma=sigma, axis=0, maxiters=3, masked=True,
+                             stdfunc="mad_std")
         mean[rows] = clipped.mean(axis=0).filled(np.nan)
         count[rows] = (~clipped.mask).sum(axis=0)
     return mean, count

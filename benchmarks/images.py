@@ -1,0 +1,54 @@
+"""Make the README's pictures from a simulated night (run after benchmarks/run.py).
+
+    python benchmarks/images.py [--out benchmarks/out] [--date 20181108]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from panacea.archive import Archive
+from panacea.calbundle import bundle_path, read_bundle
+from panacea.ccd import read_channel
+from panacea.qa import plot_frame, plot_residual_maps
+from panacea.simulate.truth import load_channel
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="benchmarks/out")
+    p.add_argument("--date", default="20181108")
+    p.add_argument("--images", default="images")
+    args = p.parse_args(argv)
+    images = Path(args.images)
+    images.mkdir(exist_ok=True)
+    night = Archive(args.out).night(args.date)
+    sci = night.exposures(ftype="sci", channel="uv")
+    target = [e for e in sci if e.program][0]
+    frame = read_channel(night, target, "uv")
+    plot_frame(frame.image, images / "sim_uv_science.png",
+               f"simulated uv science frame {target.name}", zoom=(slice(1040, 1140),
+                                                                  slice(1380, 1560)))
+    cal = Path(args.out) / "reduced"
+    for ch in ("uv", "farred"):
+        path = bundle_path(cal, args.date, ch)
+        if not path.exists():
+            continue
+        b = read_bundle(path)
+        t = load_channel(args.out, args.date, ch)
+        live = ~t.dead
+        maps = {
+            "trace - truth (px)": np.where(live[:, None], b["trace"] - t.trace, np.nan),
+            "wavelength - truth (px)": np.where(
+                live[:, None], (b["wavelength"] - t.wavelength) / t.dispersion, np.nan),
+        }
+        plot_residual_maps(maps, images / f"calibration_residuals_{ch}.png", "px",
+                           f"{ch}: calibration against simulator truth")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

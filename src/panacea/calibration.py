@@ -1,0 +1,303 @@
+"""Build the calibration of one channel for one night from raw frames.
+
+Orchestration only: find the frames (bounded search through :class:`panacea.archive.Archive`),
+read them, and call the stage modules (bias, trace, profile, wavelength, flat) on arrays.
+The result is a :class:`panacea.calbundle.CalibrationBundle`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import instrument
+from .archive import Archive, Exposure, NightIndex
+from .bias import MasterBias, master_bias
+from .calbundle import CalibrationBundle
+from .ccd import Frame, Mask, read_channel
+from .combine import combine_frames
+from .errors import CalibrationNotFound, FrameError, PanaceaError
+from .extract import boxcar
+from .flat import fiber_to_fiber, pixel_flat
+from .profile import build_profile
+from .trace import trace_fibers
+from .wavelength import solve_wavelength
+
+log = logging.getLogger(__name__)
+
+#: Aperture half-width (rows) of the boxcar extraction of calibration frames.
+CAL_HALF_WIDTH = 3.0
+#: A flat whose brightest quarter of pixels is below this many electrons is left out.
+MIN_FLAT_LEVEL = 100.0
+
+
+@dataclass
+class CalibrationOptions:
+    """Choices that shape a calibration (part of the bundle's fingerprint)."""
+
+    use_flat: bool = False
+    overscan: str = "row"
+    windows: dict[str, int] | None = None
+
+    def describe(self) -> str:
+        return f"use_flat={self.use_flat};overscan={self.overscan};windows={self.windows}"
+
+
+@dataclass
+class StageTimer:
+    """Wall time per stage (seconds), for logs and benchmarks."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, t0: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class CalibrationPlan:
+    """The raw exposures a calibration will use, found with a bounded search."""
+
+    bias: list[Exposure]
+    flat: list[Exposure]  # twilights, or internal flats with use_flat
+    internal: list[Exposure]  # internal flats (for the pixel flat), may be empty
+    arcs: dict[str, list[Exposure]]  # lamp -> exposures
+
+    @property
+    def inputs(self) -> list[str]:
+        exps = self.bias + self.flat + self.internal + [e for v in self.arcs.values() for e in v]
+        return sorted({e.name for e in exps})
+
+
+def _lamp(exposure: Exposure) -> str | None:
+    return instrument.ARC_OBJECTS.get(exposure.object.lower())
+
+
+def _header_agrees(exposure: Exposure) -> bool:
+    """False (with a warning) when IMAGETYP contradicts the frame type in the file name."""
+    imagetyp = str(exposure.header().get("IMAGETYP", exposure.ftype)).strip().lower()
+    if imagetyp and imagetyp != exposure.ftype:
+        log.warning("%s: header IMAGETYP %r contradicts file type %r; left out",
+                    exposure.name, imagetyp, exposure.ftype)
+        return False
+    return True
+
+
+def plan_calibration(
+    archive: Archive, date: str, channel: instrument.Channel, options: CalibrationOptions
+) -> CalibrationPlan:
+    """Find the bias, flat and arc exposures for ``channel`` around ``date``.
+
+    Raises
+    ------
+    CalibrationNotFound
+        When biases, flats or arcs are missing from their whole search window.
+    """
+    def find(kind: str) -> list[Exposure]:
+        window = (options.windows or {}).get(kind)
+        match = archive.find_calibration(date, kind, window=window, channel=channel)
+        if match.night != date:
+            log.info("%s %s: %s taken from night %s", date, channel.name, kind, match.night)
+        return [e for e in match.exposures if e.has_channel(channel) and _header_agrees(e)]
+
+    bias = find("bias")
+    twi_kind = "flt" if options.use_flat else "twi"
+    flat = find(twi_kind)
+    try:
+        internal = flat if options.use_flat else find("flt")
+    except CalibrationNotFound:
+        internal = []
+    arcs: dict[str, list[Exposure]] = {}
+    for exposure in find("arc"):
+        lamp = _lamp(exposure)
+        if lamp is None:
+            log.warning("%s: arc OBJECT %r names no known lamp; left out", exposure.name,
+                        exposure.object)
+        elif lamp in channel.lamps:
+            arcs.setdefault(lamp, []).append(exposure)
+    if not arcs:
+        raise CalibrationNotFound(
+            f"no usable arc of lamps {channel.lamps} for {channel.name} near {date}",
+            "arc", [date], str(archive.baseraw))
+    for kind, found in (("bias", bias), (twi_kind, flat)):
+        if not found:
+            raise CalibrationNotFound(f"no usable {kind} frames for {channel.name} near {date}",
+                                      kind, [date], str(archive.baseraw))
+    return CalibrationPlan(bias=bias, flat=flat, internal=internal, arcs=arcs)
+
+
+def _night(archive: Archive, exposure: Exposure) -> NightIndex:
+    return archive.night(exposure.date)
+
+
+def build_master_bias(archive: Archive, exposures: list[Exposure], channel: instrument.Channel,
+                      overscan: str = "row") -> MasterBias:
+    """Master bias from bias exposures; frames go through a disk-backed stack (bounded memory)."""
+    frames = list(exposures)
+    with tempfile.TemporaryDirectory(prefix="panacea-bias-") as tmp:
+        first = read_channel(_night(archive, frames[0]), frames[0], channel, overscan=overscan)
+        shape = first.image.shape
+        stack = np.lib.format.open_memmap(f"{tmp}/stack.npy", mode="w+", dtype=np.float32,
+                                          shape=(len(frames), *shape))
+        stack[0] = first.image
+        kept = 1
+        for e in frames[1:]:
+            try:
+                stack[kept] = read_channel(_night(archive, e), e, channel,
+                                           overscan=overscan).image
+                kept += 1
+            except FrameError as err:
+                log.warning("bias left out: %s", err)
+        return master_bias(lambda i, rows: np.asarray(stack[i, rows]), kept, shape,
+                           amp_rows=shape[0] // 2)
+
+
+def _read_corrected(archive: Archive, exposure: Exposure, channel: instrument.Channel,
+                    bias: MasterBias, overscan: str) -> Frame:
+    frame = read_channel(_night(archive, exposure), exposure, channel, overscan=overscan)
+    frame.image -= bias.image
+    frame.variance += bias.variance
+    return frame
+
+
+def master_frame(archive: Archive, exposures: list[Exposure], channel: instrument.Channel,
+                 bias: MasterBias, overscan: str, min_level: float = 0.0
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bias-subtracted, cosmic-ray-cleaned combination of exposures (counts of their sum).
+
+    Frames that cannot be read, or whose level is below ``min_level``, are left out with a
+    warning. Returns image, variance and a saturation mask.
+    """
+    images, variances, masks = [], [], []
+    for e in exposures:
+        try:
+            f = _read_corrected(archive, e, channel, bias, overscan)
+        except FrameError as err:
+            log.warning("left out: %s", err)
+            continue
+        sample = f.image[::4, ::4]
+        level = float(np.median(sample[sample > np.percentile(sample, 75)]))
+        if level < min_level:
+            log.warning("%s: %s far too faint (level %.0f e- < %.0f); left out", e.name,
+                        instrument.FRAME_TYPES[e.ftype], level, min_level)
+            continue
+        images.append(f.image)
+        variances.append(f.variance)
+        masks.append((f.mask & Mask.SATURATED) > 0)
+    if not images:
+        raise PanaceaError(f"{channel.name}: none of {[e.name for e in exposures]} is usable")
+    image, var, _ = combine_frames(images, variances, masks)
+    saturated = np.any(np.stack(masks), axis=0)
+    return image, var, saturated
+
+
+def pixel_map(values: np.ndarray, trace: np.ndarray, nrow: int) -> np.ndarray:
+    """Interpolate a per-fiber quantity (280, ncol) to every pixel row of each column."""
+    ncol = values.shape[1]
+    rows = np.arange(nrow, dtype=float)
+    out = np.empty((nrow, ncol), np.float32)
+    for c in range(ncol):
+        order = np.argsort(trace[:, c])
+        out[:, c] = np.interp(rows, trace[order, c], values[order, c])
+    return out
+
+
+def calibrate_channel(
+    archive: Archive,
+    date: str,
+    channel: str | instrument.Channel,
+    options: CalibrationOptions | None = None,
+    plan: CalibrationPlan | None = None,
+    timer: StageTimer | None = None,
+) -> CalibrationBundle:
+    """All calibrations of one channel: master bias, trace, profile, wavelength, flats."""
+    ch = channel if isinstance(channel, instrument.Channel) else instrument.get_channel(channel)
+    options = options or CalibrationOptions()
+    timer = timer or StageTimer()
+    t0 = time.perf_counter()
+    plan = plan or plan_calibration(archive, date, ch, options)
+    timer.add("plan", t0)
+
+    t0 = time.perf_counter()
+    bias = build_master_bias(archive, plan.bias, ch, options.overscan)
+    timer.add("bias", t0)
+
+    t0 = time.perf_counter()
+    flat_img, flat_var, flat_sat = master_frame(archive, plan.flat, ch, bias, options.overscan,
+                                                MIN_FLAT_LEVEL)
+    timer.add("read flats", t0)
+
+    t0 = time.perf_counter()
+    tsol = trace_fibers(flat_img, flat_var, mask=flat_sat)
+    timer.add("trace", t0)
+    t0 = time.perf_counter()
+    profile = build_profile(flat_img, flat_var, tsol)
+    timer.add("profile", t0)
+
+    t0 = time.perf_counter()
+    arcs = {}
+    arc_sum = np.zeros_like(flat_img)
+    for lamp, exposures in plan.arcs.items():
+        img, var, sat = master_frame(archive, exposures, ch, bias, options.overscan)
+        flux, fvar = boxcar(img, tsol.trace, CAL_HALF_WIDTH, var)
+        satfib, _ = boxcar(sat.astype(np.float32), tsol.trace, CAL_HALF_WIDTH)
+        arcs[lamp] = (flux, fvar, satfib > 0)
+        arc_sum += img
+    timer.add("read arcs", t0)
+    t0 = time.perf_counter()
+    wsol = solve_wavelength(arcs, ch, tsol.dead)
+    timer.add("wavelength", t0)
+
+    t0 = time.perf_counter()
+    twispec, twivar = boxcar(flat_img, tsol.trace, CAL_HALF_WIDTH, flat_var)
+    fflat = fiber_to_fiber(twispec, twivar, wsol.wave, tsol.dead)
+    timer.add("fiber-to-fiber", t0)
+
+    t0 = time.perf_counter()
+    if plan.internal:
+        int_img, int_var, _ = master_frame(archive, plan.internal, ch, bias, options.overscan,
+                                           MIN_FLAT_LEVEL)
+        flatspec, _ = boxcar(int_img, tsol.trace, CAL_HALF_WIDTH)
+    else:
+        int_img, int_var, flatspec = flat_img, flat_var, None
+    pflat = pixel_flat(int_img, int_var, tsol.trace)
+    timer.add("pixel flat", t0)
+
+    nrow = flat_img.shape[0]
+    arcspec = sum(a[0] for a in arcs.values())
+    arrays = {
+        "wavelength": wsol.wave,
+        "trace": tsol.trace,
+        "flat": fflat.ftf,
+        "bigw": pixel_map(wsol.wave, tsol.trace, nrow),
+        "masterbias": bias.image,
+        "xypos": instrument.fiber_positions(),
+        "dead": tsol.dead.astype(np.uint8),
+        "arcspec": arcspec,
+        "twispec": twispec,
+        "flatspec": flatspec,
+        "bigf": pixel_map(fflat.ftf, tsol.trace, nrow),
+        "masterarc": arc_sum,
+        "masterflat": flat_img,
+        "pixelflat": pflat,
+        "profile": profile.to_array() if hasattr(profile, "to_array") else None,
+        "rdnoise": bias.rdnoise,
+        "wavefit": wsol.line_table() if hasattr(wsol, "line_table") else None,
+    }
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    meta = {
+        "OPTIONS": options.describe(),
+        "NBIAS": bias.nframes,
+        "NFLAT": len(plan.flat),
+        "LAMPS": ",".join(sorted(arcs)),
+        "WAVERMS": float(np.nanmedian(wsol.rms)) if hasattr(wsol, "rms") else -1.0,
+        "NDEAD": int(tsol.dead.sum()),
+    }
+    log.info("%s %s calibrated: %d dead fibers, lamps %s, stage seconds %s", date, ch.name,
+             meta["NDEAD"], meta["LAMPS"],
+             ", ".join(f"{k} {v:.2f}" for k, v in timer.seconds.items()))
+    return CalibrationBundle(date=date, channel=ch.name, arrays=arrays, inputs=plan.inputs,
+                             meta=meta)

@@ -1,0 +1,81 @@
+"""Night reduction: which frames, which calibrations, caching, and the order of work.
+
+This is the one place that decides what to run; the stages themselves are pure functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from . import instrument
+from .archive import Archive
+from .calbundle import (
+    BundleError,
+    CalibrationBundle,
+    bundle_path,
+    inputs_fingerprint,
+    read_bundle,
+    write_bundle,
+)
+from .calibration import CalibrationOptions, calibrate_channel, plan_calibration
+from .errors import PanaceaError
+from .inventory import format_inventory
+
+log = logging.getLogger(__name__)
+
+
+def calibration_for(
+    archive: Archive,
+    date: str,
+    channel: instrument.Channel,
+    options: CalibrationOptions,
+    root: Path,
+    force: bool = False,
+) -> CalibrationBundle:
+    """The channel's calibration bundle: reused from ``root/CALS`` when its inputs and options
+    are unchanged, else built from raw frames and written atomically."""
+    plan = plan_calibration(archive, date, channel, options)
+    path = bundle_path(root, date, channel.name)
+    fingerprint = inputs_fingerprint(plan.inputs, options.describe())
+    if path.exists() and not force:
+        try:
+            bundle = read_bundle(path)
+            if bundle.fingerprint == fingerprint:
+                log.info("%s %s: reusing calibration %s", date, channel.name, path)
+                return bundle
+            log.info("%s %s: inputs changed since %s was written; rebuilding", date,
+                     channel.name, path)
+        except BundleError as err:
+            log.warning("%s; rebuilding it", err)
+    bundle = calibrate_channel(archive, date, channel, options, plan=plan)
+    write_bundle(bundle, path)
+    log.info("%s %s: wrote %s", date, channel.name, path)
+    return bundle
+
+
+def reduce_night(args: argparse.Namespace) -> int:
+    """Reduce one night for the channels asked for; return the process exit code.
+
+    A channel that fails is reported and the others still run; the exit code is 1 when any
+    channel failed.
+    """
+    archive = Archive(args.baseraw)
+    night = archive.night(args.date)
+    for line in format_inventory(night).splitlines():
+        log.info("%s", line)
+    options = CalibrationOptions(use_flat=args.use_flat)
+    root = Path(args.output)
+    failed = []
+    for channel in instrument.parse_channels(args.sides):
+        try:
+            calibration_for(archive, args.date, channel, options, root)
+        except PanaceaError as err:
+            log.error("%s %s: calibration failed: %s", args.date, channel.name, err)
+            failed.append(channel.name)
+    archive.close()
+    if failed:
+        log.error("night %s: channels failed: %s", args.date, ", ".join(failed))
+        return 1
+    return 0

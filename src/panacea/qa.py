@@ -1,0 +1,65 @@
+"""Quality-assessment plots (PNG). Needs matplotlib (the ``plot`` extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_frame(image: np.ndarray, path: str | Path, title: str = "",
+               zoom: tuple[slice, slice] | None = None) -> Path:
+    """The stitched channel frame (and optionally a zoomed region) with a robust stretch."""
+    plt = _pyplot()
+    ncols = 2 if zoom else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(7 * ncols, 6.4), squeeze=False)
+    lo, hi = np.nanpercentile(image[::4, ::4], [2, 99.7])
+    ax = axes[0, 0]
+    ax.imshow(image, origin="lower", vmin=lo, vmax=hi, cmap="gray", interpolation="nearest")
+    ax.set_xlabel("column (wavelength increases to the right)")
+    ax.set_ylabel("stitched row (fiber k = 0..279 upward)")
+    ax.set_title(title)
+    if zoom:
+        rows, cols = zoom
+        ax.add_patch(plt.Rectangle((cols.start, rows.start), cols.stop - cols.start,
+                                   rows.stop - rows.start, fill=False, ec="tab:orange"))
+        z = axes[0, 1]
+        z.imshow(image[zoom], origin="lower", vmin=lo, vmax=hi, cmap="gray",
+                 interpolation="nearest",
+                 extent=(cols.start - 0.5, cols.stop - 0.5, rows.start - 0.5, rows.stop - 0.5),
+                 aspect="auto")
+        z.set_title("zoom")
+        z.set_xlabel("column")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_residual_maps(maps: dict[str, np.ndarray], path: str | Path, unit: str,
+                       title: str = "") -> Path:
+    """Fiber x column maps of residuals against truth, one panel per entry."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 3.8), squeeze=False)
+    for ax, (name, m) in zip(axes[0], maps.items()):
+        v = np.nanpercentile(np.abs(m), 99.5) or 1.0
+        im = ax.imshow(m, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-v, vmax=v,
+                       interpolation="nearest")
+        ax.set_title(f"{name}: rms {np.sqrt(np.nanmean(m**2)):.4f} {unit}", fontsize=9)
+        ax.set_xlabel("column")
+        ax.set_ylabel("fiber k")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,70 @@
+"""Calibration bundle layout, round trip and atomic writing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from panacea.calbundle import (
+    CAL_NAMES,
+    BundleError,
+    CalibrationBundle,
+    bundle_path,
+    read_bundle,
+    write_bundle,
+)
+
+
+def _bundle():
+    rng = np.random.default_rng(0)
+    arrays = {
+        "wavelength": np.linspace(3640, 4645, 280 * 64).reshape(280, 64),
+        "trace": rng.uniform(0, 100, (280, 64)),
+        "dead": np.zeros(280, np.uint8),
+        "rdnoise": np.array([3.1, 2.9]),
+    }
+    return CalibrationBundle("20181108", "uv", arrays, inputs=["b", "a"], meta={"NDEAD": 0})
+
+
+def test_layout_starts_with_the_known_extensions():
+    assert CAL_NAMES[:14] == ("wavelength", "trace", "flat", "bigw", "masterbias", "xypos",
+                              "dead", "arcspec", "twispec", "flatspec", "bigf", "masterarc",
+                              "masterflat", "response")
+
+
+def test_round_trip(tmp_path):
+    path = bundle_path(tmp_path, "20181108", "uv")
+    write_bundle(_bundle(), path)
+    with fits.open(path) as hdul:
+        assert [h.name.lower() for h in hdul] == list(CAL_NAMES)
+        assert all("BUNIT" in h.header for h in hdul)
+        assert hdul[0].header["PANVER"]
+    back = read_bundle(path)
+    assert np.array_equal(back["wavelength"], _bundle()["wavelength"])
+    assert back.inputs == ["b", "a"] and back.fingerprint == _bundle().fingerprint
+    assert back.meta["NDEAD"] == 0
+
+
+def test_bad_bundles_are_refused(tmp_path):
+    path = tmp_path / "cal.fits"
+    write_bundle(_bundle(), path)
+    with fits.open(path, mode="update") as hdul:
+        hdul[0].header["CALVERS"] = 99
+    with pytest.raises(BundleError, match="layout version"):
+        read_bundle(path)
+    (tmp_path / "junk.fits").write_bytes(b"not fits")
+    with pytest.raises(BundleError, match="junk.fits"):
+        read_bundle(tmp_path / "junk.fits")
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "cal.fits"
+    write_bundle(_bundle(), path)
+    before = path.read_bytes()
+    broken = _bundle()
+    broken.arrays["notalayer"] = np.zeros(3)
+    with pytest.raises(ValueError):
+        write_bundle(broken, path)
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob("*.part"))
