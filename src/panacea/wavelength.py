@@ -1,28 +1,39 @@
 """Arc-line identification and the 2-D wavelength solution of a channel.
 
 The solution maps (fiber, column) of the stitched, oriented channel frame to air wavelength
-(Angstrom). It is built from per-fiber extracted arc spectra, one set per lamp, in five steps:
+(Angstrom). It is built from per-fiber extracted arc spectra, one set per lamp:
 
-1. **Expected positions.** A cubic through the facts sheet's approximate line columns
+1. **Fiber alignment.** Each fiber's arc spectra (compressed with ``asinh`` so that weak
+   lamps count as much as bright ones, summed over lamps) are cross-correlated with the
+   fiber-median spectra; the median is rebuilt from the aligned fibers and the shifts
+   measured again. Fibers may differ by up to :data:`MAX_FIBER_SHIFT` px.
+2. **Global identification.** A cubic through the facts sheet's approximate line columns
    (``source=sheet`` rows of ``arc_lines.csv``) predicts the column of every listed line.
-2. **Global alignment.** The fiber-median spectrum of each lamp, compressed with ``asinh`` so
-   that weak lamps count as much as bright ones, is cross-correlated with a comb of the
-   expected line positions over a grid of shifts and stretches; then the lines found in the
-   median spectra refine the mapping (expected column -> observed column) with a robust
-   quadratic.
-3. **Line centroids.** Every listed line is fitted in every live fiber with a
-   pixel-integrated Gaussian plus a constant, all lines and fibers at once (vectorised
-   Gauss-Newton). Neighbouring lines of the same lamp, including bright unlisted lines found
-   in the median spectra, are deblended by subtracting their fitted models. A first pass
-   starts at the global positions; a smooth model of the per-fiber offsets then predicts the
-   start of a second pass. Windows with saturated pixels are not used; a line saturated in
-   many fibers is dropped everywhere.
-4. **2-D model.** Column as a function of wavelength and fiber,
-   ``c_k(lambda) = z_k + sum_{i>=1, j} a_ij P_i(x) P_j(y)`` with Legendre polynomials ``P`` in
-   the normalised wavelength ``x`` and fiber index ``y``, and a free zero-point ``z_k`` per
-   fiber. Weighted least squares with iterative clipping of single measurements and of whole
-   lines whose fiber-averaged residual is inconsistent (blends, misidentifications).
-5. **Evaluation.** The model is inverted by Newton's method at every column of every fiber.
+   A comb of these columns is cross-correlated with the aligned median spectra over a grid
+   of shifts (+-:data:`MAX_SHIFT` px) and stretches (+-:data:`MAX_STRETCH`); the lines then
+   found in the median spectra refine the mapping with a robust quadratic.
+3. **Centroids.** Every listed line is fitted in every live fiber with a pixel-integrated
+   Gaussian plus a constant, all lines and fibers at once (vectorised Gauss-Newton).
+   Neighbouring lines of the same lamp are deblended by subtracting each other's fitted
+   models over several passes. A first pass starts at the aligned global positions; a
+   smooth 2-D model of its offsets plus a per-fiber constant gives the start of the final
+   pass. Fits near saturated pixels (in the fiber or its neighbours), with a low
+   signal-to-noise ratio or a reduced chi-square far above the line's typical one are not
+   used; a line saturated in most fibers is dropped.
+4. **Line screening.** Lines closer than 1.5 FWHM to a listed line of the same lamp, lines
+   whose centroid moves between a full and a core window (a blend with an unlisted line) or
+   that are wider than the other lines are flagged ``blend``; lines found in fewer than half
+   of the usable fibers are ``not detected``.
+5. **2-D model.** Column as a function of wavelength and fiber,
+   ``c_k(lambda) = z_k + sum_{i=1..n} sum_{j=0..m} a_ij P_i(x) P_j(y)`` with Legendre
+   polynomials ``P`` of the normalised wavelength ``x`` and fiber index ``y``, and a free
+   zero-point ``z_k`` per fiber. Weighted least squares (centroid errors with a floor of
+   :data:`CENTROID_FLOOR` px) with iterative clipping of single measurements and
+   leave-one-out rejection of whole lines whose fiber-averaged position disagrees with the
+   others. The degree ``n`` is lowered when the lines leave large gaps (see
+   :func:`_degree`).
+6. **Evaluation.** The model is inverted by Newton's method at every column of every fiber;
+   fibers without lines (dead) take interpolated zero-points.
 
 No file I/O happens here: the arrays come from :mod:`panacea.extract` (see
 :func:`arc_spectra_from_frames`) and the solution goes to the calibration bundle.
@@ -31,11 +42,13 @@ No file I/O happens here: the arrays come from :mod:`panacea.extract` (see
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.polynomial import legendre as leg
+from scipy.fft import irfft, next_fast_len, rfft
 from scipy.ndimage import gaussian_filter1d, median_filter
 from scipy.special import erf
 
@@ -46,23 +59,59 @@ from panacea.extract import boxcar
 
 log = logging.getLogger(__name__)
 
-#: Gaussian sigma (px) of the line spread, from the nominal FWHM.
+#: Gaussian sigma (px) of the nominal line spread.
 LSF_SIGMA = instrument.LSF_FWHM_PIX / (2.0 * np.sqrt(2.0 * np.log(2.0)))
-#: Half-width (px) of the window in which each line is fitted.
-FIT_HALF_WIDTH = 7
-#: Search range (px) and stretch range (fraction) of the global alignment.
+
+# identification
+#: Search range (px) of the global shift and (fraction) of the global stretch.
 MAX_SHIFT = 80.0
 MAX_STRETCH = 0.02
-#: Lines saturated in more than this fraction of the live fibers are dropped everywhere.
-SATURATED_FRACTION = 0.05
-#: Minimum signal-to-noise ratio of a line fit in one fiber.
+#: Largest shift (px) of one fiber's arc spectra relative to the fiber median.
+MAX_FIBER_SHIFT = 20
+
+# centroids
+#: Half-widths (px) of the line-fit window and of the core window of the blend test.
+FIT_HALF_WIDTH = 7
+CORE_HALF_WIDTH = 4
+#: Extra columns (px) on each side of the fit window that must be free of saturation.
+SATURATION_MARGIN = 5
+#: Lines saturated in more than this fraction of the live fibers are dropped everywhere;
+#: otherwise only the saturated fibers and their neighbours are left out.
+SATURATED_FRACTION = 0.5
+#: Minimum signal-to-noise ratio of the flux of a line fit in one fiber.
 MIN_SNR = 8.0
-#: Systematic floor (px) added in quadrature to centroid errors in the 2-D fit.
+#: Fits whose reduced chi-square exceeds this many times the line's median are not used.
+MAX_CHI2_RATIO = 5.0
+
+# line screening
+#: Blend tests: largest fiber-median shift (px) between the full-window and core-window
+#: centroids, and largest excess width over the trend of the other lines (fraction).
+BLEND_SHIFT = 0.02
+BLEND_WIDTH = 0.05
+
+# 2-D model
+#: Systematic floor (px) added in quadrature to the centroid errors.
 CENTROID_FLOOR = 0.01
+#: Largest leave-one-out residual (px) of a line's fiber-averaged position.
+LINE_TOLERANCE = 0.025
+#: Lines with a larger leverage in the 1-D fit of the line means are not judged.
+MAX_LEVERAGE = 0.8
+#: The Legendre degree in wavelength is at most this number divided by the largest gap
+#: between lines (fraction of the detector, see :func:`_largest_gap`).
+GAP_DEGREE = 2.4
+#: Weight of the extrapolated stretches beyond the first and last lines in that gap.
+EDGE_WEIGHT = 2.0
+#: Smallest fraction of the detector the used lines must span, and the largest gap accepted
+#: without a warning.
+MIN_SPAN = 0.5
+WARN_GAP = 0.4
+
+#: Numeric codes of the lamps in :meth:`WavelengthSolution.line_table`.
+LAMP_CODES = {"hg": 0, "cd": 1, "fear": 2}
 
 
-class WavelengthError(PanaceaError):
-    """The wavelength solution cannot be computed (too few lines, no arcs)."""
+class WavelengthError(PanaceaError, ValueError):
+    """The wavelength solution cannot be computed (no arcs, too few lines, poor coverage)."""
 
 
 # --------------------------------------------------------------------------- data model
@@ -81,7 +130,7 @@ class ArcLineFits:
     strength : ndarray (nline,)
         Relative strength from the line table.
     expected : ndarray (nline,)
-        Column predicted by the global alignment (px).
+        Column of the line in the fiber-median spectrum from the global identification (px).
     column : ndarray (nfiber, nline)
         Fitted centroid (px, pixel centres at integers); NaN where not measured.
     column_err : ndarray (nfiber, nline)
@@ -136,7 +185,7 @@ class WavelengthSolution:
         Air wavelength (Angstrom) at every pixel centre.
     rms_pix, rms_angstrom : ndarray (nfiber,)
         RMS of the used line residuals of each fiber (px and Angstrom); NaN for fibers
-        without lines (dead).
+        without lines.
     lines : ArcLineFits
         Lines, fitted columns per fiber and flags.
     coeffs : ndarray (deg_x, deg_y + 1)
@@ -145,8 +194,9 @@ class WavelengthSolution:
         Zero-point of each fiber (px); interpolated for fibers without lines.
     wave_range : tuple of float
         Wavelengths (Angstrom) mapped to x = -1 and +1.
-    dead : ndarray of bool (nfiber,)
-        Fibers without a measured solution (evaluated from the smooth model).
+    unmeasured : ndarray of bool (nfiber,)
+        Fibers without used lines (dead fibers): their zero-point is interpolated from the
+        neighbouring fibers.
     """
 
     channel: str
@@ -157,12 +207,33 @@ class WavelengthSolution:
     coeffs: np.ndarray
     fiber_offset: np.ndarray
     wave_range: tuple[float, float]
-    dead: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    unmeasured: np.ndarray
 
     @property
     def dispersion(self) -> np.ndarray:
         """Angstrom per pixel of every fiber at every column, (nfiber, ncol)."""
         return np.gradient(self.wave, axis=1)
+
+    @property
+    def rms(self) -> np.ndarray:
+        """Alias of :attr:`rms_pix`: RMS line residual of each fiber (px)."""
+        return self.rms_pix
+
+    def line_table(self) -> np.ndarray:
+        """Summary of the lines for the calibration bundle, shape (nline, 4).
+
+        Columns: air wavelength (Angstrom); lamp code (:data:`LAMP_CODES`, -1 if unknown);
+        number of fibers in which the line was used; RMS residual of the line over those
+        fibers (px, NaN when unused).
+        """
+        lines = self.lines
+        model = self.column(lines.wavelength)
+        resid = np.where(lines.used, lines.column - model, np.nan)
+        nused = lines.used.sum(axis=0)
+        with np.errstate(invalid="ignore"):
+            rms = np.sqrt(np.nansum(resid**2, axis=0) / nused)
+        codes = [LAMP_CODES.get(lp, -1) for lp in lines.lamp]
+        return np.column_stack([lines.wavelength, codes, nused, rms]).astype(np.float64)
 
     def column(self, wavelength: np.ndarray | float, fibers: np.ndarray | None = None
                ) -> np.ndarray:
@@ -206,21 +277,37 @@ def _fiber_coeffs(coeffs: np.ndarray, offset: np.ndarray, y: np.ndarray) -> np.n
     return np.vstack([offset[None, :], smooth])
 
 
-def _pixel_gauss(cols: np.ndarray, mu: np.ndarray, sigma: np.ndarray
+def _pixel_gauss(edges: np.ndarray, mu: np.ndarray, sigma: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pixel-integrated unit Gaussian and its derivatives with respect to mu and sigma."""
-    zp = (cols + 0.5 - mu) / sigma
-    zm = (cols - 0.5 - mu) / sigma
-    g = 0.5 * (erf(zp / np.sqrt(2.0)) - erf(zm / np.sqrt(2.0)))
-    pp = np.exp(-0.5 * zp**2) / np.sqrt(2.0 * np.pi)
-    pm = np.exp(-0.5 * zm**2) / np.sqrt(2.0 * np.pi)
-    return g, (pm - pp) / sigma, (zm * pm - zp * pp) / sigma
+    """Pixel-integrated unit Gaussian and its derivatives with respect to mu and sigma.
+
+    Parameters
+    ----------
+    edges : ndarray (..., npix + 1)
+        Pixel edges (px).
+    mu, sigma : ndarray (..., 1)
+        Centre and width (px).
+
+    Returns
+    -------
+    g, dg_dmu, dg_dsigma : ndarray (..., npix)
+    """
+    z = (edges - mu) / sigma
+    cdf = 0.5 * erf(z / np.sqrt(2.0))
+    pdf = np.exp(-0.5 * z**2) / np.sqrt(2.0 * np.pi)
+    return np.diff(cdf, axis=-1), -np.diff(pdf, axis=-1) / sigma, -np.diff(z * pdf, axis=-1) / sigma
 
 
-def _robust_std(x: np.ndarray, axis=None) -> np.ndarray:
-    """Normalised median absolute deviation."""
-    med = np.nanmedian(x, axis=axis, keepdims=True)
-    return 1.4826 * np.nanmedian(np.abs(x - med), axis=axis)
+def _nanmedian(x: np.ndarray, axis: int | None = None, keepdims: bool = False) -> np.ndarray:
+    """``numpy.nanmedian`` that returns NaN for all-NaN slices without a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(x, axis=axis, keepdims=keepdims)
+
+
+def _robust_std(x: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """Normalised median absolute deviation, ignoring NaN."""
+    return 1.4826 * _nanmedian(np.abs(x - _nanmedian(x, axis=axis, keepdims=True)), axis=axis)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -277,13 +364,16 @@ class _Fits:
     sigma: np.ndarray
     amp: np.ndarray
     amp_err: np.ndarray
+    chi2: np.ndarray
     ok: np.ndarray
     saturated: np.ndarray
+    near_saturated: np.ndarray
 
 
 def _fit_lines(spectra: np.ndarray, variance: np.ndarray, saturated: np.ndarray,
                lamp: np.ndarray, start: np.ndarray, fit: np.ndarray,
-               passes: int = 3, iterations: int = 8, max_move: float = 3.0) -> _Fits:
+               passes: int = 6, iterations: int = 6, max_move: float = 3.0,
+               half: int = FIT_HALF_WIDTH) -> _Fits:
     """Fit pixel-integrated Gaussians plus a constant to many lines in many fibers at once.
 
     Parameters
@@ -291,7 +381,8 @@ def _fit_lines(spectra: np.ndarray, variance: np.ndarray, saturated: np.ndarray,
     spectra, variance : ndarray (nlamp, nfib, ncol)
         Extracted arc spectra (e-) and their variance (e-^2), one plane per lamp.
     saturated : ndarray of bool (nlamp, nfib, ncol)
-        Samples that include saturated pixels.
+        Samples that include saturated pixels; a fit is skipped when they occur within
+        :data:`SATURATION_MARGIN` px of its window, in its fiber or a neighbouring one.
     lamp : ndarray of int (nline,)
         Plane of ``spectra`` holding each line.
     start : ndarray (nfib, nline)
@@ -299,12 +390,16 @@ def _fit_lines(spectra: np.ndarray, variance: np.ndarray, saturated: np.ndarray,
     fit : ndarray of bool (nfib, nline)
         Which (fiber, line) pairs to fit; the others neither are fitted nor deblended.
     passes : int
-        Deblending passes: in passes after the first, the models of all other lines of the
-        same lamp are subtracted from each line's window before it is refitted.
+        Deblending passes: in each pass the current models of all other lines of the same
+        lamp (at first from the starting values) are subtracted from each line's window
+        before it is refitted.
     iterations : int
-        Gauss-Newton iterations per pass.
+        Gauss-Newton iterations of the first pass (later passes, which start from converged
+        values, take two each).
     max_move : float
         Largest accepted distance (px) of the centroid from ``start``.
+    half : int
+        Half-width (px) of the fit window.
 
     Returns
     -------
@@ -312,79 +407,82 @@ def _fit_lines(spectra: np.ndarray, variance: np.ndarray, saturated: np.ndarray,
     """
     nlamp, nfib, ncol = spectra.shape
     nline = lamp.size
-    half = FIT_HALF_WIDTH
     offs = np.arange(-half, half + 1)
     c0 = np.rint(np.nan_to_num(start, nan=-10 * ncol)).astype(int)
-    cols = c0[..., None] + offs  # (nfib, nline, w)
-    inside = (cols[..., 0] >= 0) & (cols[..., -1] < ncol)
-    fit = fit & inside
-    colc = np.clip(cols, 0, ncol - 1)
-    kk = np.broadcast_to(np.arange(nfib)[:, None, None], cols.shape)
-    ll = np.broadcast_to(lamp[None, :, None], cols.shape)
-    data = spectra[ll, kk, colc]
-    var = variance[ll, kk, colc]
-    sat = saturated[ll, kk, colc].any(axis=-1)
-    fit = fit & ~sat
-    floor = np.maximum(np.nanmedian(variance[..., :], axis=-1), 1.0)  # (nlamp, nfib)
-    var = np.maximum(var, floor[lamp].T[..., None] * 0.1)
-    w = np.where(fit[..., None] & np.isfinite(data) & np.isfinite(var), 1.0 / var, 0.0)
+    inside = (c0 - half >= 0) & (c0 + half < ncol)
+    kk, li = np.nonzero(fit & inside)
+    cols = np.clip(c0[kk, li][:, None] + offs, 0, ncol - 1)  # (n, w)
+    plane = lamp[li][:, None]
+    wide = np.arange(-half - SATURATION_MARGIN, half + SATURATION_MARGIN + 1)
+    wide = np.clip(c0[kk, li][:, None] + wide, 0, ncol - 1)
+    sat_all = np.zeros((nfib, nline), bool)
+    sat_all[kk, li] = saturated[plane, kk[:, None], wide].any(axis=-1)
+    near_sat = sat_all.copy()  # saturated fibers may bleed into their neighbours
+    near_sat[1:] |= sat_all[:-1]
+    near_sat[:-1] |= sat_all[1:]
+    keep = ~near_sat[kk, li]
+    kk, li, cols, plane = kk[keep], li[keep], cols[keep], plane[keep]
+    data = spectra[plane, kk[:, None], cols]
+    var = variance[plane, kk[:, None], cols]
+    w = np.where(np.isfinite(data) & np.isfinite(var), 1.0 / np.maximum(var, 1.0), 0.0)
     data = np.nan_to_num(data)
-    x = cols.astype(float)
+    edges = np.concatenate([cols, cols[:, -1:] + 1], axis=1) - 0.5
+    flat = (plane * nfib + kk[:, None]) * ncol + cols  # index into (nlamp, nfib, ncol)
 
-    # starting values
-    edge = np.minimum(data[..., :2].mean(-1), data[..., -2:].mean(-1))
-    mu = np.where(fit, start, c0).astype(float)
-    sig = np.full(mu.shape, LSF_SIGMA)
-    amp = np.maximum((data - edge[..., None]).sum(-1), 1.0)
-    bkg = edge
-    model_others = np.zeros_like(data)
+    mu = start[kk, li].astype(float)
+    sig = np.full(mu.size, LSF_SIGMA)
+    bkg = np.minimum(data[:, :2].mean(-1), data[:, -2:].mean(-1))
+    # starting flux from the peak, little affected by a neighbour in the window
+    amp = np.maximum(data[:, half] - bkg, 1.0) * np.sqrt(2 * np.pi) * LSF_SIGMA
+    damp = np.eye(4)[None] * 1e-3
     for p in range(passes):
-        if p:
-            # model of every line on the frame, per lamp, then the others' share in each window
-            g, _, _ = _pixel_gauss(x, mu[..., None], sig[..., None])
-            good = fit & np.isfinite(mu) & np.isfinite(amp) & np.isfinite(sig)
-            contrib = np.where(good[..., None], amp[..., None] * g, 0.0)
-            total = np.zeros((nlamp, nfib, ncol))
-            np.add.at(total, (ll, kk, colc), contrib)
-            model_others = total[ll, kk, colc] - contrib
-        y = data - model_others
-        for _ in range(iterations):
-            g, dmu, dsig = _pixel_gauss(x, mu[..., None], sig[..., None])
-            r = y - (amp[..., None] * g + bkg[..., None])
-            jac = np.stack([g, amp[..., None] * dmu, amp[..., None] * dsig, np.ones_like(g)],
-                           axis=-1)  # (nfib, nline, w, 4)
-            jw = jac * w[..., None]
-            ata = np.einsum("...wi,...wj->...ij", jw, jac)
-            atb = np.einsum("...wi,...w->...i", jw, r)
-            ata = np.where(fit[..., None, None], ata, np.eye(4))
-            diag = np.einsum("...ii->...i", ata)
-            ata = ata + np.eye(4) * (1e-3 * diag + 1e-12 * diag.max(-1, keepdims=True))[..., None, :]
+        # deblend: subtract the current models of all other lines of the same lamp
+        g, _, _ = _pixel_gauss(edges, mu[:, None], sig[:, None])
+        own = amp[:, None] * g
+        total = np.bincount(flat.ravel(), weights=own.ravel(), minlength=nlamp * nfib * ncol)
+        y = data - (total[flat] - own)
+        for _ in range(iterations if p == 0 else 2):
+            g, dmu, dsig = _pixel_gauss(edges, mu[:, None], sig[:, None])
+            r = y - (amp[:, None] * g + bkg[:, None])
+            jac = np.stack([g, amp[:, None] * dmu, amp[:, None] * dsig, np.ones_like(g)], axis=1)
+            jw = jac * w[:, None, :]
+            ata = jw @ jac.transpose(0, 2, 1)
+            atb = (jw @ r[:, :, None])[..., 0]
+            diag = np.einsum("nii->ni", ata)
+            ata = ata + damp * (diag + 1e-12 * diag.max(-1, keepdims=True) + 1e-30)[:, None, :]
             step = np.linalg.solve(ata, atb[..., None])[..., 0]
-            step[..., 1] = np.clip(step[..., 1], -1.0, 1.0)
-            step[..., 2] = np.clip(step[..., 2], -0.3 * sig, 0.3 * sig)
-            amp = amp + step[..., 0]
-            mu = mu + step[..., 1]
-            sig = np.clip(sig + step[..., 2], 0.3 * LSF_SIGMA, 3.0 * LSF_SIGMA)
-            bkg = bkg + step[..., 3]
-    g, dmu, dsig = _pixel_gauss(x, mu[..., None], sig[..., None])
-    r = y - (amp[..., None] * g + bkg[..., None])
-    jac = np.stack([g, amp[..., None] * dmu, amp[..., None] * dsig, np.ones_like(g)], axis=-1)
-    ata = np.einsum("...wi,...wj->...ij", jac * w[..., None], jac)
-    npix = (w > 0).sum(-1)
-    chi2 = (w * r**2).sum(-1) / np.maximum(npix - 4, 1)
-    ok = fit & np.isfinite(mu) & np.all(np.isfinite(ata), axis=(-2, -1))
+            amp = amp + step[:, 0]
+            mu = mu + np.clip(step[:, 1], -1.0, 1.0)
+            sig = np.clip(sig + np.clip(step[:, 2], -0.3 * sig, 0.3 * sig),
+                          0.3 * LSF_SIGMA, 3.0 * LSF_SIGMA)
+            bkg = bkg + step[:, 3]
+    g, dmu, dsig = _pixel_gauss(edges, mu[:, None], sig[:, None])
+    r = y - (amp[:, None] * g + bkg[:, None])
+    jac = np.stack([g, amp[:, None] * dmu, amp[:, None] * dsig, np.ones_like(g)], axis=1)
+    ata = (jac * w[:, None, :]) @ jac.transpose(0, 2, 1)
+    chi2 = (w * r**2).sum(-1) / np.maximum((w > 0).sum(-1) - 4, 1)
+    good = np.isfinite(mu) & np.all(np.isfinite(ata), axis=(1, 2))
+    good &= np.abs(np.linalg.det(np.where(good[:, None, None], ata, np.eye(4)))) > 0
     cov = np.full(ata.shape, np.nan)
-    det_ok = ok & (np.abs(np.linalg.det(np.where(ok[..., None, None], ata, np.eye(4)))) > 0)
-    cov[det_ok] = np.linalg.inv(ata[det_ok])
+    cov[good] = np.linalg.inv(ata[good])
     scale = np.sqrt(np.maximum(chi2, 1.0))
-    mu_err = np.sqrt(np.abs(cov[..., 1, 1])) * scale
-    amp_err = np.sqrt(np.abs(cov[..., 0, 0])) * scale
-    ok &= det_ok & (np.abs(mu - start) < max_move) & (amp > MIN_SNR * amp_err)
-    ok &= (sig > 0.5 * LSF_SIGMA) & (sig < 2.0 * LSF_SIGMA)
-    ok &= (mu > half) & (mu < ncol - 1 - half)
-    return _Fits(mu=np.where(ok, mu, np.nan), mu_err=np.where(ok, mu_err, np.nan),
-                 sigma=np.where(ok, sig, np.nan), amp=np.where(ok, amp, np.nan),
-                 amp_err=amp_err, ok=ok, saturated=sat)
+    mu_err = np.sqrt(np.abs(cov[:, 1, 1])) * scale
+    amp_err = np.sqrt(np.abs(cov[:, 0, 0])) * scale
+    good &= (np.abs(mu - start[kk, li]) < max_move) & (amp > MIN_SNR * amp_err)
+    good &= (sig > 0.5 * LSF_SIGMA) & (sig < 2.0 * LSF_SIGMA)
+    good &= (mu > half) & (mu < ncol - 1 - half)
+
+    values = {"mu": mu, "mu_err": mu_err, "sigma": sig, "amp": amp, "amp_err": amp_err,
+              "chi2": chi2}
+    out = {name: np.full((nfib, nline), np.nan) for name in values}
+    for name, value in values.items():
+        out[name][kk[good], li[good]] = value[good]
+    # a fit much worse than the line's typical fit (cosmic ray, bad column) is not used
+    typical = _nanmedian(out["chi2"], axis=0)
+    ok = np.isfinite(out["mu"]) & (out["chi2"] < MAX_CHI2_RATIO * np.maximum(typical, 1.0))
+    for name in values:
+        out[name][~ok] = np.nan
+    return _Fits(ok=ok, saturated=sat_all, near_saturated=near_sat, **out)
 
 
 # --------------------------------------------------------------------------- identification
@@ -402,16 +500,83 @@ def _sheet_model(lines: Sequence[instrument.ArcLine], ncol: int, channel: instru
     return np.polynomial.Polynomial.fit([channel.wave_lo, channel.wave_hi], [0, ncol - 1], 1)
 
 
-def _compressed(median: np.ndarray) -> tuple[np.ndarray, float]:
-    """Continuum-subtracted fiber-median spectrum and its noise (e-)."""
-    resid = median - median_filter(median, size=61, mode="nearest")
+def _line_residual(spectrum: np.ndarray) -> tuple[np.ndarray, float]:
+    """A 1-D spectrum minus its running median (61 px), and the noise of the result (e-)."""
+    resid = spectrum - median_filter(spectrum, size=61, mode="nearest")
     noise = 1.4826 * np.median(np.abs(np.diff(resid))) / np.sqrt(2.0)
     return resid, max(float(noise), 1e-6)
 
 
-def _global_alignment(resid: dict[str, np.ndarray], noise: dict[str, float],
-                      expected: dict[str, np.ndarray], ncol: int) -> tuple[float, float, float]:
+def _compress(flux: np.ndarray) -> np.ndarray:
+    """Arc spectra (..., ncol) with their floor removed, compressed with ``asinh`` in units of
+    five times their noise, so that weak and bright lines count alike in correlations."""
+    resid = flux - np.percentile(flux[..., ::4], 20, axis=-1, keepdims=True)
+    noise = 1.4826 * np.median(np.abs(np.diff(resid, axis=-1))[..., ::4], axis=-1,
+                               keepdims=True)
+    return np.arcsinh(np.clip(resid, 0.0, None) / (5.0 * np.maximum(noise, 1e-6) / np.sqrt(2)))
+
+
+def _shift_columns(spectra: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Move each fiber's spectrum (nlamp, nfib, ncol) left by its integer ``shifts``."""
+    ncol = spectra.shape[-1]
+    idx = np.clip(np.arange(ncol)[None, :] + shifts[:, None], 0, ncol - 1)
+    return np.take_along_axis(spectra, np.broadcast_to(idx, spectra.shape), axis=-1)
+
+
+def _fiber_shifts(spectra: np.ndarray, live: np.ndarray, max_shift: int = MAX_FIBER_SHIFT
+                  ) -> np.ndarray:
+    """Shift (px) of every fiber's arc spectra relative to the fiber-median spectra.
+
+    Cross-correlates the compressed spectra of each fiber, summed over lamps, with their
+    fiber median; the median is rebuilt from the aligned fibers and the shifts measured
+    again. Dead fibers get the shift of their nearest live neighbours.
+
+    Parameters
+    ----------
+    spectra : ndarray (nlamp, nfib, ncol)
+        Extracted arc spectra (e-).
+    live : ndarray of bool (nfib,)
+        Fibers with light.
+    max_shift : int
+        Largest shift searched (px).
+
+    Returns
+    -------
+    ndarray (nfib,)
+        Column of a feature in each fiber minus its column in the median spectrum.
+    """
+    _, nfib, ncol = spectra.shape
+    comp = _compress(spectra)
+    nfft = next_fast_len(ncol + max_shift + 1, real=True)  # no wrap-around within the lags
+    spec_ft = rfft(comp, n=nfft, axis=-1)
+    shifts = np.zeros(nfib)
+    lags = np.arange(-max_shift, max_shift + 1)
+    for _ in range(2):
+        aligned = _shift_columns(comp, np.rint(shifts).astype(int))
+        template = np.median(aligned[:, live], axis=1)  # (nlamp, ncol)
+        xc = irfft(spec_ft * np.conj(rfft(template, n=nfft, axis=-1))[:, None], n=nfft,
+                   axis=-1).sum(axis=0)[:, lags % nfft]  # (nfib, nlag)
+        i = np.clip(np.argmax(xc, axis=1), 1, lags.size - 2)
+        y0, y1, y2 = (np.take_along_axis(xc, (i + d)[:, None], 1)[:, 0] for d in (-1, 0, 1))
+        curv = y0 - 2 * y1 + y2
+        frac = np.where(curv < 0, 0.5 * (y0 - y2) / np.where(curv < 0, curv, -1.0), 0.0)
+        shifts = lags[i] + np.clip(frac, -0.5, 0.5)
+    k = np.arange(nfib)
+    shifts = np.where(live, shifts, np.interp(k, k[live], shifts[live]))
+    return shifts - np.median(shifts[live])
+
+
+def _global_alignment(combs: Mapping[int, tuple[np.ndarray, float, np.ndarray]], ncol: int
+                      ) -> tuple[float, float, float]:
     """Shift and stretch that best align the expected line columns with the median spectra.
+
+    Parameters
+    ----------
+    combs : mapping of lamp plane to (spectrum, noise, expected)
+        Continuum-subtracted fiber-median spectrum (e-), its noise (e-) and the expected
+        columns of the lamp's lines (px).
+    ncol : int
+        Columns of the detector.
 
     Returns
     -------
@@ -423,12 +588,501 @@ def _global_alignment(resid: dict[str, np.ndarray], noise: dict[str, float],
     stretches = 1.0 + np.linspace(-MAX_STRETCH, MAX_STRETCH, 41)
     cols = np.arange(ncol)
     score = np.zeros((stretches.size, shifts.size))
-    for lamp, r in resid.items():
-        if expected[lamp].size == 0:
+    for spectrum, noise, expected in combs.values():
+        if expected.size == 0:
             continue
-        comb = gaussian_filter1d(np.arcsinh(np.clip(r, 0.0, None) / (5.0 * noise[lamp])), 2.0)
-        pos = (centre + stretches[:, None, None] * (expected[lamp][None, None, :] - centre)
+        comb = gaussian_filter1d(np.arcsinh(np.clip(spectrum, 0.0, None) / (5.0 * noise)), 2.0)
+        pos = (centre + stretches[:, None, None] * (expected[None, None, :] - centre)
                + shifts[None, :, None])
-        score += np.interp(pos, cols, comb, left=0.0, right=0.0).sum(-1)
+        score += np.interp(pos, cols, comb, left=0.0, right=0.0).sum(axis=-1)
     i, j = np.unravel_index(np.argmax(score), score.shape)
     return float(shifts[j]), float(stretches[i]), centre
+
+
+def _robust_polyfit(x: np.ndarray, y: np.ndarray, deg: int, clip: float = 1.0,
+                    iterations: int = 5) -> tuple[np.polynomial.Polynomial, np.ndarray]:
+    """Polynomial fit rejecting points more than ``clip`` (absolute) from the fit."""
+    keep = np.isfinite(y)
+    deg = int(min(deg, max(keep.sum() - 2, 0)))
+    poly = np.polynomial.Polynomial.fit(x[keep], y[keep], deg)
+    for _ in range(iterations):
+        new = np.isfinite(y) & (np.abs(y - poly(x)) < clip)
+        if new.sum() <= deg or np.array_equal(new, keep):
+            break
+        keep = new
+        poly = np.polynomial.Polynomial.fit(x[keep], y[keep], deg)
+    return poly, keep
+
+
+def _smooth_offsets(offset: np.ndarray, weight: np.ndarray, column: np.ndarray, ncol: int,
+                    clip: float = 1.0) -> np.ndarray:
+    """Robust low-order 2-D polynomial of per-fiber line offsets (px) in (fiber, column).
+
+    Parameters
+    ----------
+    offset, weight : ndarray (nfib, nline)
+        Offsets from the global positions (NaN where unmeasured) and their weights.
+    column : ndarray (nline,)
+        Global column of each line.
+    ncol : int
+        Columns of the detector.
+    clip : float
+        Offsets further than this (px) from the fit are rejected.
+
+    Returns
+    -------
+    ndarray (nfib, nline)
+        Smooth offsets at every fiber and line.
+    """
+    nfib = offset.shape[0]
+    y = _norm_fiber(np.arange(nfib), nfib)
+    x = np.clip(_norm(column, (0.0, ncol - 1.0)), -1.2, 1.2)
+    deg_x = 2 if np.ptp(column) > 0.25 * ncol else 0
+    design = (leg.legvander(y, 4)[:, None, :, None] * leg.legvander(x, deg_x)[None, :, None, :]
+              ).reshape(nfib, column.size, -1)
+    valid = np.isfinite(offset) & (weight > 0)
+    good = valid
+    coef = np.zeros(design.shape[-1])
+    for _ in range(5):
+        sw = np.sqrt(weight[good])
+        coef = np.linalg.lstsq(design[good] * sw[:, None], offset[good] * sw, rcond=None)[0]
+        new = valid & (np.abs(offset - design @ coef) < clip)
+        if new.sum() < design.shape[-1] or np.array_equal(new, good):
+            break
+        good = new
+    return design @ coef
+
+
+# --------------------------------------------------------------------------- 2-D model
+
+
+def _design(x: np.ndarray, y: np.ndarray, deg_x: int, deg_y: int) -> np.ndarray:
+    """Legendre products P_i(x) P_j(y), i = 1..deg_x, j = 0..deg_y: (nfib, nline, nterm)."""
+    vx = leg.legvander(x, deg_x)[:, 1:]
+    vy = leg.legvander(y, deg_y)
+    return (vx[None, :, :, None] * vy[:, None, None, :]).reshape(y.size, x.size, -1)
+
+
+def _fit_2d(col: np.ndarray, err: np.ndarray, valid: np.ndarray, x: np.ndarray,
+            y: np.ndarray, deg_x: int, deg_y: int, clip: float = 4.0, iterations: int = 8
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted fit of centroids with per-fiber zero-points and a smooth 2-D Legendre part.
+
+    Parameters
+    ----------
+    col, err : ndarray (nfib, nline)
+        Centroids and their errors (px).
+    valid : ndarray of bool (nfib, nline)
+        Measurements that may be used.
+    x : ndarray (nline,)
+        Normalised wavelengths of the lines.
+    y : ndarray (nfib,)
+        Normalised fiber indices.
+
+    Returns
+    -------
+    coeffs : ndarray (deg_x, deg_y + 1)
+    offset : ndarray (nfib,)
+        Zero-points (NaN for fibers without used measurements).
+    used : ndarray of bool (nfib, nline)
+    resid : ndarray (nfib, nline)
+        Centroid minus model (px) for every valid measurement.
+    """
+    design = _design(x, y, deg_x, deg_y)
+    sig2 = err**2 + CENTROID_FLOOR**2
+    c = np.where(valid, col, 0.0)
+    used = valid.copy()
+    for _ in range(iterations):
+        w = np.where(used, 1.0 / np.where(valid, sig2, 1.0), 0.0)
+        wk = w.sum(1)
+        safe = np.maximum(wk, 1e-300)
+        xbar = np.einsum("kl,klp->kp", w, design) / safe[:, None]
+        cbar = (w * c).sum(1) / safe
+        a = design - xbar[:, None, :]
+        b = c - cbar[:, None]
+        au, wu = a[used], w[used]
+        normal = au.T @ (au * wu[:, None])
+        coef = np.linalg.lstsq(normal, au.T @ (b[used] * wu), rcond=None)[0]
+        offset = np.where(wk > 0, cbar - xbar @ coef, np.nan)
+        resid = np.where(valid, c - design @ coef - offset[:, None], np.nan)
+        norm = resid / np.sqrt(sig2)
+        scale = max(1.0, float(_robust_std(norm[used])))
+        new = valid & (np.abs(norm) < clip * scale)
+        if np.array_equal(new, used):
+            break
+        used = new
+    return coef.reshape(deg_x, deg_y + 1), offset, used, resid
+
+
+def _worst_line(resid: np.ndarray, err: np.ndarray, used: np.ndarray, x: np.ndarray,
+                deg_x: int) -> int | None:
+    """Line whose fiber-averaged residual is inconsistent with the others, or None.
+
+    The leave-one-out residual of each line's weighted mean residual is computed from the
+    leverage ``h`` of a 1-D Legendre fit of degree ``deg_x`` to the line means; a line is an
+    outlier when it exceeds :data:`LINE_TOLERANCE`, five times its standard error and five
+    times the typical leave-one-out residual. Lines with ``h`` above :data:`MAX_LEVERAGE`
+    (alone in a part of the detector) are not judged.
+    """
+    w = np.where(used, 1.0 / (err**2 + CENTROID_FLOOR**2), 0.0)
+    wl = w.sum(0)
+    have = wl > 0
+    if have.sum() <= deg_x + 2:
+        return None
+    rbar = np.where(have, (w * np.nan_to_num(resid)).sum(0) / np.maximum(wl, 1e-300), 0.0)
+    v = leg.legvander(x[have], deg_x)
+    cov = np.linalg.pinv(v.T @ (v * wl[have, None]))
+    h = np.zeros(x.size)
+    h[have] = wl[have] * np.einsum("li,ij,lj->l", v, cov, v)
+    one_minus_h = np.clip(1.0 - h, 1e-6, None)
+    loo = np.abs(rbar / one_minus_h)
+    scatter = _robust_std(np.where(used, resid, np.nan), axis=0)
+    stderr = np.sqrt(scatter**2 / np.maximum(used.sum(0), 1) / one_minus_h)
+    testable = have & (h < MAX_LEVERAGE)  # a line that alone holds the fit cannot be judged
+    if testable.sum() < 3:
+        return None
+    spread = 1.4826 * np.median(loo[testable])
+    bad = testable & (loo > LINE_TOLERANCE) & (loo > 5 * stderr) & (loo > 5 * spread)
+    if not bad.any():
+        return None
+    return int(np.argmax(np.where(bad, loo, -1.0)))
+
+
+def _invert(coeffs: np.ndarray, offset: np.ndarray, wave_range: tuple[float, float],
+            ncol: int, iterations: int = 4) -> np.ndarray:
+    """Wavelength (Angstrom) at every pixel centre of every fiber by Newton's method."""
+    nfib = offset.size
+    b = _fiber_coeffs(coeffs, offset, _norm_fiber(np.arange(nfib), nfib))[..., None]
+    db = leg.legder(b, axis=0)
+    cols = np.arange(ncol, dtype=float)[None, :]
+    # starting point from a coarse grid of the fiber-average model
+    grid = np.linspace(-1.3, 1.3, 257)
+    cgrid = leg.legval(grid, b.mean(axis=1)[:, 0])
+    x = np.interp(cols, cgrid, grid) + np.zeros((nfib, 1))
+    for _ in range(iterations):
+        x = x - (leg.legval(x, b, tensor=False) - cols) / leg.legval(x, db, tensor=False)
+    lo, hi = wave_range
+    return 0.5 * (x * (hi - lo) + lo + hi)
+
+
+# --------------------------------------------------------------------------- solver
+
+
+def solve_wavelength(
+    arcs: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    channel: instrument.Channel | str,
+    dead: np.ndarray | None = None,
+    *,
+    deg_x: int = 7,
+    deg_y: int = 4,
+    clip: float = 4.0,
+    min_lines: int = 6,
+    lines: Sequence[instrument.ArcLine] | None = None,
+) -> WavelengthSolution:
+    """Identify arc lines and fit the 2-D wavelength solution of one channel.
+
+    Parameters
+    ----------
+    arcs : mapping of str to (flux, variance, saturated)
+        Per lamp (``hg``, ``cd``, ``fear``): extracted arc spectra of every fiber
+        (nfiber, ncol) in e-, their variance (e-^2) and a boolean mask of the samples that
+        include saturated pixels (see :func:`arc_spectra_from_frames`). Samples with a
+        non-finite flux or a non-positive variance carry no weight. Lamps without lines in
+        the channel are ignored; a channel lamp missing from ``arcs`` is logged and its lines
+        are left out.
+    channel : Channel or str
+        The channel; its lines come from :func:`panacea.instrument.arc_lines`.
+    dead : ndarray of bool (nfiber,), optional
+        Dead fibers; their zero-points are interpolated from their neighbours.
+    deg_x : int
+        Largest Legendre degree in wavelength of the column model (lowered when the lines
+        are few or leave large gaps).
+    deg_y : int
+        Legendre degree across fibers of each wavelength term.
+    clip : float
+        Rejection threshold of single centroids, in units of the normalised residual scale.
+    min_lines : int
+        Fewest usable lines accepted.
+    lines : sequence of ArcLine, optional
+        Line list to use instead of the bundled table.
+
+    Returns
+    -------
+    WavelengthSolution
+
+    Raises
+    ------
+    WavelengthError
+        When the inputs are inconsistent, no arc spectra cover the channel's lamps, fewer
+        than ``min_lines`` lines remain or the usable lines span less than
+        :data:`MIN_SPAN` of the detector. It is also a :class:`ValueError`.
+    """
+    ch = channel if isinstance(channel, instrument.Channel) else instrument.get_channel(channel)
+    table = list(instrument.arc_lines(ch.name) if lines is None else lines)
+    if not table:
+        raise WavelengthError(f"{ch.name}: no arc lines listed")
+    shapes = {np.shape(a) for v in arcs.values() for a in v}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise WavelengthError(f"{ch.name}: arc spectra, variances and masks must share one "
+                              f"2-D shape; got {sorted(shapes)}")
+    nfib, ncol = next(iter(shapes))
+    dead = np.zeros(nfib, bool) if dead is None else np.asarray(dead, bool)
+    if dead.shape != (nfib,):
+        raise WavelengthError(f"{ch.name}: dead mask of shape {dead.shape} for {nfib} fibers")
+    live = ~dead
+    if not live.any():
+        raise WavelengthError(f"{ch.name}: every fiber is dead")
+    listed = sorted({a.lamp for a in table})
+    lamps = [lp for lp in listed if lp in arcs]
+    if not lamps:
+        raise WavelengthError(f"{ch.name}: no arc spectra of the lamps {', '.join(listed)}")
+    missing = [lp for lp in listed if lp not in arcs]
+    if missing:
+        log.warning("%s: no arc spectra of lamp(s) %s; solving from %s", ch.name,
+                    ", ".join(missing), ", ".join(lamps))
+
+    wl = np.array([a.wavelength for a in table])
+    lamp_of = np.array([a.lamp for a in table])
+    strength = np.array([a.strength for a in table])
+    plane = np.array([lamps.index(lp) if lp in lamps else 0 for lp in lamp_of])
+    status = np.where(np.isin(lamp_of, lamps), "", "lamp missing").astype(object)
+    spectra = np.stack([np.asarray(arcs[lp][0], float) for lp in lamps])
+    variance = np.stack([np.asarray(arcs[lp][1], float) for lp in lamps])
+    saturated = np.stack([np.asarray(arcs[lp][2], bool) for lp in lamps])
+    bad = ~np.isfinite(spectra) | ~(variance > 0)  # no weight, and no effect on correlations
+    spectra[bad], variance[bad] = 0.0, np.inf
+
+    # ---- identification: fiber shifts, global mapping of the expected columns
+    model0 = _sheet_model(table, ncol, ch)
+    fshift = _fiber_shifts(spectra, live)
+    guess = _identify(spectra, saturated, live, fshift, plane, model0(wl), status == "")
+    log.debug("%s: fiber shifts %+.1f to %+.1f px", ch.name, fshift[live].min(),
+              fshift[live].max())
+    half = FIT_HALF_WIDTH
+    status[(status == "") & ((guess < half) | (guess > ncol - 1 - half))] = "outside"
+    sep = np.abs(guess[:, None] - guess[None, :])
+    companion = ((plane[:, None] == plane[None, :]) & (sep < 1.5 * instrument.LSF_FWHM_PIX)
+                 & (strength[None, :] > 0.05 * strength[:, None])
+                 & ~np.eye(wl.size, dtype=bool) & (status == "")[None, :])
+    status[(status == "") & companion.any(axis=1)] = "blend"
+
+    # ---- centroids in every fiber and line screening
+    fits = _measure(spectra, variance, saturated, live, plane, guess, fshift, status)
+
+    # ---- 2-D model with rejection of single centroids and of whole lines
+    wave_range = (_wavelength_at(model0, 0.0, wl), _wavelength_at(model0, ncol - 1.0, wl))
+    x = _norm(wl, wave_range)
+    y = _norm_fiber(np.arange(nfib), nfib)
+    while True:
+        candidate = status == ""
+        if candidate.sum() < min_lines:
+            raise WavelengthError(
+                f"{ch.name}: only {int(candidate.sum())} usable arc lines (need {min_lines}); "
+                f"line status: {_status_summary(status)}")
+        deg = _degree(deg_x, guess[candidate], ncol)
+        valid = fits.ok & candidate[None, :] & live[:, None]
+        coeffs, offset, used, res = _fit_2d(fits.mu, fits.mu_err, valid, x, y, deg, deg_y,
+                                            clip)
+        worst = _worst_line(res, fits.mu_err, used, x, deg)
+        if worst is None:
+            break
+        status[worst] = "rejected"
+    status[candidate & ~used.any(axis=0)] = "rejected"
+    status[used.any(axis=0)] = "used"
+    _check_coverage(ch.name, guess[status == "used"], ncol, status)
+
+    have = np.isfinite(offset)
+    if (~have & live).any():
+        log.warning("%s: %d live fiber(s) without usable arc lines; their zero-points are "
+                    "interpolated", ch.name, int((~have & live).sum()))
+    kfib = np.arange(nfib)
+    offset = np.where(have, offset, np.interp(kfib, kfib[have], offset[have]))
+    wave = _invert(coeffs, offset, wave_range, ncol)
+
+    # ---- diagnostics
+    nused = used.sum(axis=1)
+    disp = np.gradient(wave, axis=1)
+    at_line = np.clip(np.rint(np.nan_to_num(fits.mu)), 0, ncol - 1).astype(int)
+    res_ang = res * np.take_along_axis(disp, at_line, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rms_pix = np.sqrt((np.where(used, res, 0.0) ** 2).sum(axis=1) / nused)
+        rms_ang = np.sqrt((np.where(used, res_ang, 0.0) ** 2).sum(axis=1) / nused)
+    line_fits = ArcLineFits(
+        wavelength=wl, lamp=lamp_of, element=np.array([a.element for a in table]),
+        source=np.array([a.source for a in table]), strength=strength, expected=guess,
+        column=fits.mu, column_err=fits.mu_err, sigma=fits.sigma, flux=fits.amp, used=used,
+        status=status.astype(str))
+    nlamp = ", ".join(f"{lp} {int(((status == 'used') & (lamp_of == lp)).sum())}"
+                      for lp in lamps)
+    log.info("%s: wavelength solution from %d of %d lines (%s; %s), degree %d x %d, median "
+             "fiber RMS %.4f px = %.4f A over %d fibers", ch.name,
+             int((status == "used").sum()), wl.size, nlamp, _status_summary(status), deg,
+             deg_y, float(_nanmedian(rms_pix)), float(_nanmedian(rms_ang)), int(have.sum()))
+    return WavelengthSolution(
+        channel=ch.name, wave=wave, rms_pix=rms_pix, rms_angstrom=rms_ang, lines=line_fits,
+        coeffs=coeffs, fiber_offset=offset, wave_range=wave_range, unmeasured=~have)
+
+
+def _identify(spectra: np.ndarray, saturated: np.ndarray, live: np.ndarray,
+              fshift: np.ndarray, plane: np.ndarray, expected: np.ndarray, use: np.ndarray
+              ) -> np.ndarray:
+    """Columns of the listed lines in the fiber-median spectra.
+
+    Parameters
+    ----------
+    spectra, saturated : ndarray (nlamp, nfib, ncol)
+        Arc spectra (e-) and saturation flags.
+    live : ndarray of bool (nfib,)
+        Fibers with light.
+    fshift : ndarray (nfib,)
+        Shift of each fiber relative to the median (px, see :func:`_fiber_shifts`).
+    plane : ndarray of int (nline,)
+        Lamp plane of each line.
+    expected : ndarray (nline,)
+        Columns predicted by the facts sheet (px).
+    use : ndarray of bool (nline,)
+        Lines whose lamp was observed.
+
+    Returns
+    -------
+    ndarray (nline,)
+        Column of every line in the median spectra (px).
+    """
+    nlamp, _, ncol = spectra.shape
+    aligned = _shift_columns(spectra, np.rint(fshift).astype(int))
+    med = np.empty((nlamp, 1, ncol))
+    noise = np.empty(nlamp)
+    for i in range(nlamp):
+        med[i, 0], noise[i] = _line_residual(np.median(aligned[i][live], axis=0))
+    combs = {i: (med[i, 0], noise[i], expected[use & (plane == i)]) for i in range(nlamp)}
+    shift, stretch, centre = _global_alignment(combs, ncol)
+    guess = centre + stretch * (expected - centre) + shift
+    med_var = np.broadcast_to(noise[:, None, None] ** 2, med.shape)
+    med_sat = (saturated[:, live].mean(axis=1) > 0.2)[:, None, :]
+    for window in (6.0, 3.0):
+        f = _fit_lines(med, med_var, med_sat, plane, guess[None, :], use[None, :], passes=2,
+                       max_move=window)
+        found = f.ok[0] & (f.amp[0] > 20 * f.amp_err[0])
+        if found.sum() < 2:
+            break
+        deg = 2 if found.sum() >= 6 else (1 if found.sum() >= 4 else 0)
+        poly, _ = _robust_polyfit(guess[found], f.mu[0][found], deg, clip=1.5)
+        slope = poly.deriv()(guess)
+        if np.all((slope > 1 - MAX_STRETCH) & (slope < 1 + MAX_STRETCH)):
+            guess = poly(guess)
+    log.debug("global shift %+.1f px, stretch %.4f", shift, stretch)
+    return guess
+
+
+def _measure(spectra: np.ndarray, variance: np.ndarray, saturated: np.ndarray,
+             live: np.ndarray, plane: np.ndarray, guess: np.ndarray, fshift: np.ndarray,
+             status: np.ndarray) -> _Fits:
+    """Centroids of the candidate lines in every live fiber; updates ``status`` in place.
+
+    Two passes of :func:`_fit_lines`: from the aligned global columns, then from a smooth
+    model of the first pass's offsets plus a per-fiber constant. Flags lines ``saturated``,
+    ``not detected`` and ``blend`` (see :func:`_blend_flags`).
+    """
+    ncol = spectra.shape[-1]
+    fit_mask = live[:, None] & (status == "")[None, :]
+    start = guess[None, :] + fshift[:, None]
+    fits = _fit_lines(spectra, variance, saturated, plane, start, fit_mask, passes=2,
+                      max_move=4.0)
+    weight = np.where(fits.ok, 1.0 / np.maximum(fits.mu_err, 0.01) ** 2, 0.0)
+    offset = fits.mu - start
+    smooth = _smooth_offsets(offset, weight, guess, ncol)
+    start = start + smooth + np.nan_to_num(_nanmedian(offset - smooth, axis=1))[:, None]
+    fits = _fit_lines(spectra, variance, saturated, plane, start, fit_mask, max_move=2.0)
+    core = _fit_lines(spectra, variance, saturated, plane, start, fit_mask, max_move=2.0,
+                      half=CORE_HALF_WIDTH)
+    nlive = int(live.sum())
+    sat_frac = (fits.saturated & live[:, None]).sum(axis=0) / nlive
+    status[(status == "") & (sat_frac > SATURATED_FRACTION)] = "saturated"
+    usable = (live[:, None] & ~fits.near_saturated).sum(axis=0)
+    detected = (fits.ok & live[:, None]).sum(axis=0)
+    status[(status == "") & ((detected < 0.5 * usable) | (detected < 10))] = "not detected"
+    status[_blend_flags(fits, core, status == "", guess)] = "blend"
+    return fits
+
+
+def _blend_flags(fits: _Fits, core: _Fits, candidate: np.ndarray, column: np.ndarray
+                 ) -> np.ndarray:
+    """Lines whose profile shows a blend: core and full-window centroids disagree, or the
+    line is wider than the trend of the other lines.
+
+    Parameters
+    ----------
+    fits, core : _Fits
+        Fits in the full window and in the core window, from the same starting points.
+    candidate : ndarray of bool (nline,)
+        Lines to test.
+    column : ndarray (nline,)
+        Their columns (px, for the width trend).
+
+    Returns
+    -------
+    ndarray of bool (nline,)
+    """
+    both = fits.ok & core.ok
+    shift = np.where(both, fits.mu - core.mu, np.nan)
+    diff = _nanmedian(shift, axis=0)
+    stderr = _robust_std(shift, axis=0) / np.sqrt(np.maximum(both.sum(axis=0), 1))
+    shifted = candidate & (np.abs(diff) > np.maximum(4 * stderr, BLEND_SHIFT))
+    width = _nanmedian(fits.sigma, axis=0)
+    ok = candidate & np.isfinite(width) & ~shifted
+    wide = np.zeros_like(candidate)
+    if ok.sum() >= 4:
+        trend, _ = _robust_polyfit(column[ok], width[ok], 2 if ok.sum() >= 6 else 0,
+                                   clip=0.05)
+        wide = candidate & (width > trend(column) * (1 + BLEND_WIDTH))
+    return shifted | wide
+
+
+def _wavelength_at(model: np.polynomial.Polynomial, column: float, wl: np.ndarray) -> float:
+    """Wavelength (Angstrom) at which the expected-column ``model`` reaches ``column``."""
+    grid = np.linspace(wl.min() - 0.3 * np.ptp(wl), wl.max() + 0.3 * np.ptp(wl), 8001)
+    return float(np.interp(column, model(grid), grid))
+
+
+def _largest_gap(columns: np.ndarray, ncol: int) -> float:
+    """Largest stretch of the detector without lines, as a fraction of its width.
+
+    The stretches beyond the first and the last line, which are extrapolated, count
+    ``EDGE_WEIGHT + 1`` times their length.
+    """
+    lo, hi = columns.min(), columns.max()
+    edges = np.sort(np.concatenate([[-EDGE_WEIGHT * lo], columns,
+                                    [ncol - 1 + EDGE_WEIGHT * (ncol - 1 - hi)]]))
+    return float(np.max(np.diff(edges))) / ncol
+
+
+def _degree(deg_x: int, columns: np.ndarray, ncol: int) -> int:
+    """Legendre degree in wavelength allowed by the number and spread of the lines.
+
+    At most ``deg_x`` and two less than the number of lines. A polynomial of degree ``n`` has
+    about ``n / 2`` oscillations over the detector, so a large gap without lines (see
+    :func:`_largest_gap`) limits ``n`` to :data:`GAP_DEGREE` divided by the gap's fraction
+    of the detector: otherwise the fit may swing freely inside the gap.
+    """
+    gap = max(_largest_gap(columns, ncol), 1e-3)
+    return int(max(1, min(deg_x, columns.size - 2, np.floor(GAP_DEGREE / gap))))
+
+
+def _check_coverage(name: str, columns: np.ndarray, ncol: int, status: np.ndarray) -> None:
+    """Raise when the used lines span too little of the detector; warn on large gaps."""
+    span = np.ptp(columns) / ncol
+    if span < MIN_SPAN:
+        raise WavelengthError(f"{name}: the usable arc lines span only {100 * span:.0f}% of "
+                              f"the detector (need {100 * MIN_SPAN:.0f}%); line status: "
+                              f"{_status_summary(status)}")
+    gap = _largest_gap(columns, ncol)
+    if gap > WARN_GAP:
+        log.warning("%s: the arc lines leave %.0f%% of the detector without lines (ends "
+                    "weighted %g x); the solution there is interpolated or extrapolated and "
+                    "may be off by more than 0.1 px", name, 100 * gap, EDGE_WEIGHT + 1)
+
+
+def _status_summary(status: np.ndarray) -> str:
+    """``'used 12, saturated 1, ...'`` from an array of line status strings."""
+    names, counts = np.unique(status.astype(str), return_counts=True)
+    return ", ".join(f"{n or 'candidate'} {c}" for n, c in zip(names, counts, strict=True))
