@@ -22,7 +22,7 @@ from .ccd import Frame, Mask, read_channel
 from .combine import combine_frames
 from .errors import CalibrationNotFound, FrameError, PanaceaError
 from .extract import boxcar
-from .flat import fiber_to_fiber, pixel_flat
+from .flat import combine_pixel_flats, fiber_to_fiber, pixel_flat
 from .profile import build_profile
 from .trace import trace_fibers
 from .wavelength import solve_wavelength
@@ -254,16 +254,22 @@ def calibrate_channel(
     t0 = time.perf_counter()
     twispec, twivar = boxcar(flat_img, tsol.trace, CAL_HALF_WIDTH, flat_var)
     fflat = fiber_to_fiber(twispec, twivar, wsol.wave, tsol.dead)
+    dead = tsol.dead | fflat.dead
     timer.add("fiber-to-fiber", t0)
 
     t0 = time.perf_counter()
-    if plan.internal:
+    # pixel flat: the internal flat (smooth lamp) and the twilight divided by its spectrum,
+    # each photon-limited, combined by their errors
+    flats = [pixel_flat(flat_img, flat_var, tsol.trace, wave=wsol.wave, source=fflat.source,
+                        dead=tsol.dead, shrink=False, return_error=True)]
+    flatspec = None
+    if plan.internal and not options.use_flat:
         int_img, int_var, _ = master_frame(archive, plan.internal, ch, bias, options.overscan,
                                            MIN_FLAT_LEVEL)
         flatspec, _ = boxcar(int_img, tsol.trace, CAL_HALF_WIDTH)
-    else:
-        int_img, int_var, flatspec = flat_img, flat_var, None
-    pflat = pixel_flat(int_img, int_var, tsol.trace)
+        flats.append(pixel_flat(int_img, int_var, tsol.trace, dead=tsol.dead, shrink=False,
+                                return_error=True))
+    pflat, _ = combine_pixel_flats([f for f, _ in flats], [e for _, e in flats])
     timer.add("pixel flat", t0)
 
     nrow = flat_img.shape[0]
@@ -275,7 +281,7 @@ def calibrate_channel(
         "bigw": pixel_map(wsol.wave, tsol.trace, nrow),
         "masterbias": bias.image,
         "xypos": instrument.fiber_positions(),
-        "dead": tsol.dead.astype(np.uint8),
+        "dead": dead.astype(np.uint8),
         "arcspec": arcspec,
         "twispec": twispec,
         "flatspec": flatspec,
@@ -294,7 +300,7 @@ def calibrate_channel(
         "NFLAT": len(plan.flat),
         "LAMPS": ",".join(sorted(arcs)),
         "WAVERMS": float(np.nanmedian(wsol.rms)) if hasattr(wsol, "rms") else -1.0,
-        "NDEAD": int(tsol.dead.sum()),
+        "NDEAD": int(dead.sum()),
     }
     log.info("%s %s calibrated: %d dead fibers, lamps %s, stage seconds %s", date, ch.name,
              meta["NDEAD"], meta["LAMPS"],

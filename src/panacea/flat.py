@@ -8,8 +8,11 @@ Two calibrations come from twilight flats (preferred) or the internal LDLS flat:
   fiber's pixels are compared with the common spectrum at that fiber's own wavelengths, so
   the few-pixel differences between the fibers' wavelength solutions do not imprint solar
   lines on the throughputs.
+* :func:`illumination_pattern` measures how unevenly the internal flat lights the IFU (its
+  fiber-to-fiber over a twilight's), so that an internal flat can stand in for twilights.
 * :func:`pixel_flat` measures the pixel-to-pixel quantum-efficiency variations of a
-  (bias-subtracted) flat-field frame by dividing out a model that is smooth along each row.
+  (bias-subtracted) flat-field frame by dividing out a model that is smooth along each row;
+  :func:`combine_pixel_flats` averages such measurements, e.g. over many nights.
 
 Model of a flat-field spectrum (electrons per column of fiber ``k`` at column ``c``)::
 
@@ -17,7 +20,7 @@ Model of a flat-field spectrum (electrons per column of fiber ``k`` at column ``
 
 where ``S`` (electrons per Angstrom) is the common spectrum and ``dwave/dc`` the fiber's
 dispersion (Angstrom per pixel). ``S`` is a cubic B-spline in wavelength with breakpoints
-about 1.5 pixels apart, fitted to the pixels of all live fibers at once; each ``ftf[k]`` is
+one pixel apart, fitted to the pixels of all live fibers at once; each ``ftf[k]`` is
 a cubic B-spline along the columns (a smooth function of the fiber's wavelength) with
 breakpoints about 160 pixels apart. The two are fitted alternately with sigma clipping.
 
@@ -30,10 +33,11 @@ Nothing here reads or writes files.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.polynomial import legendre
 from scipy import sparse
 from scipy.interpolate import BSpline
 from scipy.linalg import solveh_banded
@@ -43,7 +47,7 @@ from scipy.signal import savgol_filter
 log = logging.getLogger(__name__)
 
 #: Breakpoint spacing of the common source spectrum (pixels of the median dispersion).
-SOURCE_KNOT_SPACING = 1.5
+SOURCE_KNOT_SPACING = 1.0
 #: Breakpoint spacing (columns) of each fiber's smooth throughput curve.
 THROUGHPUT_KNOT_SPACING = 160.0
 #: Below this median signal-to-noise ratio per column a flat cannot give a fiber-to-fiber.
@@ -129,35 +133,49 @@ def _clamped_knots(lo: float, hi: float, spacing: float) -> np.ndarray:
     return np.concatenate([[lo] * _DEGREE, inner, [hi] * _DEGREE])
 
 
-def _difference_penalty(nbasis: int) -> np.ndarray:
-    """Second-difference penalty D^T D as a dense (nbasis, nbasis) matrix."""
-    d2 = sparse.diags([1.0, -2.0, 1.0], [0, 1, 2], shape=(max(nbasis - 2, 1), nbasis))
-    return (d2.T @ d2).toarray()
+def _difference_penalty(nbasis: int) -> sparse.csr_array:
+    """Second-difference penalty D^T D, (nbasis, nbasis) sparse."""
+    d2 = sparse.diags_array([1.0, -2.0, 1.0], offsets=[0, 1, 2],
+                            shape=(max(nbasis - 2, 1), nbasis))
+    return (d2.T @ d2).tocsr()
 
 
 class _SplineDesign:
-    """Cubic B-spline basis evaluated once at fixed abscissae (k+1 non-zeros per point)."""
+    """Cubic B-spline basis evaluated once at fixed, sorted abscissae.
+
+    Every abscissa has k+1 consecutive non-zero basis functions starting at ``first``;
+    with sorted abscissae ``first`` does not decrease, so the normal equations are sums
+    over contiguous runs of points (one :func:`numpy.add.reduceat` per fit).
+    """
 
     def __init__(self, x: np.ndarray, knots: np.ndarray):
-        self.knots = knots
         self.nbasis = len(knots) - _DEGREE - 1
         design = BSpline.design_matrix(x, knots, _DEGREE)
         self.values = design.data.reshape(-1, _DEGREE + 1)
         self.first = design.indices.reshape(-1, _DEGREE + 1)[:, 0]
+        if np.any(np.diff(self.first) < 0):
+            raise ValueError("abscissae must be sorted")
+        self.starts = np.flatnonzero(np.r_[True, np.diff(self.first) > 0])
+        self.runs = self.first[self.starts]
+        # products B_p B_(p+d) of every point, in the order (p, d) of self.pairs
+        self.pairs = [(p, d) for p in range(_DEGREE + 1) for d in range(_DEGREE + 1 - p)]
+        self.products = np.stack([self.values[:, p] * self.values[:, p + d]
+                                  for p, d in self.pairs])  # (npair, npoint)
         pen = _difference_penalty(self.nbasis)
         self.penalty_bands = np.array(
-            [np.concatenate([np.diagonal(pen, -d), np.zeros(d)]) for d in range(_DEGREE + 1)])
+            [np.concatenate([pen.diagonal(-d), np.zeros(d)]) for d in range(_DEGREE + 1)])
 
     def fit(self, y: np.ndarray, w: np.ndarray) -> np.ndarray:
         """Coefficients minimising sum w (y - B c)^2 plus a tiny smoothness penalty."""
-        nb, vals, j0 = self.nbasis, self.values, self.first
+        nb, npair = self.nbasis, len(self.pairs)
+        terms = np.concatenate([self.products * w, self.values.T * (w * y)])
+        sums = np.add.reduceat(terms, self.starts, axis=1).T  # one row per run of ``first``
         bands = np.zeros((_DEGREE + 1, nb))
         rhs = np.zeros(nb)
+        for i, (p, d) in enumerate(self.pairs):
+            np.add.at(bands[d], self.runs + p, sums[:, i])
         for p in range(_DEGREE + 1):
-            rhs += np.bincount(j0 + p, weights=w * y * vals[:, p], minlength=nb)
-            for d in range(_DEGREE + 1 - p):
-                bands[d] += np.bincount(j0 + p, weights=w * vals[:, p] * vals[:, p + d],
-                                        minlength=nb)
+            np.add.at(rhs, self.runs + p, sums[:, npair + p])
         scale = np.median(bands[0][bands[0] > 0]) if np.any(bands[0] > 0) else 1.0
         bands += _PENALTY * scale * self.penalty_bands
         return solveh_banded(bands, rhs, lower=True)
@@ -185,7 +203,13 @@ def _fit_rows(y: np.ndarray, w: np.ndarray, basis: np.ndarray, penalty: np.ndarr
     ndarray, shape (nrow, npix)
         The fitted curves.
     """
-    normal = (w[:, :, None] * basis[None]).transpose(0, 2, 1) @ basis  # (nrow, nb, nb)
+    nb = basis.shape[1]
+    normal = np.zeros((len(y), nb, nb))
+    idx = np.arange(nb)
+    for d in range(_DEGREE + 1):  # cubic B-splines overlap only their 3 neighbours
+        band = w @ (basis[:, : nb - d] * basis[:, d:])  # (nrow, nb - d)
+        normal[:, idx[: nb - d], idx[d:]] = band
+        normal[:, idx[d:], idx[: nb - d]] = band
     rhs = (w * y) @ basis
     scale = np.trace(normal, axis1=1, axis2=2) / basis.shape[1]
     normal += (_PENALTY * np.where(scale > 0, scale, 1.0))[:, None, None] * penalty[None]
@@ -194,6 +218,14 @@ def _fit_rows(y: np.ndarray, w: np.ndarray, basis: np.ndarray, penalty: np.ndarr
 
 
 # --------------------------------------------------------------------------- fiber-to-fiber
+
+
+def _row_median(values: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """Median of the good values of every row; NaN for rows without any."""
+    out = np.full(values.shape[0], np.nan)
+    rows = good.any(axis=1)
+    out[rows] = np.nanmedian(np.where(good[rows], values[rows], np.nan), axis=1)
+    return out
 
 
 def _as_inputs(spectra, variance, wave, dead, mask):
@@ -295,7 +327,7 @@ def fiber_to_fiber(
                          f"{snr:.2f} < {min_snr:g}")
 
     # ---- starting point: one grey level per fiber; fibers without light become dead
-    level = np.nanmedian(np.where(usable, y, np.nan), axis=1)
+    level = _row_median(y, usable)
     ref = np.nanmedian(level[live])
     newly_dead = live & ~(level > min_throughput * ref)
     if newly_dead.any():
@@ -316,8 +348,8 @@ def fiber_to_fiber(
     cols = np.arange(ncol, dtype=float)
     tknots = _clamped_knots(0.0, ncol - 1.0, throughput_spacing)
     tbasis = BSpline.design_matrix(cols, tknots, _DEGREE).toarray()
-    tpen = _difference_penalty(tbasis.shape[1])
-    excess = np.nanmedian(np.where(usable, variance - np.maximum(spectra, 0), np.nan), axis=1)
+    tpen = _difference_penalty(tbasis.shape[1]).toarray()
+    excess = _row_median(variance - np.maximum(spectra, 0), usable)
     excess = np.clip(np.nan_to_num(excess), 0.0, None)  # read noise etc. (e-^2 per column)
 
     good = usable.copy()
@@ -420,12 +452,14 @@ def pixel_flat(
     source: Callable[[np.ndarray], np.ndarray] | None = None,
     dead: np.ndarray | None = None,
     mask: np.ndarray | None = None,
-    window: int = 31,
+    window: int = 61,
     half_width: float = 3.5,
-    min_snr: float = 100.0,
+    min_snr: float = 20.0,
     nsigma: float = 5.0,
-    niter: int = 3,
-) -> np.ndarray:
+    niter: int = 2,
+    shrink: bool = True,
+    return_error: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Pixel-to-pixel flat field (relative quantum efficiency) from a flat-field frame.
 
     Along every row the illuminated pixels are fitted by a running quadratic
@@ -457,19 +491,30 @@ def pixel_flat(
     half_width : float
         Pixels within this many rows of a live fiber's trace are measured.
     min_snr : float
-        Minimum signal-to-noise ratio of a pixel for it to be measured (100 gives a flat
-        value good to 1 %).
+        Minimum signal-to-noise ratio of a pixel for it to be measured.
     nsigma : float
         Rejection threshold (standard deviations, photon noise plus the measured
         pixel-to-pixel scatter). High outliers (cosmic rays) are left unmeasured.
     niter : int
-        Rejection iterations of the row fit.
+        Iterations of the row fit (each after rejection against the previous model; the
+        first rejection is against block medians of the rows).
+    shrink : bool
+        Return the minimum-variance estimate: each measured deviation from 1 is scaled by
+        ``q^2 / (q^2 + noise^2)``, with ``q`` the pixel-to-pixel rms measured on the
+        best-exposed pixels and ``noise`` the pixel's relative photon noise, so that a
+        noisy pixel is never made worse by the flat. Strong low outliers (cold pixels)
+        are kept as measured. With ``False`` the plain ratio frame / model is returned.
+    return_error : bool
+        Also return the 1-sigma uncertainty of every pixel of the flat.
 
     Returns
     -------
-    ndarray of float32, shape (nrow, ncol)
+    flat : ndarray of float32, shape (nrow, ncol)
         Relative quantum efficiency (mean 1 on smooth scales); exactly 1 for pixels not
         measured (too little light, far from a live fiber, masked or rejected high).
+    error : ndarray of float32, shape (nrow, ncol)
+        Only with ``return_error``: 1-sigma uncertainty of ``flat`` (dimensionless); for
+        pixels not measured ``q`` when shrinking, infinite otherwise.
 
     Raises
     ------
@@ -489,10 +534,10 @@ def pixel_flat(
         raise ValueError(f"window must be odd and between 5 and {ncol}, not {window}")
     live = np.ones(trace.shape[0], bool) if dead is None else ~np.asarray(dead, dtype=bool)
 
-    data, var = image, variance
-    ok = np.isfinite(data) & np.isfinite(var) & (var > 0)
+    ok = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
     if mask is not None:
         ok &= ~np.asarray(mask, dtype=bool)
+    shape = np.ones_like(image)
     if source is not None:
         if wave is None:
             raise ValueError("pixel_flat needs wave to divide by a source spectrum")
@@ -500,41 +545,244 @@ def pixel_flat(
         shape = source(bigw) * np.gradient(bigw, axis=1)
         ok &= np.isfinite(shape) & (shape > 0)
         shape = np.where(ok, shape, 1.0)
-        data, var = data / shape, var / shape**2
+    valid = ok.copy()  # pixels with data, near a fiber or not
     ok &= _near_traces(trace[live], nrow, half_width)
-    data = np.where(ok, data, 0.0)
-    var = np.where(ok, var, np.inf)
+    data = np.where(ok, image / shape, 0.0)
+    # noise from the model, not the data (a pixel's own fluctuation must not set its
+    # weight or its selection): read-noise part of the variance plus the model's counts
+    excess = np.where(ok, np.clip(variance - np.maximum(image, 0.0), 0.0, None), 0.0) / shape**2
 
-    # first guess: running mean of the good pixels only; then clipped running quadratics
+    # first guess: medians of short blocks of each row (robust to cosmic rays), where a
+    # block has enough good pixels, else a running mean; outliers from it (generously: 5 %
+    # pixel-to-pixel scatter allowed) start out rejected; then clipped running quadratics
     weight = ok.astype(float)
     denom = uniform_filter1d(weight, window, axis=1, mode="nearest")
     model = uniform_filter1d(data, window, axis=1, mode="nearest") / np.maximum(denom, 1e-3)
-    use = ok.copy()
-    qe_rms = 0.0
+    robust = _block_median(np.where(valid, image / shape, 0.0), valid)
+    model = np.where(np.isfinite(robust), robust, model)
+    var = excess + np.maximum(model, 0.0) / shape
+    use = ok & (np.abs(data - model) <= nsigma * np.sqrt(var + (0.05 * model) ** 2))
+    centre = _savgol_centre_weight(window)
     for _ in range(niter):
         filled = np.where(use, data, model)
-        model = savgol_filter(filled, window, 2, axis=1, mode="interp")
-        bright = ok & (model > 0) & (model * model > min_snr**2 * var)
+        smooth = savgol_filter(filled, window, 2, axis=1, mode="interp")
+        # leave each pixel out of its own model, so its deviation is not diluted
+        model = np.where(use, (smooth - centre * filled) / (1.0 - centre), smooth)
+        lit = ok & (model > 0)
+        safe = np.where(lit, model, 1.0)
+        var = excess + np.maximum(model, 0.0) / shape
+        bright = lit & (model * model >= min_snr**2 * var)
         if not bright.any():
             raise ValueError(f"no pixel reaches S/N {min_snr:g}: the flat is too faint "
                              f"for a pixel flat")
-        rel = np.where(bright, data / np.where(model > 0, model, 1.0) - 1.0, 0.0)
-        noise2 = np.where(bright, var / np.where(model > 0, model, 1.0) ** 2, np.inf)
+        rel = np.where(lit, data / safe - 1.0, 0.0)
+        noise2 = np.where(lit, var / safe**2, np.inf)
         qe_rms = _excess_scatter(rel[bright], noise2[bright])
         limit = nsigma * np.sqrt(noise2 + qe_rms**2)
-        use = ok & (np.abs(rel) <= limit) & (model > 0)
+        use = lit & (np.abs(rel) <= limit)  # faint pixels too: a cosmic ray must not stay
+        model = smooth
 
-    flat = np.ones((nrow, ncol), np.float32)
     keep = bright & (rel <= limit)  # high outliers (cosmic rays) stay unmeasured
-    flat[keep] = (1.0 + rel[keep]).astype(np.float32)
+    rel = np.where(keep, rel, 0.0)
+    noise2 = np.where(keep, noise2, np.inf)
     log.info("pixel flat: %d pixels measured (S/N >= %g), pixel-to-pixel rms %.4f, "
-             "median noise of a measured pixel %.4f", int(keep.sum()), min_snr, qe_rms,
-             float(np.sqrt(np.median(noise2[keep]))))
-    return flat
+             "median noise of a measured pixel %.4f%s", int(keep.sum()), min_snr, qe_rms,
+             float(np.sqrt(np.median(noise2[keep]))), " (shrunk)" if shrink else "")
+    flat, error = _finish(rel, noise2, qe_rms if shrink else None, nsigma)
+    return (flat, error) if return_error else flat
+
+
+def combine_pixel_flats(
+    flats: Sequence[np.ndarray],
+    errors: Sequence[np.ndarray],
+    *,
+    shrink: bool = True,
+    nsigma: float = 5.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse-variance combination of independent pixel-flat measurements.
+
+    The quantum efficiency of a pixel does not change from night to night, so the flats of
+    many nights (internal flats and twilights alike) can be combined pixel by pixel; this
+    is how a pixel flat much better than the photon noise of one night's flats is built.
+
+    Parameters
+    ----------
+    flats, errors : sequence of ndarray, shape (nrow, ncol)
+        Plain (not shrunk) measurements and their 1-sigma errors, as returned by
+        ``pixel_flat(..., shrink=False, return_error=True)``; an infinite error marks a
+        pixel that was not measured.
+    shrink : bool
+        Apply the minimum-variance shrinkage of :func:`pixel_flat` to the combination.
+    nsigma : float
+        Deviation (standard deviations) beyond which a low pixel is kept as measured
+        when shrinking.
+
+    Returns
+    -------
+    flat, error : ndarray of float32, shape (nrow, ncol)
+        Combined flat (1 where no input measured the pixel) and its uncertainty.
+    """
+    if len(flats) == 0 or len(flats) != len(errors):
+        raise ValueError("need one error array for each of at least one flat")
+    wsum = np.zeros(np.shape(flats[0]))
+    rsum = np.zeros_like(wsum)
+    for flat, error in zip(flats, errors):
+        err = np.asarray(error, dtype=float)
+        if err.shape != wsum.shape or np.shape(flat) != wsum.shape:
+            raise ValueError("all flats and errors must have the same shape")
+        w = np.where(np.isfinite(err) & (err > 0), 1.0 / np.where(err > 0, err, 1.0) ** 2, 0.0)
+        wsum += w
+        rsum += w * (np.asarray(flat, dtype=float) - 1.0)
+    measured = wsum > 0
+    rel = np.where(measured, rsum / np.where(measured, wsum, 1.0), 0.0)
+    noise2 = np.where(measured, 1.0 / np.where(measured, wsum, 1.0), np.inf)
+    qe_rms = _excess_scatter(rel[measured], noise2[measured]) if measured.any() else 0.0
+    log.info("combined %d pixel flats: %d pixels measured, pixel-to-pixel rms %.4f, median "
+             "noise %.4f", len(flats), int(measured.sum()), qe_rms,
+             float(np.sqrt(np.median(noise2[measured]))) if measured.any() else np.nan)
+    return _finish(rel, noise2, qe_rms if shrink else None, nsigma)
+
+
+def _finish(rel: np.ndarray, noise2: np.ndarray, qe_rms: float | None, nsigma: float
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Flat and error from relative deviations and their variance (inf = not measured).
+
+    With ``qe_rms`` the deviations are shrunk to the posterior mean for a pixel-to-pixel
+    scatter ``qe_rms`` (strong low outliers, cold pixels, are kept as measured) and
+    unmeasured pixels get error ``qe_rms``; without it the plain values are returned and
+    unmeasured pixels get an infinite error.
+    """
+    if qe_rms is None:
+        return (1.0 + rel).astype(np.float32), np.sqrt(noise2).astype(np.float32)
+    q2 = qe_rms**2
+    cold = rel < -nsigma * np.sqrt(noise2 + q2)
+    with np.errstate(divide="ignore"):
+        post2 = 1.0 / (1.0 / q2 + 1.0 / noise2) if q2 > 0 else np.zeros_like(noise2)
+    gain = np.where(cold, 1.0, np.divide(post2, noise2, out=np.zeros_like(post2),
+                                         where=np.isfinite(noise2)))
+    error2 = np.where(cold, noise2, post2)
+    return (1.0 + gain * rel).astype(np.float32), np.sqrt(error2).astype(np.float32)
+
+
+def _block_median(values: np.ndarray, good: np.ndarray, block: int = 32) -> np.ndarray:
+    """Median of the good values in blocks of ``block`` columns of every row, interpolated
+    linearly to every column; NaN where a block has fewer than half its pixels good.
+
+    Blocks tile the row from column 0; one more block ends at the last column.
+    """
+    ncol = values.shape[1]
+    nblock = ncol // block
+    if nblock < 2:
+        return np.full(values.shape, np.nan)
+    starts = np.unique(np.r_[np.arange(nblock) * block, ncol - block])
+    cols = starts[:, None] + np.arange(block)  # (nb, block)
+    v = np.where(good, values, np.inf)[:, cols]  # (nrow, nb, block)
+    v.sort(axis=2)
+    n = good[:, cols].sum(axis=2)
+    lo = np.take_along_axis(v, np.maximum(n - 1, 0)[..., None] // 2, axis=2)[..., 0]
+    hi = np.take_along_axis(v, np.minimum(n // 2, block - 1)[..., None], axis=2)[..., 0]
+    med = np.where(2 * n >= block, 0.5 * (lo + hi), np.nan)
+    # linear interpolation from block centres to columns (constant beyond the end centres)
+    centres = starts + (block - 1) / 2
+    c = np.clip(np.arange(ncol), centres[0], centres[-1])
+    i0 = np.clip(np.searchsorted(centres, c, side="right") - 1, 0, len(centres) - 2)
+    f = (c - centres[i0]) / (centres[i0 + 1] - centres[i0])
+    return med[:, i0] * (1 - f) + med[:, i0 + 1] * f
+
+
+def _savgol_centre_weight(window: int) -> float:
+    """Weight of the central sample in a quadratic Savitzky-Golay smoothing filter."""
+    impulse = np.zeros(window)
+    impulse[window // 2] = 1.0
+    return float(savgol_filter(impulse, window, 2, mode="constant")[window // 2])
 
 
 def _excess_scatter(rel: np.ndarray, noise2: np.ndarray) -> float:
     """Robust rms of ``rel`` beyond the expected noise (quadrature difference, >= 0)."""
-    q16, q50, q84 = np.percentile(rel, [16, 50, 84])
+    step = max(1, rel.size // 200_000)  # a regular subsample is plenty
+    rel, noise2 = rel[::step], noise2[::step]
+    best = noise2 <= np.percentile(noise2, 25)  # the best-exposed pixels
+    q16, q84 = np.percentile(rel[best], [16, 84])
     total2 = (0.5 * (q84 - q16)) ** 2
-    return float(np.sqrt(max(total2 - np.median(noise2), 0.0)))
+    return float(np.sqrt(max(total2 - np.median(noise2[best]), 0.0)))
+
+
+# --------------------------------------------------------------------------- illumination
+
+
+def illumination_pattern(
+    flat_ftf: np.ndarray,
+    twilight_ftf: np.ndarray,
+    positions: np.ndarray,
+    dead: np.ndarray,
+    *,
+    degree: int = 3,
+    nsigma: float = 4.0,
+    niter: int = 3,
+) -> np.ndarray:
+    """Illumination pattern of the internal flat over the IFU, measured against a twilight.
+
+    The internal (LDLS) flat does not light the IFU uniformly, so the fiber-to-fiber
+    measured from it is the true throughput times a smooth function of the fiber's
+    position. Its ratio to a twilight fiber-to-fiber (uniform illumination) is fitted at
+    every column with a 2-D Legendre polynomial in the IFU coordinates, with whole fibers
+    clipped when they deviate. Dividing an internal flat's ``ftf`` by the pattern removes
+    the illumination bias; the pattern belongs to the calibration unit and can be measured
+    on a night with both kinds of flat and reused on nights without twilights.
+
+    Parameters
+    ----------
+    flat_ftf, twilight_ftf : ndarray, shape (nfiber, ncol)
+        Fiber-to-fiber from the internal flat and from twilights (:attr:`FiberFlat.ftf`).
+    positions : ndarray, shape (nfiber, 2)
+        IFU x, y of every fiber (arcsec), e.g. :func:`panacea.instrument.fiber_positions`.
+    dead : ndarray of bool, shape (nfiber,)
+        Fibers to leave out (dead in either flat).
+    degree : int
+        Total degree of the 2-D polynomial.
+    nsigma : float
+        Fibers whose rms deviation from the fit exceeds ``nsigma`` robust standard
+        deviations of all fibers are left out of the next fit.
+    niter : int
+        Fit and clipping iterations.
+
+    Returns
+    -------
+    ndarray, shape (nfiber, ncol)
+        Pattern (median 1 over the live fibers at every column), defined for every fiber.
+
+    Raises
+    ------
+    ValueError
+        Inconsistent shapes or fewer live fibers than polynomial terms.
+    """
+    flat_ftf = np.asarray(flat_ftf, dtype=float)
+    twilight_ftf = np.asarray(twilight_ftf, dtype=float)
+    positions = np.asarray(positions, dtype=float)
+    if flat_ftf.shape != twilight_ftf.shape or positions.shape != (flat_ftf.shape[0], 2):
+        raise ValueError(f"shapes differ: flat {flat_ftf.shape}, twilight {twilight_ftf.shape},"
+                         f" positions {positions.shape}")
+    live = ~np.asarray(dead, dtype=bool) & np.all(flat_ftf > 0, axis=1) & np.all(
+        twilight_ftf > 0, axis=1)
+    span = np.ptp(positions, axis=0)
+    scaled = 2 * (positions - positions.min(axis=0)) / np.where(span > 0, span, 1.0) - 1
+    terms = [(i, j) for i in range(degree + 1) for j in range(degree + 1 - i)]
+    if live.sum() <= len(terms):
+        raise ValueError(f"{int(live.sum())} live fibers cannot fit {len(terms)} terms")
+    design = np.stack([legendre.legval(scaled[:, 0], np.eye(degree + 1)[i])
+                       * legendre.legval(scaled[:, 1], np.eye(degree + 1)[j])
+                       for i, j in terms], axis=1)
+    ratio = np.divide(flat_ftf, twilight_ftf, out=np.ones_like(flat_ftf), where=live[:, None])
+    use = live.copy()
+    for _ in range(niter):
+        coeffs, *_ = np.linalg.lstsq(design[use], ratio[use], rcond=None)
+        pattern = design @ coeffs
+        rms = np.sqrt(np.mean((ratio / pattern - 1) ** 2, axis=1))
+        centre = np.median(rms[live])
+        spread = 1.4826 * np.median(np.abs(rms[live] - centre))
+        use = live & (rms <= centre + nsigma * max(spread, 1e-6))
+    pattern /= np.median(pattern[live], axis=0)
+    log.info("illumination pattern of the internal flat: %d fibers used, peak-to-peak %.2f%%,"
+             " fiber residual rms %.2f%%", int(use.sum()), 100 * np.ptp(pattern[live]),
+             100 * float(np.median(rms[live])))
+    return pattern
