@@ -83,7 +83,8 @@ def test_fiber_order_and_orientation(sim_night):
         near = np.abs(truth.wavelength - 5000.0).argmin(axis=1)  # column of 5000 A per fiber
         cols = near[:, None] + np.arange(-60, 61)[None, :]
         signal = np.median(np.take_along_axis(flux, cols, axis=1), axis=1)
-        signal = np.where(truth.dead, 0, signal / np.where(truth.dead, 1, truth.throughput[:, 1000]))
+        thru = np.where(truth.dead, 1, truth.throughput[:, 1000])
+        signal = np.where(truth.dead, 0, signal / thru)
         signal -= np.median(signal)
         core = signal > 0.2 * signal.max()
         centroid = (signal[core, None] * xy[core]).sum(0) / signal[core].sum()
@@ -123,8 +124,8 @@ def test_truth_is_consistent_with_frames(sim_night):
 
 
 def test_compressed_and_plain_nights_are_identical(tmp_path):
-    kw = dict(date="20190301", seed=5, channels=("uv",), n_bias=2, n_twilight=1, n_flat=0,
-              arcs=("hg",), standard="", n_science=0, extended=False)
+    kw = {"date": "20190301", "seed": 5, "channels": ("uv",), "n_bias": 2, "n_twilight": 1,
+          "n_flat": 0, "arcs": ("hg",), "standard": "", "n_science": 0, "extended": False}
     simulate_night(NightConfig(**kw), tmp_path / "plain", workers=1)
     simulate_night(NightConfig(**kw, compress=True), tmp_path / "gz", workers=1)
     assert (tmp_path / "gz" / "20190301" / "lrs2" / "lrs20000002.tar.gz").exists()

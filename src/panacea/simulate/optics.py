@@ -221,7 +221,8 @@ def build_optics(channel: inst.Channel, date: str, binning: tuple[int, int] = (1
         + jitter[:, None]
         + (slope[:, None] + night_tilt) * xc[None, :]
         + curv[:, None] * (xc[None, :] ** 2 - 1 / 3)
-        + ripple_amp[:, None] * np.sin(2 * np.pi * cols[None, :] / RIPPLE_PERIOD + ripple_phase[:, None])
+        + ripple_amp[:, None]
+        * np.sin(2 * np.pi * cols[None, :] / RIPPLE_PERIOD + ripple_phase[:, None])
     )
     wave = np.polynomial.polynomial.polyval(cols[None, :] - delta, base)
 
