@@ -23,8 +23,7 @@ from .combine import combine_frames
 from .errors import CalibrationNotFound, FrameError, PanaceaError
 from .extract import boxcar
 from .flat import combine_pixel_flats, fiber_to_fiber, pixel_flat
-from .profile import build_profile
-from .trace import trace_fibers
+from .profile import trace_and_profile
 from .wavelength import solve_wavelength
 
 log = logging.getLogger(__name__)
@@ -231,11 +230,8 @@ def calibrate_channel(
     timer.add("read flats", t0)
 
     t0 = time.perf_counter()
-    tsol = trace_fibers(flat_img, flat_var, mask=flat_sat)
-    timer.add("trace", t0)
-    t0 = time.perf_counter()
-    profile = build_profile(flat_img, flat_var, tsol)
-    timer.add("profile", t0)
+    tsol, profile = trace_and_profile(flat_img, flat_var, mask=flat_sat)
+    timer.add("trace + profile", t0)
 
     t0 = time.perf_counter()
     arcs = {}
@@ -289,9 +285,9 @@ def calibrate_channel(
         "masterarc": arc_sum,
         "masterflat": flat_img,
         "pixelflat": pflat,
-        "profile": profile.to_array() if hasattr(profile, "to_array") else None,
+        "profile": profile.to_array(),
         "rdnoise": bias.rdnoise,
-        "wavefit": wsol.line_table() if hasattr(wsol, "line_table") else None,
+        "wavefit": wsol.line_table(),
     }
     arrays = {k: v for k, v in arrays.items() if v is not None}
     meta = {
@@ -299,7 +295,11 @@ def calibrate_channel(
         "NBIAS": bias.nframes,
         "NFLAT": len(plan.flat),
         "LAMPS": ",".join(sorted(arcs)),
-        "WAVERMS": float(np.nanmedian(wsol.rms)) if hasattr(wsol, "rms") else -1.0,
+        "WAVERMS": float(np.nanmedian(wsol.rms)),
+        "TRACERMS": float(np.nanmedian(tsol.rms)),
+        "HALFWID": float(profile.half_width),
+        "AMPROWS": int(profile.amp_rows),
+        "FIBPAMP": int(profile.fibers_per_amp),
         "NDEAD": int(dead.sum()),
     }
     log.info("%s %s calibrated: %d dead fibers, lamps %s, stage seconds %s", date, ch.name,
