@@ -19,6 +19,7 @@ import numpy as np
 
 from panacea import instrument
 from panacea.archive import Archive
+from panacea.calbundle import bundle_path, write_bundle
 from panacea.calibration import CalibrationOptions, StageTimer, calibrate_channel
 from panacea.simulate import NightConfig, simulate_night
 from panacea.simulate.truth import load_channel
@@ -87,6 +88,7 @@ def main(argv=None) -> int:
         total = time.perf_counter() - t0
         tracemalloc.stop()
         archive.close()
+        write_bundle(bundle, bundle_path(out / "reduced", args.date, ch.name))
         acc = accuracy(bundle, load_channel(out, args.date, ch.name))
         rows.append((ch.name, acc, timer, total))
         stages = list(timer.seconds)

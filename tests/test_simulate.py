@@ -149,3 +149,5 @@ def test_cli_simulate_and_inventory(tmp_path, capsys):
     assert "SN2018abc" in out and "bias" in out
     # a date without data exits non-zero with a message naming the folder
     assert main(["inventory", "-d", "20190303", "--baseraw", str(tmp_path)]) == 2
+    assert main(["-d", "20190303", "--baseraw", str(tmp_path)]) == 2
+    assert main(["-d", "20190302", "--baseraw", str(tmp_path / "nowhere")]) == 2

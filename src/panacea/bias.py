@@ -51,8 +51,8 @@ def combine_bands(
 
     A pixel is left out when it lies more than ``nsigma`` times the read noise from the
     reference: the mean of all frames but the highest (three or more frames) or, for two
-    frames, their minimum (cosmic rays only add charge). Using the known noise instead of the scatter of a
-    few values keeps the clipping honest for any number of frames.
+    frames, their minimum (cosmic rays only add charge). Using the known noise instead of
+    the scatter of a few values keeps the clipping honest for any number of frames.
 
     Parameters
     ----------

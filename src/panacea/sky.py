@@ -1,0 +1,408 @@
+"""Sky model of an exposure, fitted on every fiber's own wavelength solution.
+
+Model of the sky in fiber ``k`` at column ``c`` (electrons per column, the units of the
+extracted spectra)::
+
+    sky[k, c] = ftf[k, c] * dwave/dc[k, c] * (
+        P_k(c) S(w) + Q_k(c) S'(w) + R_k(c) S''(w) ),    w = wave[k, c]
+
+* ``S`` (electrons per Angstrom of a median fiber) is one cubic B-spline in wavelength with
+  breakpoints a fraction of a pixel apart, fitted to the pixels of all sky fibers at once
+  on their own wavelengths, so nothing is resampled.
+* ``P_k`` (dimensionless, a quadratic in column) is the fiber's sky level relative to
+  ``ftf``: it absorbs the smooth variation of the sky across the IFU and what the
+  fiber-to-fiber does not hold (e.g. the extraction aperture's share of the profile).
+  For fibers with object light it is not fitted but predicted from the sky fibers by a
+  low-order polynomial in IFU position (x, y) and slit position.
+* ``Q_k`` (Angstrom, linear in column) is a small wavelength zero-point error of the fiber:
+  ``S(w + Q) ~ S + Q S'``.
+* ``R_k`` (Angstrom^2, linear in column) is the fiber's difference in line-spread width:
+  broadening a Gaussian line by ``d(sigma^2)`` adds ``d(sigma^2) / 2 * S''``.
+
+Fibers with object light are found automatically and iteratively: a fiber is dropped from
+the sky fibers when its fitted level exceeds the IFU-smooth prediction (continuum objects)
+or when its residuals, smoothed over a line width, show significant emission or absorption
+(emission-line objects), and the model is refitted.
+
+The old ``'template'`` method (median sky spectrum on a common wavelength grid, interpolated
+to every fiber and scaled by one number per fiber) is kept for comparison.
+
+Nothing here reads or writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.polynomial import legendre
+from scipy.interpolate import BSpline
+from scipy.ndimage import uniform_filter1d
+
+from panacea import instrument
+from panacea.flat import _clamped_knots, _SplineDesign
+
+log = logging.getLogger(__name__)
+
+#: Breakpoint spacing of the sky spline (pixels of the median dispersion).
+KNOT_SPACING = 0.6
+#: Polynomial degree (in column) of each fiber's sky level, shift and width terms.
+LEVEL_DEGREE = 2
+SHIFT_DEGREE = 1
+WIDTH_DEGREE = 1
+#: Pixels further than this many sigma from the model are left out of the fits.
+PIXEL_CLIP = 5.0
+#: A fiber whose level exceeds the IFU-smooth prediction by this many (robust) sigma, or
+#: whose smoothed residual peaks beyond LINE_CLIP sigma, holds object light.
+LEVEL_CLIP = 4.0
+LINE_CLIP = 6.0
+#: Width (pixels) of the box over which residuals are summed to look for object lines.
+LINE_BOX = 5
+_DEGREE = 3
+
+
+@dataclass
+class SkyModel:
+    """Sky of every fiber of one exposure and channel.
+
+    Attributes
+    ----------
+    sky : ndarray, shape (nfiber, ncol)
+        Sky in every fiber at each of its own columns, in the units of the input ``flux``
+        (electrons per column, fiber throughput included). Zero for dead fibers.
+    sky_fibers : ndarray of bool, shape (nfiber,)
+        Fibers used to fit the sky (live fibers without detected object light).
+    chi2_dof : ndarray, shape (nfiber,)
+        Reduced chi-square of every fiber's data minus ``sky`` (NaN for dead fibers).
+    chi2_dof_sky : float
+        Reduced chi-square of all sky-fiber pixels after subtraction.
+    method : str
+        ``'spline'`` or ``'template'``.
+    level : ndarray, shape (nfiber,)
+        Mean sky level of each fiber relative to ``ftf`` (dimensionless).
+    shift : ndarray, shape (nfiber,)
+        Mean wavelength shift of each fiber (Angstrom; spline method only, else 0).
+    width : ndarray, shape (nfiber,)
+        Mean change of each fiber's line-spread variance (Angstrom^2; spline method only).
+    wave : ndarray
+        Wavelength grid of ``spectrum`` (air Angstrom).
+    spectrum : ndarray
+        Sky of a median fiber at ``wave`` (electrons per Angstrom for the spline method,
+        electrons per column for the template method).
+    """
+
+    sky: np.ndarray
+    sky_fibers: np.ndarray
+    chi2_dof: np.ndarray
+    chi2_dof_sky: float
+    method: str
+    level: np.ndarray
+    shift: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    width: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    wave: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    spectrum: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+def sky_model(
+    flux: np.ndarray,
+    variance: np.ndarray,
+    wave: np.ndarray,
+    ftf: np.ndarray,
+    dead: np.ndarray,
+    positions: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    method: str = "spline",
+    knot_spacing: float = KNOT_SPACING,
+    n_iter: int = 4,
+    sky_fibers: np.ndarray | None = None,
+) -> SkyModel:
+    """Fit the sky of one exposure and channel.
+
+    Parameters
+    ----------
+    flux : ndarray, shape (nfiber, ncol)
+        Extracted spectra (electrons per column) on each fiber's own columns.
+    variance : ndarray, shape (nfiber, ncol)
+        Variance of ``flux`` (electrons^2).
+    wave : ndarray, shape (nfiber, ncol)
+        Wavelength of every fiber's pixels (air Angstrom).
+    ftf : ndarray, shape (nfiber, ncol)
+        Fiber-to-fiber throughput at each fiber's own pixels (dimensionless, median ~1).
+    dead : ndarray of bool, shape (nfiber,)
+        Dead fibers (no sky is modelled for them).
+    positions : ndarray, shape (nfiber, 2), optional
+        IFU (x, y) of the fibers (arcsec); default :func:`instrument.fiber_positions`.
+    mask : ndarray of bool, shape (nfiber, ncol), optional
+        Pixels to ignore (cosmic rays, bad columns).
+    method : {'spline', 'template'}
+        The B-spline model described in the module docstring, or the old scaled median
+        template.
+    knot_spacing : float
+        Breakpoint spacing of the sky spline (pixels of the median dispersion).
+    n_iter : int
+        Rounds of fit, fiber rejection and refit.
+    sky_fibers : ndarray of bool, shape (nfiber,), optional
+        Fibers to use as sky; when given no fibers are rejected automatically.
+
+    Returns
+    -------
+    SkyModel
+    """
+    flux = np.asarray(flux, float)
+    variance = np.asarray(variance, float)
+    wave = np.asarray(wave, float)
+    ftf = np.asarray(ftf, float)
+    live = ~np.asarray(dead, bool) & np.any(ftf > 0, axis=1)
+    good = (live[:, None] & (ftf > 0) & (variance > 0) & np.isfinite(flux)
+            & np.isfinite(variance))
+    if mask is not None:
+        good &= ~np.asarray(mask, bool)
+    if positions is None:
+        positions = instrument.fiber_positions()
+    fixed = sky_fibers is not None
+    if fixed:
+        sky_fibers = np.asarray(sky_fibers, bool) & live
+    if method == "template":
+        return _template_model(flux, variance, wave, ftf, live, good, sky_fibers)
+    if method != "spline":
+        raise ValueError(f"unknown sky method {method!r}")
+    return _spline_model(flux, variance, wave, ftf, live, good, np.asarray(positions, float),
+                         knot_spacing, n_iter, sky_fibers)
+
+
+# --------------------------------------------------------------------------- spline method
+
+
+def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing, n_iter,
+                  sky_fibers) -> SkyModel:
+    nfib, ncol = flux.shape
+    fixed = sky_fibers is not None
+    disp = np.gradient(wave, axis=1)
+    norm = ftf * disp
+    safe = np.where(good, norm, 1.0)
+    y = np.where(good, flux / safe, 0.0)  # electrons per Angstrom of a median fiber
+    w = np.where(good, safe**2 / np.where(good, variance, 1.0), 0.0)
+    inv_norm = np.where(good, 1.0 / safe, 0.0)
+    var_floor = float(np.median(variance[good])) if good.any() else 1.0
+
+    # one design matrix for all live pixels, sorted in wavelength
+    lf = np.flatnonzero(live)
+    x = wave[lf].ravel()
+    order = np.argsort(x, kind="stable")
+    spacing = knot_spacing * float(np.median(np.abs(disp[lf])))
+    knots = _clamped_knots(float(x[order[0]]) - 1e-6, float(x[order[-1]]) + 1e-6, spacing)
+    design = _SplineDesign(x[order], knots)
+
+    u = np.linspace(-1.0, 1.0, ncol)
+    lev_basis = legendre.legvander(u, LEVEL_DEGREE)  # (ncol, nl)
+    sh_basis = legendre.legvander(u, SHIFT_DEGREE)
+    wd_basis = legendre.legvander(u, WIDTH_DEGREE)
+    nl, ns = lev_basis.shape[1], sh_basis.shape[1]
+    smooth_basis = _ifu_basis(positions, nfib)
+
+    use = live.copy() if not fixed else sky_fibers.copy()
+    level = np.ones((nfib, ncol))
+    shift = np.zeros((nfib, ncol))
+    width = np.zeros((nfib, ncol))
+    pix_ok = good.copy()
+    spl = np.zeros((3, nfib, ncol))
+    coeffs = np.zeros(design.nbasis)
+    for it in range(n_iter + 1):
+        # common spectrum from the sky fibers, corrected by their own terms
+        corr = np.where(level > 0, (y - shift * spl[1] - width * spl[2]) / level, 0.0)
+        wfit = np.where(pix_ok & use[:, None], w * level**2, 0.0)
+        coeffs = design.fit(corr[lf].ravel()[order], wfit[lf].ravel()[order])
+        spl = _evaluate(knots, coeffs, wave, lf)
+
+        # per-fiber level, shift and width (level free for every fiber here)
+        basis = np.concatenate([spl[0][:, :, None] * lev_basis[None],
+                                spl[1][:, :, None] * sh_basis[None],
+                                spl[2][:, :, None] * wd_basis[None],
+                                inv_norm[:, :, None]], axis=2)
+        wk = np.where(pix_ok, w, 0.0)
+        par = _solve_rows(basis, y, wk, live)
+        level, shift, width = _split(par[:, :-1], lev_basis, sh_basis, wd_basis, nl, ns)
+        offset = par[:, -1]
+
+        # IFU-smooth prediction of the level and offset from the sky fibers; the first
+        # column is the fiber's total (level and offset) relative to the spline
+        model = level * spl[0] + shift * spl[1] + width * spl[2] + offset[:, None] * inv_norm
+        ref = np.nanmedian(np.where(good, norm * spl[0], np.nan), axis=1)
+        total = np.nanmedian(np.where(good, norm * model, np.nan), axis=1) / np.where(
+            ref > 0, ref, 1.0)
+        stats = np.column_stack([np.nan_to_num(total), par[:, :nl], offset])
+        pred, scatter = _smooth_fit(stats, smooth_basis, use)
+        if it == n_iter:
+            break
+        # weights from the model, not the data: noisy low pixels would otherwise weigh more
+        var_eff = np.maximum(variance + norm * model - flux, 0.1 * var_floor)
+        w = np.where(good, safe**2 / np.where(good, var_eff, 1.0), 0.0)
+        resid = (y - model) * np.sqrt(w)
+        pix_ok = good & (np.abs(resid) < PIXEL_CLIP)
+        if not fixed:
+            excess = (stats[:, 0] - pred[:, 0]) / scatter
+            line_sig = _line_significance(y - model, w, pix_ok)
+            new_use = live & (excess < LEVEL_CLIP) & (line_sig < LINE_CLIP)
+            log.debug("sky iteration %d: %d sky fibers (%d by level, %d by lines)", it,
+                      new_use.sum(), (live & (excess >= LEVEL_CLIP)).sum(),
+                      (live & (line_sig >= LINE_CLIP)).sum())
+            use = new_use
+
+    # fibers with object light: level from the IFU-smooth prediction; refit shift and width
+    # with an additive smooth continuum standing in for the object.
+    obj = live & ~use
+    if obj.any():
+        pred_level = pred[:, 1:nl + 1] @ lev_basis.T  # (nfib, ncol)
+        cont = legendre.legvander(u, 3)
+        target = y - pred_level * spl[0] - pred[:, -1:] * inv_norm
+        basis = np.concatenate([spl[1][:, :, None] * sh_basis[None],
+                                spl[2][:, :, None] * wd_basis[None],
+                                np.broadcast_to(cont, (nfib, ncol, cont.shape[1]))], axis=2)
+        par = _solve_rows(basis, target, np.where(pix_ok, w, 0.0), obj)
+        ow = wd_basis.shape[1]
+        level[obj] = pred_level[obj]
+        offset[obj] = pred[obj, -1]
+        shift[obj] = par[obj, :ns] @ sh_basis.T
+        width[obj] = par[obj, ns:ns + ow] @ wd_basis.T
+    sky_pa = level * spl[0] + shift * spl[1] + width * spl[2] + offset[:, None] * inv_norm
+    sky = np.where(live[:, None], sky_pa * norm, 0.0)
+    chi2, chi2_sky = _chi2(flux, variance, sky, good, use, n_par=nl + ns + wd_basis.shape[1] + 1)
+    grid = np.sort(wave[lf].ravel())[:: len(lf)]
+    log.info("sky (spline): %d sky fibers of %d live, chi2/dof of sky fibers %.3f",
+             use.sum(), live.sum(), chi2_sky)
+    return SkyModel(sky=sky, sky_fibers=use, chi2_dof=chi2, chi2_dof_sky=chi2_sky,
+                    method="spline", level=level.mean(axis=1), shift=shift.mean(axis=1),
+                    width=width.mean(axis=1), wave=grid,
+                    spectrum=BSpline(knots, coeffs, _DEGREE)(grid))
+
+
+def _evaluate(knots, coeffs, wave, rows) -> np.ndarray:
+    """Spline value, first and second derivative (per Angstrom^n) at ``wave[rows]``."""
+    out = np.zeros((3,) + wave.shape)
+    spline = BSpline(knots, coeffs, _DEGREE, extrapolate=False)
+    for n, s in enumerate((spline, spline.derivative(1), spline.derivative(2))):
+        out[n, rows] = np.nan_to_num(s(wave[rows]))
+    return out
+
+
+def _solve_rows(basis: np.ndarray, y: np.ndarray, w: np.ndarray, rows: np.ndarray
+                ) -> np.ndarray:
+    """Weighted linear least squares of every selected fiber, (nfib, npar); others 0."""
+    nfib, _, npar = basis.shape
+    out = np.zeros((nfib, npar))
+    idx = np.flatnonzero(rows)
+    b = basis[idx]
+    bw = b * w[idx][:, :, None]
+    normal = np.einsum("fci,fcj->fij", bw, b)
+    rhs = np.einsum("fci,fc->fi", bw, y[idx])
+    diag = np.einsum("fii->fi", normal)
+    normal += 1e-10 * np.maximum(diag.max(axis=1), 1e-300)[:, None, None] * np.eye(npar)
+    out[idx] = np.linalg.solve(normal, rhs[:, :, None])[:, :, 0]
+    return out
+
+
+def _split(par, lev_basis, sh_basis, wd_basis, nl, ns):
+    """Level, shift and width of every fiber at every column from the fitted coefficients."""
+    level = par[:, :nl] @ lev_basis.T
+    shift = par[:, nl:nl + ns] @ sh_basis.T
+    width = par[:, nl + ns:] @ wd_basis.T
+    return level, shift, width
+
+
+def _ifu_basis(positions: np.ndarray, nfib: int) -> np.ndarray:
+    """Quadratic polynomial in IFU (x, y) plus a linear term in slit position, (nfib, 7)."""
+    x, y = ((positions - positions.mean(axis=0)) / np.maximum(np.ptp(positions, axis=0), 1e-9)).T
+    kn = np.linspace(-1.0, 1.0, nfib)
+    return np.column_stack([np.ones(nfib), x, y, x * x, x * y, y * y, kn])
+
+
+def _smooth_fit(values: np.ndarray, basis: np.ndarray, use: np.ndarray, clip: float = 3.0
+                ) -> tuple[np.ndarray, float]:
+    """Robust fit of ``values`` (nfib, m) across the IFU; prediction and scatter of column 0.
+
+    Returns the prediction for every fiber and the robust scatter (about the prediction) of
+    the first column over the fibers used.
+    """
+    keep = use.copy()
+    pred = np.zeros_like(values)
+    scatter = 1.0
+    for _ in range(5):
+        if keep.sum() <= basis.shape[1]:
+            break
+        coef, *_ = np.linalg.lstsq(basis[keep], values[keep], rcond=None)
+        pred = basis @ coef
+        d = values[:, 0] - pred[:, 0]
+        scatter = max(1.4826 * float(np.median(np.abs(d[keep] - np.median(d[keep])))), 1e-6)
+        new = use & (np.abs(d) < clip * scatter)
+        if np.array_equal(new, keep):
+            break
+        keep = new
+    return pred, scatter
+
+
+def _line_significance(resid: np.ndarray, w: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Largest |residual| summed over LINE_BOX pixels in units of its noise, per fiber."""
+    wr = np.where(ok, w, 0.0)
+    r = np.where(ok, resid, 0.0)
+    s = uniform_filter1d(r, LINE_BOX, axis=1, mode="constant")
+    v = uniform_filter1d(np.where(wr > 0, 1.0 / np.where(wr > 0, wr, 1.0), 0.0), LINE_BOX,
+                         axis=1, mode="constant")
+    n = uniform_filter1d(ok.astype(float), LINE_BOX, axis=1, mode="constant")
+    full = n > 0.999
+    sig = np.where(full & (v > 0), np.abs(s) / np.sqrt(np.where(v > 0, v, 1.0) / LINE_BOX),
+                   0.0)
+    return sig.max(axis=1)
+
+
+def _chi2(flux, variance, sky, good, use, n_par) -> tuple[np.ndarray, float]:
+    """Reduced chi-square per fiber and over the sky fibers of ``flux - sky``."""
+    r2 = np.where(good, (flux - sky) ** 2 / np.where(good, variance, 1.0), 0.0)
+    n = good.sum(axis=1)
+    dof = np.maximum(n - n_par, 1)
+    chi2 = np.where(n > 0, r2.sum(axis=1) / dof, np.nan)
+    tot = float(r2[use].sum() / max(dof[use].sum(), 1)) if use.any() else float("nan")
+    return chi2, tot
+
+
+# --------------------------------------------------------------------------- template method
+
+
+def _template_model(flux, variance, wave, ftf, live, good, sky_fibers) -> SkyModel:
+    """Median sky-fiber spectrum on a common grid, interpolated and scaled per fiber."""
+    nfib, ncol = flux.shape
+    safe = np.where(good, ftf, 1.0)
+    y = np.where(good, flux / safe, np.nan)
+    if sky_fibers is None:
+        lev = np.nanmedian(np.where(live[:, None], y, np.nan), axis=1)
+        use = live.copy()
+        for _ in range(5):
+            med = np.median(lev[use])
+            mad = 1.4826 * np.median(np.abs(lev[use] - med))
+            new = live & (lev < med + 3 * mad)
+            if np.array_equal(new, use):
+                break
+            use = new
+    else:
+        use = sky_fibers
+    lf = np.flatnonzero(live)
+    grid = np.median(wave[lf], axis=0)
+    rect = np.full((nfib, ncol), np.nan)
+    for k in np.flatnonzero(use):
+        ok = good[k]
+        rect[k] = np.interp(grid, wave[k][ok], y[k][ok], left=np.nan, right=np.nan)
+    template = np.nanmedian(rect[use], axis=0)
+    tok = np.isfinite(template)
+    sky = np.zeros((nfib, ncol))
+    level = np.zeros(nfib)
+    for k in lf:
+        t = np.interp(wave[k], grid[tok], template[tok])
+        ok = good[k] & (t > 0)
+        level[k] = np.median(y[k][ok] / t[ok]) if ok.any() else 1.0
+        sky[k] = level[k] * t * ftf[k]
+    chi2, chi2_sky = _chi2(flux, variance, sky, good, use, n_par=1)
+    log.info("sky (template): %d sky fibers of %d live, chi2/dof of sky fibers %.3f",
+             use.sum(), live.sum(), chi2_sky)
+    return SkyModel(sky=sky, sky_fibers=use, chi2_dof=chi2, chi2_dof_sky=chi2_sky,
+                    method="template", level=level, shift=np.zeros(nfib), width=np.zeros(nfib),
+                    wave=grid, spectrum=template)
