@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     images.mkdir(exist_ok=True)
     night = Archive(args.out).night(args.date)
     sci = night.exposures(ftype="sci", channel="uv")
-    target = [e for e in sci if e.program][0]
+    target = next(e for e in sci if e.program)
     frame = read_channel(night, target, "uv")
     plot_frame(frame.image, images / "sim_uv_science.png",
                f"simulated uv science frame {target.name}", zoom=(slice(1040, 1140),
