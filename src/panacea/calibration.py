@@ -22,7 +22,7 @@ from .ccd import Frame, Mask, read_channel
 from .combine import combine_frames
 from .errors import CalibrationNotFound, FrameError, PanaceaError
 from .extract import boxcar
-from .flat import combine_pixel_flats, fiber_to_fiber, pixel_flat
+from .flat import fiber_to_fiber, pixel_flat
 from .profile import trace_and_profile
 from .wavelength import solve_wavelength
 
@@ -254,18 +254,17 @@ def calibrate_channel(
     timer.add("fiber-to-fiber", t0)
 
     t0 = time.perf_counter()
-    # pixel flat: the internal flat (smooth lamp) and the twilight divided by its spectrum,
-    # each photon-limited, combined by their errors
-    flats = [pixel_flat(flat_img, flat_var, tsol.trace, wave=wsol.wave, source=fflat.source,
-                        dead=tsol.dead, shrink=False, return_error=True)]
+    # pixel flat from the internal flat (a smooth lamp spectrum) when there is one, else from
+    # the twilight divided by its fitted spectrum; both are photon-limited
     flatspec = None
     if plan.internal and not options.use_flat:
         int_img, int_var, _ = master_frame(archive, plan.internal, ch, bias, options.overscan,
                                            MIN_FLAT_LEVEL)
         flatspec, _ = boxcar(int_img, tsol.trace, CAL_HALF_WIDTH)
-        flats.append(pixel_flat(int_img, int_var, tsol.trace, dead=tsol.dead, shrink=False,
-                                return_error=True))
-    pflat, _ = combine_pixel_flats([f for f, _ in flats], [e for _, e in flats])
+        pflat = pixel_flat(int_img, int_var, tsol.trace, dead=dead)
+    else:
+        pflat = pixel_flat(flat_img, flat_var, tsol.trace, wave=wsol.wave, source=fflat.source,
+                           dead=dead)
     timer.add("pixel flat", t0)
 
     nrow = flat_img.shape[0]

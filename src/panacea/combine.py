@@ -16,6 +16,8 @@ def combine_frames(
     Each frame is scaled to a common level (its median over well-exposed pixels), compared
     with a reference (the median of the scaled frames, or their minimum when there are only
     two) and a pixel more than ``nsigma`` standard deviations above the reference is left out.
+    The reference is the mean of all frames but the highest at each pixel (three or more
+    frames) or the lower of two.
     The kept pixels are averaged and scaled back to the summed level, so the result has the
     counts of the sum of all frames.
 
@@ -45,7 +47,9 @@ def combine_frames(
     scaled = np.stack([im / lv for im, lv in zip(images, levels)])
     svar = np.stack([v / lv**2 for v, lv in zip(variances, levels)])
     ok = np.ones(scaled.shape, bool) if masks is None else ~np.stack(masks)
-    ref = np.median(scaled, axis=0) if n >= 3 else np.min(scaled, axis=0)
+    # reference: the mean of all but the highest value (a cosmic ray only adds charge), or
+    # the lower of two; as robust as a median against one hit per pixel, and much faster
+    ref = (scaled.sum(axis=0) - scaled.max(axis=0)) / (n - 1) if n >= 3 else scaled.min(axis=0)
     ok &= (scaled - ref) <= nsigma * np.sqrt(np.maximum(svar, 1e-12))
     nkept = ok.sum(axis=0)
     mean = np.where(ok, scaled, 0).sum(axis=0) / np.maximum(nkept, 1)
