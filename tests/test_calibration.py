@@ -113,3 +113,17 @@ def test_contradicting_header_is_left_out(sim_night, tmp_path, caplog):
     assert "contradicts file type" in caplog.text
     b = read_bundle(bundle_path(tmp_path / "out", sim_night.date, "orange"))
     assert b.meta["NFLAT"] == 1
+
+
+def test_science_selection(sim_night):
+    from panacea.archive import Archive
+    from panacea.cli import reduce_parser
+    from panacea.pipeline import science_exposures
+
+    night = Archive(sim_night.baseraw).night(sim_night.date)
+    args = reduce_parser().parse_args(["-d", sim_night.date])
+    assert {e.obsid for e in science_exposures(night, args)} == {7, 8, 12}
+    args = reduce_parser().parse_args(["-d", sim_night.date, "-o", "feige"])
+    assert {e.obsid for e in science_exposures(night, args)} == {7, 8}
+    args = reduce_parser().parse_args(["-d", sim_night.date, "-rf", "-o", "ldls"])
+    assert {e.ftype for e in science_exposures(night, args)} == {"flt"}

@@ -55,6 +55,19 @@ def calibration_for(
     return bundle
 
 
+def science_exposures(night, args: argparse.Namespace) -> list:
+    """Exposures to treat as science: ``sci``, plus ``eng``/``flt``/``drk`` on request, whose
+    OBJECT contains ``args.object`` when given (case-insensitive)."""
+    kinds = {"sci"}
+    kinds |= {"eng"} if args.reduce_eng else set()
+    kinds |= {"flt"} if args.reduce_flt else set()
+    kinds |= {"drk"} if args.reduce_drk else set()
+    out = [e for e in night.exposures() if e.ftype in kinds]
+    if args.object:
+        out = [e for e in out if args.object.lower() in e.object.lower()]
+    return out
+
+
 def reduce_night(args: argparse.Namespace) -> int:
     """Reduce one night for the channels asked for; return the process exit code.
 
@@ -74,6 +87,12 @@ def reduce_night(args: argparse.Namespace) -> int:
         except PanaceaError as err:
             log.error("%s %s: calibration failed: %s", args.date, channel.name, err)
             failed.append(channel.name)
+    science = science_exposures(night, args)
+    log.info("night %s: %d science exposures to reduce%s: %s", args.date, len(science),
+             f" matching {args.object!r}" if args.object else "",
+             ", ".join(f"{e.name} {e.object}" for e in science) or "none")
+    log.info("science reduction (extraction, sky, products) is not part of this version; "
+             "calibrations are in %s", root / "CALS")
     archive.close()
     if failed:
         log.error("night %s: channels failed: %s", args.date, ", ".join(failed))
