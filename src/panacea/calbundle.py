@@ -15,26 +15,13 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from .errors import PanaceaError
-from .io_utils import write_fits_atomic
-from .provenance import stamp
+from .products import Extension, Layout, ProductError, read_product, write_product
 
 LAYOUT_VERSION = 1
 
 
-@dataclass(frozen=True)
-class Extension:
-    """One declared extension: name, meaning, unit, dtype, shape rule."""
-
-    name: str
-    description: str
-    unit: str
-    dtype: str
-    shape: str  # human-readable shape, e.g. "280 x ncol"
-
-
 #: Extensions of the calibration bundle, in file order (index = HDU number).
-CAL_LAYOUT: tuple[Extension, ...] = (
+CAL_EXTENSIONS: tuple[Extension, ...] = (
     Extension("wavelength", "wavelength of each fiber at each column", "Angstrom", "float64",
               "280 x ncol"),
     Extension("trace", "stitched-frame row of each fiber at each column", "pixel", "float64",
@@ -69,10 +56,11 @@ CAL_LAYOUT: tuple[Extension, ...] = (
     Extension("wavefit", "arc lines used: wavelength, lamp code, fibers used, rms", "",
               "float64", "nline x 4"),
 )
-CAL_NAMES = tuple(e.name for e in CAL_LAYOUT)
+CAL_LAYOUT = Layout("calibration bundle", LAYOUT_VERSION, "CALVERS", CAL_EXTENSIONS)
+CAL_NAMES = CAL_LAYOUT.names
 
 
-class BundleError(PanaceaError):
+class BundleError(ProductError):
     """A calibration bundle that is missing, unreadable or of another layout."""
 
 
@@ -110,51 +98,25 @@ def bundle_path(root: str | Path, date: str, channel: str) -> Path:
 
 def write_bundle(bundle: CalibrationBundle, path: str | Path) -> Path:
     """Write the bundle atomically in the declared layout (missing arrays are empty HDUs)."""
-    unknown = set(bundle.arrays) - set(CAL_NAMES)
-    if unknown:
-        raise ValueError(f"arrays not in the calibration layout: {sorted(unknown)}")
-    hdus: list[fits.hdu.base.ExtensionHDU | fits.PrimaryHDU] = []
-    for i, ext in enumerate(CAL_LAYOUT):
-        data = bundle.arrays.get(ext.name)
-        if data is not None:
-            data = np.asarray(data, dtype=ext.dtype)
-        hdu = fits.PrimaryHDU(data) if i == 0 else fits.ImageHDU(data)
-        hdu.name = ext.name.upper()
-        hdu.header["EXTNAME"] = ext.name
-        hdu.header["BUNIT"] = (ext.unit, ext.description[:47])
-        hdus.append(hdu)
-    prim = hdus[0].header
-    prim["CALVERS"] = (LAYOUT_VERSION, "calibration bundle layout version")
-    prim["CALDATE"] = (bundle.date, "night of the calibration")
-    prim["CHANNEL"] = (bundle.channel, "LRS2 channel")
-    prim["CALFP"] = (bundle.fingerprint, "fingerprint of inputs and options")
-    prim["NINPUTS"] = (len(bundle.inputs), "raw exposures used")
+    header = fits.Header()
+    header["CALDATE"] = (bundle.date, "night of the calibration")
+    header["CHANNEL"] = (bundle.channel, "LRS2 channel")
+    header["CALFP"] = (bundle.fingerprint, "fingerprint of inputs and options")
+    header["NINPUTS"] = (len(bundle.inputs), "raw exposures used")
     for i, item in enumerate(bundle.inputs):
-        prim[f"HIERARCH PAN INPUT {i}"] = item[:60]
+        header[f"HIERARCH PAN INPUT {i}"] = item[:60]
     for key, value in bundle.meta.items():
-        prim[f"HIERARCH PAN {key}"] = value
-    stamp(prim)
-    return write_fits_atomic(fits.HDUList(hdus), path)
+        header[f"HIERARCH PAN {key}"] = value
+    return write_product(CAL_LAYOUT, bundle.arrays, path, header)
 
 
 def read_bundle(path: str | Path) -> CalibrationBundle:
     """Read a bundle, checking its layout version and extension names."""
-    path = Path(path)
     try:
-        hdul = fits.open(path, checksum=True)
-    except (OSError, ValueError) as err:
-        raise BundleError(f"{path}: cannot read calibration bundle ({err})") from err
-    with hdul:
-        prim = hdul[0].header
-        version = prim.get("CALVERS")
-        if version != LAYOUT_VERSION:
-            raise BundleError(f"{path}: layout version {version}, expected {LAYOUT_VERSION}")
-        names = tuple(str(h.header.get("EXTNAME", h.name)).lower() for h in hdul)
-        if names != CAL_NAMES:
-            raise BundleError(f"{path}: extensions {names} differ from the layout {CAL_NAMES}")
-        arrays = {n: np.asarray(h.data) for n, h in zip(names, hdul) if h.data is not None}
-        inputs = [prim[f"HIERARCH PAN INPUT {i}"] for i in range(prim.get("NINPUTS", 0))]
-        meta = {k.replace("PAN ", "", 1): v for k, v in prim.items()
-                if k.startswith("PAN ") and not k.startswith("PAN INPUT")}
-        return CalibrationBundle(str(prim["CALDATE"]), str(prim["CHANNEL"]), arrays,
-                                 inputs, meta)
+        arrays, prim = read_product(CAL_LAYOUT, path)
+    except ProductError as err:
+        raise BundleError(str(err)) from err
+    inputs = [prim[f"HIERARCH PAN INPUT {i}"] for i in range(prim.get("NINPUTS", 0))]
+    meta = {k.replace("PAN ", "", 1): v for k, v in prim.items()
+            if k.startswith("PAN ") and not k.startswith("PAN INPUT")}
+    return CalibrationBundle(str(prim["CALDATE"]), str(prim["CHANNEL"]), arrays, inputs, meta)

@@ -1,0 +1,139 @@
+"""Product data model: declared FITS layouts, where products go, writing and checked reading.
+
+Every product is a list of named extensions in a fixed order (downstream tools such as
+LRS2Multi open them by *position*), each with a unit and a dtype. A layout carries a version
+that is written into the primary header and checked when the file is read back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from .errors import PanaceaError
+from .io_utils import write_fits_atomic
+from .provenance import stamp
+
+
+class ProductError(PanaceaError):
+    """A product that is missing, unreadable or of another layout."""
+
+
+@dataclass(frozen=True)
+class Extension:
+    """One declared extension: name, meaning, unit, dtype, shape rule."""
+
+    name: str
+    description: str
+    unit: str
+    dtype: str
+    shape: str  # human-readable shape, e.g. "280 x ncol"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An ordered, versioned list of extensions, with the header card holding its version."""
+
+    kind: str
+    version: int
+    version_card: str
+    extensions: tuple[Extension, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(e.name for e in self.extensions)
+
+
+#: The per-fiber science product ``multi_{date}_{obsid7}_exp{NN}_{channel}.fits``.
+MULTI_LAYOUT = Layout("multi", 1, "MULTIVER", (
+    Extension("observed_spectra", "flux-calibrated object+sky per fiber on the grid",
+              "erg / (s cm2 Angstrom)", "float32", "280 x 2064"),
+    Extension("sky_spectra", "sky model per fiber on the grid", "erg / (s cm2 Angstrom)",
+              "float32", "280 x 2064"),
+    Extension("skysub_spectra", "sky-subtracted spectra per fiber on the grid",
+              "erg / (s cm2 Angstrom)", "float32", "280 x 2064"),
+    Extension("error_spectra", "1-sigma error per fiber; 0 marks a bad pixel",
+              "erg / (s cm2 Angstrom)", "float32", "280 x 2064"),
+    Extension("collapsed_image", "sky-subtracted image over the collapse window",
+              "erg / (s cm2 Angstrom)", "float32", "ny x nx"),
+    Extension("fiber_positions", "IFU x, IFU y, focal x, focal y, RA, Dec", "arcsec / deg",
+              "float64", "280 x 6"),
+    Extension("extracted_spectrum", "wavelength, F_lambda, sky, error, sky error, response",
+              "mixed", "float64", "6 x 2064"),
+    Extension("adr", "wavelength, x offset, y offset of the refraction track",
+              "Angstrom / arcsec", "float64", "n x 3"),
+    Extension("bigw", "wavelength of every CCD pixel", "Angstrom", "float32", "nrow x ncol"),
+    Extension("image", "bias-subtracted 2-D frame", "electron", "float32", "nrow x ncol"),
+    Extension("flattened_image", "frame divided by the pixel flat and fiber-to-fiber", "",
+              "float32", "nrow x ncol"),
+    Extension("trace", "stitched-frame row of each fiber at each column", "pixel", "float32",
+              "280 x ncol"),
+    Extension("cosmics", "1 where a cosmic ray was found", "", "uint8", "nrow x ncol"),
+    Extension("unrectified_spectra", "extracted spectra on native pixels", "electron",
+              "float32", "280 x ncol"),
+))
+
+
+def multi_name(date: str, obsid: int, exp: int, channel: str) -> str:
+    """``multi_{date}_{obsid7}_exp{NN}_{channel}.fits``."""
+    return f"multi_{date}_{obsid:07d}_exp{exp:02d}_{channel}.fits"
+
+
+def product_folder(root: str | Path, program: str | None, is_standard: bool) -> Path:
+    """``LRS2/{QPROG}``, ``LRS2/STANDARDS`` (standards without program) or ``LRS2/ORPHANS``."""
+    root = Path(root)
+    if program:
+        return root / program
+    return root / ("STANDARDS" if is_standard else "ORPHANS")
+
+
+def write_product(layout: Layout, arrays: dict[str, np.ndarray | None], path: str | Path,
+                  header: fits.Header | None = None, options: dict | None = None) -> Path:
+    """Write arrays in ``layout`` order (missing ones as empty HDUs), atomically, with
+    checksums, BUNIT on every extension and provenance in the primary header."""
+    unknown = set(arrays) - set(layout.names)
+    if unknown:
+        raise ValueError(f"arrays not in the {layout.kind} layout: {sorted(unknown)}")
+    hdus = []
+    for i, ext in enumerate(layout.extensions):
+        data = arrays.get(ext.name)
+        if data is not None:
+            data = np.asarray(data, dtype=ext.dtype)
+        hdu = fits.PrimaryHDU(data) if i == 0 else fits.ImageHDU(data)
+        hdu.name = ext.name.upper()
+        hdu.header["EXTNAME"] = ext.name
+        hdu.header["BUNIT"] = ext.unit
+        hdu.header["COMMENT"] = ext.description
+        hdus.append(hdu)
+    prim = hdus[0].header
+    if header is not None:
+        for card in header.cards:
+            if card.keyword not in prim and card.keyword not in ("COMMENT", "HISTORY", ""):
+                prim.append(card, end=True)
+    prim[layout.version_card] = (layout.version, f"{layout.kind} layout version")
+    stamp(prim, options)
+    return write_fits_atomic(fits.HDUList(hdus), path)
+
+
+def read_product(layout: Layout, path: str | Path) -> tuple[dict[str, np.ndarray], fits.Header]:
+    """Read a product, checking its layout version and extension names and order."""
+    path = Path(path)
+    try:
+        hdul = fits.open(path, checksum=True)
+    except (OSError, ValueError) as err:
+        raise ProductError(f"{path}: cannot read {layout.kind} product ({err})") from err
+    with hdul:
+        prim = hdul[0].header
+        version = prim.get(layout.version_card)
+        if version != layout.version:
+            raise ProductError(f"{path}: {layout.kind} layout version {version}, expected "
+                               f"{layout.version}")
+        names = tuple(str(h.header.get("EXTNAME", h.name)).lower() for h in hdul)
+        if names != layout.names:
+            raise ProductError(f"{path}: extensions {names} differ from the layout "
+                               f"{layout.names}")
+        arrays = {n: np.asarray(h.data) for n, h in zip(names, hdul) if h.data is not None}
+        return arrays, prim.copy()

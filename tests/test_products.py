@@ -1,0 +1,54 @@
+"""Product layouts: the multi file keeps the order downstream tools read by position."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from panacea.products import (
+    MULTI_LAYOUT,
+    ProductError,
+    multi_name,
+    product_folder,
+    read_product,
+    write_product,
+)
+
+
+def test_multi_layout_order():
+    assert MULTI_LAYOUT.names == (
+        "observed_spectra", "sky_spectra", "skysub_spectra", "error_spectra", "collapsed_image",
+        "fiber_positions", "extracted_spectrum", "adr", "bigw", "image", "flattened_image",
+        "trace", "cosmics", "unrectified_spectra")
+    assert multi_name("20181108", 12, 1, "uv") == "multi_20181108_0000012_exp01_uv.fits"
+
+
+def test_product_folders(tmp_path):
+    assert product_folder(tmp_path, "HET18-2-100", False) == tmp_path / "HET18-2-100"
+    assert product_folder(tmp_path, None, True) == tmp_path / "STANDARDS"
+    assert product_folder(tmp_path, None, False) == tmp_path / "ORPHANS"
+
+
+def test_round_trip_keeps_raw_cards_and_units(tmp_path):
+    raw = fits.Header()
+    raw["OBJECT"] = "SN2018abc"
+    raw["EXPTIME"] = 900.0
+    spectra = np.ones((280, 2064))
+    path = write_product(MULTI_LAYOUT, {"observed_spectra": spectra,
+                                        "cosmics": np.zeros((4, 4), bool)},
+                         tmp_path / "m.fits", raw, options={"sky": "spline"})
+    with fits.open(path) as hdul:
+        assert [h.name.lower() for h in hdul] == list(MULTI_LAYOUT.names)
+        assert hdul[0].data.dtype == np.dtype(">f4")
+        assert hdul[12].data.dtype == np.uint8
+        assert all(h.header["BUNIT"] is not None for h in hdul)
+    arrays, header = read_product(MULTI_LAYOUT, path)
+    assert header["OBJECT"] == "SN2018abc" and header["PAN OPT SKY"] == "spline"
+    assert np.array_equal(arrays["observed_spectra"], spectra)
+    with pytest.raises(ValueError):
+        write_product(MULTI_LAYOUT, {"nonsense": spectra}, tmp_path / "x.fits")
+    with fits.open(path, mode="update") as hdul:
+        hdul[0].header["MULTIVER"] = 0
+    with pytest.raises(ProductError, match="layout version"):
+        read_product(MULTI_LAYOUT, path)
