@@ -126,7 +126,7 @@ class FiberFlat:
 # --------------------------------------------------------------------------- splines
 
 
-def _clamped_knots(lo: float, hi: float, spacing: float) -> np.ndarray:
+def clamped_knots(lo: float, hi: float, spacing: float) -> np.ndarray:
     """Knot vector of a clamped cubic B-spline on [lo, hi] with near-``spacing`` intervals."""
     nint = max(1, int(np.ceil((hi - lo) / spacing)))
     inner = np.linspace(lo, hi, nint + 1)
@@ -140,7 +140,7 @@ def _difference_penalty(nbasis: int) -> sparse.csr_array:
     return (d2.T @ d2).tocsr()
 
 
-class _SplineDesign:
+class SplineDesign:
     """Cubic B-spline basis evaluated once at fixed, sorted abscissae.
 
     Every abscissa has k+1 consecutive non-zero basis functions starting at ``first``;
@@ -343,10 +343,10 @@ def fiber_to_fiber(
     order = np.argsort(wave.ravel()[pix], kind="stable")
     pix = pix[order]
     x = wave.ravel()[pix]
-    knots = _clamped_knots(x[0], x[-1], knot_spacing * float(np.median(dlam[live])))
-    src = _SplineDesign(x, knots)
+    knots = clamped_knots(x[0], x[-1], knot_spacing * float(np.median(dlam[live])))
+    src = SplineDesign(x, knots)
     cols = np.arange(ncol, dtype=float)
-    tknots = _clamped_knots(0.0, ncol - 1.0, throughput_spacing)
+    tknots = clamped_knots(0.0, ncol - 1.0, throughput_spacing)
     tbasis = BSpline.design_matrix(cols, tknots, _DEGREE).toarray()
     tpen = _difference_penalty(tbasis.shape[1]).toarray()
     excess = _row_median(variance - np.maximum(spectra, 0), usable)

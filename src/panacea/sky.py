@@ -41,7 +41,7 @@ from scipy.interpolate import BSpline
 from scipy.ndimage import uniform_filter1d
 
 from panacea import instrument
-from panacea.flat import _clamped_knots, _SplineDesign
+from panacea.flat import clamped_knots, SplineDesign
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +191,8 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
     x = wave[lf].ravel()
     order = np.argsort(x, kind="stable")
     spacing = knot_spacing * float(np.median(np.abs(disp[lf])))
-    knots = _clamped_knots(float(x[order[0]]) - 1e-6, float(x[order[-1]]) + 1e-6, spacing)
-    design = _SplineDesign(x[order], knots)
+    knots = clamped_knots(float(x[order[0]]) - 1e-6, float(x[order[-1]]) + 1e-6, spacing)
+    design = SplineDesign(x[order], knots)
 
     u = np.linspace(-1.0, 1.0, ncol)
     lev_basis = legendre.legvander(u, LEVEL_DEGREE)  # (ncol, nl)
