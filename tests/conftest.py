@@ -263,3 +263,14 @@ def sim_night(tmp_path_factory) -> SimNight:
                       n_science=1, extended=False)
     simulate_night(cfg, base)
     return SimNight(base, cfg.date)
+
+
+@pytest.fixture(scope="session")
+def reduced(sim_night, tmp_path_factory):
+    """The simulated night reduced through the command line (all channels)."""
+    from panacea.cli import main
+
+    out = tmp_path_factory.mktemp("reduced")
+    rc = main(["-d", sim_night.date, "--baseraw", str(sim_night.baseraw), "--output", str(out)])
+    assert rc == 0
+    return out

@@ -16,14 +16,6 @@ from panacea.cli import main
 CHANNELS = ("uv", "orange", "red", "farred")
 
 
-@pytest.fixture(scope="module")
-def reduced(sim_night, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reduced")
-    rc = main(["-d", sim_night.date, "--baseraw", str(sim_night.baseraw), "--output", str(out)])
-    assert rc == 0
-    return out
-
-
 @pytest.mark.parametrize("channel", CHANNELS)
 def test_calibration_against_truth(reduced, sim_night, channel):
     b = read_bundle(bundle_path(reduced, sim_night.date, channel))

@@ -22,6 +22,8 @@ from .calbundle import (
 from .calibration import CalibrationOptions, calibrate_channel, plan_calibration
 from .errors import PanaceaError
 from .inventory import format_inventory
+from .products import MULTI_LAYOUT, multi_name, product_folder, write_product
+from .science import UNCALIBRATED_UNITS, ChannelCalibration, ScienceOptions, reduce_exposure
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,19 @@ def calibration_for(
     return bundle
 
 
+def write_multi(night, exposure, cal: ChannelCalibration, root: Path,
+                args: argparse.Namespace) -> int:
+    """Reduce one exposure of one channel and write its ``multi`` file; return 1."""
+    arrays, header = reduce_exposure(night, exposure, cal, ScienceOptions())
+    is_standard = instrument.match_standard(exposure.object) is not None
+    folder = product_folder(root, exposure.program, is_standard)
+    path = folder / multi_name(exposure.date, exposure.obsid, exposure.exp, cal.channel.name)
+    write_product(MULTI_LAYOUT, arrays, path, header, options={"sky": "spline"},
+                  units=UNCALIBRATED_UNITS)
+    log.info("%s %s: wrote %s", exposure.name, cal.channel.name, path)
+    return 1
+
+
 def science_exposures(night, args: argparse.Namespace) -> list:
     """Exposures to treat as science: ``sci``, plus ``eng``/``flt``/``drk`` on request, whose
     OBJECT contains ``args.object`` when given (case-insensitive)."""
@@ -81,18 +96,30 @@ def reduce_night(args: argparse.Namespace) -> int:
     options = CalibrationOptions(use_flat=args.use_flat)
     root = Path(args.output)
     failed = []
-    for channel in instrument.parse_channels(args.sides):
-        try:
-            calibration_for(archive, args.date, channel, options, root)
-        except PanaceaError as err:
-            log.error("%s %s: calibration failed: %s", args.date, channel.name, err)
-            failed.append(channel.name)
     science = science_exposures(night, args)
     log.info("night %s: %d science exposures to reduce%s: %s", args.date, len(science),
              f" matching {args.object!r}" if args.object else "",
              ", ".join(f"{e.name} {e.object}" for e in science) or "none")
-    log.info("science reduction (extraction, sky, products) is not part of this version; "
-             "calibrations are in %s", root / "CALS")
+    nwritten = 0
+    for channel in instrument.parse_channels(args.sides):
+        try:
+            bundle = calibration_for(archive, args.date, channel, options, root)
+        except PanaceaError as err:
+            log.error("%s %s: calibration failed: %s", args.date, channel.name, err)
+            failed.append(channel.name)
+            continue
+        cal = ChannelCalibration.from_bundle(
+            bundle, str(bundle_path(root, args.date, channel.name)))
+        for exposure in science:
+            if not any((channel.ifuslot, a) in exposure.files for a in channel.amps):
+                log.debug("%s has no %s files", exposure.name, channel.name)
+                continue
+            try:
+                nwritten += write_multi(night, exposure, cal, root, args)
+            except PanaceaError as err:
+                log.error("%s %s: skipped: %s", exposure.name, channel.name, err)
+    log.info("night %s: %d multi files written under %s (spectra not yet flux calibrated)",
+             args.date, nwritten, root)
     archive.close()
     if failed:
         log.error("night %s: channels failed: %s", args.date, ", ".join(failed))

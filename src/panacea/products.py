@@ -91,9 +91,13 @@ def product_folder(root: str | Path, program: str | None, is_standard: bool) -> 
 
 
 def write_product(layout: Layout, arrays: dict[str, np.ndarray | None], path: str | Path,
-                  header: fits.Header | None = None, options: dict | None = None) -> Path:
+                  header: fits.Header | None = None, options: dict | None = None,
+                  units: dict[str, str] | None = None) -> Path:
     """Write arrays in ``layout`` order (missing ones as empty HDUs), atomically, with
-    checksums, BUNIT on every extension and provenance in the primary header."""
+    checksums, BUNIT on every extension and provenance in the primary header.
+
+    ``units`` overrides the declared unit of some extensions (e.g. spectra that are not yet
+    flux calibrated)."""
     unknown = set(arrays) - set(layout.names)
     if unknown:
         raise ValueError(f"arrays not in the {layout.kind} layout: {sorted(unknown)}")
@@ -105,7 +109,7 @@ def write_product(layout: Layout, arrays: dict[str, np.ndarray | None], path: st
         hdu = fits.PrimaryHDU(data) if i == 0 else fits.ImageHDU(data)
         hdu.name = ext.name.upper()
         hdu.header["EXTNAME"] = ext.name
-        hdu.header["BUNIT"] = ext.unit
+        hdu.header["BUNIT"] = (units or {}).get(ext.name, ext.unit)
         hdu.header["COMMENT"] = ext.description
         hdus.append(hdu)
     prim = hdus[0].header
