@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -40,6 +42,9 @@ def test_round_trip(tmp_path):
         assert [h.name.lower() for h in hdul] == list(CAL_NAMES)
         assert all("BUNIT" in h.header for h in hdul)
         assert hdul[0].header["PANVER"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes
     back = read_bundle(path)
     assert np.array_equal(back["wavelength"], _bundle()["wavelength"])
     assert back.inputs == ["b", "a"] and back.fingerprint == _bundle().fingerprint

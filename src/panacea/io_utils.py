@@ -20,8 +20,16 @@ def write_fits_atomic(hdul: fits.HDUList, path: str | Path) -> Path:
     os.close(fd)
     try:
         hdul.writeto(tmp, overwrite=True, checksum=True)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; products are for everyone
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
