@@ -139,8 +139,9 @@ def reduce_exposure(night: NightIndex, exposure: Exposure, cal: ChannelCalibrati
     live = ~cal.dead
     ftf = np.where(live[:, None] & (cal.ftf > 0), cal.ftf, 1.0)
     grid = ch.grid
-    obs, obs_var = rectify(flux / ftf, np.where(badfib, 0, fvar) / ftf**2, cal.wave, grid)
-    sky_r, _ = rectify(sky.sky / ftf, np.zeros_like(fvar), cal.wave, grid)
+    nvar = np.where(badfib, 0, fvar) / ftf**2  # zero variance marks a bad native pixel
+    obs, obs_var = rectify(flux / ftf, nvar, cal.wave, grid)
+    sky_r, _ = rectify(sky.sky / ftf, nvar, cal.wave, grid)  # same good bins as the data
     good = (obs_var > 0) & live[:, None]
     obs = np.where(good, obs, 0.0) / exptime
     sky_r = np.where(good, sky_r, 0.0) / exptime
