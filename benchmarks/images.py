@@ -13,7 +13,9 @@ import numpy as np
 from panacea.archive import Archive
 from panacea.calbundle import bundle_path, read_bundle
 from panacea.ccd import read_channel
-from panacea.qa import plot_frame, plot_residual_maps
+from panacea import instrument
+from panacea.products import MULTI_LAYOUT, read_product
+from panacea.qa import plot_frame, plot_multi_summary, plot_residual_maps
 from panacea.simulate.truth import load_channel
 
 
@@ -22,6 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/out")
     p.add_argument("--date", default="20181108")
     p.add_argument("--images", default="images")
+    p.add_argument("--demo", default="LRS2/demo/reduced", help="reduced product tree")
     args = p.parse_args(argv)
     images = Path(args.images)
     images.mkdir(exist_ok=True)
@@ -47,6 +50,13 @@ def main(argv=None) -> int:
         }
         plot_residual_maps(maps, images / f"calibration_residuals_{ch}.png", "px",
                            f"{ch}: calibration against simulator truth")
+    demo = Path(args.demo)
+    multi = demo / "HET18-2-100" / f"multi_{args.date}_0000012_exp01_orange.fits"
+    if multi.exists():
+        arrays, header = read_product(MULTI_LAYOUT, multi)
+        plot_multi_summary(arrays, instrument.get_channel("orange").grid,
+                           images / "multi_orange_science.png",
+                           f"{multi.name} ({header.get('BUNIT', '')})")
     return 0
 
 

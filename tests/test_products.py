@@ -34,6 +34,8 @@ def test_round_trip_keeps_raw_cards_and_units(tmp_path):
     raw = fits.Header()
     raw["OBJECT"] = "SN2018abc"
     raw["EXPTIME"] = 900.0
+    raw["BZERO"] = 32768  # raw uint16 layout cards must not reach the float product
+    raw["BSCALE"] = 1
     spectra = np.ones((280, 2064))
     path = write_product(MULTI_LAYOUT, {"observed_spectra": spectra,
                                         "cosmics": np.zeros((4, 4), bool)},
@@ -46,6 +48,7 @@ def test_round_trip_keeps_raw_cards_and_units(tmp_path):
     arrays, header = read_product(MULTI_LAYOUT, path)
     assert header["OBJECT"] == "SN2018abc" and header["PAN OPT SKY"] == "spline"
     assert np.array_equal(arrays["observed_spectra"], spectra)
+    assert "BZERO" not in header
     with pytest.raises(ValueError):
         write_product(MULTI_LAYOUT, {"nonsense": spectra}, tmp_path / "x.fits")
     with fits.open(path, mode="update") as hdul:

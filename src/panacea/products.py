@@ -18,6 +18,11 @@ from .io_utils import write_fits_atomic
 from .provenance import stamp
 
 
+#: Cards of a raw header that describe its own data layout and must not be copied.
+_STRUCTURAL = {"SIMPLE", "BITPIX", "EXTEND", "BZERO", "BSCALE", "BLANK", "BUNIT", "CHECKSUM",
+               "DATASUM", "PCOUNT", "GCOUNT", "XTENSION", "EXTNAME", "COMMENT", "HISTORY", ""}
+
+
 class ProductError(PanaceaError):
     """A product that is missing, unreadable or of another layout."""
 
@@ -115,8 +120,10 @@ def write_product(layout: Layout, arrays: dict[str, np.ndarray | None], path: st
     prim = hdus[0].header
     if header is not None:
         for card in header.cards:
-            if card.keyword not in prim and card.keyword not in ("COMMENT", "HISTORY", ""):
-                prim.append(card, end=True)
+            key = card.keyword
+            if key in prim or key in _STRUCTURAL or key.startswith("NAXIS"):
+                continue
+            prim.append(card, end=True)
     prim[layout.version_card] = (layout.version, f"{layout.kind} layout version")
     stamp(prim, options)
     return write_fits_atomic(fits.HDUList(hdus), path)

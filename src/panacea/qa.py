@@ -63,3 +63,32 @@ def plot_residual_maps(maps: dict[str, np.ndarray], path: str | Path, unit: str,
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return Path(path)
+
+
+def plot_multi_summary(arrays: dict, grid: np.ndarray, path: str | Path, title: str = ""
+                       ) -> Path:
+    """IFU image of the sky-subtracted light and the spectra of the brightest fiber."""
+    plt = _pyplot()
+    sub = arrays["skysub_spectra"]
+    err = arrays["error_spectra"]
+    xy = arrays["fiber_positions"][:, :2]
+    cols = slice(sub.shape[1] // 5, 4 * sub.shape[1] // 5)
+    level = np.nanmedian(np.where(err[:, cols] > 0, sub[:, cols], np.nan), axis=1)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [1, 1.6]})
+    sc = a.scatter(xy[:, 0], xy[:, 1], c=level, s=95, marker="h", cmap="viridis")
+    a.set_aspect("equal")
+    a.set_xlabel("IFU x (arcsec)")
+    a.set_ylabel("IFU y (arcsec)")
+    a.set_title("sky-subtracted median per fiber")
+    fig.colorbar(sc, ax=a, shrink=0.8)
+    k = int(np.nanargmax(level))
+    b.plot(grid, arrays["observed_spectra"][k], lw=0.6, label=f"fiber {k}: object + sky")
+    b.plot(grid, arrays["sky_spectra"][k], lw=0.6, label="sky model")
+    b.plot(grid, sub[k], lw=0.6, label="sky-subtracted")
+    b.set_xlabel("wavelength (Angstrom)")
+    b.legend(fontsize=8)
+    b.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
@@ -156,7 +157,7 @@ def reduce_exposure(night: NightIndex, exposure: Exposure, cal: ChannelCalibrati
     header["SKYMETH"] = (options.sky_method, "sky model")
     header["SKYCHI2"] = (round(float(sky.chi2_dof_sky), 3), "chi2/dof of sky fibers")
     header["NSKYFIB"] = (int(sky.sky_fibers.sum()), "fibers used for the sky")
-    header["CALFILE"] = (cal.source[-68:], "calibration bundle")
+    header["CALFILE"] = (Path(cal.source).name[:50], "calibration bundle")
     header["FLUXCAL"] = (False, "spectra in electron/s/Angstrom, not flux calibrated")
     header["CRVAL1"] = (float(grid[0]), "first wavelength of the grid (Angstrom)")
     header["CDELT1"] = (float(grid[1] - grid[0]), "grid step (Angstrom)")
