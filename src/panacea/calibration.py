@@ -19,10 +19,10 @@ from .archive import Archive, Exposure, NightIndex
 from .bias import MasterBias, master_bias
 from .calbundle import CalibrationBundle
 from .ccd import Frame, Mask, read_channel
-from .combine import combine_frames
+from .combine import combine_frames, frame_level
 from .errors import CalibrationNotFound, FrameError, PanaceaError
 from .extract import boxcar
-from .flat import fiber_to_fiber, pixel_flat
+from .flat import fiber_to_fiber, pixel_flat, pixel_map
 from .profile import trace_and_profile
 from .wavelength import solve_wavelength
 
@@ -177,8 +177,7 @@ def master_frame(archive: Archive, exposures: list[Exposure], channel: instrumen
         except FrameError as err:
             log.warning("left out: %s", err)
             continue
-        sample = f.image[::4, ::4]
-        level = float(np.median(sample[sample > np.percentile(sample, 75)]))
+        level = frame_level(f.image)
         if level < min_level:
             log.warning("%s: %s far too faint (level %.0f e- < %.0f); left out", e.name,
                         instrument.FRAME_TYPES[e.ftype], level, min_level)
@@ -191,17 +190,6 @@ def master_frame(archive: Archive, exposures: list[Exposure], channel: instrumen
     image, var, _ = combine_frames(images, variances, masks)
     saturated = np.any(np.stack(masks), axis=0)
     return image, var, saturated
-
-
-def pixel_map(values: np.ndarray, trace: np.ndarray, nrow: int) -> np.ndarray:
-    """Interpolate a per-fiber quantity (280, ncol) to every pixel row of each column."""
-    ncol = values.shape[1]
-    rows = np.arange(nrow, dtype=float)
-    out = np.empty((nrow, ncol), np.float32)
-    for c in range(ncol):
-        order = np.argsort(trace[:, c])
-        out[:, c] = np.interp(rows, trace[order, c], values[order, c])
-    return out
 
 
 def calibrate_channel(
@@ -273,14 +261,14 @@ def calibrate_channel(
         "wavelength": wsol.wave,
         "trace": tsol.trace,
         "flat": fflat.ftf,
-        "bigw": pixel_map(wsol.wave, tsol.trace, nrow),
+        "bigw": pixel_map(tsol.trace, wsol.wave, nrow),
         "masterbias": bias.image,
         "xypos": instrument.fiber_positions(),
         "dead": dead.astype(np.uint8),
         "arcspec": arcspec,
         "twispec": twispec,
         "flatspec": flatspec,
-        "bigf": pixel_map(fflat.ftf, tsol.trace, nrow),
+        "bigf": pixel_map(tsol.trace, fflat.ftf, nrow),
         "masterarc": arc_sum,
         "masterflat": flat_img,
         "pixelflat": pflat,

@@ -41,7 +41,7 @@ def combine_frames(
     if n == 1:
         bad = masks[0] if masks is not None else np.zeros(images[0].shape, bool)
         return images[0].astype(np.float32), variances[0].astype(np.float32), bad
-    levels = np.array([_level(im) for im in images])
+    levels = np.array([frame_level(im) for im in images])
     if np.any(levels <= 0):
         levels = np.ones(n)  # e.g. arcs with little continuum: combine unscaled
     scaled = np.stack([im / lv for im, lv in zip(images, levels)])
@@ -58,7 +58,7 @@ def combine_frames(
     return (mean * total).astype(np.float32), (var * total**2).astype(np.float32), nkept == 0
 
 
-def _level(image: np.ndarray) -> float:
+def frame_level(image: np.ndarray) -> float:
     """Typical level of the well-exposed pixels (median of the brightest quarter)."""
     sample = image[::4, ::4]
     return float(np.median(sample[sample > np.percentile(sample, 75)]))

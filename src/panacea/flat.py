@@ -406,27 +406,29 @@ def fiber_to_fiber(
 # --------------------------------------------------------------------------- pixel flat
 
 
-def pixel_wavelength(trace: np.ndarray, wave: np.ndarray, nrow: int) -> np.ndarray:
-    """Wavelength of every pixel of a channel frame, interpolated between the fibers.
+def pixel_map(trace: np.ndarray, values: np.ndarray, nrow: int) -> np.ndarray:
+    """A per-fiber quantity at every pixel of a channel frame, interpolated between fibers.
+
+    Used for the wavelength (``bigw``) and fiber-to-fiber (``bigf``) of every pixel.
 
     Parameters
     ----------
     trace : ndarray, shape (nfiber, ncol)
         Row of every fiber's centre at every column (increasing with fiber).
-    wave : ndarray, shape (nfiber, ncol)
-        Wavelength (Angstrom) of every fiber at every column.
+    values : ndarray, shape (nfiber, ncol)
+        The quantity (e.g. wavelength in Angstrom) of every fiber at every column.
     nrow : int
         Rows of the frame.
 
     Returns
     -------
     ndarray, shape (nrow, ncol)
-        Wavelength (Angstrom); rows outside the traces take the nearest fiber's value.
+        Rows outside the traces take the nearest fiber's value.
     """
     rows = np.arange(nrow, dtype=float)
     out = np.empty((nrow, trace.shape[1]))
     for c in range(trace.shape[1]):
-        out[:, c] = np.interp(rows, trace[:, c], wave[:, c])
+        out[:, c] = np.interp(rows, trace[:, c], values[:, c])
     return out
 
 
@@ -541,7 +543,7 @@ def pixel_flat(
     if source is not None:
         if wave is None:
             raise ValueError("pixel_flat needs wave to divide by a source spectrum")
-        bigw = pixel_wavelength(trace, np.asarray(wave, dtype=float), nrow)
+        bigw = pixel_map(trace, np.asarray(wave, dtype=float), nrow)
         shape = source(bigw) * np.gradient(bigw, axis=1)
         ok &= np.isfinite(shape) & (shape > 0)
         shape = np.where(ok, shape, 1.0)

@@ -57,8 +57,7 @@ def calibration_for(
     return bundle
 
 
-def write_multi(night, exposure, cal: ChannelCalibration, root: Path,
-                args: argparse.Namespace) -> int:
+def write_multi(night, exposure, cal: ChannelCalibration, root: Path) -> int:
     """Reduce one exposure of one channel and write its ``multi`` file; return 1."""
     arrays, header = reduce_exposure(night, exposure, cal, ScienceOptions())
     is_standard = instrument.match_standard(exposure.object) is not None
@@ -115,7 +114,7 @@ def reduce_night(args: argparse.Namespace) -> int:
                 log.debug("%s has no %s files", exposure.name, channel.name)
                 continue
             try:
-                nwritten += write_multi(night, exposure, cal, root, args)
+                nwritten += write_multi(night, exposure, cal, root)
             except PanaceaError as err:
                 log.error("%s %s: skipped: %s", exposure.name, channel.name, err)
     log.info("night %s: %d multi files written under %s (spectra not yet flux calibrated)",
