@@ -26,6 +26,9 @@ test: venv
 
 bench: venv
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/science.py --reuse
+	$(BIN)/panacea-lrs2 -d 20181108 --baseraw benchmarks/out --output benchmarks/out/reduced
+	$(BIN)/python benchmarks/sources.py --raw benchmarks/out --reduced benchmarks/out/reduced
 
 lint: venv
 	$(BIN)/python -m pip install --quiet ruff

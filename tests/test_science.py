@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from panacea import instrument
 from panacea.products import MULTI_LAYOUT, multi_name, read_product
 from panacea.simulate.truth import load_exposure
 
@@ -21,10 +22,62 @@ def test_products_land_in_the_program_tree(reduced, sim_night):
         _multi(reduced, sim_night, "HET18-2-100", 12, channel)
         _multi(reduced, sim_night, "STANDARDS", 7, channel)
     _, header = _multi(reduced, sim_night, "STANDARDS", 8, "red")
-    assert header["OBJECT"].startswith("FEIGE_34") and header["FLUXCAL"] is False
+    assert header["OBJECT"].startswith("FEIGE_34") and header["FLUXCAL"] is True
     with fits.open(reduced / "STANDARDS" / multi_name(sim_night.date, 8, 1, "red")) as hdul:
-        assert hdul["OBSERVED_SPECTRA"].header["BUNIT"] == "electron / (s Angstrom)"
+        assert hdul["OBSERVED_SPECTRA"].header["BUNIT"] == "erg / (s cm2 Angstrom)"
         assert hdul[0].header["PANVER"] and hdul[0].header["CALFILE"].endswith("_red.fits")
+        assert hdul[0].header["RESPSRC"].startswith("FEIGE_34")
+        assert np.isfinite(hdul["FIBER_POSITIONS"].data[:, 4:]).all()  # RA, Dec
+
+
+@pytest.mark.parametrize("channel", ["uv", "orange", "red", "farred"])
+def test_point_source_position_seeing_and_flux(reduced, sim_night, channel):
+    """Science target: PSF fit and flux-calibrated spectrum (response from the night's
+    standard) against the truth."""
+    from astropy.io import fits as _fits
+
+    from panacea.simulate.night import ExposurePlan, dar_offsets
+    from panacea.source import sky_line_mask
+
+    plan = ExposurePlan(**next(p for p in sim_night.night_truth()["exposures"]
+                               if p["obsid"] == 12))
+    path = reduced / "HET18-2-100" / f"spectrum_{sim_night.date}_0000012_exp01_{channel}.fits"
+    with _fits.open(path) as hdul:
+        spec, head = hdul[0].data.astype(float), hdul[0].header
+    ref = head["SOURCEW"]
+    dx, dy = dar_offsets(plan, np.array([ref]))
+    err = np.hypot(head["SOURCEX"] - plan.source_xy[0] - dx[0],
+                   head["SOURCEY"] - plan.source_xy[1] - dy[0])
+    assert err < 0.05
+    assert head["SEEING"] / (plan.seeing * (ref / 5000) ** -0.2) == pytest.approx(1, abs=0.05)
+    w, f = np.loadtxt(sim_night.baseraw / "truth" / sim_night.date / "spectra" / "science.txt",
+                      unpack=True)
+    good = (spec[3] > 0) & ~sky_line_mask(spec[2][None, :], 1.05)
+    good[:60] = good[-60:] = False
+    ratio = spec[1][good] / np.interp(spec[0][good], w, f)
+    assert head["FLUXCAL"] is True
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.03)
+
+
+def test_cubes_and_joined_spectrum(reduced, sim_night):
+    from astropy.table import Table
+    from astropy.wcs import WCS
+
+    folder = reduced / "HET18-2-100"
+    with fits.open(folder / f"{sim_night.date}_0000012_exp01_orange_skysub_cube.fits") as hdul:
+        cube = hdul[0].data
+        wcs = WCS(hdul[0].header)
+        assert cube.shape[0] == 2064 and wcs.naxis == 3
+        world = wcs.pixel_to_world(10, 10, 100)
+        assert world[1].to("Angstrom").value == pytest.approx(
+            instrument.get_channel("orange").grid[100], abs=0.01)
+    t = Table.read(folder / f"joined_{sim_night.date}_0000012.fits")
+    wave, flux, chan = (np.asarray(t[k], float) for k in ("wavelength", "flux", "channel"))
+    assert wave[0] < 3700 and wave[-1] > 10400 and np.all(np.diff(wave) > 0)
+    for k in range(3):
+        left = np.median(flux[chan == k][-30:])
+        right = np.median(flux[chan == k + 1][:30])
+        assert right / left == pytest.approx(1.0, abs=0.1)
 
 
 @pytest.mark.parametrize("channel", ["uv", "orange", "farred"])

@@ -32,7 +32,7 @@ import logging
 from functools import cache
 
 import numpy as np
-from scipy import ndimage
+from numba import njit
 from scipy.special import erf
 
 
@@ -120,8 +120,42 @@ def dispersion_median(image: np.ndarray, half_width: int = MEDIAN_HALF_WIDTH) ->
     -------
     ndarray (nrow, ncol) of float32
     """
-    return ndimage.median_filter(np.asarray(image, np.float32), size=(1, 2 * half_width + 1),
-                                 mode="nearest")
+    return _row_median(np.ascontiguousarray(image, np.float32), int(half_width))
+
+
+@njit(cache=True, nogil=True)
+def _row_median(image, half):
+    """Running median along rows (edges repeat the end pixel, like scipy's 'nearest'),
+    keeping the window sorted as it slides: one removal and one insertion per pixel."""
+    nrow, ncol = image.shape
+    n = 2 * half + 1
+    out = np.empty_like(image)
+    buf = np.empty(n, np.float32)
+    for r in range(nrow):
+        for k in range(n):  # the first window, sorted by insertion
+            v = image[r, min(max(k - half, 0), ncol - 1)]
+            j = k
+            while j > 0 and buf[j - 1] > v:
+                buf[j] = buf[j - 1]
+                j -= 1
+            buf[j] = v
+        out[r, 0] = buf[half]
+        for c in range(1, ncol):
+            old = image[r, min(max(c - 1 - half, 0), ncol - 1)]
+            new = image[r, min(c + half, ncol - 1)]
+            j = 0
+            while j < n - 1 and buf[j] != old:  # bounded: NaN never compares equal
+                j += 1
+            # slide the hole left or right to where the new value belongs
+            while j > 0 and buf[j - 1] > new:
+                buf[j] = buf[j - 1]
+                j -= 1
+            while j < n - 1 and buf[j + 1] < new:
+                buf[j] = buf[j + 1]
+                j += 1
+            buf[j] = new
+            out[r, c] = buf[half]
+    return out
 
 
 def _significance(value: np.ndarray, sigma: np.ndarray, r: np.ndarray, c: np.ndarray,
@@ -196,6 +230,16 @@ def _noise(light: np.ndarray, model: np.ndarray, floor: np.ndarray, model_error:
     return np.sqrt(floor[r, c] + signal + (model_error * signal) ** 2)
 
 
+def _noise_frame(light: np.ndarray, model: np.ndarray, floor: np.ndarray,
+                 model_error: float) -> np.ndarray:
+    """:func:`_noise` of every pixel of the frame, with slices rather than indices."""
+    p = np.pad(light, 1, mode="edge")
+    brightest = np.maximum(np.maximum(p[:-2, 1:-1], p[2:, 1:-1]),
+                           np.maximum(p[1:-1, :-2], p[1:-1, 2:]))
+    signal = np.maximum(np.maximum(model, np.minimum(light, brightest)), 0.0)
+    return np.sqrt(floor + signal + (model_error * signal) ** 2)
+
+
 def _fiber_method(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
                   sigclip: float = 5.0, sharp_sigma: float = 4.5, sigfrac: float = 0.6,
                   model_error: float = 0.02, niter: int = 8, grow: int = 2,
@@ -218,8 +262,7 @@ def _fiber_method(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
     model = dispersion_median(img, half_width)
     excess = img - model
     light = img.copy()  # the image with found cosmic rays replaced by the model
-    everything = np.nonzero(np.ones(shape, bool))
-    noise = _noise(light, model, floor, model_error, *everything).reshape(shape)
+    noise = _noise_frame(light, model, floor, model_error)
     # noise of a pixel minus the running median, and minus the mean of the pixels above and
     # below, in units of the pixel's noise (a median of n values has ~pi/2/n of the variance)
     scale_excess = np.sqrt(1 + np.pi / 2 / (2 * half_width + 1))
@@ -236,7 +279,11 @@ def _fiber_method(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
         return r[keep], c[keep]
 
     cr = np.zeros(shape, bool)
-    r, c = candidates(*everything)
+    # first candidates over the whole frame, with slices rather than indices
+    padded = np.pad(light, ((1, 1), (0, 0)), mode="edge")
+    above = light - 0.5 * (padded[:-2] + padded[2:])
+    high = (excess > sigclip * scale_excess * noise) | (above > sigclip * scale_above * noise)
+    r, c = np.nonzero(high & ~bad)
     for it in range(niter + grow):
         growing = it >= niter
         if growing:  # the faint ends of tracks: merely high neighbours, looser sharpness

@@ -7,6 +7,7 @@ dispersion) and return arrays of shape (nfiber, ncol).
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 
 def boxcar(
@@ -64,18 +65,6 @@ def boxcar(
     return flux, var
 
 
-def _window_index(first_row: np.ndarray, nwin: int, shape: tuple[int, int]
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Flat pixel index (nfiber, nwin, ncol) of every window pixel, and its in-frame flag."""
-    nrow, ncol = shape
-    rows = first_row[:, None, :] + np.arange(nwin)[None, :, None]
-    inside = (rows >= 0) & (rows < nrow)
-    cols = np.arange(first_row.shape[1])[None, None, :]
-    flat = (np.clip(rows, 0, nrow - 1) * ncol + cols).astype(np.int32 if nrow * ncol < 2**31
-                                                              else np.int64)
-    return flat, inside
-
-
 def optimal(
     image: np.ndarray,
     variance: np.ndarray,
@@ -128,49 +117,87 @@ def optimal(
     frac : ndarray (nfiber, ncol) float64
         Fraction of the profile on unmasked in-frame pixels.
     """
-    image = np.asarray(image, np.float32)
-    variance = np.asarray(variance, np.float32)
-    nrow, ncol = image.shape
-    nwin = weights.shape[1]
-    npix = nrow * ncol
-    idx, inside = _window_index(np.asarray(first_row), nwin, image.shape)
-    vwin = variance.ravel()[idx]
-    good = inside & (vwin > 0)
-    if mask is not None:
-        good &= ~np.asarray(mask, bool).ravel()[idx]
-    zero = np.float32(0.0)
-    prof = np.where(good, weights, zero)  # profile on usable pixels
-    light = np.where(inside, weights, zero)  # profile on in-frame pixels (the model)
-    frac = prof.sum(axis=1, dtype=np.float64)
-    data = image.ravel()[idx]
+    image = np.ascontiguousarray(image, np.float32)
+    variance = np.ascontiguousarray(variance, np.float32)
+    bad = (np.zeros(image.shape, np.bool_) if mask is None
+           else np.ascontiguousarray(mask, np.bool_))
     if read_variance is None:
-        rvar = np.maximum(vwin - np.maximum(data, zero), np.float32(1.0))
+        rvar, rmode = np.zeros((1, 1), np.float32), 0
     elif np.ndim(read_variance) == 0:
-        rvar = np.float32(read_variance)
+        rvar, rmode = np.full((1, 1), read_variance, np.float32), 1
     else:
-        rvar = np.asarray(read_variance, np.float32).ravel()[idx]
-    # pixels outside the frame scatter into a spare element (index npix)
-    sidx = np.where(inside, idx, idx.dtype.type(npix))
+        rvar = np.ascontiguousarray(np.broadcast_to(read_variance, image.shape), np.float32)
+        rmode = 2
+    return _optimal_kernel(image, variance, bad, np.ascontiguousarray(first_row, np.int64),
+                           np.ascontiguousarray(weights, np.float32), rvar, rmode,
+                           max(int(niter), 1))
+
+
+@njit(cache=True, nogil=True)
+def _optimal_kernel(image, variance, bad, first_row, weights, rvar, rmode, niter):
+    """Loops of :func:`optimal`, columns innermost so that every array is read in order."""
+    nrow, ncol = image.shape
+    nfib, nwin = weights.shape[0], weights.shape[1]
+    flux = np.zeros((nfib, ncol))
+    den = np.zeros((nfib, ncol))
+    num = np.zeros((nfib, ncol))
+    frac = np.zeros((nfib, ncol))
+    model = np.zeros((nrow, ncol), np.float32)
     # first sweep: each fiber alone, weighted by the data's variance
-    with np.errstate(divide="ignore", invalid="ignore"):
-        pw = np.where(good, prof / vwin, zero)
-    den = np.sum(pw * prof, axis=1, dtype=np.float64)
-    num = np.sum(pw * data, axis=1, dtype=np.float64)
-    ok = den > 0
-    flux = np.divide(num, den, out=np.zeros_like(num), where=ok)
-    for _ in range(max(int(niter), 1)):
-        own = flux[:, None, :].astype(np.float32) * light
-        model = np.zeros(npix + 1, np.float32)
-        for i in range(nwin):  # fibers' rows are distinct at a given window row
-            model[sidx[:, i, :]] += own[:, i, :]
-        mwin = model[sidx]
-        # model variance, and the data less the other fibers' model
-        pw = prof / (rvar + np.maximum(mwin, zero))
-        resid = data - mwin
-        resid += own
-        den = np.sum(pw * prof, axis=1, dtype=np.float64)
-        num = np.sum(pw * resid, axis=1, dtype=np.float64)
-        ok = den > 0
-        flux = np.divide(num, den, out=np.zeros_like(num), where=ok)
-    var = np.divide(1.0, den, out=np.zeros_like(den), where=ok)
+    for f in range(nfib):
+        for j in range(nwin):
+            for c in range(ncol):
+                r = first_row[f, c] + j
+                if r < 0 or r >= nrow:
+                    continue
+                v = variance[r, c]
+                if v <= 0 or bad[r, c]:
+                    continue
+                p = weights[f, j, c]
+                frac[f, c] += p
+                den[f, c] += p * p / v
+                num[f, c] += p * image[r, c] / v
+    for f in range(nfib):
+        for c in range(ncol):
+            flux[f, c] = num[f, c] / den[f, c] if den[f, c] > 0 else 0.0
+    for _ in range(niter):
+        # model of all fibers, then each fiber refitted against the others' model with
+        # the model variance
+        model[:] = 0
+        for f in range(nfib):
+            for j in range(nwin):
+                for c in range(ncol):
+                    r = first_row[f, c] + j
+                    if 0 <= r < nrow:
+                        model[r, c] += np.float32(flux[f, c]) * weights[f, j, c]
+        den[:] = 0
+        num[:] = 0
+        for f in range(nfib):
+            for j in range(nwin):
+                for c in range(ncol):
+                    r = first_row[f, c] + j
+                    if r < 0 or r >= nrow:
+                        continue
+                    v = variance[r, c]
+                    if v <= 0 or bad[r, c]:
+                        continue
+                    p = weights[f, j, c]
+                    m = model[r, c]
+                    if rmode == 0:
+                        floor = max(v - max(image[r, c], 0.0), 1.0)
+                    elif rmode == 1:
+                        floor = rvar[0, 0]
+                    else:
+                        floor = rvar[r, c]
+                    pw = p / (floor + max(m, 0.0))
+                    den[f, c] += pw * p
+                    num[f, c] += pw * (image[r, c] - m + np.float32(flux[f, c]) * p)
+        for f in range(nfib):
+            for c in range(ncol):
+                flux[f, c] = num[f, c] / den[f, c] if den[f, c] > 0 else 0.0
+    var = np.zeros((nfib, ncol))
+    for f in range(nfib):
+        for c in range(ncol):
+            if den[f, c] > 0:
+                var[f, c] = 1.0 / den[f, c]
     return flux, var, frac

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
-from . import instrument
+import numpy as np
+from astropy.io import fits
+
+from . import fluxcal, instrument
 from .archive import Archive
 from .calbundle import (
     BundleError,
@@ -19,11 +23,13 @@ from .calbundle import (
     read_bundle,
     write_bundle,
 )
-from .calibration import CalibrationOptions, calibrate_channel, plan_calibration
+from .calibration import CalibrationOptions, StageTimer, calibrate_channel, plan_calibration
 from .errors import PanaceaError
 from .inventory import format_inventory
-from .products import MULTI_LAYOUT, multi_name, product_folder, write_product
-from .science import UNCALIBRATED_UNITS, ChannelCalibration, ScienceOptions, reduce_exposure
+from .exposure_products import flux_scale, spectrum_rows, write_exposure_products
+from .joined import combine_exposures, join_channels, write_joined
+from .products import product_folder
+from .science import ChannelCalibration, ExposureResult, ScienceOptions, reduce_exposure
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +63,29 @@ def calibration_for(
     return bundle
 
 
-def write_multi(night, exposure, cal: ChannelCalibration, root: Path) -> int:
-    """Reduce one exposure of one channel and write its ``multi`` file; return 1."""
-    arrays, header = reduce_exposure(night, exposure, cal, ScienceOptions())
+def write_multi(night, exposure, cal: ChannelCalibration, root: Path,
+                options: ScienceOptions, timer: StageTimer | None = None,
+                response: tuple[np.ndarray | None, str] = (None, "none")) -> Path:
+    """Reduce one exposure of one channel and write its products; return the multi path."""
+    timer = timer if timer is not None else StageTimer()
+    result = reduce_exposure(night, exposure, cal, options, timer)
+    t0 = time.perf_counter()
+    scale = flux_scale(night, exposure, *response)
+    paths = write_exposure_products(result, scale, cal, root, _folder(root, exposure),
+                                    _described(options), cubes=False)
+    timer.add("write", t0)
+    return paths[0]
+
+
+def _folder(root: Path, exposure) -> Path:
     is_standard = instrument.match_standard(exposure.object) is not None
-    folder = product_folder(root, exposure.program, is_standard)
-    path = folder / multi_name(exposure.date, exposure.obsid, exposure.exp, cal.channel.name)
-    write_product(MULTI_LAYOUT, arrays, path, header, options={"sky": "spline"},
-                  units=UNCALIBRATED_UNITS)
-    log.info("%s %s: wrote %s", exposure.name, cal.channel.name, path)
-    return 1
+    return product_folder(root, exposure.program, is_standard)
+
+
+def _described(options: ScienceOptions) -> dict:
+    return {"sky": options.sky_method, "correct_ftf": options.correct_ftf,
+            "source_x": options.source_x, "source_y": options.source_y,
+            "central_wave": options.central_wave, "wavelength_bin": options.wavelength_bin}
 
 
 def science_exposures(night, args: argparse.Namespace) -> list:
@@ -82,11 +101,68 @@ def science_exposures(night, args: argparse.Namespace) -> list:
     return out
 
 
+def _standards_dir(args) -> Path | None:
+    if getattr(args, "standards_dir", None):
+        return Path(args.standards_dir)
+    default = Path(args.baseraw) / "standards"
+    return default if default.is_dir() else None
+
+
+def _derive_response(night, result: ExposureResult, cal: ChannelCalibration, args
+                     ) -> tuple[np.ndarray, str] | None:
+    """The channel response from a reduced standard-star exposure (None, logged, when the
+    star or its reference spectrum is missing)."""
+    exposure = result.frame.exposure
+    ch = cal.channel
+    name = instrument.match_standard(exposure.object)
+    if result.source is None:
+        log.warning("%s %s: standard %s not detected; no response from it", exposure.name,
+                    ch.name, name)
+        return None
+    folder = _standards_dir(args)
+    path = fluxcal.standard_file(folder, name) if folder is not None else None
+    if path is None:
+        log.warning("%s %s: no reference spectrum m%s.dat.txt for standard %s in %s; no "
+                    "response from it", exposure.name, ch.name, name.lower(), name, folder)
+        return None
+    try:
+        ref_wave, ref_flam = fluxcal.read_standard(path)
+        cond = fluxcal.guider_conditions(night, exposure.time, exposure.exptime)
+        src = result.source
+        fit = fluxcal.derive_response(ch.grid, src.spectrum, src.error**2, ref_wave, ref_flam,
+                                      ch.resolution, cond.area_cm2, cond.transparency)
+    except PanaceaError as err:
+        log.warning("%s %s: response not derived: %s", exposure.name, ch.name, err)
+        return None
+    label = f"{name} {exposure.date} obs {exposure.obsid}"
+    log.info("%s %s: response from %s (fit RMS %.2f%%)", exposure.name, ch.name, label,
+             100 * fit.rms)
+    out = Path(args.output) / "CALS" / f"response_{exposure.date}_{ch.name}.fits"
+    fluxcal.write_response(out, ch.grid, fit.response, {"STANDARD": name,
+                                                        "OBSID": exposure.obsid})
+    return fit.response, label
+
+
+def _standard_exposures(archive, night, args, channel) -> tuple:
+    """The night (or --standard_star_date) and its standard exposures for a channel."""
+    snight = night
+    if args.standard_star_date and args.standard_star_date != args.date:
+        snight = archive.night(args.standard_star_date)
+    stds = [e for e in snight.exposures(ftype="sci")
+            if instrument.match_standard(e.object) is not None and e.has_channel(channel)]
+    if args.standard_star_obsid is not None:
+        stds = [e for e in snight.exposures() if e.obsid == args.standard_star_obsid
+                and e.has_channel(channel)]
+    return snight, stds
+
+
 def reduce_night(args: argparse.Namespace) -> int:
     """Reduce one night for the channels asked for; return the process exit code.
 
-    A channel that fails is reported and the others still run; the exit code is 1 when any
-    channel failed.
+    Per channel: calibration bundle, then the standard stars (the first whose star is found
+    gives the response), then every science exposure with its products. Per observation at
+    the end: exposures combined and channels joined. A channel that fails is reported and
+    the others still run; the exit code is 1 when any channel failed.
     """
     archive = Archive(args.baseraw)
     night = archive.night(args.date)
@@ -94,12 +170,18 @@ def reduce_night(args: argparse.Namespace) -> int:
         log.info("%s", line)
     options = CalibrationOptions(use_flat=args.use_flat)
     root = Path(args.output)
+    sci_options = ScienceOptions(correct_ftf=args.correct_ftf, source_x=args.source_x,
+                                 source_y=args.source_y, central_wave=args.central_wave,
+                                 wavelength_bin=args.wavelength_bin)
     failed = []
     science = science_exposures(night, args)
     log.info("night %s: %d science exposures to reduce%s: %s", args.date, len(science),
              f" matching {args.object!r}" if args.object else "",
              ", ".join(f"{e.name} {e.object}" for e in science) or "none")
     nwritten = 0
+    spectra: dict[int, dict[str, list]] = {}
+    headers: dict[int, fits.Header] = {}
+    units: dict[int, str] = {}
     for channel in instrument.parse_channels(args.sides):
         try:
             bundle = calibration_for(archive, args.date, channel, options, root)
@@ -109,18 +191,69 @@ def reduce_night(args: argparse.Namespace) -> int:
             continue
         cal = ChannelCalibration.from_bundle(
             bundle, str(bundle_path(root, args.date, channel.name)))
+        results = {}
+        response: tuple[np.ndarray | None, str] = (None, "none")
+        snight, stds = _standard_exposures(archive, night, args, channel)
+        for exposure in stds:
+            try:
+                result = reduce_exposure(snight, exposure, cal, sci_options)
+            except PanaceaError as err:
+                log.error("%s %s: standard skipped: %s", exposure.name, channel.name, err)
+                continue
+            if snight is night:
+                results[exposure.name] = result
+            derived = _derive_response(snight, result, cal, args)
+            if derived is not None:
+                response = derived
+                break
+        if response[0] is None and args.response_dir:
+            found = fluxcal.response_from_dir(args.response_dir, channel.name, channel.grid)
+            if found is not None:
+                response = (found, f"{args.response_dir}/response_{channel.name}.fits")
+        if response[0] is None:
+            log.warning("%s %s: no standard star response and no --response-dir response: "
+                        "spectra stay in electron/s/cm2/Angstrom", args.date, channel.name)
         for exposure in science:
-            if not any((channel.ifuslot, a) in exposure.files for a in channel.amps):
+            if not exposure.has_channel(channel):
                 log.debug("%s has no %s files", exposure.name, channel.name)
                 continue
             try:
-                nwritten += write_multi(night, exposure, cal, root)
+                result = results.get(exposure.name) or reduce_exposure(night, exposure, cal,
+                                                                        sci_options)
+                scale = flux_scale(night, exposure, *response)
+                write_exposure_products(result, scale, cal, root, _folder(root, exposure),
+                                        _described(sci_options))
+                nwritten += 1
             except PanaceaError as err:
                 log.error("%s %s: skipped: %s", exposure.name, channel.name, err)
-    log.info("night %s: %d multi files written under %s (spectra not yet flux calibrated)",
-             args.date, nwritten, root)
+                continue
+            rows = spectrum_rows(result, scale)
+            if rows is not None:
+                spectra.setdefault(exposure.obsid, {}).setdefault(channel.name, []).append(
+                    rows)
+                headers.setdefault(exposure.obsid, result.header)
+                units[exposure.obsid] = scale.unit
+    for obsid, by_channel in spectra.items():
+        _write_joined(root, args.date, obsid, by_channel, headers[obsid], units[obsid],
+                      night)
+    log.info("night %s: products of %d exposure-channels written under %s", args.date,
+             nwritten, root)
     archive.close()
     if failed:
         log.error("night %s: channels failed: %s", args.date, ", ".join(failed))
         return 1
     return 0
+
+
+def _write_joined(root, date, obsid, by_channel, header, unit, night) -> None:
+    parts = {}
+    for name, rows in by_channel.items():
+        flux, err, sky = combine_exposures([r[1] for r in rows], [r[3] for r in rows],
+                                           [r[2] for r in rows])
+        parts[name] = (rows[0][0], flux, err, sky)
+    joined = join_channels(parts)
+    exposure = next(e for e in night.exposures() if e.obsid == obsid)
+    path = _folder(root, exposure) / f"joined_{date}_{obsid:07d}.fits"
+    write_joined(path, joined, unit, header)
+    log.info("obs %d: %d exposures combined, channels %s joined into %s", obsid,
+             max(len(r) for r in by_channel.values()), ",".join(parts), path)

@@ -52,6 +52,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 from numpy.polynomial import legendre
 from scipy.ndimage import uniform_filter1d
 
@@ -253,17 +254,15 @@ class FiberProfile:
         trace = np.asarray(trace, dtype=np.float64)
         cols = np.arange(trace.shape[1])[columns if columns is not None else slice(None)]
         h = int(np.ceil(self.half_width)) if half_rows is None else int(half_rows)
-        y = trace[:, cols]
+        y = np.ascontiguousarray(trace[:, cols])
+        nnode = self.table.shape[1]
+        npos = np.interp(cols.astype(float), self.node_columns, np.arange(nnode, dtype=float))
+        k0 = np.minimum(np.floor(npos).astype(np.int64), max(nnode - 2, 0))
         first = np.round(y).astype(np.int64) - h
-        rows = first[:, None, :] + np.arange(2 * h + 1)[None, :, None]
-        fib = np.arange(self.nfibers)[:, None, None]
-        w = self.evaluate(fib, cols[None, None, :], rows - y[:, None, :])
-        lo = ((np.arange(self.nfibers) // self.fibers_per_amp) * self.amp_rows)[:, None, None]
-        w = np.where((rows >= lo) & (rows < lo + self.amp_rows), w, 0.0)
-        if normalize:
-            total = w.sum(axis=1, keepdims=True)
-            w = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
-        return first, w.astype(np.float32)
+        w = _weights_kernel(np.ascontiguousarray(self.table, np.float64), y, first, k0,
+                            npos - k0, 2 * h + 1, self.half_width, self.grid_step,
+                            self.fibers_per_amp, self.amp_rows, normalize)
+        return first, w
 
 
     def to_array(self) -> np.ndarray:
@@ -773,3 +772,43 @@ def trace_and_profile(
     profile = build_profile(image, variance, first, mask, amp_rows=amp_rows)
     solution = refine_trace(image, first, profile, variance, mask, amp_rows=amp_rows)
     return solution, profile
+
+
+@njit(cache=True, nogil=True)
+def _weights_kernel(table, y, first, k0, a, nwin, half_width, step, fibers_per_amp, amp_rows,
+                    normalize):
+    """Loops of :meth:`FiberProfile.weights`: the bilinear table lookup of
+    :meth:`FiberProfile.interpolate` at every window pixel, zero outside the fiber's amp."""
+    nfib, ncol = y.shape
+    nnode, ngrid = table.shape[1], table.shape[2]
+    out = np.zeros((nfib, nwin, ncol), np.float32)
+    for f in range(nfib):
+        lo = (f // fibers_per_amp) * amp_rows
+        for c in range(ncol):
+            k = k0[c]
+            ac = a[c]
+            total = 0.0
+            for j in range(nwin):
+                r = first[f, c] + j
+                if r < lo or r >= lo + amp_rows:
+                    continue
+                s = (r - y[f, c] + half_width) / step
+                if s < 0 or s > ngrid - 1:
+                    continue
+                i = min(int(np.floor(s)), ngrid - 2)
+                t = s - i
+                if nnode > 1:
+                    v0 = table[f, k, i] + ac * (table[f, k + 1, i] - table[f, k, i])
+                    v1 = table[f, k, i + 1] + ac * (table[f, k + 1, i + 1] - table[f, k, i + 1])
+                else:
+                    v0, v1 = table[f, k, i], table[f, k, i + 1]
+                v = v0 + t * (v1 - v0)
+                out[f, j, c] = v
+                total += v
+            if normalize and total > 0:
+                for j in range(nwin):
+                    out[f, j, c] = out[f, j, c] / total
+            elif normalize:
+                for j in range(nwin):
+                    out[f, j, c] = 0.0
+    return out

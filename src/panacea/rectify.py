@@ -59,7 +59,7 @@ def _positions(edges: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def rectify(flux: np.ndarray, var: np.ndarray, wave: np.ndarray, grid: np.ndarray,
-            ) -> tuple[np.ndarray, np.ndarray]:
+            also: tuple[np.ndarray, ...] = ()) -> tuple[np.ndarray, ...]:
     """Resample every fiber onto ``grid``, conserving flux, with propagated variance.
 
     Parameters
@@ -74,6 +74,9 @@ def rectify(flux: np.ndarray, var: np.ndarray, wave: np.ndarray, grid: np.ndarra
         direction).
     grid : ndarray (ngrid,)
         Increasing common wavelength grid (bin centres), e.g. ``Channel.grid``.
+    also : tuple of ndarray (nfiber, ncol)
+        More spectra on the same pixels (e.g. the sky model) resampled with the same
+        weights and the same good bins as ``flux``.
 
     Returns
     -------
@@ -82,13 +85,17 @@ def rectify(flux: np.ndarray, var: np.ndarray, wave: np.ndarray, grid: np.ndarra
     var_r : ndarray (nfiber, ngrid) float64
         Its variance ((e-/A)^2). Bins not fully covered by the fiber's pixels, or touching
         a bad pixel, have ``flux_r = 0`` and ``var_r = 0`` (an error of 0 marks bad data).
+    *also_r : ndarray (nfiber, ngrid) float64
+        Each of ``also`` resampled the same way (per Angstrom, 0 in bad bins).
     """
     flux = np.asarray(flux, dtype=np.float64)
     var = np.asarray(var, dtype=np.float64)
     wave = np.asarray(wave, dtype=np.float64)
     grid = np.asarray(grid, dtype=np.float64)
+    extra = [np.asarray(a, dtype=np.float64) for a in also]
     if wave[0, -1] < wave[0, 0]:  # decreasing wavelength with column: flip
         flux, var, wave = flux[:, ::-1], var[:, ::-1], wave[:, ::-1]
+        extra = [a[:, ::-1] for a in extra]
     nfib = flux.shape[0]
     bad = ~(np.isfinite(flux) & np.isfinite(var) & (var > 0))
     flux = np.where(bad, 0.0, flux)
@@ -106,13 +113,18 @@ def rectify(flux: np.ndarray, var: np.ndarray, wave: np.ndarray, grid: np.ndarra
     def pick(a, kk):
         return np.take_along_axis(a, kk, axis=1)
 
-    fa, fb = pick(flux, ka), pick(flux, kb)
     va, vb = pick(var, ka), pick(var, kb)
     same = ka == kb
-    # different pixels: (1-ta) of pixel ka, all of ka+1..kb-1, tb of pixel kb
-    inner_f = pick(cf, kb) - pick(cf, np.minimum(ka + 1, kb))
-    inner_v = pick(cv, kb) - pick(cv, np.minimum(ka + 1, kb))
-    out_f = np.where(same, (tb - ta) * fa, (1 - ta) * fa + inner_f + tb * fb)
+    inner = np.minimum(ka + 1, kb)
+
+    def resample(a, ca):
+        # different pixels: (1-ta) of pixel ka, all of ka+1..kb-1, tb of pixel kb
+        fa, fb = pick(a, ka), pick(a, kb)
+        return np.where(same, (tb - ta) * fa,
+                        (1 - ta) * fa + pick(ca, kb) - pick(ca, inner) + tb * fb)
+
+    out_f = resample(flux, cf)
+    inner_v = pick(cv, kb) - pick(cv, inner)
     out_v = np.where(same, (tb - ta) ** 2 * va,
                      (1 - ta) ** 2 * va + inner_v + tb**2 * vb)
     # bad pixels touched (with non-zero weight)
@@ -124,4 +136,6 @@ def rectify(flux: np.ndarray, var: np.ndarray, wave: np.ndarray, grid: np.ndarra
     width = np.diff(gedges)[None, :]
     flux_r = np.where(use, out_f / width, 0.0)
     var_r = np.where(use, out_v / width**2, 0.0)
-    return flux_r, var_r
+    also_r = [np.where(use, resample(a, zcum(np.where(bad, 0.0, a))) / width, 0.0)
+              for a in extra]
+    return (flux_r, var_r, *also_r)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +20,15 @@ from . import instrument
 from .archive import Exposure, NightIndex
 from .calbundle import CalibrationBundle
 from .ccd import Mask, read_channel
+from .calibration import StageTimer
 from .cosmics import detect_cosmics
 from .errors import PanaceaError
 from .extract import optimal
 from .profile import FiberProfile
 from .rectify import rectify
-from .sky import sky_model
+from .refraction import Weather, header_weather
+from .sky import SkyModel, sky_model
+from .source import Source, analyse
 from .trace import TraceError, TraceSolution, measure_shift
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,10 @@ log = logging.getLogger(__name__)
 COUNT_RATE_UNIT = "electron / (s Angstrom)"
 #: A frame with more than this fraction of saturated pixels is flagged in the header.
 MAX_SATURATED_FRACTION = 0.02
+#: Fewest sky fibers a sky refit may use.
+MIN_SKY_FIBERS = 40
+#: Object light (fraction of the sky) above which a fiber leaves the sky in a refit.
+MAX_OBJECT_LIGHT = 0.003
 
 
 @dataclass
@@ -42,6 +49,11 @@ class ScienceOptions:
 
     sky_method: str = "spline"
     cosmic_method: str = "fiber"
+    correct_ftf: bool = False
+    source_x: float | None = None
+    source_y: float | None = None
+    central_wave: float | None = None
+    wavelength_bin: float = 10.0
 
 
 @dataclass
@@ -88,10 +100,34 @@ class ChannelCalibration:
                              centroids=np.zeros((n, 0)))
 
 
-def reduce_exposure(night: NightIndex, exposure: Exposure, cal: ChannelCalibration,
-                    options: ScienceOptions | None = None
-                    ) -> tuple[dict[str, np.ndarray], fits.Header]:
-    """Arrays of the ``multi`` product of one exposure and channel, and its header cards.
+@dataclass
+class ScienceFrame:
+    """One exposure of one channel reduced on its own pixels (before rectification)."""
+
+    exposure: Exposure
+    channel: instrument.Channel
+    exptime: float
+    header: fits.Header
+    image: np.ndarray  # bias-subtracted frame (e-)
+    flattened: np.ndarray  # divided by the pixel flat (e-)
+    pixel_variance: np.ndarray  # variance of ``flattened`` (e-^2)
+    pixel_mask: np.ndarray  # bool: saturated or otherwise bad before cosmic rays
+    cosmics: np.ndarray  # bool (nrow, ncol)
+    shift: float
+    trace: np.ndarray  # (280, ncol) rows in this frame
+    flux: np.ndarray  # (280, ncol) electrons per column
+    variance: np.ndarray  # (280, ncol)
+    frac: np.ndarray  # (280, ncol) fraction of the profile on usable pixels
+    sky: SkyModel
+    ftf: np.ndarray  # (280, ncol) fiber-to-fiber used (re-derived with correct_ftf)
+    timer: StageTimer
+
+
+def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration,
+                  options: ScienceOptions | None = None,
+                  timer: StageTimer | None = None) -> ScienceFrame:
+    """Bias, pixel flat, cosmic rays, trace shift, optimal extraction and sky model of one
+    exposure and channel, all on the frame's own pixels.
 
     Raises
     ------
@@ -99,6 +135,7 @@ def reduce_exposure(night: NightIndex, exposure: Exposure, cal: ChannelCalibrati
         The frame cannot be read, or EXPTIME is missing or not positive.
     """
     options = options or ScienceOptions()
+    timer = timer or StageTimer()
     ch = cal.channel
     t0 = time.perf_counter()
     frame = read_channel(night, exposure, ch)
@@ -114,12 +151,19 @@ def reduce_exposure(night: NightIndex, exposure: Exposure, cal: ChannelCalibrati
                     ch.name, 100 * saturated.mean())
         header["SATFLAG"] = (True, "large saturated area")
     header["SATFRAC"] = (round(float(saturated.mean()), 5), "fraction of saturated pixels")
-
-    image = (frame.image - cal.masterbias) / cal.pixelflat
+    bias_sub = frame.image - cal.masterbias
+    image = bias_sub / cal.pixelflat
     variance = (frame.variance + cal.bias_variance) / cal.pixelflat**2
     bad = frame.mask != 0
+    pixel_mask = bad.copy()
+    timer.add("read", t0)
+
+    t0 = time.perf_counter()
     cosmics = detect_cosmics(image, variance, bad, method=options.cosmic_method)
     bad |= cosmics
+    timer.add("cosmics", t0)
+
+    t0 = time.perf_counter()
     try:
         shift = measure_shift(image, cal.trace_solution(), variance, bad, profile=cal.profile)
     except TraceError as err:
@@ -127,57 +171,151 @@ def reduce_exposure(night: NightIndex, exposure: Exposure, cal: ChannelCalibrati
                     err)
         shift = 0.0
     trace = cal.trace + shift
+    timer.add("shift", t0)
+
+    t0 = time.perf_counter()
     first, weights = cal.profile.weights(trace)
     # the noise floor of every pixel, independent of its data: weights built from the data
     # (or from the master bias noise in it) would favour low pixels and bias the fluxes
     floor = (cal.read_variance + cal.bias_variance) / cal.pixelflat**2
     flux, fvar, frac = optimal(image, variance, bad, first, weights, read_variance=floor)
-    badfib = frac < 0.5
+    timer.add("extract", t0)
+
+    t0 = time.perf_counter()
+    sky, ftf = _sky(flux, fvar, frac, cal, options, header, exposure.name)
+    timer.add("sky", t0)
+    return ScienceFrame(exposure=exposure, channel=ch, exptime=float(exptime), header=header,
+                        image=bias_sub, flattened=image, pixel_variance=variance,
+                        pixel_mask=pixel_mask, cosmics=cosmics, shift=float(shift),
+                        trace=trace, flux=flux, variance=fvar, frac=frac, sky=sky, ftf=ftf,
+                        timer=timer)
+
+
+def _sky(flux, fvar, frac, cal, options, header, name, sky_fibers=None
+         ) -> tuple[SkyModel, np.ndarray]:
+    """Sky model of a frame and the fiber-to-fiber to use with it."""
     sky = sky_model(flux, fvar, cal.wave, cal.ftf, cal.dead,
-                    positions=instrument.fiber_positions(), mask=badfib,
-                    method=options.sky_method)
+                    positions=instrument.fiber_positions(), mask=frac < 0.5,
+                    method=options.sky_method, sky_fibers=sky_fibers)
+    ftf = cal.ftf
+    if options.correct_ftf:
+        if sky.relative is None:
+            log.warning("%s %s: --correct_ftf needs the spline sky; fiber-to-fiber kept", name,
+                        cal.channel.name)
+        else:
+            ftf = cal.ftf * sky.relative
+            header["FTFCORR"] = (True, "fiber-to-fiber re-derived from this frame's sky")
+    return sky, ftf
 
+
+def refit_sky(sf: ScienceFrame, cal: ChannelCalibration, object_light: np.ndarray,
+              options: ScienceOptions | None = None) -> ScienceFrame:
+    """The sky of ``sf`` fitted again on sky fibers whose object light (a fraction of their
+    sky, e.g. from a star's PSF fit) is below :data:`MAX_OBJECT_LIGHT`: the sky model's own
+    rejection keeps a star's wings when the sky is faint."""
+    options = options or ScienceOptions()
+    t0 = time.perf_counter()
+    use = sf.sky.sky_fibers & (object_light < MAX_OBJECT_LIGHT)
+    if use.sum() < MIN_SKY_FIBERS:  # keep the fibers with the least object light
+        order = np.argsort(np.where(sf.sky.sky_fibers, object_light, np.inf))
+        use = np.zeros_like(use)
+        use[order[:MIN_SKY_FIBERS]] = True
+        use &= sf.sky.sky_fibers
+    sky, ftf = _sky(sf.flux, sf.variance, sf.frac, cal, options, sf.header,
+                    sf.exposure.name, sky_fibers=use)
+    sf.timer.add("sky", t0)
+    return replace(sf, sky=sky, ftf=ftf)
+
+
+def rectified(sf: ScienceFrame, cal: ChannelCalibration
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Observed spectra, sky and error per fiber on the channel grid, electron/s/Angstrom,
+    divided by the fiber-to-fiber (0 in bad bins and dead fibers)."""
     live = ~cal.dead
-    ftf = np.where(live[:, None] & (cal.ftf > 0), cal.ftf, 1.0)
-    grid = ch.grid
-    nvar = np.where(badfib, 0, fvar) / ftf**2  # zero variance marks a bad native pixel
-    obs, obs_var = rectify(flux / ftf, nvar, cal.wave, grid)
-    sky_r, _ = rectify(sky.sky / ftf, nvar, cal.wave, grid)  # same good bins as the data
+    ftf = np.where(live[:, None] & (sf.ftf > 0), sf.ftf, 1.0)
+    nvar = np.where(sf.frac < 0.5, 0, sf.variance) / ftf**2  # 0 marks a bad native pixel
+    obs, obs_var, sky = rectify(sf.flux / ftf, nvar, cal.wave, sf.channel.grid,
+                                also=(sf.sky.sky / ftf,))
     good = (obs_var > 0) & live[:, None]
-    obs = np.where(good, obs, 0.0) / exptime
-    sky_r = np.where(good, sky_r, 0.0) / exptime
-    err = np.where(good, np.sqrt(np.where(good, obs_var, 0.0)), 0.0) / exptime
+    scale = 1.0 / sf.exptime
+    return (np.where(good, obs, 0.0) * scale, np.where(good, sky, 0.0) * scale,
+            np.sqrt(np.where(good, obs_var, 0.0)) * scale)
 
-    positions = np.zeros((instrument.NFIBERS, 6))
-    positions[:, :2] = instrument.fiber_positions()
-    positions[:, 2:] = np.nan  # focal-plane and sky coordinates arrive with astrometry
 
-    header["EXPSHIFT"] = (round(float(shift), 4), "trace shift of this frame (px)")
-    header["NCOSMIC"] = (int(cosmics.sum()), "pixels flagged as cosmic rays")
+@dataclass
+class ExposureResult:
+    """One exposure of one channel reduced: frame products, rectified spectra (electrons per
+    second per Angstrom, after fiber-to-fiber) and the source, if one was found."""
+
+    frame: ScienceFrame
+    observed: np.ndarray
+    sky: np.ndarray
+    error: np.ndarray
+    source: Source | None
+    weather: Weather
+
+    @property
+    def header(self) -> fits.Header:
+        return self.frame.header
+
+
+def reduce_exposure(night: NightIndex, exposure: Exposure, cal: ChannelCalibration,
+                    options: ScienceOptions | None = None, timer: StageTimer | None = None
+                    ) -> ExposureResult:
+    """Reduce one exposure of one channel: frame, extraction, sky, rectification, and the
+    source (detection, PSF, refraction, extraction). When a point source is found its PSF
+    tells which fibers hold its light, and the sky is fitted again without them.
+
+    Raises
+    ------
+    PanaceaError
+        The frame cannot be read, or EXPTIME is missing or not positive.
+    """
+    options = options or ScienceOptions()
+    t_start = time.perf_counter()
+    sf = process_frame(night, exposure, cal, options, timer)
+    t0 = time.perf_counter()
+    obs, sky, err = rectified(sf, cal)
+    sf.timer.add("rectify", t0)
+    weather = header_weather(sf.header)
+    xy = instrument.fiber_positions()
+    forced = ((options.source_x, options.source_y)
+              if options.source_x is not None and options.source_y is not None else None)
+    parangle = float(sf.header.get("PARANGLE", 0.0))
+
+    def find(obs, sky, err):
+        # the sky model's error: the fibers' noise averaged over the sky fibers
+        sky_err = err / np.sqrt(max(int(sf.sky.sky_fibers.sum()), 1))
+        return analyse(obs - sky, err, sky, sky_err, sf.channel.grid, xy, parangle, weather,
+                       options.central_wave, options.wavelength_bin, forced)
+
+    t0 = time.perf_counter()
+    src = find(obs, sky, err)
+    sf.timer.add("source", t0)
+    if src is not None and options.sky_method == "spline":
+        light = (src.weights * np.maximum(src.spectrum, 0.0)[None, :]).sum(axis=1)
+        sf = refit_sky(sf, cal, light / np.maximum(sky.sum(axis=1), 1e-30), options)
+        t0 = time.perf_counter()
+        obs, sky, err = rectified(sf, cal)
+        sf.timer.add("rectify", t0)
+        t0 = time.perf_counter()
+        src = find(obs, sky, err) or src
+        sf.timer.add("source", t0)
+    header = sf.header
+    header["EXPSHIFT"] = (round(sf.shift, 4), "trace shift of this frame (px)")
+    header["NCOSMIC"] = (int(sf.cosmics.sum()), "pixels flagged as cosmic rays")
     header["SKYMETH"] = (options.sky_method, "sky model")
-    header["SKYCHI2"] = (round(float(sky.chi2_dof_sky), 3), "chi2/dof of sky fibers")
-    header["NSKYFIB"] = (int(sky.sky_fibers.sum()), "fibers used for the sky")
+    header["SKYCHI2"] = (round(float(sf.sky.chi2_dof_sky), 3), "chi2/dof of sky fibers")
+    header["NSKYFIB"] = (int(sf.sky.sky_fibers.sum()), "fibers used for the sky")
     header["CALFILE"] = (Path(cal.source).name[:50], "calibration bundle")
-    header["FLUXCAL"] = (False, "spectra in electron/s/Angstrom, not flux calibrated")
-    header["CRVAL1"] = (float(grid[0]), "first wavelength of the grid (Angstrom)")
-    header["CDELT1"] = (float(grid[1] - grid[0]), "grid step (Angstrom)")
-    arrays = {
-        "observed_spectra": obs,
-        "sky_spectra": sky_r,
-        "skysub_spectra": obs - sky_r,
-        "error_spectra": err,
-        "fiber_positions": positions,
-        "bigw": cal.bigw,
-        "image": frame.image - cal.masterbias,
-        "flattened_image": image,
-        "trace": trace,
-        "cosmics": cosmics,
-        "unrectified_spectra": flux,
-    }
-    log.info("%s %s: shift %+.3f px, %d cosmic-ray pixels, sky chi2/dof %.2f from %d fibers "
-             "(%.1f s)", exposure.name, ch.name, shift, int(cosmics.sum()), sky.chi2_dof_sky,
-             int(sky.sky_fibers.sum()), time.perf_counter() - t0)
-    return arrays, header
+    for note in weather.notes:
+        header["HISTORY"] = f"refraction: {note}"
+    log.info("%s %s: shift %+.3f px, %d cosmic-ray pixels, sky chi2/dof %.2f from %d fibers, "
+             "%s (%.1f s)", exposure.name, sf.channel.name, sf.shift, int(sf.cosmics.sum()),
+             sf.sky.chi2_dof_sky, int(sf.sky.sky_fibers.sum()),
+             "no source" if src is None else f"source at ({src.psf.x:.2f}, {src.psf.y:.2f})",
+             time.perf_counter() - t_start)
+    return ExposureResult(sf, obs, sky, err, src, weather)
 
 
 #: Units of the multi extensions that hold spectra before flux calibration.

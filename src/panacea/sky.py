@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: Breakpoint spacing of the sky spline (pixels of the median dispersion).
 KNOT_SPACING = 0.6
+#: Fewest sky fibers for quadratic terms in the IFU-smooth sky level.
+QUADRATIC_MIN_FIBERS = 150
 #: Polynomial degree (in column) of each fiber's sky level, shift and width terms.
 LEVEL_DEGREE = 2
 SHIFT_DEGREE = 1
@@ -81,6 +83,11 @@ class SkyModel:
         ``'spline'`` or ``'template'``.
     level : ndarray, shape (nfiber,)
         Mean sky level of each fiber relative to ``ftf`` (dimensionless).
+    relative : ndarray, shape (nfiber, ncol), or None
+        Throughput of each sky fiber relative to ``ftf``, measured from the sky itself: its
+        sky level over the IFU-smooth level of all sky fibers (1 for other fibers; None for
+        the template method). ``ftf * relative`` is the fiber-to-fiber re-derived from the
+        frame (``--correct_ftf``).
     shift : ndarray, shape (nfiber,)
         Mean wavelength shift of each fiber (Angstrom; spline method only, else 0).
     width : ndarray, shape (nfiber,)
@@ -102,6 +109,7 @@ class SkyModel:
     width: np.ndarray = field(default_factory=lambda: np.zeros(0))
     wave: np.ndarray = field(default_factory=lambda: np.zeros(0))
     spectrum: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    relative: np.ndarray | None = None
 
 
 def sky_model(
@@ -228,8 +236,9 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
         # IFU-smooth prediction of the level and offset from the sky fibers; the first
         # column is the fiber's total (level and offset) relative to the spline
         model = level * spl[0] + shift * spl[1] + width * spl[2] + offset[:, None] * inv_norm
-        ref = np.nanmedian(np.where(good, norm * spl[0], np.nan), axis=1)
-        total = np.nanmedian(np.where(good, norm * model, np.nan), axis=1) / np.where(
+        # both are smooth fits, so a ratio of sums is as robust as a ratio of medians
+        ref = np.sum(np.where(good, norm * spl[0], 0.0), axis=1)
+        total = np.sum(np.where(good, norm * model, 0.0), axis=1) / np.where(
             ref > 0, ref, 1.0)
         stats = np.column_stack([np.nan_to_num(total), par[:, :nl], offset])
         pred, scatter = _smooth_fit(stats, smooth_basis, use)
@@ -252,8 +261,12 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
     # fibers with object light: level from the IFU-smooth prediction; refit shift and width
     # with an additive smooth continuum standing in for the object.
     obj = live & ~use
+    pred_level = pred[:, 1:nl + 1] @ lev_basis.T  # (nfib, ncol)
+    # a sky fiber's level over the IFU-smooth sky level is its throughput error (the
+    # smooth part is the sky's own gradient across the IFU)
+    relative = np.where(use[:, None] & (pred_level > 0), level / np.where(
+        pred_level > 0, pred_level, 1.0), 1.0)
     if obj.any():
-        pred_level = pred[:, 1:nl + 1] @ lev_basis.T  # (nfib, ncol)
         cont = legendre.legvander(u, 3)
         target = y - pred_level * spl[0] - pred[:, -1:] * inv_norm
         basis = np.concatenate([spl[1][:, :, None] * sh_basis[None],
@@ -274,7 +287,7 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
     return SkyModel(sky=sky, sky_fibers=use, chi2_dof=chi2, chi2_dof_sky=chi2_sky,
                     method="spline", level=level.mean(axis=1), shift=shift.mean(axis=1),
                     width=width.mean(axis=1), wave=grid,
-                    spectrum=BSpline(knots, coeffs, _DEGREE)(grid))
+                    spectrum=BSpline(knots, coeffs, _DEGREE)(grid), relative=relative)
 
 
 def _evaluate(knots, coeffs, wave, rows) -> np.ndarray:
@@ -327,6 +340,10 @@ def _smooth_fit(values: np.ndarray, basis: np.ndarray, use: np.ndarray, clip: fl
     keep = use.copy()
     pred = np.zeros_like(values)
     scatter = 1.0
+    if use.sum() < QUADRATIC_MIN_FIBERS:
+        # few sky fibers (a bright or extended object): a plane and the slit term only; the
+        # quadratic terms would extrapolate wildly into the fibers the object covers
+        basis = basis[:, [0, 1, 2, basis.shape[1] - 1]]
     for _ in range(5):
         if keep.sum() <= basis.shape[1]:
             break

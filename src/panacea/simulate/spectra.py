@@ -113,7 +113,9 @@ def standard_flambda(name: str, wave: np.ndarray, v_mag: float = 11.5) -> np.nda
     paschen = [8665.0, 8750.5, 8862.8, 9014.9, 9229.0, 9545.9, 10049.4]
     f = f * _absorption(wave, balmer, [0.3] * 7, [9.0] * 7)
     f = f * _absorption(wave, paschen, [0.15] * 7, [6.0] * 7)
-    norm = ab_to_flambda(v_mag, 5500.0) / np.interp(5500.0, wave, f)
+    # normalised analytically at 5500 A (no absorption line there), whatever range ``wave``
+    # covers: every channel's spectrum is then the same star
+    norm = ab_to_flambda(v_mag, 5500.0) / planck_lambda(np.array(5500.0), 40000.0)
     return f * norm
 
 

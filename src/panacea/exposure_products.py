@@ -1,0 +1,190 @@
+"""Products of one reduced exposure and channel: flux scale, ``multi``, ``spectrum`` and cubes.
+
+The flux scale of an exposure is ``response / (area * transparency)`` with the illuminated
+area and transparency from the guider frames (:func:`panacea.fluxcal.guider_conditions`) and
+the response of the channel (from the night's standard star, a response directory, or
+none: the spectra then stay in electrons per second per cm^2 per Angstrom and the header
+says so).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from . import instrument
+from .astrometry import fiber_sky_positions, header_pointing
+from .cube import build_cube, cube_name, write_cube
+from .fluxcal import GuiderConditions, guider_conditions
+from .products import Extension, Layout, MULTI_LAYOUT, multi_name, write_product
+from .science import ExposureResult
+
+log = logging.getLogger(__name__)
+
+FLUX_UNIT = "erg / (s cm2 Angstrom)"
+PHOTON_UNIT = "electron / (s cm2 Angstrom)"
+
+#: ``spectrum_{date}_{obsid7}_exp{NN}_{channel}.fits``: one 6 x 2064 image.
+SPECTRUM_LAYOUT = Layout("spectrum", 1, "SPECVER", (
+    Extension("spectrum", "rows: wavelength (A, air), F_lambda, sky F_lambda (same aperture "
+              "and weights), error of F_lambda, error of sky, response (erg/e-)", "mixed",
+              "float64", "6 x 2064"),
+))
+
+
+@dataclass
+class FluxScale:
+    """How count rates of one exposure become fluxes."""
+
+    response: np.ndarray | None  # erg per electron on the channel grid
+    response_source: str
+    conditions: GuiderConditions
+
+    @property
+    def calibrated(self) -> bool:
+        return self.response is not None
+
+    @property
+    def unit(self) -> str:
+        return FLUX_UNIT if self.calibrated else PHOTON_UNIT
+
+    def factor(self, n: int) -> np.ndarray:
+        """Multiplier of a count rate (e-/s/A) at every grid wavelength."""
+        base = 1.0 / (self.conditions.area_cm2 * self.conditions.transparency)
+        return base * (self.response if self.response is not None else np.ones(n))
+
+
+def flux_scale(night, exposure, response: np.ndarray | None, source: str) -> FluxScale:
+    """The flux scale of an exposure from its guider frames and a channel response."""
+    cond = guider_conditions(night, exposure.time, exposure.exptime)
+    for note in cond.notes:
+        log.info("%s: %s", exposure.name, note)
+    return FluxScale(response, source, cond)
+
+
+def spectrum_rows(result: ExposureResult, scale: FluxScale) -> np.ndarray | None:
+    """The six rows of the ``spectrum`` product (None without a source)."""
+    src = result.source
+    if src is None:
+        return None
+    grid = result.frame.channel.grid
+    f = scale.factor(grid.size)
+    resp = scale.response if scale.response is not None else np.zeros(grid.size)
+    return np.vstack([grid, src.spectrum * f, src.sky * f, src.error * f, src.sky_error * f,
+                      resp])
+
+
+def _header(result: ExposureResult, scale: FluxScale) -> fits.Header:
+    h = result.header.copy()
+    c = scale.conditions
+    h["FLUXCAL"] = (scale.calibrated, "spectra flux calibrated" if scale.calibrated
+                    else "no response: electron/s/cm2/Angstrom")
+    h["RESPSRC"] = (scale.response_source[:60], "response used")
+    h["MILLUM"] = (round(c.area_cm2, 1), f"illuminated area (cm2), {c.area_source}")
+    h["THROUGHP"] = (round(c.transparency, 4), f"transparency, {c.transparency_source}")
+    h["NGUIDE"] = (c.n_frames, "guider frames used")
+    for note in c.notes:
+        h["HISTORY"] = note[:70]
+    src = result.source
+    if src is not None:
+        h["SOURCEX"] = (round(src.psf.x, 3), f"source IFU x (arcsec) at {src.ref_wave:.0f} A")
+        h["SOURCEY"] = (round(src.psf.y, 3), f"source IFU y (arcsec) at {src.ref_wave:.0f} A")
+        h["SOURCEW"] = (round(src.ref_wave, 1), "wavelength of SOURCEX/Y (A)")
+        h["SEEING"] = (round(float(np.interp(src.ref_wave, result.frame.channel.grid,
+                                             src.fwhm)), 3), "Moffat FWHM (arcsec)")
+        h["ELLIP"] = (round(src.psf.ellipticity, 3), "PSF ellipticity 1 - b/a")
+        h["SRCSIG"] = (round(src.detection.significance, 1), "detection significance")
+        h["DARTRACK"] = (src.track_used, "refraction track used: measured or model")
+        h["DARMODEL"] = (round(float(np.ptp(np.hypot(*src.model_track))), 3),
+                         "model refraction across the channel (arcsec)")
+        if src.measured_track is not None:
+            h["DARMEAS"] = (round(float(np.ptp(np.hypot(*src.measured_track))), 3),
+                            "measured refraction across the channel (arcsec)")
+    else:
+        h["HISTORY"] = "no source detected: no spectrum_ product"
+    return h
+
+
+def multi_arrays(result: ExposureResult, scale: FluxScale, cal
+                 ) -> tuple[dict[str, np.ndarray], fits.Header, dict[str, str]]:
+    """Arrays of ``multi_*.fits`` in physical units, its header and unit overrides."""
+    sf = result.frame
+    grid = sf.channel.grid
+    f = scale.factor(grid.size)[None, :]
+    obs, sky, err = result.observed * f, result.sky * f, result.error * f
+    header = _header(result, scale)
+    header["CRVAL1"] = (float(grid[0]), "first wavelength of the grid (Angstrom)")
+    header["CDELT1"] = (float(grid[1] - grid[0]), "grid step (Angstrom)")
+    xy = instrument.fiber_positions()
+    positions = np.full((instrument.NFIBERS, 6), np.nan)
+    positions[:, :2] = xy
+    pointing = header_pointing(sf.header)
+    if pointing is not None:
+        positions[:, 4], positions[:, 5] = fiber_sky_positions(*pointing, xy)
+    src = result.source
+    arrays = {
+        "observed_spectra": obs, "sky_spectra": sky, "skysub_spectra": obs - sky,
+        "error_spectra": err, "fiber_positions": positions, "bigw": cal.bigw,
+        "image": sf.image, "flattened_image": sf.flattened, "trace": sf.trace,
+        "cosmics": sf.cosmics, "unrectified_spectra": sf.flux,
+    }
+    if src is not None:
+        det = src.detection
+        window = (grid >= det.wave - det.half_width) & (grid <= det.wave + det.half_width)
+        sub = np.where(err > 0, obs - sky, 0.0)[:, window]
+        cnt = np.maximum((err[:, window] > 0).sum(axis=1), 1)
+        values = sub.sum(axis=1) / cnt
+        ok = (err[:, window] > 0).any(axis=1).astype(float)
+        image = build_cube(values[:, None], ok[:, None], xy, np.array([det.wave]))
+        arrays["collapsed_image"] = image.data[0]
+        arrays["extracted_spectrum"] = spectrum_rows(result, scale)
+        track = src.measured_track if src.measured_track is not None else src.model_track
+        step = max(grid.size // 40, 1)
+        arrays["adr"] = np.column_stack([grid[::step], track[0][::step], track[1][::step]])
+    units = dict.fromkeys(("observed_spectra", "sky_spectra", "skysub_spectra",
+                           "error_spectra", "collapsed_image"), scale.unit)
+    units["unrectified_spectra"] = "electron"
+    return arrays, header, units
+
+
+def write_exposure_products(result: ExposureResult, scale: FluxScale, cal, root: Path,
+                            folder: Path, options: dict, cubes: bool = True) -> list[Path]:
+    """Write ``multi``, ``spectrum`` (with a source) and the three cubes of one exposure."""
+    e, ch = result.frame.exposure, result.frame.channel
+    arrays, header, units = multi_arrays(result, scale, cal)
+    paths = [write_product(MULTI_LAYOUT, arrays, folder / multi_name(e.date, e.obsid, e.exp,
+                                                                      ch.name),
+                           header, options=options, units=units)]
+    rows = arrays.get("extracted_spectrum")
+    if rows is not None:
+        name = f"spectrum_{e.date}_{e.obsid:07d}_exp{e.exp:02d}_{ch.name}.fits"
+        paths.append(write_product(SPECTRUM_LAYOUT, {"spectrum": rows}, folder / name, header,
+                                   options=options, units={"spectrum": scale.unit}))
+    if cubes:
+        paths += _write_cubes(result, arrays, header, scale, folder, options)
+    return paths
+
+
+def _write_cubes(result, arrays, header, scale, folder, options) -> list[Path]:
+    e, ch = result.frame.exposure, result.frame.channel
+    xy = instrument.fiber_positions()
+    src = result.source
+    offsets = None
+    if src is not None:
+        track = src.measured_track if src.measured_track is not None else src.model_track
+        offsets = (np.asarray(track[0]), np.asarray(track[1]))
+    pointing = header_pointing(result.header)
+    err = arrays["error_spectra"]
+    out = []
+    for kind, data in (("obs", arrays["observed_spectra"]), ("sky", arrays["sky_spectra"]),
+                       ("skysub", arrays["skysub_spectra"])):
+        cube = build_cube(data, err, xy, ch.grid, offsets=offsets)
+        out.append(write_cube(folder / cube_name(e.date, e.obsid, e.exp, ch.name, kind), cube,
+                              pointing, header=header, unit=scale.unit, kind=kind,
+                              options=options))
+    return out
+

@@ -1,0 +1,620 @@
+"""Flux calibration: observing conditions from the guider, standard stars, channel responses.
+
+The flux-calibration chain of LRS2 (see the facts sheet, section 4)::
+
+    F_lambda = rate / (area * transparency) * response
+
+with ``rate`` the extracted count rate (electrons per second per Angstrom), ``area`` the
+illuminated mirror area (cm^2) during the exposure, ``transparency`` the sky transparency
+and ``response`` (erg per electron) the channel's response at HET's fixed elevation.
+
+* :func:`guider_conditions` averages the guider frames (cameras gc1 and gc2) taken during
+  an exposure: the transparency (header TRANSPAR of frames with ``GUIDLOOP = ACTIVE``,
+  trusted only within 0.1-1.1) and the illuminated area from the tracker position
+  (X_STRT, Y_STRT in metres, :func:`panacea.instrument.illuminated_area`). It never raises:
+  missing information falls back to transparency 1 and
+  :data:`panacea.instrument.DEFAULT_AREA_CM2`, with a note saying why.
+* :func:`standard_file` and :func:`read_standard` find and read reference spectra of
+  standard stars (``m{name}.dat.txt``: wavelength in Angstrom, AB magnitude).
+* :func:`derive_response` turns the extracted spectrum of a standard into a smooth response:
+  the reference is convolved to the instrument's resolution, divided by the count rate, and
+  a cubic B-spline in wavelength is fitted to the logarithm of the ratio with iterative
+  robust clipping (stellar-line and sky-line residuals do not bend it).
+* :func:`write_response`, :func:`read_response` and :func:`response_from_dir` store
+  responses as 2 x N images ``[wavelength, response]`` (the layout of Panacea's packaged
+  responses); :func:`flux_calibrate` applies one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from astropy.io import fits
+from scipy.ndimage import binary_dilation, gaussian_filter1d
+
+from panacea import instrument
+from panacea.errors import ArchiveError, PanaceaError
+from panacea.flat import SplineDesign
+from panacea.io_utils import write_fits_atomic
+
+if TYPE_CHECKING:
+    from panacea.archive import GuiderFile, NightIndex
+
+log = logging.getLogger(__name__)
+
+#: Speed of light (Angstrom per second).
+C_ANGSTROM = 2.99792458e18
+#: Range of guider TRANSPAR values that are trusted.
+TRANSPARENCY_RANGE = (0.1, 1.1)
+#: Guider loop state of frames taken while guiding.
+GUIDING = "ACTIVE"
+#: Strong telluric absorption bands (air Angstrom) left out of response fits: O2 B and A.
+#: They are absent from the reference spectra and would otherwise be fitted as response.
+TELLURIC_BANDS: tuple[tuple[float, float], ...] = ((6862.0, 6952.0), (7586.0, 7704.0))
+#: Unit of a response (and of row 1 of a response file).
+RESPONSE_UNIT = "erg / electron"
+#: FWHM of a Gaussian over its sigma.
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+# --------------------------------------------------------------------------- guider
+
+
+@dataclass
+class GuiderConditions:
+    """Observing conditions of one exposure from the guider frames.
+
+    Attributes
+    ----------
+    transparency : float
+        Mean trusted TRANSPAR of the guided frames (1.0 when unknown).
+    area_cm2 : float
+        Mean illuminated mirror area (cm^2) of the guided frames
+        (:data:`panacea.instrument.DEFAULT_AREA_CM2` when unknown).
+    n_frames : int
+        Guider frames (both cameras) whose header was read, within the exposure.
+    transparency_source, area_source : str
+        ``guider`` or ``default``.
+    notes : list of str
+        Why a default was used, and frames that could not be read.
+    """
+
+    transparency: float
+    area_cm2: float
+    n_frames: int
+    transparency_source: str
+    area_source: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _utc(time: dt.datetime) -> dt.datetime:
+    """``time`` as an aware UTC datetime (a naive one is taken to be UTC already)."""
+    if time.tzinfo is None:
+        return time.replace(tzinfo=dt.timezone.utc)
+    return time.astimezone(dt.timezone.utc)
+
+
+def _card(header: fits.Header, key: str) -> float | None:
+    """A header value as a finite float, or None when absent or not a number."""
+    value = header.get(key)
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _frames_in_window(night: NightIndex, start: dt.datetime, stop: dt.datetime,
+                      slack: float) -> list[GuiderFile]:
+    """Guider frames of both cameras taken between ``start`` and ``stop`` (+- ``slack`` s)."""
+    pad = dt.timedelta(seconds=slack)
+    return [g for g in night.guider_files() if start - pad <= _utc(g.time) <= stop + pad]
+
+
+def _read_guider_headers(night: NightIndex, frames: list[GuiderFile]
+                         ) -> tuple[list[fits.Header], list[str]]:
+    """Headers of the frames that can be read, and the locations of those that cannot."""
+    headers, bad = [], []
+    for frame in frames:
+        try:
+            headers.append(night.read_header(frame))
+        except ArchiveError as exc:
+            log.warning("guider frame %s unreadable, ignored: %s", frame.location, exc)
+            bad.append(frame.location)
+    return headers, bad
+
+
+def guider_conditions(night: NightIndex, start: dt.datetime, exptime: float | None,
+                      slack: float = 1.0) -> GuiderConditions:
+    """Transparency and illuminated area during one exposure, from the guider frames.
+
+    Parameters
+    ----------
+    night : NightIndex
+        Index of the night (its guider frames are listed on first use).
+    start : datetime
+        Start of the exposure, UTC (naive values are taken to be UTC), e.g.
+        :attr:`panacea.archive.Exposure.time`.
+    exptime : float or None
+        Exposure time (s); None or negative counts as 0.
+    slack : float
+        Seconds added on both sides of the window, for rounded time stamps.
+
+    Returns
+    -------
+    GuiderConditions
+        Never raises for missing or unreadable guider data: the defaults are used and
+        :attr:`GuiderConditions.notes` says why.
+    """
+    t0 = _utc(start)
+    t1 = t0 + dt.timedelta(seconds=max(float(exptime or 0.0), 0.0))
+    span = f"{t0:%Y-%m-%d %H:%M:%S}-{t1:%H:%M:%S} UT"
+    notes: list[str] = []
+    headers: list[fits.Header] = []
+    frames = _frames_in_window(night, t0, t1, slack)
+    if not night.guider_files():
+        missing = f"no guider frames for night {night.date}"
+    elif not frames:
+        missing = f"no guider frames during the exposure ({span})"
+    else:
+        headers, bad = _read_guider_headers(night, frames)
+        if bad:
+            notes.append(f"{len(bad)} of {len(frames)} guider frames unreadable "
+                         f"(first: {bad[0]})")
+        missing = "" if headers else f"none of the {len(frames)} guider headers could be read"
+    active = [h for h in headers if str(h.get("GUIDLOOP", "")).strip().upper() == GUIDING]
+    transparency, t_note = _mean_transparency(active, len(headers), missing)
+    area, a_note = _mean_area(active, len(headers), missing)
+    notes += [n for n in (t_note, a_note) if n]
+    out = GuiderConditions(
+        transparency=transparency if t_note is None else 1.0,
+        area_cm2=area if a_note is None else instrument.DEFAULT_AREA_CM2,
+        n_frames=len(headers),
+        transparency_source="guider" if t_note is None else "default",
+        area_source="guider" if a_note is None else "default",
+        notes=notes,
+    )
+    for note in notes:
+        log.warning("guider %s: %s", span, note)
+    log.debug("guider %s: %d frames (%d guiding), transparency %.3f (%s), area %.4g cm2 (%s)",
+              span, len(headers), len(active), out.transparency, out.transparency_source,
+              out.area_cm2, out.area_source)
+    return out
+
+
+def _mean_transparency(active: list[fits.Header], n_read: int, missing: str = ""
+                       ) -> tuple[float, str | None]:
+    """Mean trusted TRANSPAR of guided frames, or (nan, note) when there is none.
+
+    ``missing`` says why no header was read at all (empty when some were).
+    """
+    lo, hi = TRANSPARENCY_RANGE
+    values = [_card(h, "TRANSPAR") for h in active]
+    given = [v for v in values if v is not None]
+    good = [v for v in given if lo <= v <= hi]
+    if good:
+        if len(good) < len(given):
+            log.debug("%d TRANSPAR values outside %.1f-%.1f ignored", len(given) - len(good),
+                      lo, hi)
+        return float(np.mean(good)), None
+    if missing:
+        reason = missing
+    elif not active:
+        reason = f"no guided (GUIDLOOP={GUIDING}) frame among {n_read}"
+    elif not given:
+        reason = f"no TRANSPAR card in the {len(active)} guided frames"
+    else:
+        reason = f"all {len(given)} TRANSPAR values outside {lo}-{hi}"
+    return math.nan, f"transparency 1.0 assumed: {reason}"
+
+
+def _mean_area(active: list[fits.Header], n_read: int, missing: str = ""
+               ) -> tuple[float, str | None]:
+    """Mean illuminated area of guided frames from X_STRT, Y_STRT, or (nan, note)."""
+    xy = [(_card(h, "X_STRT"), _card(h, "Y_STRT")) for h in active]
+    xy = [(x, y) for x, y in xy if x is not None and y is not None]
+    if xy:
+        x, y = np.array(xy, float).T
+        area = instrument.illuminated_area(x, y)
+        area = area[area > 0]
+        if area.size:
+            return float(np.mean(area)), None
+        reason = "tracker positions fall off the primary"
+    elif missing:
+        reason = missing
+    elif not active:
+        reason = f"no guided (GUIDLOOP={GUIDING}) frame among {n_read}"
+    else:
+        reason = f"no X_STRT/Y_STRT tracker cards in the {len(active)} guided frames"
+    return math.nan, f"default area {instrument.DEFAULT_AREA_CM2:.4g} cm2 assumed: {reason}"
+
+
+# --------------------------------------------------------------------------- standards
+
+
+def standard_filename(name: str) -> str:
+    """Reference-spectrum file name of a standard, e.g. ``FEIGE_34`` -> ``mfeige34.dat.txt``."""
+    return "m" + "".join(c for c in name.lower() if c.isalnum()) + ".dat.txt"
+
+
+def standard_file(directory: str | Path, name: str) -> Path | None:
+    """The reference spectrum ``m{name}.dat.txt`` of a standard in ``directory``, or None.
+
+    ``name`` is reduced to lower-case letters and digits (``FEIGE_34`` -> ``mfeige34``); a
+    file whose name differs only in case is accepted too.
+    """
+    folder = Path(directory)
+    target = standard_filename(name)
+    path = folder / target
+    if path.is_file():
+        return path
+    if not folder.is_dir():
+        return None
+    for candidate in sorted(folder.iterdir()):
+        if candidate.name.lower() == target and candidate.is_file():
+            return candidate
+    return None
+
+
+def ab_to_flambda(mag: np.ndarray | float, wave: np.ndarray) -> np.ndarray:
+    """AB magnitude to F_lambda (erg/s/cm^2/Angstrom) at ``wave`` (Angstrom)."""
+    fnu = 10.0 ** (-0.4 * (np.asarray(mag, float) + 48.6))
+    return fnu * C_ANGSTROM / np.asarray(wave, float) ** 2
+
+
+def read_standard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a reference spectrum: wavelength (Angstrom) and F_lambda (erg/s/cm^2/Angstrom).
+
+    The file holds columns of wavelength and AB magnitude (further columns are ignored;
+    ``#`` starts a comment). Rows are sorted by wavelength; repeated wavelengths are dropped.
+
+    Raises
+    ------
+    PanaceaError
+        When the file cannot be read, or holds fewer than two valid rows.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data"
+            table = np.loadtxt(path, comments="#", ndmin=2, usecols=(0, 1))
+    except (OSError, ValueError, IndexError) as exc:
+        raise PanaceaError(f"{path}: cannot read standard-star spectrum ({exc})") from exc
+    wave, mag = table[:, 0], table[:, 1]
+    ok = np.isfinite(wave) & np.isfinite(mag) & (wave > 0)
+    wave, idx = np.unique(wave[ok], return_index=True)
+    if wave.size < 2:
+        raise PanaceaError(f"{path}: standard-star spectrum holds {wave.size} valid rows "
+                           "(need wavelength and AB magnitude columns)")
+    return wave, ab_to_flambda(mag[ok][idx], wave)
+
+
+# --------------------------------------------------------------------------- response
+
+
+@dataclass
+class ResponseFit:
+    """A response derived from a standard star.
+
+    Attributes
+    ----------
+    wave : ndarray
+        The channel grid (Angstrom).
+    response : ndarray
+        Smooth response (erg per electron) on ``wave``.
+    ratio : ndarray
+        Raw ratio ``F_ref * area * transparency / rate`` (NaN where not measurable).
+    reference : ndarray
+        Reference F_lambda convolved to the instrument resolution, on ``wave``.
+    used : ndarray of bool
+        Pixels that entered the final fit (measurable and not clipped).
+    rms : float
+        Fractional RMS of ``ratio / response - 1`` over the used pixels.
+    n_clipped : int
+        Measurable pixels rejected by clipping or by the excluded bands.
+    """
+
+    wave: np.ndarray
+    response: np.ndarray
+    ratio: np.ndarray
+    reference: np.ndarray
+    used: np.ndarray
+    rms: float
+    n_clipped: int
+
+
+def convolve_reference(grid: np.ndarray, ref_wave: np.ndarray, ref_flam: np.ndarray,
+                       resolution: float) -> np.ndarray:
+    """Reference F_lambda seen through the instrument, on ``grid``.
+
+    The reference is resampled onto a uniform grid in ln(wavelength), where a resolving
+    power ``R = lambda / FWHM`` is a Gaussian of constant width, and convolved with that
+    Gaussian widened by the grid's pixel box (added in quadrature). Grid points within
+    three sigma of the ends of the reference (or beyond them) are NaN.
+    """
+    grid = np.asarray(grid, float)
+    rw, rf = np.asarray(ref_wave, float).ravel(), np.asarray(ref_flam, float).ravel()
+    if rw.shape != rf.shape:
+        raise ValueError(f"reference wavelength and flux differ in length: {rw.size}, {rf.size}")
+    ok = np.isfinite(rw) & np.isfinite(rf) & (rw > 0)
+    rw, idx = np.unique(rw[ok], return_index=True)
+    rf = rf[ok][idx]
+    if rw.size < 2:
+        return np.full(grid.shape, np.nan)
+    step = float(np.median(np.abs(np.diff(grid)))) if grid.size > 1 else 0.0
+    centre = float(np.median(grid))
+    sigma_ln = math.sqrt((1.0 / (resolution * FWHM_PER_SIGMA)) ** 2 + (step / centre) ** 2 / 12)
+    # sample finely enough for the kernel and for the reference's own structure
+    dln = float(np.clip(np.median(np.diff(np.log(rw))), sigma_ln / 50.0, sigma_ln / 6.0))
+    half = 5.0 * sigma_ln
+    lo = max(math.log(rw[0]), math.log(grid.min()) - half)
+    hi = min(math.log(rw[-1]), math.log(grid.max()) + half)
+    if hi <= lo:
+        return np.full(grid.shape, np.nan)
+    ln = np.arange(lo, hi + dln, dln)
+    smooth = gaussian_filter1d(np.interp(np.exp(ln), rw, rf), sigma_ln / dln, mode="nearest")
+    out = np.interp(np.log(grid), ln, smooth, left=np.nan, right=np.nan)
+    covered = (np.log(grid) >= math.log(rw[0]) + 3 * sigma_ln) & (
+        np.log(grid) <= math.log(rw[-1]) - 3 * sigma_ln)
+    return np.where(covered, out, np.nan)
+
+
+def _in_bands(wave: np.ndarray, bands: Sequence[tuple[float, float]], margin: float
+              ) -> np.ndarray:
+    """Pixels inside the bands that lie at least ``margin`` inside the range of ``wave``.
+
+    A band at the end of the range is left in: excluding it would leave the response there
+    to an extrapolation, which is worse than the few clipped pixels of the band.
+    """
+    out = np.zeros(wave.shape, bool)
+    for lo, hi in bands:
+        if lo >= wave[0] + margin and hi <= wave[-1] - margin:
+            out |= (wave >= lo) & (wave <= hi)
+    return out
+
+
+def spline_knots(x: np.ndarray, good: np.ndarray, spacing: float, min_fraction: float = 0.25
+                 ) -> np.ndarray:
+    """Clamped cubic knot vector on [x[0], x[-1]] with breakpoints about ``spacing`` apart.
+
+    Breakpoints are removed where an interval holds fewer than ``min_fraction`` of its
+    pixels as ``good`` ones (an excluded band, a masked stretch), merging it with its
+    emptier neighbour: every spline piece then rests on data, and a gap at the end of the
+    range is bridged by the continuation of the last piece instead of a free one.
+    """
+    lo, hi = float(x[0]), float(x[-1])
+    nint = max(1, int(np.ceil((hi - lo) / spacing)))
+    breaks = list(np.linspace(lo, hi, nint + 1))
+    min_count = max(8.0, min_fraction * x.size / nint)
+    while len(breaks) > 2:
+        counts = np.histogram(x[good], bins=breaks)[0]
+        j = int(np.argmin(counts))
+        if counts[j] >= min_count:
+            break
+        if j == 0:
+            drop = 1
+        elif j == len(counts) - 1:
+            drop = len(breaks) - 2
+        else:
+            drop = j if counts[j - 1] <= counts[j + 1] else j + 1
+        del breaks[drop]
+    return np.concatenate([[lo] * 3, breaks, [hi] * 3])
+
+
+def _robust_sigma(values: np.ndarray) -> float:
+    """1.4826 x median absolute deviation."""
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
+def _clipped_spline(design: SplineDesign, y: np.ndarray, w: np.ndarray, good: np.ndarray,
+                    nsigma: float, grow: int, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted spline fit with iterative robust clipping; returns (model, used)."""
+    used = good.copy()
+    model = np.zeros_like(y)
+    for _ in range(max_iter):
+        model = design.evaluate(design.fit(np.where(used, y, 0.0), np.where(used, w, 0.0)))
+        z = (y - model) * np.sqrt(w)
+        # residuals within the stated noise are never clipped, even for noise-free data
+        scale = max(_robust_sigma(z[used]), 1.0)
+        bad = good & (np.abs(z) > nsigma * scale)
+        if grow > 0:
+            bad = binary_dilation(bad, iterations=grow) & good
+        new = good & ~bad
+        if np.array_equal(new, used):
+            break
+        used = new
+    return model, used
+
+
+def derive_response(
+    grid: np.ndarray,
+    rate: np.ndarray,
+    rate_var: np.ndarray,
+    ref_wave: np.ndarray,
+    ref_flam: np.ndarray,
+    resolution: float,
+    area_cm2: float,
+    transparency: float,
+    mask: np.ndarray | None = None,
+    *,
+    knot_spacing: float = 50.0,
+    nsigma: float = 4.0,
+    grow: int = 2,
+    max_iter: int = 15,
+    exclude: Sequence[tuple[float, float]] = TELLURIC_BANDS,
+) -> ResponseFit:
+    """Smooth channel response (erg per electron) from a standard star's spectrum.
+
+    Parameters
+    ----------
+    grid : ndarray, shape (n,)
+        Increasing wavelengths (Angstrom) of the extracted spectrum.
+    rate, rate_var : ndarray, shape (n,)
+        Total count rate of the star (electrons / s / Angstrom) and its variance.
+    ref_wave, ref_flam : ndarray
+        Reference spectrum: wavelength (Angstrom), F_lambda (erg/s/cm^2/Angstrom).
+    resolution : float
+        Resolving power ``lambda / FWHM`` of the line spread.
+    area_cm2, transparency : float
+        Illuminated area and transparency during the exposure.
+    mask : ndarray of bool, optional
+        True for pixels to leave out.
+    knot_spacing : float
+        Spacing (Angstrom) of the spline breakpoints.
+    nsigma, grow, max_iter : float, int, int
+        Clipping threshold in sigmas of the normalised residuals (the robust scale of the
+        residuals over their stated errors, at least 1), pixels rejected either side of a
+        clipped one, and most clipping iterations.
+    exclude : sequence of (lo, hi)
+        Wavelength bands left out of the fit (default: the strong telluric O2 bands) when
+        they lie at least ``knot_spacing`` inside the grid; at the ends, clipping has to do.
+
+    Returns
+    -------
+    ResponseFit
+
+    Raises
+    ------
+    PanaceaError
+        When too few pixels are measurable to fit the response.
+    ValueError
+        For inconsistent inputs (shapes, non-positive area, transparency or resolution).
+    """
+    grid, rate, rate_var = (np.asarray(a, float) for a in (grid, rate, rate_var))
+    if not (grid.ndim == 1 and rate.shape == grid.shape and rate_var.shape == grid.shape):
+        raise ValueError(f"grid, rate and rate_var must be 1-D of one length; got "
+                         f"{grid.shape}, {rate.shape}, {rate_var.shape}")
+    if grid.size < 8 or np.any(np.diff(grid) <= 0):
+        raise ValueError("grid must increase strictly and hold at least 8 points")
+    if not (area_cm2 > 0 and transparency > 0 and resolution > 0):
+        raise ValueError(f"area ({area_cm2}), transparency ({transparency}) and resolution "
+                         f"({resolution}) must be positive")
+    reference = convolve_reference(grid, ref_wave, ref_flam, resolution)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = reference * area_cm2 * transparency / rate
+        measurable = (np.isfinite(ratio) & (ratio > 0) & np.isfinite(rate_var)
+                      & (rate_var > 0) & (rate > 0))
+    if mask is not None:
+        measurable &= ~np.asarray(mask, bool)
+    ratio = np.where(measurable, ratio, np.nan)
+    good = measurable & ~_in_bands(grid, exclude, knot_spacing)
+    design = SplineDesign(grid, spline_knots(grid, good, knot_spacing))
+    if good.sum() < max(2 * design.nbasis, 20):
+        raise PanaceaError(f"response: only {int(good.sum())} of {grid.size} pixels usable "
+                           f"between {grid[0]:.0f} and {grid[-1]:.0f} A (reference coverage, "
+                           f"positive rate and variance)")
+    y = np.log(np.where(good, ratio, 1.0))
+    w = np.where(good, rate**2 / np.where(good, rate_var, 1.0), 0.0)
+    model, used = _clipped_spline(design, y, w, good, nsigma, grow, max_iter)
+    response = np.exp(model)
+    resid = ratio[used] / response[used] - 1.0
+    rms = float(np.sqrt(np.mean(resid**2))) if resid.size else math.nan
+    n_clipped = int(measurable.sum() - used.sum())
+    log.info("response %.0f-%.0f A: %d pixels fitted, %d clipped, rms %.2f%%", grid[0],
+             grid[-1], int(used.sum()), n_clipped, 100 * rms)
+    return ResponseFit(grid, response, ratio, reference, used, rms, n_clipped)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_response(path: str | Path, wave: np.ndarray, response: np.ndarray,
+                   header: dict | None = None) -> Path:
+    """Write a response as a 2 x N float64 image ``[wavelength, response]`` (atomic).
+
+    ``header`` adds cards (key -> value or (value, comment)), e.g. the channel and the
+    standard it came from.
+    """
+    wave, response = np.asarray(wave, float), np.asarray(response, float)
+    if wave.ndim != 1 or wave.shape != response.shape:
+        raise ValueError(f"wave and response must be 1-D of one length; got {wave.shape}, "
+                         f"{response.shape}")
+    hdu = fits.PrimaryHDU(np.stack([wave, response]).astype(np.float64))
+    h = hdu.header
+    h["BUNIT"] = (RESPONSE_UNIT, "row 1; row 0 is wavelength")
+    h["ROW0"] = ("wavelength", "air Angstrom")
+    h["ROW1"] = ("response", "erg/e-: F_lambda = e-/s/A/cm2 x response")
+    for key, value in (header or {}).items():
+        h[key] = value
+    return write_fits_atomic(fits.HDUList([hdu]), path)
+
+
+def read_response(path: str | Path, grid: np.ndarray | None = None) -> np.ndarray:
+    """Read a response file; return the response, interpolated onto ``grid`` if given.
+
+    Without ``grid`` the stored 2 x N array ``[wavelength, response]`` is returned.
+
+    Raises
+    ------
+    PanaceaError
+        When the file cannot be read, is not a 2 x N image of increasing wavelengths and
+        positive finite responses, or does not cover ``grid``.
+    """
+    path = Path(path)
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            data = hdul[0].data
+            data = None if data is None else np.array(data, dtype=float)
+    except (OSError, ValueError, IndexError) as exc:
+        raise PanaceaError(f"{path}: cannot read response file ({exc})") from exc
+    if data is None or data.ndim != 2 or data.shape[0] != 2 or data.shape[1] < 2:
+        shape = None if data is None else data.shape
+        raise PanaceaError(f"{path}: a response file holds a 2 x N image [wavelength, "
+                           f"response]; found shape {shape}")
+    wave, resp = data
+    if not (np.all(np.isfinite(data)) and np.all(np.diff(wave) > 0) and np.all(resp > 0)):
+        raise PanaceaError(f"{path}: response file needs increasing wavelengths and positive, "
+                           "finite responses")
+    if grid is None:
+        return data
+    grid = np.asarray(grid, float)
+    tol = float(np.median(np.diff(wave)))
+    if grid.min() < wave[0] - tol or grid.max() > wave[-1] + tol:
+        raise PanaceaError(f"{path}: response covers {wave[0]:.1f}-{wave[-1]:.1f} A, not the "
+                           f"grid's {grid.min():.1f}-{grid.max():.1f} A")
+    return np.interp(grid, wave, resp)
+
+
+def response_filename(channel_name: str) -> str:
+    """File name of a channel's response, e.g. ``response_uv.fits``."""
+    return f"response_{channel_name}.fits"
+
+
+def response_from_dir(directory: str | Path, channel_name: str, grid: np.ndarray
+                      ) -> np.ndarray | None:
+    """Response of a channel on ``grid`` from ``directory/response_{channel}.fits``.
+
+    Returns None when the file does not exist; raises :class:`PanaceaError` when it is
+    malformed.
+    """
+    path = Path(directory) / response_filename(channel_name)
+    if not path.is_file():
+        return None
+    return read_response(path, grid)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def flux_calibrate(rate: np.ndarray, rate_err: np.ndarray, response: np.ndarray,
+                   area_cm2: float, transparency: float) -> tuple[np.ndarray, np.ndarray]:
+    """F_lambda (erg/s/cm^2/Angstrom) and its error from a count rate (e-/s/Angstrom).
+
+    ``F = rate / (area * transparency) * response``; the arrays broadcast (e.g. 280 x N
+    spectra with an N-point response). An error of 0 (a bad pixel) stays 0.
+    """
+    if not (area_cm2 > 0 and transparency > 0):
+        raise ValueError(f"area ({area_cm2}) and transparency ({transparency}) must be "
+                         "positive")
+    scale = np.asarray(response, float) / (area_cm2 * transparency)
+    return np.asarray(rate, float) * scale, np.asarray(rate_err, float) * scale

@@ -1,0 +1,368 @@
+"""Point sources on the IFU: detection, Moffat PSF fit, refraction track, PSF extraction.
+
+Works on the rectified, sky-subtracted fiber spectra of one exposure and channel (any unit
+per fiber and Angstrom) and the lenslet positions.
+
+1. **Detection**: sky-line bins and bad bins are masked, the spectra are averaged (inverse
+   variance) in windows of ``2 * half_width`` Angstrom, every window's fiber map is
+   smoothed with the neighbouring lenslets, and the most significant fiber and window win.
+   ``central_wave`` fixes the window; ``forced`` fixes the position.
+2. **PSF**: an elliptical Moffat (FWHM, axis ratio, angle; fixed beta) integrated over each
+   0.59" lenslet on a sub-grid, plus a constant, fitted by least squares to the collapsed
+   map and then to broad wavelength bins of the whole channel.
+3. **Refraction**: the model track (:mod:`panacea.refraction`) and, when the bins give
+   positions to better than :data:`TRACK_PRECISION`, the measured one: the bin centroids
+   fitted as ``x0 + a_x r(lambda)``, ``y0 + a_y r(lambda)`` with ``r`` the model's shape.
+4. **Extraction**: at each wavelength the PSF (at the track's position, with the fitted
+   FWHM(lambda)) weights the fibers; ``F = sum(P d / s^2) / sum(P^2 / s^2)`` with error
+   ``1 / sqrt(sum(P^2 / s^2))``, the PSF normalised over the whole plane so that F is the
+   total flux of the source. The sky is extracted with the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import optimize
+from scipy.ndimage import median_filter
+
+from . import instrument
+from .refraction import Weather, refraction, refraction_track
+
+log = logging.getLogger(__name__)
+
+#: Moffat beta of the PSF (typical of seeing-limited images; fixed in the fit).
+MOFFAT_BETA = 3.5
+#: Sub-pixels per lenslet side in the PSF integral.
+SUBSAMPLE = 6
+#: Minimum significance (sigma) of a detection.
+DETECTION_SIGMA = 8.0
+#: A bin's centroid error (arcsec) below which it counts for a measured track.
+TRACK_PRECISION = 0.03
+#: Number of broad wavelength bins for the PSF and track measurement.
+N_BINS = 10
+#: FWHM scales as wavelength^-0.2 (Kolmogorov) between measured bins and beyond.
+FWHM_EXPONENT = -0.2
+
+
+@dataclass
+class Detection:
+    """Most significant point of the IFU: position, window and significance."""
+
+    x: float
+    y: float
+    wave: float
+    half_width: float
+    significance: float
+    values: np.ndarray  # per-fiber mean in the window
+    errors: np.ndarray
+    forced: bool = False
+
+
+@dataclass
+class PSF:
+    """Elliptical Moffat fitted to a fiber map."""
+
+    x: float
+    y: float
+    fwhm: float  # major axis (arcsec)
+    ratio: float  # minor / major axis
+    angle: float  # radians, major axis from +x towards +y
+    amplitude: float  # total flux of the source in the map's units
+    background: float
+    x_err: float
+    y_err: float
+    chi2: float
+
+    @property
+    def ellipticity(self) -> float:
+        return 1.0 - self.ratio
+
+
+@dataclass
+class Source:
+    """A detected source, its PSF, track and extracted spectrum."""
+
+    detection: Detection
+    psf: PSF
+    ref_wave: float
+    model_track: tuple[np.ndarray, np.ndarray]
+    measured_track: tuple[np.ndarray, np.ndarray] | None
+    fwhm: np.ndarray  # FWHM (arcsec) at every grid wavelength
+    x: np.ndarray  # position (arcsec) at every grid wavelength
+    y: np.ndarray
+    weights: np.ndarray  # (nfib, nwave) PSF fraction per fiber
+    spectrum: np.ndarray
+    error: np.ndarray
+    sky: np.ndarray
+    sky_error: np.ndarray
+    bins: list[PSF] = field(default_factory=list)
+    bin_waves: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def track_used(self) -> str:
+        return "measured" if self.measured_track is not None else "model"
+
+
+# --------------------------------------------------------------------------- PSF model
+
+
+def _subgrid(n: int = SUBSAMPLE) -> tuple[np.ndarray, np.ndarray]:
+    s = ((np.arange(n) + 0.5) / n - 0.5) * instrument.LENSLET_PITCH
+    gx, gy = np.meshgrid(s, s)
+    return gx.ravel(), gy.ravel()
+
+
+def moffat_fractions(xy: np.ndarray, x0, y0, fwhm, ratio=1.0, angle=0.0,
+                     beta: float = MOFFAT_BETA) -> np.ndarray:
+    """Fraction of a point source's light falling on every lenslet.
+
+    ``x0, y0, fwhm`` may be arrays of one value per wavelength: the result is then
+    (nfib, nwave); for scalars (nfib,).
+    """
+    x0, y0, fwhm = (np.atleast_1d(np.asarray(v, float)) for v in (x0, y0, fwhm))
+    sx, sy = _subgrid()
+    px = xy[:, 0, None, None] + sx[None, :, None]  # (nfib, nsub, 1)
+    py = xy[:, 1, None, None] + sy[None, :, None]
+    alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+    dx, dy = px - x0[None, None, :], py - y0[None, None, :]
+    c, s = np.cos(angle), np.sin(angle)
+    u = dx * c + dy * s
+    v = (-dx * s + dy * c) / ratio
+    r2 = (u**2 + v**2) / alpha[None, None, :] ** 2
+    norm = (beta - 1) / (np.pi * alpha**2 * ratio)
+    area = (instrument.LENSLET_PITCH / SUBSAMPLE) ** 2
+    out = (norm[None, None, :] * (1 + r2) ** -beta).sum(axis=1) * area
+    return out[:, 0] if out.shape[1] == 1 else out
+
+
+def fit_psf(values: np.ndarray, errors: np.ndarray, xy: np.ndarray, start: tuple,
+            fix_shape: tuple | None = None) -> PSF:
+    """Least-squares Moffat fit of a fiber map (fibers with error <= 0 are left out).
+
+    ``start`` is (x, y, fwhm). ``fix_shape`` = (fwhm, ratio, angle) fits only position,
+    amplitude and background.
+    """
+    ok = (errors > 0) & np.isfinite(values)
+    v, e, p = values[ok], errors[ok], xy[ok]
+
+    def design(par):
+        if fix_shape is None:
+            x, y, fwhm, ratio, angle = par
+        else:
+            (x, y), (fwhm, ratio, angle) = par, fix_shape
+        return moffat_fractions(p, x, y, fwhm, ratio, angle)
+
+    def linear(par):
+        m = design(par)
+        a = np.column_stack([m, np.ones_like(m)]) / e[:, None]
+        coef, *_ = np.linalg.lstsq(a, v / e, rcond=None)
+        return coef, m
+
+    def resid(par):
+        coef, m = linear(par)
+        return (v - coef[0] * m - coef[1]) / e
+
+    x0, y0, f0 = start
+    if fix_shape is None:
+        p0 = [x0, y0, f0, 0.95, 0.0]
+        lo = [x0 - 2.0, y0 - 2.0, 0.4, 0.5, -np.pi / 2]
+        hi = [x0 + 2.0, y0 + 2.0, 5.0, 1.0, np.pi / 2]
+    else:
+        p0, lo, hi = [x0, y0], [x0 - 2.0, y0 - 2.0], [x0 + 2.0, y0 + 2.0]
+    res = optimize.least_squares(resid, p0, bounds=(lo, hi), x_scale=0.1)
+    coef, _ = linear(res.x)
+    chi2 = float(np.sum(res.fun**2) / max(res.fun.size - len(p0) - 2, 1))
+    try:
+        cov = np.linalg.inv(res.jac.T @ res.jac) * max(chi2, 1.0)
+        xerr, yerr = float(np.sqrt(cov[0, 0])), float(np.sqrt(cov[1, 1]))
+    except np.linalg.LinAlgError:
+        xerr = yerr = float("inf")
+    if fix_shape is None:
+        x, y, fwhm, ratio, angle = res.x
+    else:
+        (x, y), (fwhm, ratio, angle) = res.x, fix_shape
+    return PSF(float(x), float(y), float(fwhm), float(ratio), float(angle), float(coef[0]),
+               float(coef[1]), xerr, yerr, chi2)
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def sky_line_mask(sky: np.ndarray, threshold: float = 1.1) -> np.ndarray:
+    """Grid bins dominated by sky lines: the median sky above ``threshold`` times its
+    running median over ~50 bins."""
+    med = np.median(np.where(sky > 0, sky, np.nan), axis=0) if sky.ndim == 2 else sky
+    med = np.nan_to_num(med)
+    run = median_filter(med, size=51, mode="nearest")
+    return med > threshold * np.maximum(run, 1e-30)
+
+
+def _neighbour_matrix(xy: np.ndarray, radius: float = 0.65) -> np.ndarray:
+    """Row-normalised weights of each lenslet and its nearest neighbours."""
+    d = np.hypot(xy[:, None, 0] - xy[None, :, 0], xy[:, None, 1] - xy[None, :, 1])
+    return (d < radius).astype(float)
+
+
+def _window_means(data, err, good, grid, lo, hi):
+    sel = good & (grid >= lo)[None, :] & (grid < hi)[None, :]
+    w = np.where(sel, 1.0 / np.where(err > 0, err, 1.0) ** 2, 0.0)
+    wsum = w.sum(axis=1)
+    mean = np.divide((w * data).sum(axis=1), wsum, out=np.zeros(len(data)), where=wsum > 0)
+    merr = np.divide(1.0, np.sqrt(wsum), out=np.zeros(len(data)), where=wsum > 0)
+    return mean, merr
+
+
+def detect(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, grid: np.ndarray,
+           xy: np.ndarray, central_wave: float | None = None, half_width: float = 10.0,
+           forced: tuple[float, float] | None = None) -> Detection | None:
+    """The most significant source of the IFU (None when nothing reaches
+    :data:`DETECTION_SIGMA`, unless ``forced``)."""
+    good = (err > 0) & ~sky_line_mask(sky)[None, :]
+    if central_wave is not None:
+        centres = np.array([central_wave])
+    else:
+        centres = np.arange(grid[0] + half_width, grid[-1] - half_width + 1e-9, half_width)
+    neigh = _neighbour_matrix(xy)
+    best = None
+    for c in centres:
+        mean, merr = _window_means(skysub, err, good, grid, c - half_width, c + half_width)
+        ok = merr > 0
+        if ok.sum() < 20:
+            continue
+        w = np.where(ok, 1.0 / np.where(ok, merr, 1) ** 2, 0.0)
+        num = neigh @ (w * mean)
+        den = neigh @ w
+        sig = np.divide(num, np.sqrt(den), out=np.zeros_like(num), where=den > 0)
+        if forced is not None:
+            k = int(np.argmin(np.hypot(*(xy - np.asarray(forced)).T)))
+        else:
+            k = int(np.argmax(sig))
+        if best is None or sig[k] > best[0]:
+            best = (float(sig[k]), k, float(c), mean, merr)
+    if best is None:
+        return None
+    sig, k, c, mean, merr = best
+    if forced is None and sig < DETECTION_SIGMA:
+        log.info("no source: the most significant point reaches %.1f sigma (< %.0f)", sig,
+                 DETECTION_SIGMA)
+        return None
+    x, y = (forced if forced is not None else xy[k])
+    return Detection(float(x), float(y), c, half_width, sig, mean, merr, forced is not None)
+
+
+# --------------------------------------------------------------------------- the source
+
+
+def _bins(grid: np.ndarray, good: np.ndarray, n: int) -> list[np.ndarray]:
+    """``n`` wavelength bins of equal numbers of good grid points."""
+    idx = np.flatnonzero(good)
+    return [b for b in np.array_split(idx, n) if b.size > 10]
+
+
+def analyse(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, sky_err: np.ndarray,
+            grid: np.ndarray, xy: np.ndarray, parangle: float, weather: Weather,
+            central_wave: float | None = None, half_width: float = 10.0,
+            forced: tuple[float, float] | None = None, fwhm_guess: float = 1.5
+            ) -> Source | None:
+    """Detect, fit and extract the source of one exposure and channel (None if none)."""
+    det = detect(skysub, err, sky, grid, xy, central_wave, half_width, forced)
+    if det is None:
+        return None
+    psf = fit_psf(det.values, det.errors, xy, (det.x, det.y, fwhm_guess))
+    if forced is not None:
+        psf = fit_psf(det.values, det.errors, xy, (det.x, det.y, psf.fwhm),
+                      fix_shape=(psf.fwhm, psf.ratio, psf.angle))
+        psf.x, psf.y = det.x, det.y
+    log.info("source found at IFU (%.2f, %.2f) arcsec, FWHM %.2f arcsec, %.0f sigma at "
+             "%.0f A", psf.x, psf.y, psf.fwhm, det.significance, det.wave)
+    ref_wave = det.wave
+    model = refraction_track(grid, ref_wave, parangle, weather)
+    r = refraction(grid, weather)
+    r = r - np.interp(ref_wave, grid, r)
+
+    # broad bins: position, FWHM and shape as a function of wavelength
+    good = (err > 0) & ~sky_line_mask(sky)[None, :]
+    bins, waves = [], []
+    for b in _bins(grid, good.any(axis=0), N_BINS):
+        mean, merr = _window_means(skysub, err, good, grid, grid[b[0]], grid[b[-1]] + 1e-9)
+        if (merr > 0).sum() < 20:
+            continue
+        wc = float(np.mean(grid[b]))
+        start = (psf.x + np.interp(wc, grid, model[0]), psf.y + np.interp(wc, grid, model[1]),
+                 psf.fwhm)
+        try:
+            fit = fit_psf(mean, merr, xy, start)
+        except (ValueError, np.linalg.LinAlgError):
+            continue
+        bins.append(fit)
+        waves.append(wc)
+    waves = np.array(waves)
+    measured = None
+    usable = [i for i, b in enumerate(bins) if max(b.x_err, b.y_err) < TRACK_PRECISION
+              and b.amplitude > 0]
+    x0, y0 = psf.x, psf.y
+    if forced is None and len(usable) >= 4:
+        rb = np.interp(waves[usable], grid, r)
+        wx = np.array([1 / bins[i].x_err ** 2 for i in usable])
+        wy = np.array([1 / bins[i].y_err ** 2 for i in usable])
+        a = np.column_stack([np.ones_like(rb), rb])
+        cx = np.linalg.lstsq(a * np.sqrt(wx)[:, None],
+                             np.array([bins[i].x for i in usable]) * np.sqrt(wx), rcond=None)[0]
+        cy = np.linalg.lstsq(a * np.sqrt(wy)[:, None],
+                             np.array([bins[i].y for i in usable]) * np.sqrt(wy), rcond=None)[0]
+        x0, y0 = float(cx[0]), float(cy[0])
+        measured = (cx[1] * r, cy[1] * r)
+        fw = np.array([bins[i].fwhm for i in usable])
+        lw = np.log(waves[usable] / ref_wave)
+        # FWHM(lambda): power law fitted to the bins (slope free, anchored by all bins)
+        slope, icpt = np.polyfit(lw, np.log(fw), 1)
+        fwhm = np.exp(icpt) * (grid / ref_wave) ** slope
+        ratio = float(np.median([bins[i].ratio for i in usable]))
+        angle = float(np.median([bins[i].angle for i in usable]))
+    else:
+        fwhm = psf.fwhm * (grid / ref_wave) ** FWHM_EXPONENT
+        ratio, angle = psf.ratio, psf.angle
+    track = measured if measured is not None else model
+    x, y = x0 + track[0], y0 + track[1]
+    psf.x, psf.y = x0, y0
+    weights = _weights_on_grid(xy, x, y, fwhm, ratio, angle, grid)
+    spec, spec_err = psf_extract(skysub, err, weights)
+    sky_spec, sky_spec_err = psf_extract(sky, err, weights, sky_err)
+    log.info("refraction track (%s): %.2f arcsec across the channel (model %.2f)",
+             "measured" if measured is not None else "model",
+             float(np.ptp(np.hypot(*track))), float(np.ptp(np.hypot(*model))))
+    return Source(det, psf, ref_wave, model, measured, fwhm, x, y, weights, spec, spec_err,
+                  sky_spec, sky_spec_err, bins, waves)
+
+
+def _weights_on_grid(xy, x, y, fwhm, ratio, angle, grid, nknots: int = 48) -> np.ndarray:
+    """PSF fraction per fiber at every grid wavelength (computed at knots, interpolated)."""
+    k = np.linspace(0, grid.size - 1, nknots).round().astype(int)
+    frac = moffat_fractions(xy, x[k], y[k], fwhm[k], ratio, angle)
+    out = np.empty((xy.shape[0], grid.size))
+    for f in range(xy.shape[0]):
+        out[f] = np.interp(grid, grid[k], frac[f])
+    return out
+
+
+def psf_extract(data: np.ndarray, err: np.ndarray, weights: np.ndarray,
+                data_err: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """PSF-weighted optimal extraction at every wavelength (fibers with err <= 0 skipped).
+
+    Weights use ``err`` (the observed spectra's errors); the error of the result comes
+    from ``data_err`` when given (e.g. the sky's own error), else from ``err``."""
+    good = err > 0
+    inv = np.where(good, 1.0 / np.where(good, err, 1.0) ** 2, 0.0)
+    den = np.sum(weights**2 * inv, axis=0)
+    num = np.sum(weights * inv * np.where(good, data, 0.0), axis=0)
+    ok = den > 0
+    flux = np.divide(num, den, out=np.zeros_like(num), where=ok)
+    if data_err is None:
+        error = np.divide(1.0, np.sqrt(den), out=np.zeros_like(den), where=ok)
+    else:
+        var = np.sum((weights * inv) ** 2 * np.where(good, data_err, 0.0) ** 2, axis=0)
+        error = np.divide(np.sqrt(var), den, out=np.zeros_like(den), where=ok)
+    return flux, error

@@ -1,0 +1,98 @@
+"""Source detection, Moffat PSF, refraction and PSF extraction on synthetic IFU data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from panacea import instrument
+from panacea.refraction import Weather, header_weather, refraction_track
+from panacea.simulate.spectra import refraction_offsets
+from panacea.source import analyse, detect, fit_psf, moffat_fractions, psf_extract
+
+XY = instrument.fiber_positions()
+
+
+def test_moffat_fractions_sum_to_the_light_on_the_ifu():
+    centre = moffat_fractions(XY, 0.0, 0.0, 1.5)
+    assert 0.97 < centre.sum() < 1.0  # a little light falls outside the 12" x 7" IFU
+    corner = moffat_fractions(XY, -6.0, -3.4, 1.5)
+    assert corner.sum() < 0.5
+    many = moffat_fractions(XY, np.array([0.0, 1.0]), np.array([0.0, 0.5]), np.array([1.5, 2]))
+    assert many.shape == (280, 2)
+    np.testing.assert_allclose(many[:, 0], centre)
+
+
+def test_psf_fit_recovers_position_fwhm_and_shape():
+    rng = np.random.default_rng(3)
+    truth = moffat_fractions(XY, 0.83, -0.41, 1.62, ratio=0.93, angle=0.0) * 5e4 + 20.0
+    err = np.sqrt(truth + 25.0)
+    data = truth + rng.normal(0, err)
+    psf = fit_psf(data, err, XY, (0.6, -0.3, 1.3))
+    assert psf.x == pytest.approx(0.83, abs=0.02)
+    assert psf.y == pytest.approx(-0.41, abs=0.02)
+    assert psf.fwhm == pytest.approx(1.62, rel=0.03)
+    assert psf.ratio == pytest.approx(0.93, abs=0.04)
+    assert psf.amplitude == pytest.approx(5e4, rel=0.02)
+
+
+def _ifu_cube(flux, x, y, fwhm, grid, noise=1.0, seed=0):
+    frac = moffat_fractions(XY, x, y, fwhm)
+    model = frac * flux[None, :]
+    err = np.full(model.shape, noise)
+    data = model + np.random.default_rng(seed).normal(0, noise, model.shape)
+    return data, err
+
+
+def test_detection_needs_a_significant_source():
+    grid = np.linspace(4635, 6950, 2064)
+    sky = np.ones((280, grid.size))
+    noise = np.random.default_rng(1).normal(0, 1, (280, grid.size))
+    assert detect(noise, np.ones_like(noise), sky, grid, XY) is None
+    data, err = _ifu_cube(np.full(grid.size, 20.0), np.full(grid.size, -2.0),
+                          np.full(grid.size, 1.0), np.full(grid.size, 1.5), grid)
+    det = detect(data, err, sky, grid, XY)
+    assert det is not None and det.significance > 10
+    assert np.hypot(det.x + 2.0, det.y - 1.0) < 0.6  # the nearest lenslet
+
+
+def test_analyse_measures_the_refraction_track_and_extracts_the_flux():
+    ch = instrument.get_channel("uv")
+    grid = ch.grid
+    weather = Weather(8.0, 793.0, 40.0)
+    dx, dy = refraction_offsets(grid, 4100.0, 63.0, 8.0, 793.0, 40.0)  # simulator's model
+    flux = 400.0 * (grid / 4000.0) ** -1
+    fwhm = 1.4 * (grid / 4100.0) ** -0.2
+    data, err = _ifu_cube(flux, 0.7 + dx, -0.5 + dy, fwhm, grid, noise=0.5)
+    sky = np.ones_like(data)
+    src = analyse(data, err, sky, err, grid, XY, 63.0, weather, fwhm_guess=1.3)
+    assert src is not None and src.track_used == "measured"
+    px, py = src.x - (0.7 + dx), src.y - (-0.5 + dy)
+    assert np.max(np.hypot(px, py)) < 0.03
+    # model track (ERFA) against the simulator's Edlen model
+    mdx, mdy = refraction_track(grid, src.ref_wave, 63.0, weather)
+    sdx, sdy = refraction_offsets(grid, src.ref_wave, 63.0, 8.0, 793.0, 40.0)
+    assert np.max(np.hypot(mdx - sdx, mdy - sdy)) < 0.02
+    assert np.ptp(np.hypot(mdx, mdy)) > 0.4  # ~0.5" across uv
+    assert np.median(src.fwhm / fwhm) == pytest.approx(1.0, abs=0.03)
+    ratio = src.spectrum / flux
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.005)
+    pull = (src.spectrum - flux) / src.error
+    assert 0.85 < np.std(pull) < 1.15
+
+
+def test_psf_extraction_error_is_the_inverse_weight():
+    w = np.array([[0.5], [0.3], [0.0]])
+    d = np.array([[50.0], [30.0], [99.0]])
+    e = np.array([[1.0], [1.0], [0.0]])
+    f, err = psf_extract(d, e, w)
+    assert f[0] == pytest.approx(100.0)
+    assert err[0] == pytest.approx(1 / np.sqrt(0.25 + 0.09))
+
+
+def test_header_weather_defaults_are_noted():
+    h = fits.Header({"AMBTEMP": 4.5, "BAROMPRE": 801.0})
+    w = header_weather(h)
+    assert (w.temperature, w.pressure, w.humidity) == (4.5, 801.0, 30.0)
+    assert len(w.notes) == 1 and "humidity" in w.notes[0]
