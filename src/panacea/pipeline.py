@@ -27,7 +27,7 @@ from .calibration import CalibrationOptions, StageTimer, calibrate_channel, plan
 from .errors import PanaceaError
 from .inventory import format_inventory
 from .exposure_products import flux_scale, spectrum_rows, write_exposure_products
-from .joined import combine_exposures, join_channels, write_joined
+from .joined import CHANNEL_ORDER, combine_exposures, join_channels, write_joined
 from .products import product_folder
 from .science import ChannelCalibration, ExposureResult, ScienceOptions, reduce_exposure
 
@@ -246,14 +246,32 @@ def reduce_night(args: argparse.Namespace) -> int:
 
 
 def _write_joined(root, date, obsid, by_channel, header, unit, night) -> None:
+    """Combine the exposures and join the channels of one observation from the
+    ``spectrum_*`` files in its folder (so that a re-run of some channels still joins all
+    the channels reduced so far)."""
+    exposure = next(e for e in night.exposures() if e.obsid == obsid)
+    folder = _folder(root, exposure)
+    rows_by_channel: dict[str, list] = {}
+    for name in CHANNEL_ORDER:
+        for path in sorted(folder.glob(f"spectrum_{date}_{obsid:07d}_exp*_{name}.fits")):
+            try:
+                rows = fits.getdata(path).astype(float)
+                if fits.getheader(path).get("BUNIT", unit) != unit:
+                    log.warning("%s: unit differs from this run's; left out of the join", path)
+                    continue
+            except (OSError, ValueError) as err:
+                log.warning("%s: unreadable (%s); left out of the join", path, err)
+                continue
+            rows_by_channel.setdefault(name, []).append(rows)
+    for name, rows in by_channel.items():  # this run's, if their files are not there
+        rows_by_channel.setdefault(name, rows)
     parts = {}
-    for name, rows in by_channel.items():
+    for name, rows in rows_by_channel.items():
         flux, err, sky = combine_exposures([r[1] for r in rows], [r[3] for r in rows],
                                            [r[2] for r in rows])
         parts[name] = (rows[0][0], flux, err, sky)
     joined = join_channels(parts)
-    exposure = next(e for e in night.exposures() if e.obsid == obsid)
-    path = _folder(root, exposure) / f"joined_{date}_{obsid:07d}.fits"
+    path = folder / f"joined_{date}_{obsid:07d}.fits"
     write_joined(path, joined, unit, header)
-    log.info("obs %d: %d exposures combined, channels %s joined into %s", obsid,
-             max(len(r) for r in by_channel.values()), ",".join(parts), path)
+    log.info("obs %d: exposures combined, channels %s joined into %s", obsid,
+             ",".join(parts), path)

@@ -85,8 +85,9 @@ class SkyModel:
         Mean sky level of each fiber relative to ``ftf`` (dimensionless).
     relative : ndarray, shape (nfiber, ncol), or None
         Throughput of each sky fiber relative to ``ftf``, measured from the sky itself: its
-        sky level over the IFU-smooth level of all sky fibers (1 for other fibers; None for
-        the template method). ``ftf * relative`` is the fiber-to-fiber re-derived from the
+        inverse-variance weighted scale of the common sky (bright lines dominate) over the
+        IFU-smooth trend of all sky fibers' scales (one value per fiber, repeated along the
+        columns; 1 for other fibers; None for the template method). ``ftf * relative`` is the fiber-to-fiber re-derived from the
         frame (``--correct_ftf``).
     shift : ndarray, shape (nfiber,)
         Mean wavelength shift of each fiber (Angstrom; spline method only, else 0).
@@ -262,10 +263,18 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
     # with an additive smooth continuum standing in for the object.
     obj = live & ~use
     pred_level = pred[:, 1:nl + 1] @ lev_basis.T  # (nfib, ncol)
-    # a sky fiber's level over the IFU-smooth sky level is its throughput error (the
-    # smooth part is the sky's own gradient across the IFU)
-    relative = np.where(use[:, None] & (pred_level > 0), level / np.where(
-        pred_level > 0, pred_level, 1.0), 1.0)
+    # throughput of each sky fiber relative to ftf: its best scale of the common sky (with
+    # its own shift and width terms), weighted by inverse variance so that the bright sky
+    # lines dominate (the level alone is degenerate with the additive offset on a flat
+    # continuum), over the IFU-smooth trend of those scales (the sky's own gradient)
+    shape = spl[0]
+    wp = np.where(pix_ok, w, 0.0)
+    den = np.sum(wp * shape**2, axis=1)
+    scale = np.divide(np.sum(wp * y * shape, axis=1), den, out=np.zeros(nfib), where=den > 0)
+    trend, _ = _smooth_fit(scale[:, None], smooth_basis, use & (scale > 0))
+    ratio = np.where(use & (trend[:, 0] > 0) & (scale > 0),
+                     scale / np.where(trend[:, 0] > 0, trend[:, 0], 1.0), 1.0)
+    relative = np.broadcast_to(ratio[:, None], (nfib, ncol)).copy()
     if obj.any():
         cont = legendre.legvander(u, 3)
         target = y - pred_level * spl[0] - pred[:, -1:] * inv_norm
