@@ -87,8 +87,8 @@ class SkyModel:
         Throughput of each sky fiber relative to ``ftf``, measured from the sky itself: its
         inverse-variance weighted scale of the common sky (bright lines dominate) over the
         IFU-smooth trend of all sky fibers' scales (one value per fiber, repeated along the
-        columns; 1 for other fibers; None for the template method). ``ftf * relative`` is the fiber-to-fiber re-derived from the
-        frame (``--correct_ftf``).
+        columns; 1 for other fibers; None for the template method). ``ftf * relative`` is
+        the fiber-to-fiber re-derived from the frame (``--correct_ftf``).
     shift : ndarray, shape (nfiber,)
         Mean wavelength shift of each fiber (Angstrom; spline method only, else 0).
     width : ndarray, shape (nfiber,)
