@@ -57,6 +57,22 @@ def main(argv=None) -> int:
         plot_multi_summary(arrays, instrument.get_channel("orange").grid,
                            images / "multi_orange_science.png",
                            f"{multi.name} ({header.get('BUNIT', '')})")
+    joined = demo / "HET18-2-100" / f"joined_{args.date}_0000012.fits"
+    if joined.exists():
+        from astropy.table import Table
+
+        from panacea.qa import plot_joined
+        from panacea.simulate.truth import truth_dir
+
+        t = Table.read(joined)
+        data = {"wave": np.asarray(t["wavelength"]), "flux": np.asarray(t["flux"]),
+                "error": np.asarray(t["error"]), "channel": np.asarray(t["channel"])}
+        raw = demo.parent / "raw"
+        truth_file = truth_dir(raw, args.date) / "spectra" / "science.txt"
+        truth = np.loadtxt(truth_file, unpack=True) if truth_file.exists() else None
+        plot_joined(data, images / "joined_science.png",
+                    f"{joined.name}: two exposures combined, four channels joined",
+                    str(t["flux"].unit), truth)
     return 0
 
 

@@ -30,7 +30,7 @@ from panacea.calbundle import bundle_path  # noqa: E402
 from panacea.calibration import CalibrationOptions, StageTimer  # noqa: E402
 from panacea.cosmics import detect_cosmics  # noqa: E402
 from panacea.pipeline import calibration_for, write_multi  # noqa: E402
-from panacea.science import ChannelCalibration, ScienceOptions, process_frame  # noqa: E402
+from panacea.science import ChannelCalibration, ScienceOptions, reduce_exposure  # noqa: E402
 from panacea.simulate import NightConfig, simulate_night  # noqa: E402
 from panacea.simulate.truth import load_channel, load_exposure, load_night  # noqa: E402
 
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
             path = write_multi(night, e, cal, reduced, ScienceOptions(), timer=timer)
             total = time.perf_counter() - t0
             times.append((ch.name, e.name, timer, total, path.stat().st_size / 1e6))
-            sf = process_frame(night, e, cal)
+            sf = reduce_exposure(night, e, cal).frame  # final sky (after any refit)
             acc = accuracy(sf, parts, ctruth)
             truth_cr = parts["cosmic"].astype(bool)
             det, false = cosmic_stats(sf.cosmics, truth_cr, sf.flattened, sf.pixel_variance)
@@ -131,9 +131,9 @@ def main(argv=None) -> int:
         e = next((x for x in exposures if plans[(x.obsid, x.exp)]["kind"] == "science"),
                  exposures[0])
         parts = load_exposure(out, args.date, e.obsid, e.exp, ch.name)
-        tmpl = accuracy(process_frame(night, e, cal, ScienceOptions(sky_method="template")),
-                        parts, ctruth)
-        sf = process_frame(night, e, cal)
+        tmpl = accuracy(reduce_exposure(night, e, cal, ScienceOptions(sky_method="template"))
+                        .frame, parts, ctruth)
+        sf = reduce_exposure(night, e, cal).frame
         cr = {}
         for method in ("fiber", "lacosmic"):
             t0 = time.perf_counter()

@@ -376,3 +376,17 @@ def test_flux_calibrate():
     assert np.all(e[1] == 0)
     with pytest.raises(ValueError):
         fluxcal.flux_calibrate(rate, rate, resp, 4.5e5, 0.0)
+
+
+@pytest.mark.parametrize("channel", ["uv", "orange", "red", "farred"])
+def test_bundled_default_response_is_the_simulated_instruments(channel):
+    from panacea import instrument
+    from panacea.fluxcal import default_response
+    from panacea.simulate.spectra import response
+
+    ch = instrument.get_channel(channel)
+    resp = default_response(channel, ch.grid)
+    assert resp is not None and resp.shape == ch.grid.shape and np.all(resp > 0)
+    ratio = resp / response(ch, ch.grid)
+    assert np.median(ratio[50:-50]) == pytest.approx(1.0, abs=0.02)
+    assert np.std(ratio[50:-50]) < 0.02

@@ -55,3 +55,23 @@ def test_round_trip_keeps_raw_cards_and_units(tmp_path):
         hdul[0].header["MULTIVER"] = 0
     with pytest.raises(ProductError, match="layout version"):
         read_product(MULTI_LAYOUT, path)
+
+
+def test_compressed_images_keep_wavelengths_exact_and_frames_within_the_step(tmp_path):
+    from panacea.products import NOISE_STEP
+
+    rng = np.random.default_rng(2)
+    bigw = (3640.0 + np.cumsum(np.full((64, 2064), 0.487), axis=1)
+            + rng.normal(0, 0.01, (64, 1))).astype(np.float32)
+    image = rng.normal(100.0, 3.0, (64, 2064)).astype(np.float32)
+    image[10, 10] = 6.0e4  # a saturated star or cosmic ray keeps its value
+    path = write_product(MULTI_LAYOUT, {"bigw": bigw, "image": image,
+                                        "cosmics": (image > 110).astype(np.uint8)},
+                         tmp_path / "c.fits")
+    with fits.open(path) as hdul:
+        assert isinstance(hdul["BIGW"], fits.CompImageHDU)
+        assert np.array_equal(hdul["BIGW"].data, bigw)
+        err = hdul["IMAGE"].data - image
+        assert np.abs(err).max() <= 0.5 * NOISE_STEP + 1e-3
+        assert np.std(err) < 0.1
+        assert np.array_equal(hdul["COSMICS"].data, (image > 110).astype(np.uint8))

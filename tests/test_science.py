@@ -105,3 +105,39 @@ def test_extraction_and_sky_against_truth(reduced, sim_night, channel):
     z = sub[good] / err[good]
     assert 0.85 < np.std(z) < 1.2
     assert abs(np.sum(sub[good])) < 0.01 * np.sum(sky[good])
+
+
+def test_without_standard_or_response_the_unit_says_so(reduced, sim_night, tmp_path, caplog):
+    """No reference spectrum, no --response-dir and no default: the spectra stay in
+    electron/s/cm2/Angstrom, the header and the log say why; then a --response-dir
+    response is used and said to be used."""
+    import logging
+    import shutil
+
+    from panacea.cli import main
+    from panacea.fluxcal import response_filename, write_response
+
+    out = tmp_path / "out"
+    shutil.copytree(reduced / "CALS", out / "CALS")  # bundles are reused, not rebuilt
+    empty = tmp_path / "no_standards"
+    empty.mkdir()
+    base = ["-d", sim_night.date, "-s", "orange", "--baseraw", str(sim_night.baseraw),
+            "--standards-dir", str(empty), "-o", "SN2018"]
+    with caplog.at_level(logging.WARNING):
+        assert main([*base, "--output", str(out), "--no-default-response"]) == 0
+    assert "no reference spectrum" in caplog.text and "stay in electron" in caplog.text
+    path = out / "HET18-2-100" / f"spectrum_{sim_night.date}_0000012_exp01_orange.fits"
+    with fits.open(path) as hdul:
+        assert hdul[0].header["FLUXCAL"] is False
+        assert hdul[0].header["BUNIT"] == "electron / (s cm2 Angstrom)"
+        rate = hdul[0].data[1].copy()
+    grid = instrument.get_channel("orange").grid
+    rdir = tmp_path / "responses"
+    write_response(rdir / response_filename("orange"), grid, np.full(grid.size, 2e-17))
+    out2 = tmp_path / "out2"
+    shutil.copytree(reduced / "CALS", out2 / "CALS")
+    assert main([*base, "--output", str(out2), "--response-dir", str(rdir)]) == 0
+    with fits.open(out2 / "HET18-2-100" / path.name) as hdul:
+        assert hdul[0].header["FLUXCAL"] is True
+        assert hdul[0].header["RESPSRC"].startswith(str(rdir)[:20])
+        np.testing.assert_allclose(hdul[0].data[1], rate * 2e-17, rtol=1e-5, atol=1e-22)

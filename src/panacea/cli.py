@@ -61,7 +61,11 @@ def reduce_parser() -> argparse.ArgumentParser:
     p.add_argument("--standards-dir", default=None,
                    help="folder of standard reference spectra m{name}.dat.txt")
     p.add_argument("--response-dir", default=None,
-                   help="folder of response_{channel}.fits files to use")
+                   help="folder of response_{channel}.fits files to use when the night has "
+                        "no usable standard star")
+    p.add_argument("--no-default-response", action="store_true",
+                   help="without a standard or --response-dir, leave spectra in "
+                        "electron/s/cm2/Angstrom instead of using the bundled response")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"panacea-lrs2 {__version__}")
     return p

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 from numpy.polynomial import legendre
 from scipy import sparse
 from scipy.interpolate import BSpline
@@ -140,42 +141,50 @@ def _difference_penalty(nbasis: int) -> sparse.csr_array:
     return (d2.T @ d2).tocsr()
 
 
+@njit(cache=True, nogil=True)
+def _normal_bands(values, first, w, y, nbasis):
+    """Lower bands of ``B^T W B`` and ``B^T W y`` for a banded B-spline design."""
+    k1 = values.shape[1]
+    bands = np.zeros((k1, nbasis))
+    rhs = np.zeros(nbasis)
+    for i in range(values.shape[0]):
+        wi = w[i]
+        if wi == 0.0:
+            continue
+        f = first[i]
+        for p in range(k1):
+            vp = values[i, p] * wi
+            rhs[f + p] += vp * y[i]
+            for d in range(k1 - p):
+                bands[d, f + p] += vp * values[i, p + d]
+    return bands, rhs
+
+
 class SplineDesign:
     """Cubic B-spline basis evaluated once at fixed, sorted abscissae.
 
-    Every abscissa has k+1 consecutive non-zero basis functions starting at ``first``;
-    with sorted abscissae ``first`` does not decrease, so the normal equations are sums
-    over contiguous runs of points (one :func:`numpy.add.reduceat` per fit).
+    Every abscissa has k+1 consecutive non-zero basis functions starting at ``first``, so
+    the normal equations are banded; a compiled loop accumulates them in one pass.
     """
 
     def __init__(self, x: np.ndarray, knots: np.ndarray):
+        self.x = np.asarray(x, float)
+        self.knots = np.asarray(knots, float)
+        self._derivative_designs = None
         self.nbasis = len(knots) - _DEGREE - 1
         design = BSpline.design_matrix(x, knots, _DEGREE)
         self.values = design.data.reshape(-1, _DEGREE + 1)
         self.first = design.indices.reshape(-1, _DEGREE + 1)[:, 0]
         if np.any(np.diff(self.first) < 0):
             raise ValueError("abscissae must be sorted")
-        self.starts = np.flatnonzero(np.r_[True, np.diff(self.first) > 0])
-        self.runs = self.first[self.starts]
-        # products B_p B_(p+d) of every point, in the order (p, d) of self.pairs
-        self.pairs = [(p, d) for p in range(_DEGREE + 1) for d in range(_DEGREE + 1 - p)]
-        self.products = np.stack([self.values[:, p] * self.values[:, p + d]
-                                  for p, d in self.pairs])  # (npair, npoint)
         pen = _difference_penalty(self.nbasis)
         self.penalty_bands = np.array(
             [np.concatenate([pen.diagonal(-d), np.zeros(d)]) for d in range(_DEGREE + 1)])
 
     def fit(self, y: np.ndarray, w: np.ndarray) -> np.ndarray:
         """Coefficients minimising sum w (y - B c)^2 plus a tiny smoothness penalty."""
-        nb, npair = self.nbasis, len(self.pairs)
-        terms = np.concatenate([self.products * w, self.values.T * (w * y)])
-        sums = np.add.reduceat(terms, self.starts, axis=1).T  # one row per run of ``first``
-        bands = np.zeros((_DEGREE + 1, nb))
-        rhs = np.zeros(nb)
-        for i, (p, d) in enumerate(self.pairs):
-            np.add.at(bands[d], self.runs + p, sums[:, i])
-        for p in range(_DEGREE + 1):
-            np.add.at(rhs, self.runs + p, sums[:, npair + p])
+        bands, rhs = _normal_bands(self.values, self.first, np.asarray(w, float),
+                                   np.asarray(y, float), self.nbasis)
         scale = np.median(bands[0][bands[0] > 0]) if np.any(bands[0] > 0) else 1.0
         bands += _PENALTY * scale * self.penalty_bands
         return solveh_banded(bands, rhs, lower=True)
@@ -184,6 +193,23 @@ class SplineDesign:
         """Spline value at every abscissa."""
         idx = self.first[:, None] + np.arange(_DEGREE + 1)
         return np.einsum("ij,ij->i", self.values, coeffs[idx])
+
+    def evaluate_derivatives(self, coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """First and second derivative of the spline at every abscissa.
+
+        The derivative of a cubic spline is a quadratic spline on the inner knots (and the
+        second a linear one); their design matrices at the fixed abscissae are built on
+        first use and reused, so every call is two sparse products.
+        """
+        if self._derivative_designs is None:
+            t = self.knots
+            self._derivative_designs = (
+                BSpline.design_matrix(self.x, t[1:-1], _DEGREE - 1).tocsr(),
+                BSpline.design_matrix(self.x, t[2:-2], _DEGREE - 2).tocsr())
+        spline = BSpline(self.knots, coeffs, _DEGREE)
+        d1, d2 = spline.derivative(1), spline.derivative(2)
+        m1, m2 = self._derivative_designs
+        return m1 @ d1.c[: m1.shape[1]], m2 @ d2.c[: m2.shape[1]]
 
 
 def _fit_rows(y: np.ndarray, w: np.ndarray, basis: np.ndarray, penalty: np.ndarray

@@ -618,3 +618,18 @@ def flux_calibrate(rate: np.ndarray, rate_err: np.ndarray, response: np.ndarray,
                          "positive")
     scale = np.asarray(response, float) / (area_cm2 * transparency)
     return np.asarray(rate, float) * scale, np.asarray(rate_err, float) * scale
+
+
+def default_response(channel_name: str, grid: np.ndarray) -> np.ndarray | None:
+    """The response bundled with the package for a channel (None when absent).
+
+    The bundled files are made by ``scripts/default_responses.py`` from a reduced night's
+    standard star; they are a fallback for nights without a standard.
+    """
+    from importlib import resources
+
+    ref = resources.files("panacea.data").joinpath(response_filename(channel_name))
+    if not ref.is_file():
+        return None
+    with resources.as_file(ref) as path:
+        return read_response(path, grid)

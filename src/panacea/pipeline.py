@@ -6,6 +6,7 @@ This is the one place that decides what to run; the stages themselves are pure f
 from __future__ import annotations
 
 import argparse
+import re
 import logging
 import time
 from pathlib import Path
@@ -143,13 +144,20 @@ def _derive_response(night, result: ExposureResult, cal: ChannelCalibration, arg
     return fit.response, label
 
 
+def _slot_of(obj: str) -> str | None:
+    """The IFU slot a standard was placed on, from OBJECT (``HD_19445_056_E`` -> ``056``)."""
+    m = re.search(r"_(0\d\d)(?:_|$)", obj)
+    return m.group(1) if m else None
+
+
 def _standard_exposures(archive, night, args, channel) -> tuple:
     """The night (or --standard_star_date) and its standard exposures for a channel."""
     snight = night
     if args.standard_star_date and args.standard_star_date != args.date:
         snight = archive.night(args.standard_star_date)
     stds = [e for e in snight.exposures(ftype="sci")
-            if instrument.match_standard(e.object) is not None and e.has_channel(channel)]
+            if instrument.match_standard(e.object) is not None and e.has_channel(channel)
+            and _slot_of(e.object) in (None, channel.ifuslot)]
     if args.standard_star_obsid is not None:
         stds = [e for e in snight.exposures() if e.obsid == args.standard_star_obsid
                 and e.has_channel(channel)]
@@ -210,9 +218,17 @@ def reduce_night(args: argparse.Namespace) -> int:
             found = fluxcal.response_from_dir(args.response_dir, channel.name, channel.grid)
             if found is not None:
                 response = (found, f"{args.response_dir}/response_{channel.name}.fits")
+        if response[0] is None and not getattr(args, "no_default_response", False):
+            found = fluxcal.default_response(channel.name, channel.grid)
+            if found is not None:
+                response = (found, "bundled default response")
+                log.warning("%s %s: no standard star response; using the bundled default "
+                            "response (transparency and area still from the guider)",
+                            args.date, channel.name)
         if response[0] is None:
-            log.warning("%s %s: no standard star response and no --response-dir response: "
-                        "spectra stay in electron/s/cm2/Angstrom", args.date, channel.name)
+            log.warning("%s %s: no standard star response, no --response-dir response and "
+                        "no default response: spectra stay in electron/s/cm2/Angstrom",
+                        args.date, channel.name)
         for exposure in science:
             if not exposure.has_channel(channel):
                 log.debug("%s has no %s files", exposure.name, channel.name)

@@ -92,3 +92,32 @@ def plot_multi_summary(arrays: dict, grid: np.ndarray, path: str | Path, title: 
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return Path(path)
+
+
+def plot_joined(joined: dict, path: str | Path, title: str = "", unit: str = "",
+                truth: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
+    """The joined spectrum of an observation, coloured by channel, with its error (and a
+    reference spectrum when given, e.g. the simulator's truth)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(12, 4.2))
+    wave, flux, err, chan = joined["wave"], joined["flux"], joined["error"], joined["channel"]
+    for k, name in enumerate(("uv", "orange", "red", "farred")):
+        sel = (chan == k) & (err > 0)
+        if sel.any():
+            ax.plot(wave[sel], flux[sel], lw=0.5, label=name)
+    ok = err > 0
+    ax.plot(wave[ok], err[ok], lw=0.5, color="0.5", label="error")
+    if truth is not None:
+        ax.plot(*truth, lw=0.8, color="k", ls="--", label="truth")
+    good = flux[ok]
+    if good.size:
+        lo, hi = np.nanpercentile(good, [0.5, 99.5])
+        ax.set_ylim(min(0.0, lo), 1.3 * hi)
+    ax.set_xlabel("wavelength (Angstrom, air)")
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)

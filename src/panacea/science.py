@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 COUNT_RATE_UNIT = "electron / (s Angstrom)"
 #: A frame with more than this fraction of saturated pixels is flagged in the header.
 MAX_SATURATED_FRACTION = 0.02
+#: Rounds of the sky refit with fixed sky fibers.
+REFIT_ROUNDS = 2
 #: Fewest sky fibers a sky refit may use.
 MIN_SKY_FIBERS = 40
 #: Object light (fraction of the sky) above which a fiber leaves the sky in a refit.
@@ -191,12 +193,12 @@ def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration
                         timer=timer)
 
 
-def _sky(flux, fvar, frac, cal, options, header, name, sky_fibers=None
+def _sky(flux, fvar, frac, cal, options, header, name, sky_fibers=None, n_iter: int = 4
          ) -> tuple[SkyModel, np.ndarray]:
     """Sky model of a frame and the fiber-to-fiber to use with it."""
     sky = sky_model(flux, fvar, cal.wave, cal.ftf, cal.dead,
                     positions=instrument.fiber_positions(), mask=frac < 0.5,
-                    method=options.sky_method, sky_fibers=sky_fibers)
+                    method=options.sky_method, sky_fibers=sky_fibers, n_iter=n_iter)
     ftf = cal.ftf
     if options.correct_ftf:
         if sky.relative is None:
@@ -221,8 +223,9 @@ def refit_sky(sf: ScienceFrame, cal: ChannelCalibration, object_light: np.ndarra
         use = np.zeros_like(use)
         use[order[:MIN_SKY_FIBERS]] = True
         use &= sf.sky.sky_fibers
+    # the sky fibers are fixed now: fewer rounds (pixel clipping and weights only)
     sky, ftf = _sky(sf.flux, sf.variance, sf.frac, cal, options, sf.header,
-                    sf.exposure.name, sky_fibers=use)
+                    sf.exposure.name, sky_fibers=use, n_iter=REFIT_ROUNDS)
     sf.timer.add("sky", t0)
     return replace(sf, sky=sky, ftf=ftf)
 

@@ -222,7 +222,7 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
         corr = np.where(level > 0, (y - shift * spl[1] - width * spl[2]) / level, 0.0)
         wfit = np.where(pix_ok & use[:, None], w * level**2, 0.0)
         coeffs = design.fit(corr[lf].ravel()[order], wfit[lf].ravel()[order])
-        spl = _evaluate(knots, coeffs, wave, lf)
+        spl = _evaluate(design, coeffs, order, wave.shape, lf)
 
         # per-fiber level, shift and width (level free for every fiber here)
         basis = np.concatenate([spl[0][:, :, None] * lev_basis[None],
@@ -299,12 +299,15 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
                     spectrum=BSpline(knots, coeffs, _DEGREE)(grid), relative=relative)
 
 
-def _evaluate(knots, coeffs, wave, rows) -> np.ndarray:
-    """Spline value, first and second derivative (per Angstrom^n) at ``wave[rows]``."""
-    out = np.zeros((3,) + wave.shape)
-    spline = BSpline(knots, coeffs, _DEGREE, extrapolate=False)
-    for n, s in enumerate((spline, spline.derivative(1), spline.derivative(2))):
-        out[n, rows] = np.nan_to_num(s(wave[rows]))
+def _evaluate(design: SplineDesign, coeffs, order, shape, rows) -> np.ndarray:
+    """Spline value, first and second derivative (per Angstrom^n) at the wavelengths of
+    ``rows``, from the design at their sorted wavelengths (``order`` sorts them)."""
+    out = np.zeros((3,) + shape)
+    for n, sorted_values in enumerate((design.evaluate(coeffs),
+                                       *design.evaluate_derivatives(coeffs))):
+        values = np.empty_like(sorted_values)
+        values[order] = sorted_values
+        out[n, rows] = values.reshape(len(rows), shape[1])
     return out
 
 
@@ -316,8 +319,8 @@ def _solve_rows(basis: np.ndarray, y: np.ndarray, w: np.ndarray, rows: np.ndarra
     idx = np.flatnonzero(rows)
     b = basis[idx]
     bw = b * w[idx][:, :, None]
-    normal = np.einsum("fci,fcj->fij", bw, b)
-    rhs = np.einsum("fci,fc->fi", bw, y[idx])
+    normal = bw.transpose(0, 2, 1) @ b  # batched products use BLAS
+    rhs = (bw.transpose(0, 2, 1) @ y[idx][:, :, None])[:, :, 0]
     diag = np.einsum("fii->fi", normal)
     normal += 1e-10 * np.maximum(diag.max(axis=1), 1e-300)[:, None, None] * np.eye(npar)
     out[idx] = np.linalg.solve(normal, rhs[:, :, None])[:, :, 0]
