@@ -11,6 +11,7 @@ derived from the night's standard), plus the continuity of the joined spectrum.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -81,8 +82,10 @@ def measure(raw: Path, reduced: Path, date: str) -> tuple[list, list]:
         # mismatch of each channel with its blue neighbour in their overlap (the join
         # divides it out; it is the inverse of the scale written in the header)
         head = fits.getheader(path)
-        jumps = [1 / head[f"SCL_{n.upper()[:4]}"] - 1 for n in ("orange", "red", "farred")
-                 if f"SCL_{n.upper()[:4]}" in head]
+        present = sorted(set(np.asarray(fits.getdata(path, 1)["channel"]).tolist()))
+        names = ("uv", "orange", "red", "farred")
+        jumps = {f"{names[a]}→{names[b]}": 1 / head[f"SCL_{names[b].upper()[:4]}"] - 1
+                 for a, b in itertools.pairwise(present)}
         joins.append((path.name, jumps))
     return rows, joins
 
@@ -110,7 +113,9 @@ def main(argv=None) -> int:
     print("\n| joined spectrum: channel mismatch in the overlap | uv→orange | orange→red | "
           "red→farred |\n|---|---|---|---|")
     for name, jumps in joins:
-        print(f"| {name} | " + " | ".join(f"{100 * j:+.2f} %" for j in jumps) + " |")
+        cells = [f"{100 * jumps[k]:+.2f} %" if k in jumps else "" for k in
+                 ("uv→orange", "orange→red", "red→farred")]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -12,8 +12,9 @@ extracted spectra)::
 * ``P_k`` (dimensionless, a quadratic in column) is the fiber's sky level relative to
   ``ftf``: it absorbs the smooth variation of the sky across the IFU and what the
   fiber-to-fiber does not hold (e.g. the extraction aperture's share of the profile).
-  For fibers with object light it is not fitted but predicted from the sky fibers by a
-  low-order polynomial in IFU position (x, y) and slit position.
+  For fibers with object light it is not fitted: the fiber's total sky relative to ``S``
+  is predicted from the sky fibers by a low-order polynomial in IFU position (x, y) and
+  slit position (a plane and the slit term when fewer than 150 sky fibers remain).
 * ``Q_k`` (Angstrom, linear in column) is a small wavelength zero-point error of the fiber:
   ``S(w + Q) ~ S + Q S'``.
 * ``R_k`` (Angstrom^2, linear in column) is the fiber's difference in line-spread width:
@@ -259,10 +260,9 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
                       (live & (line_sig >= LINE_CLIP)).sum())
             use = new_use
 
-    # fibers with object light: level from the IFU-smooth prediction; refit shift and width
-    # with an additive smooth continuum standing in for the object.
+    # fibers with object light: level from the IFU-smooth prediction of the total; refit
+    # shift and width with an additive smooth continuum standing in for the object.
     obj = live & ~use
-    pred_level = pred[:, 1:nl + 1] @ lev_basis.T  # (nfib, ncol)
     # throughput of each sky fiber relative to ftf: its best scale of the common sky (with
     # its own shift and width terms), weighted by inverse variance so that the bright sky
     # lines dominate (the level alone is degenerate with the additive offset on a flat
@@ -277,16 +277,19 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
     relative = np.broadcast_to(ratio[:, None], (nfib, ncol)).copy()
     if obj.any():
         cont = legendre.legvander(u, 3)
-        target = y - pred_level * spl[0] - pred[:, -1:] * inv_norm
+        target = y - pred[:, :1] * spl[0]
         basis = np.concatenate([spl[1][:, :, None] * sh_basis[None],
                                 spl[2][:, :, None] * wd_basis[None],
                                 np.broadcast_to(cont, (nfib, ncol, cont.shape[1]))], axis=2)
         par = _solve_rows(basis, target, np.where(pix_ok, w, 0.0), obj)
         ow = wd_basis.shape[1]
-        level[obj] = pred_level[obj]
-        offset[obj] = pred[obj, -1]
         shift[obj] = par[obj, :ns] @ sh_basis.T
         width[obj] = par[obj, ns:ns + ow] @ wd_basis.T
+        # the sky of a fiber with object light: the common sky scaled by the IFU-smooth
+        # prediction of the fibers' total sky (level and offset are degenerate on a flat
+        # continuum, and predicting them apart added ~1 % to the uv sky of such fibers)
+        level[obj] = pred[obj, 0][:, None]
+        offset[obj] = 0.0
     sky_pa = level * spl[0] + shift * spl[1] + width * spl[2] + offset[:, None] * inv_norm
     sky = np.where(live[:, None], sky_pa * norm, 0.0)
     chi2, chi2_sky = _chi2(flux, variance, sky, good, use, n_par=nl + ns + wd_basis.shape[1] + 1)
