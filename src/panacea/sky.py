@@ -14,7 +14,8 @@ extracted spectra)::
   fiber-to-fiber does not hold (e.g. the extraction aperture's share of the profile).
   For fibers with object light it is not fitted: the fiber's total sky relative to ``S``
   is predicted from the sky fibers by a low-order polynomial in IFU position (x, y) and
-  slit position (a plane and the slit term when fewer than 150 sky fibers remain).
+  slit position (a plane and the slit term when fewer than 150 sky fibers remain), and its
+  ``Q_k`` and ``R_k`` from the sky fibers' trend along the slit.
 * ``Q_k`` (Angstrom, linear in column) is a small wavelength zero-point error of the fiber:
   ``S(w + Q) ~ S + Q S'``.
 * ``R_k`` (Angstrom^2, linear in column) is the fiber's difference in line-spread width:
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 
 #: Breakpoint spacing of the sky spline (pixels of the median dispersion).
 KNOT_SPACING = 0.6
+#: Degree of the trend of the shift and width terms along the slit.
+SLIT_DEGREE = 3
 #: Fewest sky fibers for quadratic terms in the IFU-smooth sky level.
 QUADRATIC_MIN_FIBERS = 150
 #: Polynomial degree (in column) of each fiber's sky level, shift and width terms.
@@ -243,6 +246,7 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
         total = np.sum(np.where(good, norm * model, 0.0), axis=1) / np.where(
             ref > 0, ref, 1.0)
         stats = np.column_stack([np.nan_to_num(total), par[:, :nl], offset])
+        shape_coef = par[:, nl:-1]  # shift and width coefficients
         pred, scatter = _smooth_fit(stats, smooth_basis, use)
         if it == n_iter:
             break
@@ -260,8 +264,6 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
                       (live & (line_sig >= LINE_CLIP)).sum())
             use = new_use
 
-    # fibers with object light: level from the IFU-smooth prediction of the total; refit
-    # shift and width with an additive smooth continuum standing in for the object.
     obj = live & ~use
     # throughput of each sky fiber relative to ftf: its best scale of the common sky (with
     # its own shift and width terms), weighted by inverse variance so that the bright sky
@@ -276,20 +278,17 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
                      scale / np.where(trend[:, 0] > 0, trend[:, 0], 1.0), 1.0)
     relative = np.broadcast_to(ratio[:, None], (nfib, ncol)).copy()
     if obj.any():
-        cont = legendre.legvander(u, 3)
-        target = y - pred[:, :1] * spl[0]
-        basis = np.concatenate([spl[1][:, :, None] * sh_basis[None],
-                                spl[2][:, :, None] * wd_basis[None],
-                                np.broadcast_to(cont, (nfib, ncol, cont.shape[1]))], axis=2)
-        par = _solve_rows(basis, target, np.where(pix_ok, w, 0.0), obj)
-        ow = wd_basis.shape[1]
-        shift[obj] = par[obj, :ns] @ sh_basis.T
-        width[obj] = par[obj, ns:ns + ow] @ wd_basis.T
         # the sky of a fiber with object light: the common sky scaled by the IFU-smooth
         # prediction of the fibers' total sky (level and offset are degenerate on a flat
-        # continuum, and predicting them apart added ~1 % to the uv sky of such fibers)
+        # continuum, and predicting them apart added ~1 % to the uv sky of such fibers),
+        # with the shift and width terms of the sky fibers' smooth trend along the slit
+        # (the spectrograph's line spread changes smoothly along it; fitting them on the
+        # object's fibers themselves left ~1.5 % residuals in sky-line cores)
         level[obj] = pred[obj, 0][:, None]
         offset[obj] = 0.0
+        trend = _slit_trend(shape_coef, use, nfib)
+        shift[obj] = trend[obj, :ns] @ sh_basis.T
+        width[obj] = trend[obj, ns:] @ wd_basis.T
     sky_pa = level * spl[0] + shift * spl[1] + width * spl[2] + offset[:, None] * inv_norm
     sky = np.where(live[:, None], sky_pa * norm, 0.0)
     chi2, chi2_sky = _chi2(flux, variance, sky, good, use, n_par=nl + ns + wd_basis.shape[1] + 1)
@@ -343,6 +342,25 @@ def _ifu_basis(positions: np.ndarray, nfib: int) -> np.ndarray:
     x, y = ((positions - positions.mean(axis=0)) / np.maximum(np.ptp(positions, axis=0), 1e-9)).T
     kn = np.linspace(-1.0, 1.0, nfib)
     return np.column_stack([np.ones(nfib), x, y, x * x, x * y, y * y, kn])
+
+
+def _slit_trend(coef: np.ndarray, use: np.ndarray, nfib: int, degree: int = SLIT_DEGREE
+                ) -> np.ndarray:
+    """Robust polynomial trend along the slit (fiber index) of per-fiber coefficients,
+    fitted on the ``use`` fibers and evaluated for all (zero with too few fibers)."""
+    if use.sum() <= 2 * (degree + 1):
+        return np.zeros_like(coef)
+    basis = legendre.legvander(np.linspace(-1.0, 1.0, nfib), degree)
+    keep = use.copy()
+    for _ in range(3):
+        c, *_ = np.linalg.lstsq(basis[keep], coef[keep], rcond=None)
+        resid = np.abs(coef - basis @ c)
+        mad = 1.4826 * np.median(resid[keep], axis=0) + 1e-30
+        new = use & np.all(resid < 4 * mad, axis=1)
+        if new.sum() <= 2 * (degree + 1) or np.array_equal(new, keep):
+            break
+        keep = new
+    return basis @ c
 
 
 def _smooth_fit(values: np.ndarray, basis: np.ndarray, use: np.ndarray, clip: float = 3.0
