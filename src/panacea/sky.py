@@ -13,9 +13,9 @@ extracted spectra)::
   ``ftf``: it absorbs the smooth variation of the sky across the IFU and what the
   fiber-to-fiber does not hold (e.g. the extraction aperture's share of the profile).
   For fibers with object light it is not fitted: the fiber's total sky relative to ``S``
-  is predicted from the sky fibers by a low-order polynomial in IFU position (x, y) and
-  slit position (a plane and the slit term when fewer than 150 sky fibers remain), and its
-  ``Q_k`` and ``R_k`` from the sky fibers' trend along the slit.
+  is predicted from the sky fibers by a quadratic in IFU position (x, y) (a plane when
+  fewer than 150 sky fibers remain), and its ``Q_k`` and ``R_k`` from the sky fibers'
+  trend along the slit.
 * ``Q_k`` (Angstrom, linear in column) is a small wavelength zero-point error of the fiber:
   ``S(w + Q) ~ S + Q S'``.
 * ``R_k`` (Angstrom^2, linear in column) is the fiber's difference in line-spread width:
@@ -338,10 +338,10 @@ def _split(par, lev_basis, sh_basis, wd_basis, nl, ns):
 
 
 def _ifu_basis(positions: np.ndarray, nfib: int) -> np.ndarray:
-    """Quadratic polynomial in IFU (x, y) plus a linear term in slit position, (nfib, 7)."""
+    """Quadratic polynomial in IFU (x, y), (nfib, 6). (A linear term in slit position would
+    add nothing: the fibers' slit order is raster order, exactly linear in x and y.)"""
     x, y = ((positions - positions.mean(axis=0)) / np.maximum(np.ptp(positions, axis=0), 1e-9)).T
-    kn = np.linspace(-1.0, 1.0, nfib)
-    return np.column_stack([np.ones(nfib), x, y, x * x, x * y, y * y, kn])
+    return np.column_stack([np.ones(nfib), x, y, x * x, x * y, y * y])
 
 
 def _slit_trend(coef: np.ndarray, use: np.ndarray, nfib: int, degree: int = SLIT_DEGREE
@@ -374,9 +374,9 @@ def _smooth_fit(values: np.ndarray, basis: np.ndarray, use: np.ndarray, clip: fl
     pred = np.zeros_like(values)
     scatter = 1.0
     if use.sum() < QUADRATIC_MIN_FIBERS:
-        # few sky fibers (a bright or extended object): a plane and the slit term only; the
-        # quadratic terms would extrapolate wildly into the fibers the object covers
-        basis = basis[:, [0, 1, 2, basis.shape[1] - 1]]
+        # few sky fibers (a bright or extended object): a plane only; the quadratic terms
+        # would extrapolate wildly into the fibers the object covers
+        basis = basis[:, :3]
     for _ in range(5):
         if keep.sum() <= basis.shape[1]:
             break
