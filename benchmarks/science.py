@@ -29,7 +29,7 @@ from panacea.archive import Archive  # noqa: E402
 from panacea.calbundle import bundle_path  # noqa: E402
 from panacea.calibration import CalibrationOptions, StageTimer  # noqa: E402
 from panacea.cosmics import detect_cosmics  # noqa: E402
-from panacea.pipeline import calibration_for, write_multi  # noqa: E402
+from panacea.pipeline import calibration_for, write_exposure  # noqa: E402
 from panacea.science import ChannelCalibration, ScienceOptions, reduce_exposure  # noqa: E402
 from panacea.simulate import NightConfig, simulate_night  # noqa: E402
 from panacea.simulate.truth import load_channel, load_exposure, load_night  # noqa: E402
@@ -115,12 +115,16 @@ def main(argv=None) -> int:
                                                                      ch.name)))
         ctruth = load_channel(out, args.date, ch.name)
         exposures = [e for e in science if e.has_channel(ch)]
-        write_multi(night, exposures[0], cal, reduced, ScienceOptions())  # warm-up
+        conditions: dict = {}
+        # warm-up; products without cubes, flux scale from the guider only (no response)
+        write_exposure(night, exposures[0], cal, reduced, ScienceOptions(), (None, "none"),
+                       conditions, cubes=False)
         for e in exposures:
             parts = load_exposure(out, args.date, e.obsid, e.exp, ch.name)
             timer = StageTimer()
             t0 = time.perf_counter()
-            path = write_multi(night, e, cal, reduced, ScienceOptions(), timer=timer)
+            path = write_exposure(night, e, cal, reduced, ScienceOptions(), (None, "none"),
+                                  conditions, timer=timer, cubes=False).paths[0]
             total = time.perf_counter() - t0
             times.append((ch.name, e.name, timer, total, path.stat().st_size / 1e6))
             sf = reduce_exposure(night, e, cal).frame  # final sky (after any refit)

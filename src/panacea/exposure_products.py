@@ -19,7 +19,7 @@ from astropy.io import fits
 from . import instrument
 from .astrometry import fiber_sky_positions, header_pointing
 from .cube import build_cube, cube_name, write_cube
-from .fluxcal import GuiderConditions, guider_conditions
+from .fluxcal import GuiderConditions
 from .products import Extension, Layout, MULTI_LAYOUT, multi_name, write_product
 from .science import ExposureResult
 
@@ -58,12 +58,14 @@ class FluxScale:
         return base * (self.response if self.response is not None else np.ones(n))
 
 
-def flux_scale(night, exposure, response: np.ndarray | None, source: str) -> FluxScale:
-    """The flux scale of an exposure from its guider frames and a channel response."""
-    cond = guider_conditions(night, exposure.time, exposure.exptime)
-    for note in cond.notes:
-        log.info("%s: %s", exposure.name, note)
-    return FluxScale(response, source, cond)
+@dataclass
+class Written:
+    """Files written for one exposure and channel, and its source spectrum rows."""
+
+    paths: list[Path]
+    spectrum: np.ndarray | None  # the six rows of ``spectrum_*`` (None without a source)
+    unit: str  # flux unit of the spectra
+    header: fits.Header  # primary header of the products
 
 
 def spectrum_rows(result: ExposureResult, scale: FluxScale) -> np.ndarray | None:
@@ -109,9 +111,11 @@ def _header(result: ExposureResult, scale: FluxScale) -> fits.Header:
     return h
 
 
-def multi_arrays(result: ExposureResult, scale: FluxScale, cal
+def multi_arrays(result: ExposureResult, scale: FluxScale, cal, pointing=None
                  ) -> tuple[dict[str, np.ndarray], fits.Header, dict[str, str]]:
-    """Arrays of ``multi_*.fits`` in physical units, its header and unit overrides."""
+    """Arrays of ``multi_*.fits`` in physical units, its header and unit overrides.
+
+    ``pointing`` is (RA, Dec, PARANGLE) of the IFU (:func:`header_pointing`), or None."""
     sf = result.frame
     grid = sf.channel.grid
     f = scale.factor(grid.size)[None, :]
@@ -122,7 +126,6 @@ def multi_arrays(result: ExposureResult, scale: FluxScale, cal
     xy = instrument.fiber_positions()
     positions = np.full((instrument.NFIBERS, 6), np.nan)
     positions[:, :2] = xy
-    pointing = header_pointing(sf.header)
     if pointing is not None:
         positions[:, 4], positions[:, 5] = fiber_sky_positions(*pointing, xy)
     src = result.source
@@ -142,7 +145,7 @@ def multi_arrays(result: ExposureResult, scale: FluxScale, cal
         image = build_cube(values[:, None], ok[:, None], xy, np.array([det.wave]))
         arrays["collapsed_image"] = image.data[0]
         arrays["extracted_spectrum"] = spectrum_rows(result, scale)
-        track = src.measured_track if src.measured_track is not None else src.model_track
+        track = src.track
         step = max(grid.size // 40, 1)
         arrays["adr"] = np.column_stack([grid[::step], track[0][::step], track[1][::step]])
     units = dict.fromkeys(("observed_spectra", "sky_spectra", "skysub_spectra",
@@ -151,11 +154,12 @@ def multi_arrays(result: ExposureResult, scale: FluxScale, cal
     return arrays, header, units
 
 
-def write_exposure_products(result: ExposureResult, scale: FluxScale, cal, root: Path,
-                            folder: Path, options: dict, cubes: bool = True) -> list[Path]:
+def write_exposure_products(result: ExposureResult, scale: FluxScale, cal, folder: Path,
+                            options: dict, cubes: bool = True) -> Written:
     """Write ``multi``, ``spectrum`` (with a source) and the three cubes of one exposure."""
     e, ch = result.frame.exposure, result.frame.channel
-    arrays, header, units = multi_arrays(result, scale, cal)
+    pointing = header_pointing(result.header)
+    arrays, header, units = multi_arrays(result, scale, cal, pointing)
     paths = [write_product(MULTI_LAYOUT, arrays, folder / multi_name(e.date, e.obsid, e.exp,
                                                                       ch.name),
                            header, options=options, units=units)]
@@ -165,19 +169,17 @@ def write_exposure_products(result: ExposureResult, scale: FluxScale, cal, root:
         paths.append(write_product(SPECTRUM_LAYOUT, {"spectrum": rows}, folder / name, header,
                                    options=options, units={"spectrum": scale.unit}))
     if cubes:
-        paths += _write_cubes(result, arrays, header, scale, folder, options)
-    return paths
+        paths += _write_cubes(result, arrays, header, scale, folder, options, pointing)
+    return Written(paths, rows, scale.unit, header)
 
 
-def _write_cubes(result, arrays, header, scale, folder, options) -> list[Path]:
+def _write_cubes(result, arrays, header, scale, folder, options, pointing) -> list[Path]:
     e, ch = result.frame.exposure, result.frame.channel
     xy = instrument.fiber_positions()
     src = result.source
     offsets = None
     if src is not None:
-        track = src.measured_track if src.measured_track is not None else src.model_track
-        offsets = (np.asarray(track[0]), np.asarray(track[1]))
-    pointing = header_pointing(result.header)
+        offsets = (np.asarray(src.track[0]), np.asarray(src.track[1]))
     err = arrays["error_spectra"]
     out = []
     for kind, data in (("obs", arrays["observed_spectra"]), ("sky", arrays["sky_spectra"]),

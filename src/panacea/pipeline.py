@@ -27,7 +27,7 @@ from .calbundle import (
 from .calibration import CalibrationOptions, StageTimer, calibrate_channel, plan_calibration
 from .errors import PanaceaError
 from .inventory import format_inventory
-from .exposure_products import flux_scale, spectrum_rows, write_exposure_products
+from .exposure_products import FluxScale, Written, write_exposure_products
 from .joined import CHANNEL_ORDER, combine_exposures, join_channels, write_joined
 from .products import product_folder
 from .science import ChannelCalibration, ExposureResult, ScienceOptions, reduce_exposure
@@ -64,18 +64,33 @@ def calibration_for(
     return bundle
 
 
-def write_multi(night, exposure, cal: ChannelCalibration, root: Path,
-                options: ScienceOptions, timer: StageTimer | None = None,
-                response: tuple[np.ndarray | None, str] = (None, "none")) -> Path:
-    """Reduce one exposure of one channel and write its products; return the multi path."""
+def guider(cache: dict, night, exposure) -> fluxcal.GuiderConditions:
+    """Transparency and illuminated area of an exposure from the guider frames, read once
+    per exposure (``cache`` is kept for the night; every channel and the response share
+    it)."""
+    key = (night.date, exposure.name)
+    if key not in cache:
+        cache[key] = fluxcal.guider_conditions(night, exposure.time, exposure.exptime)
+        for note in cache[key].notes:
+            log.info("%s: %s", exposure.name, note)
+    return cache[key]
+
+
+def write_exposure(night, exposure, cal: ChannelCalibration, root: Path,
+                   options: ScienceOptions, response: tuple[np.ndarray | None, str],
+                   conditions: dict, timer: StageTimer | None = None,
+                   result: ExposureResult | None = None, cubes: bool = True) -> Written:
+    """Reduce one exposure of one channel (unless ``result`` is given) and write its
+    products, flux calibrated with ``response`` (response, label) and the guider."""
     timer = timer if timer is not None else StageTimer()
-    result = reduce_exposure(night, exposure, cal, options, timer)
+    if result is None:
+        result = reduce_exposure(night, exposure, cal, options, timer)
     t0 = time.perf_counter()
-    scale = flux_scale(night, exposure, *response)
-    paths = write_exposure_products(result, scale, cal, root, _folder(root, exposure),
-                                    _described(options), cubes=False)
+    scale = FluxScale(response[0], response[1], guider(conditions, night, exposure))
+    written = write_exposure_products(result, scale, cal, _folder(root, exposure),
+                                      _described(options), cubes=cubes)
     timer.add("write", t0)
-    return paths[0]
+    return written
 
 
 def _folder(root: Path, exposure) -> Path:
@@ -109,8 +124,8 @@ def _standards_dir(args) -> Path | None:
     return default if default.is_dir() else None
 
 
-def _derive_response(night, result: ExposureResult, cal: ChannelCalibration, args
-                     ) -> tuple[np.ndarray, str] | None:
+def _derive_response(night, result: ExposureResult, cal: ChannelCalibration, args,
+                     conditions: dict) -> tuple[np.ndarray, str] | None:
     """The channel response from a reduced standard-star exposure (None, logged, when the
     star or its reference spectrum is missing)."""
     exposure = result.frame.exposure
@@ -128,7 +143,7 @@ def _derive_response(night, result: ExposureResult, cal: ChannelCalibration, arg
         return None
     try:
         ref_wave, ref_flam = fluxcal.read_standard(path)
-        cond = fluxcal.guider_conditions(night, exposure.time, exposure.exptime)
+        cond = guider(conditions, night, exposure)
         src = result.source
         fit = fluxcal.derive_response(ch.grid, src.spectrum, src.error**2, ref_wave, ref_flam,
                                       ch.resolution, cond.area_cm2, cond.transparency)
@@ -187,9 +202,8 @@ def reduce_night(args: argparse.Namespace) -> int:
              f" matching {args.object!r}" if args.object else "",
              ", ".join(f"{e.name} {e.object}" for e in science) or "none")
     nwritten = 0
-    spectra: dict[int, dict[str, list]] = {}
-    headers: dict[int, fits.Header] = {}
-    units: dict[int, str] = {}
+    conditions: dict = {}  # guider conditions per exposure, for every channel
+    joins: dict[int, tuple[fits.Header, str]] = {}  # observations with a source spectrum
     for channel in instrument.parse_channels(args.sides):
         try:
             bundle = calibration_for(archive, args.date, channel, options, root)
@@ -210,7 +224,7 @@ def reduce_night(args: argparse.Namespace) -> int:
                 continue
             if snight is night:
                 results[exposure.name] = result
-            derived = _derive_response(snight, result, cal, args)
+            derived = _derive_response(snight, result, cal, args, conditions)
             if derived is not None:
                 response = derived
                 break
@@ -234,24 +248,16 @@ def reduce_night(args: argparse.Namespace) -> int:
                 log.debug("%s has no %s files", exposure.name, channel.name)
                 continue
             try:
-                result = results.get(exposure.name) or reduce_exposure(night, exposure, cal,
-                                                                        sci_options)
-                scale = flux_scale(night, exposure, *response)
-                write_exposure_products(result, scale, cal, root, _folder(root, exposure),
-                                        _described(sci_options))
+                written = write_exposure(night, exposure, cal, root, sci_options, response,
+                                         conditions, result=results.get(exposure.name))
                 nwritten += 1
             except PanaceaError as err:
                 log.error("%s %s: skipped: %s", exposure.name, channel.name, err)
                 continue
-            rows = spectrum_rows(result, scale)
-            if rows is not None:
-                spectra.setdefault(exposure.obsid, {}).setdefault(channel.name, []).append(
-                    rows)
-                headers.setdefault(exposure.obsid, result.header)
-                units[exposure.obsid] = scale.unit
-    for obsid, by_channel in spectra.items():
-        _write_joined(root, args.date, obsid, by_channel, headers[obsid], units[obsid],
-                      night)
+            if written.spectrum is not None:
+                joins.setdefault(exposure.obsid, (written.header, written.unit))
+    for obsid, (header, unit) in joins.items():
+        _write_joined(root, args.date, obsid, header, unit, night)
     log.info("night %s: products of %d exposure-channels written under %s", args.date,
              nwritten, root)
     archive.close()
@@ -261,7 +267,7 @@ def reduce_night(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_joined(root, date, obsid, by_channel, header, unit, night) -> None:
+def _write_joined(root, date, obsid, header, unit, night) -> None:
     """Combine the exposures and join the channels of one observation from the
     ``spectrum_*`` files in its folder (so that a re-run of some channels still joins all
     the channels reduced so far)."""
@@ -279,8 +285,6 @@ def _write_joined(root, date, obsid, by_channel, header, unit, night) -> None:
                 log.warning("%s: unreadable (%s); left out of the join", path, err)
                 continue
             rows_by_channel.setdefault(name, []).append(rows)
-    for name, rows in by_channel.items():  # this run's, if their files are not there
-        rows_by_channel.setdefault(name, rows)
     parts = {}
     for name, rows in rows_by_channel.items():
         flux, err, sky = combine_exposures([r[1] for r in rows], [r[3] for r in rows],

@@ -107,6 +107,11 @@ class Source:
     def track_used(self) -> str:
         return "measured" if self.measured_track is not None else "model"
 
+    @property
+    def track(self) -> tuple[np.ndarray, np.ndarray]:
+        """The refraction track used: the measured one when there is one, else the model."""
+        return self.measured_track if self.measured_track is not None else self.model_track
+
 
 # --------------------------------------------------------------------------- PSF model
 
@@ -334,7 +339,7 @@ def analyse(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, sky_err: np.nd
     else:
         fwhm = psf.fwhm * (grid / ref_wave) ** FWHM_EXPONENT
         ratio, angle = psf.ratio, psf.angle
-    track = measured if measured is not None else model
+    track = measured if measured is not None else model  # as Source.track
     x, y = x0 + track[0], y0 + track[1]
     psf.x, psf.y = x0, y0
     weights = _weights_on_grid(xy, x, y, fwhm, ratio, angle, grid)
