@@ -28,6 +28,7 @@ from astropy.io import fits
 from astropy.time import Time
 
 from .. import instrument as inst
+from ..fluxcal import standard_filename  # the name the pipeline looks for
 from . import spectra as sp
 from .detector import bias_structure, expose, fits_bytes
 from .optics import (
@@ -420,11 +421,6 @@ def write_guider(out_night: Path, plans: list[ExposurePlan], seed: int) -> list[
                         records.append({"time": t.isoformat(), "obsid": p.obsid, "exp": p.exp,
                                         "guidloop": h["GUIDLOOP"], "transpar": h["TRANSPAR"]})
     return records
-
-
-def standard_filename(name: str) -> str:
-    """File name of a standard's reference spectrum, e.g. ``mfeige34.dat.txt``."""
-    return "m" + "".join(c for c in name.lower() if c.isalnum()) + ".dat.txt"
 
 
 def write_standard(folder: Path, name: str) -> Path:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from .. import instrument as inst
+from ..fluxcal import C_ANGSTROM, ab_to_flambda  # one AB definition for simulator and pipeline
 
 H_CGS = 6.62607015e-27  # erg s
-C_ANGSTROM = 2.99792458e18  # Angstrom / s
 #: Peak total efficiency of each channel (atmosphere + telescope + instrument + CCD).
 PEAK_EFFICIENCY = {"uv": 0.13, "orange": 0.24, "red": 0.22, "farred": 0.11}
 #: Fine wavelength grid used for all continua.
@@ -23,12 +23,6 @@ FINE_STEP = 0.1
 def fine_grid(channel: inst.Channel, margin: float = 150.0) -> np.ndarray:
     """Fine wavelength grid (Angstrom) covering a channel with margin."""
     return np.arange(channel.wave_lo - margin, channel.wave_hi + margin, FINE_STEP)
-
-
-def ab_to_flambda(mag: np.ndarray | float, wave: np.ndarray) -> np.ndarray:
-    """AB magnitude to F_lambda (erg/s/cm^2/Angstrom)."""
-    fnu = 10 ** (-0.4 * (np.asarray(mag) + 48.6))
-    return fnu * C_ANGSTROM / wave**2
 
 
 def flambda_to_ab(flam: np.ndarray, wave: np.ndarray) -> np.ndarray:
