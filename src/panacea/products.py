@@ -36,7 +36,7 @@ class Extension:
     unit: str
     dtype: str
     shape: str  # human-readable shape, e.g. "280 x ncol"
-    #: FITS tile compression: None; "lossless" (RICE_1 for integers, GZIP_2 for floats);
+    #: FITS tile compression: None; "lossless" (RICE_1, integer images);
     #: "wavelength" (RICE_1 at a step below float32 precision: exact); "noise" (RICE_1 with
     #: floats quantised in steps of NOISE_STEP electrons, invisible next to the noise)
     compression: str | None = None
@@ -109,10 +109,9 @@ def _compressed(data: np.ndarray, kind: str) -> fits.CompImageHDU:
         return fits.CompImageHDU(data, compression_type="RICE_1",
                                  quantize_level=-WAVELENGTH_STEP, quantize_method=-1,
                                  tile_shape=tile)
-    if np.issubdtype(data.dtype, np.integer):
+    if kind == "lossless" and np.issubdtype(data.dtype, np.integer):
         return fits.CompImageHDU(data, compression_type="RICE_1", tile_shape=tile)
-    return fits.CompImageHDU(data, compression_type="GZIP_2", quantize_level=0.0,
-                             tile_shape=tile)
+    raise ValueError(f"no {kind!r} compression for {data.dtype} images")
 
 
 def multi_name(date: str, obsid: int, exp: int, channel: str) -> str:

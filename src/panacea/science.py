@@ -1,9 +1,11 @@
-"""Reduction of one science exposure of one channel to the arrays of ``multi_*.fits``.
+"""Reduction of one science exposure of one channel, up to the flux calibration.
 
 Order of work: bias, pixel flat, cosmic rays, trace shift, optimal extraction with the
 fiber profile, sky model on each fiber's own wavelengths, rectification onto the channel
-grid. Flux calibration is not applied yet: spectra are in electrons per second per Angstrom
-(the unit is written into every extension), divided by each fiber's fiber-to-fiber.
+grid, then the source (:mod:`panacea.source`) and, when a star is found, the sky again
+without its fibers. Spectra are in electrons per second per Angstrom, divided by each
+fiber's fiber-to-fiber; :mod:`panacea.exposure_products` applies the flux scale and writes
+the products.
 """
 
 from __future__ import annotations
@@ -33,8 +35,6 @@ from .trace import TraceError, TraceSolution, measure_shift
 
 log = logging.getLogger(__name__)
 
-#: Unit of the spectra before flux calibration.
-COUNT_RATE_UNIT = "electron / (s Angstrom)"
 #: A frame with more than this fraction of saturated pixels is flagged in the header.
 MAX_SATURATED_FRACTION = 0.02
 #: Rounds of the sky refit with fixed sky fibers.
@@ -333,12 +333,3 @@ def reduce_exposure(night: NightIndex, exposure: Exposure, cal: ChannelCalibrati
              time.perf_counter() - t_start)
     return ExposureResult(sf, obs, sky, err, src, weather)
 
-
-#: Units of the multi extensions that hold spectra before flux calibration.
-UNCALIBRATED_UNITS = {
-    "observed_spectra": COUNT_RATE_UNIT,
-    "sky_spectra": COUNT_RATE_UNIT,
-    "skysub_spectra": COUNT_RATE_UNIT,
-    "error_spectra": COUNT_RATE_UNIT,
-    "collapsed_image": COUNT_RATE_UNIT,
-}

@@ -159,11 +159,6 @@ class ArcLineFits:
     used: np.ndarray
     status: np.ndarray
 
-    @property
-    def line_used(self) -> np.ndarray:
-        """True for lines used in at least one fiber, shape (nline,)."""
-        return self.used.any(axis=0)
-
     def __len__(self) -> int:
         return self.wavelength.size
 
