@@ -133,19 +133,62 @@ def optimal(
                            max(int(niter), 1))
 
 
+#: ``_sweep`` mode of the first sweep: each fiber alone, weighted by the data's variance.
+_DATA_VARIANCE = -1
+
+
 @njit(cache=True, nogil=True)
 def _optimal_kernel(image, variance, bad, first_row, weights, rvar, rmode, niter):
     """Loops of :func:`optimal`, columns innermost so that every array is read in order."""
     nrow, ncol = image.shape
-    nfib, nwin = weights.shape[0], weights.shape[1]
+    nfib = weights.shape[0]
     flux = np.zeros((nfib, ncol))
     den = np.zeros((nfib, ncol))
     num = np.zeros((nfib, ncol))
     frac = np.zeros((nfib, ncol))
-    model = np.zeros((nrow, ncol), np.float32)
-    # first sweep: each fiber alone, weighted by the data's variance
+    model = np.zeros((nrow, ncol), np.float32)  # stays 0 in the first sweep
+    _sweep(image, variance, bad, first_row, weights, model, flux, rvar, _DATA_VARIANCE,
+           den, num, frac)
+    for _ in range(niter):
+        # model of all fibers, then each fiber refitted against the others' model with
+        # the model variance
+        _model(first_row, weights, flux, model)
+        _sweep(image, variance, bad, first_row, weights, model, flux, rvar, rmode,
+               den, num, frac)
+    var = np.zeros((nfib, ncol))
     for f in range(nfib):
-        for j in range(nwin):
+        for c in range(ncol):
+            if den[f, c] > 0:
+                var[f, c] = 1.0 / den[f, c]
+    return flux, var, frac
+
+
+@njit(cache=True, nogil=True)
+def _model(first_row, weights, flux, model):
+    """``model`` = every fiber's flux times its profile, summed (in place)."""
+    nrow, ncol = model.shape
+    model[:] = 0
+    for f in range(weights.shape[0]):
+        for j in range(weights.shape[1]):
+            for c in range(ncol):
+                r = first_row[f, c] + j
+                if 0 <= r < nrow:
+                    model[r, c] += np.float32(flux[f, c]) * weights[f, j, c]
+
+
+@njit(cache=True, nogil=True)
+def _sweep(image, variance, bad, first_row, weights, model, flux, rvar, mode, den, num,
+           frac):
+    """One Jacobi sweep: every fiber fitted against the data less the others' ``model``;
+    updates ``flux`` (and ``den``, ``num``, ``frac``) in place. ``mode`` picks the variance
+    of the weights: the data's (first sweep), or a floor (0: data minus signal, 1: one
+    value, 2: per pixel) plus the model."""
+    nrow, ncol = image.shape
+    den[:] = 0
+    num[:] = 0
+    frac[:] = 0
+    for f in range(weights.shape[0]):
+        for j in range(weights.shape[1]):
             for c in range(ncol):
                 r = first_row[f, c] + j
                 if r < 0 or r >= nrow:
@@ -154,50 +197,19 @@ def _optimal_kernel(image, variance, bad, first_row, weights, rvar, rmode, niter
                 if v <= 0 or bad[r, c]:
                     continue
                 p = weights[f, j, c]
+                m = model[r, c]
+                if mode == _DATA_VARIANCE:
+                    floor = v
+                elif mode == 0:
+                    floor = max(v - max(image[r, c], 0.0), 1.0)
+                elif mode == 1:
+                    floor = rvar[0, 0]
+                else:
+                    floor = rvar[r, c]
+                pw = p / (floor + max(m, 0.0))
                 frac[f, c] += p
-                den[f, c] += p * p / v
-                num[f, c] += p * image[r, c] / v
-    for f in range(nfib):
+                den[f, c] += pw * p
+                num[f, c] += pw * (image[r, c] - m + np.float32(flux[f, c]) * p)
+    for f in range(weights.shape[0]):
         for c in range(ncol):
             flux[f, c] = num[f, c] / den[f, c] if den[f, c] > 0 else 0.0
-    for _ in range(niter):
-        # model of all fibers, then each fiber refitted against the others' model with
-        # the model variance
-        model[:] = 0
-        for f in range(nfib):
-            for j in range(nwin):
-                for c in range(ncol):
-                    r = first_row[f, c] + j
-                    if 0 <= r < nrow:
-                        model[r, c] += np.float32(flux[f, c]) * weights[f, j, c]
-        den[:] = 0
-        num[:] = 0
-        for f in range(nfib):
-            for j in range(nwin):
-                for c in range(ncol):
-                    r = first_row[f, c] + j
-                    if r < 0 or r >= nrow:
-                        continue
-                    v = variance[r, c]
-                    if v <= 0 or bad[r, c]:
-                        continue
-                    p = weights[f, j, c]
-                    m = model[r, c]
-                    if rmode == 0:
-                        floor = max(v - max(image[r, c], 0.0), 1.0)
-                    elif rmode == 1:
-                        floor = rvar[0, 0]
-                    else:
-                        floor = rvar[r, c]
-                    pw = p / (floor + max(m, 0.0))
-                    den[f, c] += pw * p
-                    num[f, c] += pw * (image[r, c] - m + np.float32(flux[f, c]) * p)
-        for f in range(nfib):
-            for c in range(ncol):
-                flux[f, c] = num[f, c] / den[f, c] if den[f, c] > 0 else 0.0
-    var = np.zeros((nfib, ncol))
-    for f in range(nfib):
-        for c in range(ncol):
-            if den[f, c] > 0:
-                var[f, c] = 1.0 / den[f, c]
-    return flux, var, frac
