@@ -107,6 +107,27 @@ def test_extraction_and_sky_against_truth(reduced, sim_night, channel):
     assert abs(np.sum(sub[good])) < 0.01 * np.sum(sky[good])
 
 
+@pytest.mark.parametrize(("obsid", "channel", "tol"), [(8, "uv", 0.015), (7, "farred", 0.01)])
+def test_faint_sky_of_an_empty_arm_is_unbiased(reduced, sim_night, obsid, channel, tol):
+    """180 s standard exposures leave the other arm's IFU on blank sky (2 e- per column in
+    uv). Weights that followed the data's noise made that sky 11 % too bright in uv, a free
+    additive term per fiber made its lines 18 % too faint."""
+    arrays, _ = _multi(reduced, sim_night, "STANDARDS", obsid, channel)
+    truth = load_exposure(sim_night.baseraw, sim_night.date, obsid, 1, channel)
+    assert not truth["source"].any()
+    live = ~sim_night.truth(channel).dead
+    cols = slice(100, 1964)
+    sub = arrays["skysub_spectra"][live][:, cols]
+    sky = arrays["sky_spectra"][live][:, cols]
+    good = arrays["error_spectra"][live][:, cols] > 0
+    assert abs(np.sum(sub[good])) < tol * np.sum(sky[good])
+    # the sky's lines: pixels well above the fiber's running median
+    lines = good & (sky > 1.3 * np.median(sky, axis=1, keepdims=True))
+    excess = np.sum(sky[lines] - np.median(sky, axis=1, keepdims=True)
+                    .repeat(sky.shape[1], axis=1)[lines])
+    assert abs(np.sum(sub[lines])) < 0.1 * excess
+
+
 def test_without_standard_or_response_the_unit_says_so(reduced, sim_night, tmp_path, caplog):
     """No reference spectrum, no --response-dir and no default: the spectra stay in
     electron/s/cm2/Angstrom, the header and the log say why; then a --response-dir

@@ -6,8 +6,12 @@ dispersion) and return arrays of shape (nfiber, ncol).
 
 from __future__ import annotations
 
+import itertools
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
+from scipy.ndimage import gaussian_filter1d
 
 
 def boxcar(
@@ -65,6 +69,29 @@ def boxcar(
     return flux, var
 
 
+class Extraction(NamedTuple):
+    """Result of :func:`optimal`."""
+
+    flux: np.ndarray  # (nfiber, ncol) electrons per column (0 where frac is 0)
+    variance: np.ndarray  # (nfiber, ncol) variance of flux (0 where there is no data)
+    frac: np.ndarray  # (nfiber, ncol) fraction of the profile on unmasked in-frame pixels
+    row_offset: np.ndarray  # (nrow,) additive offset fitted to every row (0 if not fitted)
+    read_variance: np.ndarray  # (nfiber, ncol) the part of ``variance`` that does not
+    # depend on the signal: 1 / sum(P^2 / floor) (0 where there is no data)
+
+
+#: Row offsets: pixels between fibers, where the fibers' summed profile is below GAP_PROFILE
+#: and their model below GAP_MODEL read-noise sigma, measure them.
+GAP_PROFILE = 0.1
+GAP_MODEL = 5.0
+#: Gaussian sigma (rows) over which the offsets are smoothed, prior scatter of an offset
+#: (e-; shrinks rows with few gap pixels, e.g. under a bright star, towards 0) and clip.
+ROW_OFFSET_SMOOTH = 5.0
+ROW_OFFSET_PRIOR = 0.3
+ROW_OFFSET_CLIP = 4.0
+ROW_OFFSET_ROUNDS = 3
+
+
 def optimal(
     image: np.ndarray,
     variance: np.ndarray,
@@ -73,7 +100,8 @@ def optimal(
     weights: np.ndarray,
     read_variance: np.ndarray | float | None = None,
     niter: int = 2,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    row_segments: tuple[int, ...] | None = None,
+) -> Extraction:
     """Horne-style optimal extraction of every fiber at every column, overlaps solved jointly.
 
     The frame is modelled as ``image[r, c] = sum_f F_f(c) P_f(r, c)`` with ``P`` the
@@ -89,6 +117,12 @@ def optimal(
     variance ``sigma^2 = read_variance + max(model, 0)`` (weights from the data itself
     bias faint fluxes low). The variance of the result is ``1 / sum(P^2 w)`` with the
     final model weights (the neighbours' covariance through the wings is neglected).
+
+    With ``row_segments`` the model gains an additive offset of every row, smooth along
+    the rows within each segment (an amplifier): what the overscan leaves of the bias's
+    row-to-row drift. A smooth offset is nearly degenerate with the fibers' fluxes where
+    the profiles tile the rows, so it is measured only on the pixels between fibers (see
+    :func:`_row_offsets`) before the last sweep, and subtracted from the image for it.
 
     Parameters
     ----------
@@ -106,16 +140,14 @@ def optimal(
         Signal-independent variance of the pixels (e-^2). Default
         ``variance - max(image, 0)`` (the Poisson term the reader added), floored at 1.
     niter : int
-        Jacobi sweeps (>= 1).
+        Jacobi sweeps after the first (>= 1).
+    row_segments : tuple of int, optional
+        Row boundaries of the blocks (e.g. ``(0, 1032, 2064)`` for two amplifiers) within
+        which row offsets are fitted; None fits none.
 
     Returns
     -------
-    flux : ndarray (nfiber, ncol) float64
-        Electrons per column of every fiber (0 where ``frac`` is 0).
-    var : ndarray (nfiber, ncol) float64
-        Variance of ``flux`` (0 where ``frac`` is 0: no data).
-    frac : ndarray (nfiber, ncol) float64
-        Fraction of the profile on unmasked in-frame pixels.
+    Extraction
     """
     image = np.ascontiguousarray(image, np.float32)
     variance = np.ascontiguousarray(variance, np.float32)
@@ -128,39 +160,111 @@ def optimal(
     else:
         rvar = np.ascontiguousarray(np.broadcast_to(read_variance, image.shape), np.float32)
         rmode = 2
-    return _optimal_kernel(image, variance, bad, np.ascontiguousarray(first_row, np.int64),
-                           np.ascontiguousarray(weights, np.float32), rvar, rmode,
-                           max(int(niter), 1))
-
-
-#: ``_sweep`` mode of the first sweep: each fiber alone, weighted by the data's variance.
-_DATA_VARIANCE = -1
-
-
-@njit(cache=True, nogil=True)
-def _optimal_kernel(image, variance, bad, first_row, weights, rvar, rmode, niter):
-    """Loops of :func:`optimal`, columns innermost so that every array is read in order."""
+    first_row = np.ascontiguousarray(first_row, np.int64)
+    weights = np.ascontiguousarray(weights, np.float32)
     nrow, ncol = image.shape
     nfib = weights.shape[0]
     flux = np.zeros((nfib, ncol))
     den = np.zeros((nfib, ncol))
+    den0 = np.zeros((nfib, ncol))
     num = np.zeros((nfib, ncol))
     frac = np.zeros((nfib, ncol))
     model = np.zeros((nrow, ncol), np.float32)  # stays 0 in the first sweep
+    offset = np.zeros(nrow)
     _sweep(image, variance, bad, first_row, weights, model, flux, rvar, _DATA_VARIANCE,
-           den, num, frac)
-    for _ in range(niter):
+           den, den0, num, frac)
+    niter = max(int(niter), 1)
+    for i in range(niter):
         # model of all fibers, then each fiber refitted against the others' model with
         # the model variance
         _model(first_row, weights, flux, model)
+        if row_segments is not None and i == niter - 1:
+            offset = _row_offsets(image, variance, model, bad, first_row, weights, rvar, rmode,
+                                 row_segments)
+            image = image - offset[:, None].astype(np.float32)
         _sweep(image, variance, bad, first_row, weights, model, flux, rvar, rmode,
-               den, num, frac)
-    var = np.zeros((nfib, ncol))
-    for f in range(nfib):
+               den, den0, num, frac)
+    var = np.divide(1.0, den, out=np.zeros_like(den), where=den > 0)
+    var0 = np.divide(1.0, den0, out=np.zeros_like(den0), where=den0 > 0)
+    return Extraction(flux, var, frac, offset, var0)
+
+
+def _row_offsets(image, variance, model, bad, first_row, weights, rvar, rmode, segments
+                ) -> np.ndarray:
+    """Additive offset of every row, measured on the pixels between fibers.
+
+    The residual ``image - model`` of pixels where the fibers' summed profile is below
+    :data:`GAP_PROFILE` and the model below :data:`GAP_MODEL` read-noise sigma is fitted
+    as ``offset[row] + beta * model``: one offset per row, Gaussian-smoothed over
+    :data:`ROW_OFFSET_SMOOTH` rows within each segment with a prior of
+    :data:`ROW_OFFSET_PRIOR` e- (rows without gap pixels fall back towards 0), and one
+    ``beta`` for the whole frame, which absorbs a small error of the profile wings. Pixels
+    beyond :data:`ROW_OFFSET_CLIP` sigma are rejected; :data:`ROW_OFFSET_ROUNDS` rounds.
+    Arguments as in :func:`optimal` (``rvar``/``rmode`` encode ``read_variance``).
+    """
+    nrow = image.shape[0]
+    psum = np.zeros(image.shape, np.float32)
+    _model(first_row, weights, np.ones(weights.shape[::2]), psum)
+    offset = np.zeros(nrow)
+    beta = 0.0
+    num = np.zeros(nrow)
+    den = np.zeros(nrow)
+    prior = 1.0 / ROW_OFFSET_PRIOR**2
+    kernel = np.sqrt(2 * np.pi) * ROW_OFFSET_SMOOTH  # sum of the unnormalised Gaussian
+    clip = np.inf
+    for _ in range(ROW_OFFSET_ROUNDS):
+        bsum = _gap_sums(image, variance, model, psum, bad, rvar, rmode, offset, beta, clip,
+                         num, den)
+        for lo, hi in itertools.pairwise(segments):
+            n = gaussian_filter1d(num[lo:hi], ROW_OFFSET_SMOOTH, mode="constant") * kernel
+            d = gaussian_filter1d(den[lo:hi], ROW_OFFSET_SMOOTH, mode="constant") * kernel
+            offset[lo:hi] = n / (d + prior)
+        beta = bsum[0] / bsum[1] if bsum[1] > 0 else 0.0
+        clip = ROW_OFFSET_CLIP
+    return offset
+
+
+@njit(cache=True, nogil=True)
+def _gap_sums(image, variance, model, psum, bad, rvar, rmode, offset, beta, clip, num, den):
+    """Per-row inverse-variance sums of ``image - model - beta * model`` over the gap
+    pixels within ``clip`` sigma of the current fit (``num``, ``den`` filled in place), and
+    the sums for ``beta``: (sum w m (r - offset), sum w m^2)."""
+    nrow, ncol = image.shape
+    num[:] = 0
+    den[:] = 0
+    bnum = 0.0
+    bden = 0.0
+    for r in range(nrow):
+        off = offset[r]
         for c in range(ncol):
-            if den[f, c] > 0:
-                var[f, c] = 1.0 / den[f, c]
-    return flux, var, frac
+            if bad[r, c] or psum[r, c] >= GAP_PROFILE:
+                continue
+            if variance[r, c] <= 0:
+                continue
+            if rmode == 0:
+                floor = max(variance[r, c] - max(image[r, c], 0.0), 1.0)
+            elif rmode == 1:
+                floor = rvar[0, 0]
+            else:
+                floor = rvar[r, c]
+            m = model[r, c]
+            if m * m >= GAP_MODEL * GAP_MODEL * floor:
+                continue
+            v = floor + max(m, 0.0)
+            res = image[r, c] - m
+            d = res - beta * m - off
+            if d * d > clip * clip * v:
+                continue
+            w = 1.0 / v
+            num[r] += w * (res - beta * m)
+            den[r] += w
+            bnum += w * m * (res - off)
+            bden += w * m * m
+    return bnum, bden
+
+
+#: ``_sweep`` mode of the first sweep: each fiber alone, weighted by the data's variance.
+_DATA_VARIANCE = -1
 
 
 @njit(cache=True, nogil=True)
@@ -177,14 +281,15 @@ def _model(first_row, weights, flux, model):
 
 
 @njit(cache=True, nogil=True)
-def _sweep(image, variance, bad, first_row, weights, model, flux, rvar, mode, den, num,
-           frac):
+def _sweep(image, variance, bad, first_row, weights, model, flux, rvar, mode, den, den0,
+           num, frac):
     """One Jacobi sweep: every fiber fitted against the data less the others' ``model``;
     updates ``flux`` (and ``den``, ``num``, ``frac``) in place. ``mode`` picks the variance
     of the weights: the data's (first sweep), or a floor (0: data minus signal, 1: one
-    value, 2: per pixel) plus the model."""
+    value, 2: per pixel) plus the model. ``den0`` gets ``sum(P^2 / floor)``."""
     nrow, ncol = image.shape
     den[:] = 0
+    den0[:] = 0
     num[:] = 0
     frac[:] = 0
     for f in range(weights.shape[0]):
@@ -209,6 +314,7 @@ def _sweep(image, variance, bad, first_row, weights, model, flux, rvar, mode, de
                 pw = p / (floor + max(m, 0.0))
                 frac[f, c] += p
                 den[f, c] += pw * p
+                den0[f, c] += p * p / floor
                 num[f, c] += pw * (image[r, c] - m + np.float32(flux[f, c]) * p)
     for f in range(weights.shape[0]):
         for c in range(ncol):

@@ -21,6 +21,17 @@ extracted spectra)::
 * ``R_k`` (Angstrom^2, linear in column) is the fiber's difference in line-spread width:
   broadening a Gaussian line by ``d(sigma^2)`` adds ``d(sigma^2) / 2 * S''``.
 
+There is no free additive term per fiber: on a faint, flat continuum it is degenerate with
+``P_k``, and the noise of that pair made the lines of a 180 s uv sky 18 % too weak.
+Additive errors of the frame (what the overscan leaves of the bias drift) are fitted
+between the fibers before extraction (:func:`panacea.extract.optimal`). When the light of
+an object in every fiber is known (``object_light``), it is taken out of the sky fibers'
+fits as a continuum and out of their totals before the IFU-smooth prediction.
+
+The fits are weighted by ``read_variance + model`` when the signal-independent part of the
+extraction variance is given: weights that follow the data's own noise bias a faint sky
+(a 180 s uv sky was 11 % too high).
+
 Fibers with object light are found automatically and iteratively: a fiber is dropped from
 the sky fibers when its fitted level exceeds the IFU-smooth prediction (continuum objects)
 or when its residuals, smoothed over a line width, show significant emission or absorption
@@ -38,6 +49,7 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 from numpy.polynomial import legendre
 from scipy.interpolate import BSpline
 from scipy.ndimage import uniform_filter1d
@@ -129,6 +141,8 @@ def sky_model(
     knot_spacing: float = KNOT_SPACING,
     n_iter: int = 4,
     sky_fibers: np.ndarray | None = None,
+    read_variance: np.ndarray | None = None,
+    object_light: np.ndarray | None = None,
 ) -> SkyModel:
     """Fit the sky of one exposure and channel.
 
@@ -157,6 +171,12 @@ def sky_model(
         Rounds of fit, fiber rejection and refit.
     sky_fibers : ndarray of bool, shape (nfiber,), optional
         Fibers to use as sky; when given no fibers are rejected automatically.
+    read_variance : ndarray, shape (nfiber, ncol), optional
+        The part of ``variance`` that does not depend on the signal (read noise). After
+        the first round the fit is weighted by ``read_variance + model``, a variance
+        that owes nothing to the data's own noise; without it, by ``variance + model -
+        flux``, which cancels the data's Poisson term only approximately (an extraction
+        variance grows with the flux faster than one to one) and biased a faint sky high.
 
     Returns
     -------
@@ -181,14 +201,14 @@ def sky_model(
     if method != "spline":
         raise ValueError(f"unknown sky method {method!r}")
     return _spline_model(flux, variance, wave, ftf, live, good, np.asarray(positions, float),
-                         knot_spacing, n_iter, sky_fibers)
+                         knot_spacing, n_iter, sky_fibers, read_variance, object_light)
 
 
 # --------------------------------------------------------------------------- spline method
 
 
 def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing, n_iter,
-                  sky_fibers) -> SkyModel:
+                  sky_fibers, read_variance, object_light) -> SkyModel:
     nfib, ncol = flux.shape
     fixed = sky_fibers is not None
     disp = np.gradient(wave, axis=1)
@@ -229,34 +249,33 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
         spl = _evaluate(design, coeffs, order, wave.shape, lf)
 
         # per-fiber level, shift and width (level free for every fiber here)
-        basis = np.concatenate([spl[0][:, :, None] * lev_basis[None],
-                                spl[1][:, :, None] * sh_basis[None],
-                                spl[2][:, :, None] * wd_basis[None],
-                                inv_norm[:, :, None]], axis=2)
         wk = np.where(pix_ok, w, 0.0)
-        par = _solve_rows(basis, y, wk, live)
-        level, shift, width = _split(par[:, :-1], lev_basis, sh_basis, wd_basis, nl, ns)
-        offset = par[:, -1]
+        par = _solve_rows(spl, (lev_basis, sh_basis, wd_basis), y, wk, live)
+        level, shift, width = _split(par, lev_basis, sh_basis, wd_basis, nl, ns)
 
-        # IFU-smooth prediction of the level and offset from the sky fibers; the first
-        # column is the fiber's total (level and offset) relative to the spline
-        model = level * spl[0] + shift * spl[1] + width * spl[2] + offset[:, None] * inv_norm
+        # IFU-smooth prediction of the fiber's total sky relative to the spline
+        model = level * spl[0] + shift * spl[1] + width * spl[2]
         # both are smooth fits, so a ratio of sums is as robust as a ratio of medians
         ref = np.sum(np.where(good, norm * spl[0], 0.0), axis=1)
         total = np.sum(np.where(good, norm * model, 0.0), axis=1) / np.where(
             ref > 0, ref, 1.0)
-        stats = np.column_stack([np.nan_to_num(total), par[:, :nl], offset])
-        shape_coef = par[:, nl:-1]  # shift and width coefficients
-        pred, scatter = _smooth_fit(stats, smooth_basis, use)
+        if object_light is not None:
+            total = total - object_light
+        shape_coef = par[:, nl:]  # shift and width coefficients
+        pred, scatter = _smooth_fit(np.nan_to_num(total)[:, None], smooth_basis, use)
         if it == n_iter:
             break
         # weights from the model, not the data: noisy low pixels would otherwise weigh more
-        var_eff = np.maximum(variance + norm * model - flux, 0.1 * var_floor)
+        if read_variance is None:
+            var_eff = np.maximum(variance + norm * model - flux, 0.1 * var_floor)
+        else:
+            var_eff = np.maximum(read_variance + np.maximum(norm * model, 0.0),
+                                 0.1 * var_floor)
         w = np.where(good, safe**2 / np.where(good, var_eff, 1.0), 0.0)
         resid = (y - model) * np.sqrt(w)
         pix_ok = good & (np.abs(resid) < PIXEL_CLIP)
         if not fixed:
-            excess = (stats[:, 0] - pred[:, 0]) / scatter
+            excess = (np.nan_to_num(total) - pred[:, 0]) / scatter
             line_sig = _line_significance(y - model, w, pix_ok)
             new_use = live & (excess < LEVEL_CLIP) & (line_sig < LINE_CLIP)
             log.debug("sky iteration %d: %d sky fibers (%d by level, %d by lines)", it,
@@ -265,10 +284,17 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
             use = new_use
 
     obj = live & ~use
+    # electrons per column added to the sky of each fiber
+    offset = np.zeros(nfib)
+    if object_light is not None:
+        # the sky fibers' own fits hold the object light they saw: take it out as a
+        # continuum (electrons per column), not in the shape of the sky and its lines
+        ngood = np.maximum(good.sum(axis=1), 1)
+        mean_sky = np.sum(np.where(good, norm * model, 0.0), axis=1) / ngood
+        offset[use] = -object_light[use] * mean_sky[use]
     # throughput of each sky fiber relative to ftf: its best scale of the common sky (with
     # its own shift and width terms), weighted by inverse variance so that the bright sky
-    # lines dominate (the level alone is degenerate with the additive offset on a flat
-    # continuum), over the IFU-smooth trend of those scales (the sky's own gradient)
+    # lines dominate, over the IFU-smooth trend of those scales (the sky's own gradient)
     shape = spl[0]
     wp = np.where(pix_ok, w, 0.0)
     den = np.sum(wp * shape**2, axis=1)
@@ -279,9 +305,8 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
     relative = np.broadcast_to(ratio[:, None], (nfib, ncol)).copy()
     if obj.any():
         # the sky of a fiber with object light: the common sky scaled by the IFU-smooth
-        # prediction of the fibers' total sky (level and offset are degenerate on a flat
-        # continuum, and predicting them apart added ~1 % to the uv sky of such fibers),
-        # with the shift and width terms of the sky fibers' smooth trend along the slit
+        # prediction of the fibers' total sky, with the shift and width terms of the sky
+        # fibers' smooth trend along the slit
         # (the spectrograph's line spread changes smoothly along it; fitting them on the
         # object's fibers themselves left ~1.5 % residuals in sky-line cores)
         level[obj] = pred[obj, 0][:, None]
@@ -291,7 +316,7 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
         width[obj] = trend[obj, ns:] @ wd_basis.T
     sky_pa = level * spl[0] + shift * spl[1] + width * spl[2] + offset[:, None] * inv_norm
     sky = np.where(live[:, None], sky_pa * norm, 0.0)
-    chi2, chi2_sky = _chi2(flux, variance, sky, good, use, n_par=nl + ns + wd_basis.shape[1] + 1)
+    chi2, chi2_sky = _chi2(flux, variance, sky, good, use, n_par=nl + ns + wd_basis.shape[1])
     grid = np.sort(wave[lf].ravel())[:: len(lf)]
     log.info("sky (spline): %d sky fibers of %d live, chi2/dof of sky fibers %.3f",
              use.sum(), live.sum(), chi2_sky)
@@ -313,20 +338,55 @@ def _evaluate(design: SplineDesign, coeffs, order, shape, rows) -> np.ndarray:
     return out
 
 
-def _solve_rows(basis: np.ndarray, y: np.ndarray, w: np.ndarray, rows: np.ndarray
-                ) -> np.ndarray:
-    """Weighted linear least squares of every selected fiber, (nfib, npar); others 0."""
-    nfib, _, npar = basis.shape
+def _solve_rows(spl: np.ndarray, bases: tuple, y: np.ndarray, w: np.ndarray,
+                rows: np.ndarray) -> np.ndarray:
+    """Weighted linear least squares of every selected fiber, (nfib, npar); others 0.
+
+    The model of fiber ``f`` at column ``c`` is ``sum_n spl[n, f, c] * bases[n][c] . a_n``:
+    the level, shift and width polynomials times the spline and its derivatives.
+    """
+    nfib = spl.shape[1]
+    design = np.ascontiguousarray(np.concatenate(bases, axis=1).T)  # (npar, ncol)
+    which = np.concatenate([np.full(b.shape[1], n) for n, b in enumerate(bases)])
+    npar = design.shape[0]
     out = np.zeros((nfib, npar))
     idx = np.flatnonzero(rows)
-    b = basis[idx]
-    bw = b * w[idx][:, :, None]
-    normal = bw.transpose(0, 2, 1) @ b  # batched products use BLAS
-    rhs = (bw.transpose(0, 2, 1) @ y[idx][:, :, None])[:, :, 0]
+    if idx.size == 0:
+        return out
+    normal, rhs = _normal_rows(np.ascontiguousarray(spl), design, which.astype(np.int64),
+                               np.ascontiguousarray(y), np.ascontiguousarray(w),
+                               idx.astype(np.int64))
     diag = np.einsum("fii->fi", normal)
     normal += 1e-10 * np.maximum(diag.max(axis=1), 1e-300)[:, None, None] * np.eye(npar)
     out[idx] = np.linalg.solve(normal, rhs[:, :, None])[:, :, 0]
     return out
+
+
+@njit(cache=True, nogil=True)
+def _normal_rows(spl, design, which, y, w, idx):
+    """Normal matrices and right-hand sides of the fibers ``idx`` (see ``_solve_rows``)."""
+    npar, ncol = design.shape
+    normal = np.zeros((idx.size, npar, npar))
+    rhs = np.zeros((idx.size, npar))
+    b = np.zeros(npar)
+    for i in range(idx.size):
+        f = idx[i]
+        for c in range(ncol):
+            wc = w[f, c]
+            if wc == 0.0:
+                continue
+            for p in range(npar):
+                b[p] = spl[which[p], f, c] * design[p, c]
+            yc = y[f, c] * wc
+            for p in range(npar):
+                bp = b[p] * wc
+                rhs[i, p] += b[p] * yc
+                for q in range(p + 1):
+                    normal[i, p, q] += bp * b[q]
+        for p in range(npar):
+            for q in range(p):
+                normal[i, q, p] = normal[i, p, q]
+    return normal, rhs
 
 
 def _split(par, lev_basis, sh_basis, wd_basis, nl, ns):

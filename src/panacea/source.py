@@ -25,6 +25,7 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 from scipy import optimize
 from scipy.ndimage import median_filter, uniform_filter1d
 
@@ -129,20 +130,47 @@ def moffat_fractions(xy: np.ndarray, x0, y0, fwhm, ratio=1.0, angle=0.0,
     ``x0, y0, fwhm`` may be arrays of one value per wavelength: the result is then
     (nfib, nwave); for scalars (nfib,).
     """
-    x0, y0, fwhm = (np.atleast_1d(np.asarray(v, float)) for v in (x0, y0, fwhm))
+    x0, y0, fwhm = np.broadcast_arrays(*(np.atleast_1d(np.asarray(v, float))
+                                         for v in (x0, y0, fwhm)))
     sx, sy = _subgrid()
-    px = xy[:, 0, None, None] + sx[None, :, None]  # (nfib, nsub, 1)
-    py = xy[:, 1, None, None] + sy[None, :, None]
     alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
-    dx, dy = px - x0[None, None, :], py - y0[None, None, :]
-    c, s = np.cos(angle), np.sin(angle)
-    u = dx * c + dy * s
-    v = (-dx * s + dy * c) / ratio
-    r2 = (u**2 + v**2) / alpha[None, None, :] ** 2
-    norm = (beta - 1) / (np.pi * alpha**2 * ratio)
-    area = (instrument.LENSLET_PITCH / SUBSAMPLE) ** 2
-    out = (norm[None, None, :] * (1 + r2) ** -beta).sum(axis=1) * area
+    out = _moffat_sum(np.ascontiguousarray(xy, float), sx, sy, np.ascontiguousarray(x0),
+                      np.ascontiguousarray(y0), np.ascontiguousarray(alpha), float(ratio),
+                      float(angle), float(beta))
+    out *= (instrument.LENSLET_PITCH / SUBSAMPLE) ** 2  # area of a sub-pixel
     return out[:, 0] if out.shape[1] == 1 else out
+
+
+@njit(cache=True, nogil=True)
+def _moffat_sum(xy, sx, sy, x0, y0, alpha, ratio, angle, beta):
+    """Elliptical Moffat profile summed over every lenslet's sub-pixels, (nfib, nwave)."""
+    nfib, nsub, nw = xy.shape[0], sx.size, x0.size
+    c, s = np.cos(angle), np.sin(angle)
+    half_integer = 2 * beta == int(2 * beta) and beta > 0  # t^-beta by products and a sqrt
+    whole = int(beta)
+    out = np.zeros((nfib, nw))
+    for k in range(nw):
+        a2 = alpha[k] * alpha[k]
+        norm = (beta - 1) / (np.pi * a2 * ratio)
+        for f in range(nfib):
+            acc = 0.0
+            for j in range(nsub):
+                dx = xy[f, 0] + sx[j] - x0[k]
+                dy = xy[f, 1] + sy[j] - y0[k]
+                u = dx * c + dy * s
+                v = (-dx * s + dy * c) / ratio
+                t = 1.0 + (u * u + v * v) / a2
+                if half_integer:
+                    p = 1.0
+                    for _ in range(whole):
+                        p *= t
+                    if whole != beta:
+                        p *= np.sqrt(t)
+                    acc += 1.0 / p
+                else:
+                    acc += t ** -beta
+            out[f, k] = norm * acc
+    return out
 
 
 def fit_psf(values: np.ndarray, errors: np.ndarray, xy: np.ndarray, start: tuple,
