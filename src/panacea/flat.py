@@ -194,25 +194,42 @@ class SplineDesign:
 
     def evaluate(self, coeffs: np.ndarray) -> np.ndarray:
         """Spline value at every abscissa."""
-        idx = self.first[:, None] + np.arange(_DEGREE + 1)
-        return np.einsum("ij,ij->i", self.values, coeffs[idx])
+        return _banded_product(self.values, self.first, np.asarray(coeffs, float))
 
     def evaluate_derivatives(self, coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """First and second derivative of the spline at every abscissa.
 
         The derivative of a cubic spline is a quadratic spline on the inner knots (and the
         second a linear one); their design matrices at the fixed abscissae are built on
-        first use and reused, so every call is two sparse products.
+        first use and reused, so every call is two banded products.
         """
         if self._derivative_designs is None:
             t = self.knots
-            self._derivative_designs = (
-                BSpline.design_matrix(self.x, t[1:-1], _DEGREE - 1, extrapolate=True).tocsr(),
-                BSpline.design_matrix(self.x, t[2:-2], _DEGREE - 2, extrapolate=True).tocsr())
+            designs = []
+            for trim, degree in ((1, _DEGREE - 1), (2, _DEGREE - 2)):
+                m = BSpline.design_matrix(self.x, t[trim:-trim], degree, extrapolate=True)
+                designs.append((m.data.reshape(-1, degree + 1),
+                                m.indices.reshape(-1, degree + 1)[:, 0].copy()))
+            self._derivative_designs = designs
         spline = BSpline(self.knots, coeffs, _DEGREE)
-        d1, d2 = spline.derivative(1), spline.derivative(2)
-        m1, m2 = self._derivative_designs
-        return m1 @ d1.c[: m1.shape[1]], m2 @ d2.c[: m2.shape[1]]
+        (v1, f1), (v2, f2) = self._derivative_designs
+        return (_banded_product(v1, f1, spline.derivative(1).c),
+                _banded_product(v2, f2, spline.derivative(2).c))
+
+
+@njit(cache=True, nogil=True)
+def _banded_product(values, first, coeffs):
+    """``B @ coeffs`` for a design whose row ``i`` holds ``values[i]`` from column
+    ``first[i]`` on."""
+    n, k1 = values.shape
+    out = np.empty(n)
+    for i in range(n):
+        acc = 0.0
+        f = first[i]
+        for p in range(k1):
+            acc += values[i, p] * coeffs[f + p]
+        out[i] = acc
+    return out
 
 
 def _fit_rows(y: np.ndarray, w: np.ndarray, basis: np.ndarray, penalty: np.ndarray

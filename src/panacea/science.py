@@ -168,7 +168,8 @@ def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration
 
     t0 = time.perf_counter()
     try:
-        shift = measure_shift(image, cal.trace_solution(), variance, bad, profile=cal.profile)
+        shift = measure_shift(image, cal.trace_solution(), variance, bad, profile=cal.profile,
+                              cosmics_masked=True)
     except TraceError as err:
         log.warning("%s %s: trace shift not measured (%s); using 0", exposure.name, ch.name,
                     err)

@@ -966,7 +966,8 @@ def _spectra(image: np.ndarray, ok: np.ndarray, trace: np.ndarray, half: int = 2
     return np.maximum(pix.sum(axis=-1), 0.0)
 
 
-def _binned_frame(image, variance, mask, solution, fibers, bin_width, clip=6.0):
+def _binned_frame(image, variance, mask, solution, fibers, bin_width, clip=6.0,
+                  find_cosmics=True):
     """Collapsed frame and the light-weighted mean trace of ``fibers`` in every bin.
 
     Inside a bin the light of a fiber may come from a few columns only (an arc or sky
@@ -976,7 +977,7 @@ def _binned_frame(image, variance, mask, solution, fibers, bin_width, clip=6.0):
     """
     img, var, good = _prepare(image, variance, mask)
     edges = bin_edges(img.shape[1], bin_width)
-    ok = good & ~cosmic_mask(img, var, good, edges, clip)
+    ok = good & ~cosmic_mask(img, var, good, edges, clip) if find_cosmics else good
     mean, mvar = _collapse(img, var, ok, edges)
     trace = solution.trace[fibers]
     ybar = _bin_means(trace, edges, _spectra(img, ok, trace))
@@ -1136,6 +1137,7 @@ def measure_shift(
     bin_width: int = 128,
     max_shift: float = 2.0,
     niter: int = 4,
+    cosmics_masked: bool = False,
 ) -> float:
     """Rigid row shift of a frame's fibers relative to a trace solution.
 
@@ -1166,6 +1168,9 @@ def measure_shift(
         Largest shift searched (px).
     niter : int
         Gauss-Newton iterations after the grid search.
+    cosmics_masked : bool
+        ``mask`` already holds the frame's cosmic rays: the collapse does not look for
+        them again.
 
     Returns
     -------
@@ -1183,7 +1188,7 @@ def measure_shift(
     live = np.flatnonzero(~solution.dead)
     lo = (live // per_amp) * amp_rows
     mean, mvar, ybar, colbar, _ = _binned_frame(image, variance, mask, solution, live,
-                                                bin_width)
+                                                bin_width, find_cosmics=not cosmics_masked)
     model, support = (_gaussian_model(solution.sigma[live]) if profile is None
                       else _profile_model(profile))
     fibers = np.arange(live.size) if profile is None else live
