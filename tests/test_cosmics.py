@@ -105,7 +105,8 @@ def _synthetic(seed: int = 3):
     charge = np.zeros_like(image)
     for y, x, dy, dx, n in [(20, 30, 0, 1, 6), (50, 80, 1, 0, 5), (100, 200, 1, 1, 4),
                             (104, 60, 0, 1, 3), (105, 152, 0, 0, 1), (150, 250, 1, -1, 5),
-                            (int(10 + 14 * 6.7), 100, 0, 0, 1)]:
+                            (int(10 + 14 * 6.7), 100, 0, 0, 1),
+                            (99, 40, 1, 0, 9)]:  # along the columns, through the star
         for i in range(n):
             charge[y + i * dy, x + i * dx] = rng.uniform(600.0, 1500.0)
     image += charge

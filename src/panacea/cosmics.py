@@ -177,13 +177,16 @@ def _too_sharp(excess: np.ndarray, light: np.ndarray, noise: np.ndarray, r: np.n
                c: np.ndarray, limits: tuple[float, float, float], nsigma: float) -> np.ndarray:
     """Whether pixels (r, c) are sharper than light in at least one direction.
 
-    Across rows the *excess* over the running median is tested: an emission line's excess
-    has the fiber profile's shape there, while a bright fiber's continuum is gone from it.
-    Along the columns and the diagonals the *light* itself is tested.
+    Across rows and along the columns the *excess* over the running median is tested as
+    well as the light: an emission line's excess has the fiber profile's shape across rows
+    and the line spread's along the columns, while a bright fiber's continuum is gone from
+    it (a track through a bright star's fiber is not sharp in the light itself). Along the
+    diagonals the *light* is tested.
     """
     vert, horiz, diag = limits
     sharp = _significance(excess, noise, r, c, 1, 0, vert) > nsigma
     sharp |= _significance(light, noise, r, c, 1, 0, vert) > nsigma
+    sharp |= _significance(excess, noise, r, c, 0, 1, horiz) > nsigma
     sharp |= _significance(light, noise, r, c, 0, 1, horiz) > nsigma
     sharp |= _significance(light, noise, r, c, 1, 1, diag) > nsigma
     sharp |= _significance(light, noise, r, c, 1, -1, diag) > nsigma
