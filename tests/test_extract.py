@@ -206,3 +206,26 @@ def test_row_offsets_between_fibers_are_fitted():
     # the read-noise part of the variance does not depend on the signal
     ratio = fitted.read_variance[inner] / fitted.variance[inner]
     assert np.all(ratio <= 1 + 1e-6) and np.mean(ratio) < 0.8
+
+
+def test_row_offsets_survive_a_bad_pixel_and_check_segments():
+    """A non-finite unmasked pixel must not spread through the row offsets to every fiber;
+    segments must cover the frame."""
+    nrow, ncol, nfib, h = 120, 200, 15, 8
+    col = np.arange(ncol)
+    trace = 10 + 6.8 * np.arange(nfib)[:, None] + 0.0 * col[None, :]
+    first = np.round(trace).astype(int) - h
+    rows = first[:, None, :] + np.arange(2 * h + 1)[None, :, None]
+    w = np.exp(-0.5 * ((rows - trace[:, None, :]) / 1.2) ** 2)
+    w /= w.sum(axis=1, keepdims=True)
+    image = np.zeros((nrow, ncol))
+    np.add.at(image, (rows, np.broadcast_to(col, rows.shape)), 20.0 * w)
+    image[40, 50] = np.nan
+    var = 9.0 + np.nan_to_num(image)
+    ext = optimal(image, var, None, first, w.astype(np.float32), read_variance=9.0,
+                  row_segments=(0, 60, 120))
+    assert np.isfinite(ext.row_offset).all()
+    assert np.isfinite(ext.flux).mean() > 0.99
+    with pytest.raises(ValueError, match="row_segments"):
+        optimal(image, var, None, first, w.astype(np.float32), read_variance=9.0,
+                row_segments=(0, 60))

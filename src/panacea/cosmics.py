@@ -262,7 +262,10 @@ def _fiber_method(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
     floor = np.asarray(variance, np.float32) - np.maximum(img, 0.0)
     sub = (slice(None, None, 4), slice(None, None, 4))  # 1 pixel in 16 is plenty here
     good_sub = ~bad[sub]
-    rn2 = float(np.median(floor[sub][good_sub])) if good_sub.any() else 1.0
+    if good_sub.any():
+        rn2 = float(np.median(floor[sub][good_sub]))
+    else:
+        rn2 = float(np.median(floor[~bad])) if (~bad).any() else 1.0
     floor = np.where(bad | (floor <= 0), max(rn2, 1e-2), floor).astype(np.float32)
     model = dispersion_median(img, half_width)
     excess = img - model

@@ -177,7 +177,7 @@ class SplineDesign:
         # bounds checked above: scipy's own check uses Python's min/max (0.1 s per million)
         design = BSpline.design_matrix(self.x, knots, _DEGREE, extrapolate=True)
         self.values = design.data.reshape(-1, _DEGREE + 1)
-        self.first = design.indices.reshape(-1, _DEGREE + 1)[:, 0]
+        self.first = design.indices.reshape(-1, _DEGREE + 1)[:, 0].copy()
         if np.any(np.diff(self.first) < 0):
             raise ValueError("abscissae must be sorted")
         pen = _difference_penalty(self.nbasis)

@@ -119,7 +119,7 @@ class ScienceFrame:
     trace: np.ndarray  # (280, ncol) rows in this frame
     flux: np.ndarray  # (280, ncol) electrons per column
     variance: np.ndarray  # (280, ncol)
-    read_variance: np.ndarray  # (280, ncol) the part of ``variance`` from read noise alone
+    read_variance: np.ndarray  # (280, ncol) ``variance`` at zero signal (read and bias noise)
     frac: np.ndarray  # (280, ncol) fraction of the profile on usable pixels
     sky: SkyModel
     ftf: np.ndarray  # (280, ncol) fiber-to-fiber used (re-derived with correct_ftf)
@@ -184,9 +184,9 @@ def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration
     floor = (cal.read_variance + cal.bias_variance) / cal.pixelflat**2
     # what the overscan leaves of the bias's row-to-row drift (a few per cent of a faint
     # sky per fiber) is fitted between the fibers of each amplifier and removed
-    nrow = image.shape[0]
+    amp_rows = cal.profile.amp_rows
     ext = optimal(image, variance, bad, first, weights, read_variance=floor,
-                  row_segments=(0, nrow // 2, nrow))
+                  row_segments=tuple(range(0, image.shape[0] + 1, amp_rows)))
     flux, fvar, frac = ext.flux, ext.variance, ext.frac
     offset = ext.row_offset[:, None].astype(image.dtype)
     image = image - offset

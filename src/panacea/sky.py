@@ -173,11 +173,18 @@ def sky_model(
     sky_fibers : ndarray of bool, shape (nfiber,), optional
         Fibers to use as sky; when given no fibers are rejected automatically.
     read_variance : ndarray, shape (nfiber, ncol), optional
-        The part of ``variance`` that does not depend on the signal (read noise). After
+        ``variance`` at zero signal (read and bias noise). After
         the first round the fit is weighted by ``read_variance + model``, a variance
         that owes nothing to the data's own noise; without it, by ``variance + model -
         flux``, which cancels the data's Poisson term only approximately (an extraction
         variance grows with the flux faster than one to one) and biased a faint sky high.
+        Spline method only.
+    object_light : ndarray, shape (nfiber,), optional
+        Object light expected in every fiber as a fraction of its sky (e.g. from a star's
+        PSF). It is taken out of the sky fibers' totals before the IFU-smooth fit that
+        predicts the sky of the object's fibers (a star's faint wings in the sky fibers
+        would tilt that prediction up towards the star), and out of the sky fibers' own
+        sky as a continuum. Spline method only.
 
     Returns
     -------
@@ -217,7 +224,6 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
     safe = np.where(good, norm, 1.0)
     y = np.where(good, flux / safe, 0.0)  # electrons per Angstrom of a median fiber
     w = np.where(good, safe**2 / np.where(good, variance, 1.0), 0.0)
-    inv_norm = np.where(good, 1.0 / safe, 0.0)
     var_floor = float(np.median(variance[good])) if good.any() else 1.0
 
     # one design matrix for all live pixels, sorted in wavelength
@@ -256,8 +262,8 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
         ref = np.sum(np.where(good, norm * spl[0], 0.0), axis=1)
         total = np.sum(np.where(good, norm * model, 0.0), axis=1) / np.where(
             ref > 0, ref, 1.0)
-        if object_light is not None:
-            total = total - object_light
+        if object_light is not None:  # a fraction of the first sky, which held it
+            total = total * (1.0 - object_light)
         shape_coef = par[:, nl:]  # shift and width coefficients
         pred, scatter = _smooth_fit(np.nan_to_num(total)[:, None], smooth_basis, use)
         if it == n_iter:
@@ -311,8 +317,8 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
         trend = _slit_trend(shape_coef, use, nfib)
         shift[obj] = trend[obj, :ns] @ sh_basis.T
         width[obj] = trend[obj, ns:] @ wd_basis.T
-    sky_pa = level * spl[0] + shift * spl[1] + width * spl[2] + offset[:, None] * inv_norm
-    sky = np.where(live[:, None], sky_pa * norm, 0.0)
+    sky_pa = level * spl[0] + shift * spl[1] + width * spl[2]
+    sky = np.where(live[:, None], sky_pa * norm + offset[:, None], 0.0)
     chi2, chi2_sky = _chi2(flux, variance, sky, good, use, n_par=nl + ns + wd_basis.shape[1])
     grid = np.sort(wave[lf].ravel())[:: len(lf)]
     log.info("sky (spline): %d sky fibers of %d live, chi2/dof of sky fibers %.3f",
@@ -340,9 +346,13 @@ def _spline_design(wave: np.ndarray, rows: np.ndarray, knot_spacing: float
         disp = np.abs(np.gradient(wave[rows], axis=1))
         spacing = knot_spacing * float(np.median(disp))
         knots = clamped_knots(float(x[order[0]]) - 1e-6, float(x[order[-1]]) + 1e-6, spacing)
+        design = SplineDesign(x[order], knots)
+        for a in (order, knots, design.x, design.knots, design.values, design.first):
+            a.flags.writeable = False  # shared by every exposure of the channel
         while len(_DESIGNS) >= _DESIGN_CACHE_SIZE:
             _DESIGNS.pop(next(iter(_DESIGNS)))
-        _DESIGNS[key] = (order, knots, SplineDesign(x[order], knots))
+        _DESIGNS[key] = entry = (order, knots, design)
+        return entry
     return _DESIGNS[key]
 
 
