@@ -7,7 +7,7 @@ bin (edges half-way between grid points) receives the fraction of every native p
 it overlaps. This is the exact integral of the piecewise-constant spectrum, so flux is
 conserved, and with ``W`` the overlap fractions the output variance is
 ``sum_k W_jk^2 var_k`` (the diagonal of the propagated covariance; neighbouring output
-bins are correlated). Both are computed from cumulative sums, vectorised over fibers,
+bins are correlated). A compiled loop walks each fiber's pixels and the grid together,
 without building any matrix.
 
 Output is a flux density per Angstrom (electrons per Angstrom of grid bin), the unit the
@@ -17,6 +17,7 @@ flux calibration (:mod:`lrs2_facts` section 4: e- per Angstrom per s per cm^2) e
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 
 def pixel_edges(wave: np.ndarray) -> np.ndarray:
@@ -34,28 +35,6 @@ def grid_edges(grid: np.ndarray) -> np.ndarray:
     mid = 0.5 * (grid[1:] + grid[:-1])
     return np.concatenate([[grid[0] - (mid[0] - grid[0])], mid,
                            [grid[-1] + (grid[-1] - mid[-1])]])
-
-
-def _positions(edges: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel index and fraction (nfiber, ntarget) of ``targets`` in every fiber's ``edges``.
-
-    Targets before the first edge get index 0, fraction 0; beyond the last edge the last
-    pixel with fraction 1 (nothing outside the fiber's range is counted).
-    """
-    nfib, nedge = edges.shape
-    # one global search: shift every fiber to its own disjoint interval
-    span = edges.max() - edges.min() + 1.0
-    offset = (np.arange(nfib) * span)[:, None]
-    flat = (edges - edges.min() + offset).ravel()
-    t = (np.clip(targets[None, :], edges[:, :1], edges[:, -1:]) - edges.min() + offset)
-    k = np.searchsorted(flat, t.ravel(), side="right").reshape(t.shape) - 1
-    k -= (np.arange(nfib) * nedge)[:, None]
-    k = np.clip(k, 0, nedge - 2)
-    e0 = np.take_along_axis(edges, k, axis=1)
-    e1 = np.take_along_axis(edges, k + 1, axis=1)
-    frac = np.clip((np.clip(targets[None, :], edges[:, :1], edges[:, -1:]) - e0) / (e1 - e0),
-                   0.0, 1.0)
-    return k, frac
 
 
 def rectify(flux: np.ndarray, var: np.ndarray, wave: np.ndarray, grid: np.ndarray,
@@ -96,46 +75,48 @@ def rectify(flux: np.ndarray, var: np.ndarray, wave: np.ndarray, grid: np.ndarra
     if wave[0, -1] < wave[0, 0]:  # decreasing wavelength with column: flip
         flux, var, wave = flux[:, ::-1], var[:, ::-1], wave[:, ::-1]
         extra = [a[:, ::-1] for a in extra]
-    nfib = flux.shape[0]
     bad = ~(np.isfinite(flux) & np.isfinite(var) & (var > 0))
-    flux = np.where(bad, 0.0, flux)
-    var = np.where(bad, 0.0, var)
-    edges = pixel_edges(wave)
-    gedges = grid_edges(grid)
-    k, t = _positions(edges, gedges)  # (nfib, ngrid+1)
+    stack = np.ascontiguousarray(np.stack([np.where(bad, 0.0, a)
+                                           for a in (flux, var, *extra)]))
+    out = _resample(stack, bad, pixel_edges(wave), grid_edges(grid))
+    return tuple(out)
 
-    def zcum(a):
-        return np.concatenate([np.zeros((nfib, 1)), np.cumsum(a, axis=1)], axis=1)
 
-    cf, cv, cb = zcum(flux), zcum(var), zcum(bad.astype(np.float64))
-    ka, ta, kb, tb = k[:, :-1], t[:, :-1], k[:, 1:], t[:, 1:]
-
-    def pick(a, kk):
-        return np.take_along_axis(a, kk, axis=1)
-
-    va, vb = pick(var, ka), pick(var, kb)
-    same = ka == kb
-    inner = np.minimum(ka + 1, kb)
-
-    def resample(a, ca):
-        # different pixels: (1-ta) of pixel ka, all of ka+1..kb-1, tb of pixel kb
-        fa, fb = pick(a, ka), pick(a, kb)
-        return np.where(same, (tb - ta) * fa,
-                        (1 - ta) * fa + pick(ca, kb) - pick(ca, inner) + tb * fb)
-
-    out_f = resample(flux, cf)
-    inner_v = pick(cv, kb) - pick(cv, inner)
-    out_v = np.where(same, (tb - ta) ** 2 * va,
-                     (1 - ta) ** 2 * va + inner_v + tb**2 * vb)
-    # bad pixels touched (with non-zero weight)
-    nbad = pick(cb, kb + 1) - pick(cb, ka)
-    nbad -= np.where((tb == 0) & ~same, pick(bad.astype(np.float64), kb), 0.0)
-    nbad -= np.where((ta == 1) & ~same, pick(bad.astype(np.float64), ka), 0.0)
-    covered = (gedges[None, :-1] >= edges[:, :1]) & (gedges[None, 1:] <= edges[:, -1:])
-    use = covered & (nbad < 0.5)
-    width = np.diff(gedges)[None, :]
-    flux_r = np.where(use, out_f / width, 0.0)
-    var_r = np.where(use, out_v / width**2, 0.0)
-    also_r = [np.where(use, resample(a, zcum(np.where(bad, 0.0, a))) / width, 0.0)
-              for a in extra]
-    return (flux_r, var_r, *also_r)
+@njit(cache=True, nogil=True)
+def _resample(stack, bad, edges, gedges):
+    """Overlap-weighted sums of every fiber's pixels in every grid bin, per Angstrom:
+    ``stack[1]`` (the variance) with squared weights, the others with the weights; 0 in
+    bins not inside the fiber's range or touching a bad pixel with non-zero weight."""
+    nk, nfib, ncol = stack.shape
+    ngrid = gedges.size - 1
+    out = np.zeros((nk, nfib, ngrid))
+    acc = np.zeros(nk)
+    for f in range(nfib):
+        e = edges[f]
+        i0 = 0
+        for j in range(ngrid):
+            lo, hi = gedges[j], gedges[j + 1]
+            if lo < e[0] or hi > e[ncol]:
+                continue
+            while i0 < ncol - 1 and e[i0 + 1] <= lo:
+                i0 += 1
+            acc[:] = 0.0
+            touched_bad = False
+            i = i0
+            while i < ncol and e[i] < hi:
+                a = max(lo, e[i])
+                b = min(hi, e[i + 1])
+                if b > a:
+                    w = (b - a) / (e[i + 1] - e[i])
+                    if bad[f, i]:
+                        touched_bad = True
+                        break
+                    for n in range(nk):
+                        acc[n] += (w * w if n == 1 else w) * stack[n, f, i]
+                i += 1
+            if touched_bad:
+                continue
+            width = hi - lo
+            for n in range(nk):
+                out[n, f, j] = acc[n] / (width * width if n == 1 else width)
+    return out

@@ -246,7 +246,8 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
     coeffs = np.zeros(design.nbasis)
     for it in range(n_iter + 1):
         # common spectrum from the sky fibers, corrected by their own terms
-        corr = np.where(level > 0, (y - shift * spl[1] - width * spl[2]) / level, 0.0)
+        corr = np.divide(y - shift * spl[1] - width * spl[2], level,
+                         out=np.zeros_like(y), where=level > 0)
         wfit = np.where(pix_ok & use[:, None], w * level**2, 0.0)
         coeffs = design.fit(corr[lf].ravel()[order], wfit[lf].ravel()[order])
         spl = _evaluate(design, coeffs, order, wave.shape, lf)
