@@ -292,10 +292,11 @@ def _fiber_method(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
     above = light - 0.5 * (padded[:-2] + padded[2:])
     high = (excess > sigclip * scale_excess * noise) | (above > sigclip * scale_above * noise)
     r, c = np.nonzero(high & ~bad)
+    found_r, found_c = np.zeros(0, np.int64), np.zeros(0, np.int64)  # the pixels of cr
     for it in range(niter + grow):
         growing = it >= niter
         if growing:  # the faint ends of tracks: merely high neighbours, looser sharpness
-            r, c = _neighbourhood(*np.nonzero(cr), shape, 1, 1)
+            r, c = _neighbourhood(found_r, found_c, shape, 1, 1)
             keep = ~cr[r, c] & ~bad[r, c] & (excess[r, c] > sigfrac * sigclip * noise[r, c])
             r, c = r[keep], c[keep]
         nsig = sharp_sigma * (sigfrac if growing else 1.0)
@@ -307,15 +308,16 @@ def _fiber_method(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
             continue
         hr, hc = r[hit], c[hit]
         cr[hr, hc] = True
+        found_r, found_c = np.concatenate([found_r, hr]), np.concatenate([found_c, hc])
         # found pixels leave the running median (in a wider window, to see past a track
         # lying along a row) and no longer shield their neighbours
-        pr, pc = _neighbourhood(*np.nonzero(cr), shape, 0, patch_half_width)
+        pr, pc = _neighbourhood(found_r, found_c, shape, 0, patch_half_width)
         med = _patch_median(img, cr, pr, pc, patch_half_width)
         ok = np.isfinite(med)
         model[pr[ok], pc[ok]] = med[ok]
         excess[pr, pc] = img[pr, pc] - model[pr, pc]
-        excess[cr] = 0.0
-        light[cr] = model[cr]
+        excess[found_r, found_c] = 0.0
+        light[found_r, found_c] = model[found_r, found_c]
         nr, nc = _neighbourhood(pr, pc, shape, 1, 0)
         noise[nr, nc] = _noise(light, model, floor, model_error, nr, nc)
         if not growing:

@@ -174,11 +174,11 @@ def _moffat_sum(xy, sx, sy, x0, y0, alpha, ratio, angle, beta):
 
 
 def fit_psf(values: np.ndarray, errors: np.ndarray, xy: np.ndarray, start: tuple,
-            fix_shape: tuple | None = None) -> PSF:
+            fix_shape: tuple | None = None, shape_start: tuple = (0.95, 0.0)) -> PSF:
     """Least-squares Moffat fit of a fiber map (fibers with error <= 0 are left out).
 
-    ``start`` is (x, y, fwhm). ``fix_shape`` = (fwhm, ratio, angle) fits only position,
-    amplitude and background.
+    ``start`` is (x, y, fwhm) and ``shape_start`` (axis ratio, angle). ``fix_shape`` =
+    (fwhm, ratio, angle) fits only position, amplitude and background.
     """
     ok = (errors > 0) & np.isfinite(values)
     v, e, p = values[ok], errors[ok], xy[ok]
@@ -202,7 +202,8 @@ def fit_psf(values: np.ndarray, errors: np.ndarray, xy: np.ndarray, start: tuple
 
     x0, y0, f0 = start
     if fix_shape is None:
-        p0 = [x0, y0, f0, 0.95, 0.0]
+        p0 = [x0, y0, f0, float(np.clip(shape_start[0], 0.5, 1.0)),
+              float(np.clip(shape_start[1], -np.pi / 2, np.pi / 2))]
         lo = [x0 - 2.0, y0 - 2.0, 0.4, 0.5, -np.pi / 2]
         hi = [x0 + 2.0, y0 + 2.0, 5.0, 1.0, np.pi / 2]
     else:
@@ -307,13 +308,23 @@ def _bins(grid: np.ndarray, good: np.ndarray, n: int) -> list[np.ndarray]:
 def analyse(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, sky_err: np.ndarray,
             grid: np.ndarray, xy: np.ndarray, parangle: float, weather: Weather,
             central_wave: float | None = None, half_width: float = 10.0,
-            forced: tuple[float, float] | None = None, fwhm_guess: float = 1.5
-            ) -> Source | None:
-    """Detect, fit and extract the source of one exposure and channel (None if none)."""
+            forced: tuple[float, float] | None = None, fwhm_guess: float = 1.5,
+            previous: Source | None = None) -> Source | None:
+    """Detect, fit and extract the source of one exposure and channel (None if none).
+
+    ``previous`` (an analysis of the same exposure, e.g. before the sky was fitted again)
+    only provides starting values for the PSF fits.
+    """
     det = detect(skysub, err, sky, grid, xy, central_wave, half_width, forced)
     if det is None:
         return None
-    psf = fit_psf(det.values, det.errors, xy, (det.x, det.y, fwhm_guess))
+    seeds = {}
+    if previous is not None:
+        fwhm_guess = previous.psf.fwhm
+        seeds = {round(float(w), 3): b for w, b in zip(previous.bin_waves, previous.bins)}
+    psf = fit_psf(det.values, det.errors, xy, (det.x, det.y, fwhm_guess),
+                  shape_start=((previous.psf.ratio, previous.psf.angle)
+                               if previous is not None else (0.95, 0.0)))
     if forced is not None:
         psf = fit_psf(det.values, det.errors, xy, (det.x, det.y, psf.fwhm),
                       fix_shape=(psf.fwhm, psf.ratio, psf.angle))
@@ -335,8 +346,12 @@ def analyse(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, sky_err: np.nd
         wc = float(np.mean(grid[b]))
         start = (psf.x + np.interp(wc, grid, model[0]), psf.y + np.interp(wc, grid, model[1]),
                  psf.fwhm)
+        seed = seeds.get(round(wc, 3))
+        shape = (0.95, 0.0)
+        if seed is not None:
+            start, shape = (seed.x, seed.y, seed.fwhm), (seed.ratio, seed.angle)
         try:
-            fit = fit_psf(mean, merr, xy, start)
+            fit = fit_psf(mean, merr, xy, start, shape_start=shape)
         except (ValueError, np.linalg.LinAlgError):
             continue
         bins.append(fit)
