@@ -78,7 +78,7 @@ class Extraction(NamedTuple):
     flux: np.ndarray  # (nfiber, ncol) electrons per column (0 where frac is 0)
     variance: np.ndarray  # (nfiber, ncol) variance of flux (0 where there is no data)
     frac: np.ndarray  # (nfiber, ncol) fraction of the profile on unmasked in-frame pixels
-    row_offset: np.ndarray  # (nrow,) additive offset fitted to every row (0 if not fitted)
+    offset: np.ndarray  # (nrow, ncol) additive offset fitted between fibers (0 if not)
     read_variance: np.ndarray  # (nfiber, ncol) 1 / sum(P^2 / floor): the variance at zero
     # signal, which does not follow the data when ``read_variance`` is given (0: no data)
 
@@ -93,6 +93,10 @@ ROW_OFFSET_SMOOTH = 5.0
 ROW_OFFSET_PRIOR = 0.3
 ROW_OFFSET_CLIP = 4.0
 ROW_OFFSET_ROUNDS = 3
+#: Blocks of columns with offsets of their own, interpolated linearly between the blocks'
+#: centres: the bias drift is the same along a row, scattered light near a bright star is
+#: not, and one offset per row would carry a local halo to the whole row.
+OFFSET_COLUMN_BLOCKS = 4
 
 
 def optimal(
@@ -121,9 +125,10 @@ def optimal(
     bias faint fluxes low). The variance of the result is ``1 / sum(P^2 w)`` with the
     final model weights (the neighbours' covariance through the wings is neglected).
 
-    With ``row_segments`` the model gains an additive offset of every row, smooth along
-    the rows within each segment (an amplifier): what the overscan leaves of the bias's
-    row-to-row drift. A smooth offset is nearly degenerate with the fibers' fluxes where
+    With ``row_segments`` the model gains an additive offset, smooth along the rows within
+    each segment (an amplifier) and linear between :data:`OFFSET_COLUMN_BLOCKS` blocks of
+    columns: what the overscan leaves of the bias's row-to-row drift, and smooth scattered
+    light. A smooth offset is nearly degenerate with the fibers' fluxes where
     the profiles tile the rows, so it is measured only on the pixels between fibers (see
     :func:`_row_offsets`) before the last sweep and subtracted from the image for it
     (``niter >= 2`` is needed for a useful model).
@@ -174,7 +179,7 @@ def optimal(
     num = np.zeros((nfib, ncol))
     frac = np.zeros((nfib, ncol))
     model = np.zeros((nrow, ncol), np.float32)  # stays 0 in the first sweep
-    offset = np.zeros(nrow)
+    offset = np.zeros((nrow, ncol), np.float32)
     if row_segments is not None:
         row_segments = tuple(int(b) for b in row_segments)
         if (len(row_segments) < 2 or row_segments[0] != 0 or row_segments[-1] != nrow
@@ -196,7 +201,7 @@ def optimal(
             # scatter, so it is not done
             offset = _row_offsets(image, variance, model, bad, first_row, weights, rvar, rmode,
                                   row_segments)
-            image = image - offset[:, None].astype(np.float32)
+            image = image - offset
         _sweep(image, variance, bad, first_row, weights, model, flux, rvar, rmode,
                den, den0, num, frac)
     var = np.divide(1.0, den, out=np.zeros_like(den), where=den > 0)
@@ -204,26 +209,30 @@ def optimal(
     return Extraction(flux, var, frac, offset, var0)
 
 
-def _row_offsets(image, variance, model, bad, first_row, weights, rvar, rmode, segments
-                ) -> np.ndarray:
-    """Additive offset of every row, measured on the pixels between fibers.
+def _row_offsets(image, variance, model, bad, first_row, weights, rvar, rmode, segments,
+                 nblock: int = OFFSET_COLUMN_BLOCKS) -> np.ndarray:
+    """Additive offset of every pixel, measured on the pixels between fibers.
 
     The residual ``image - model`` of pixels where the fibers' summed profile is below
     :data:`GAP_PROFILE` and the model below :data:`GAP_MODEL` read-noise sigma is fitted
-    as ``offset[row] + beta * model``: one offset per row, Gaussian-smoothed over
-    :data:`ROW_OFFSET_SMOOTH` rows within each segment with a prior of
-    :data:`ROW_OFFSET_PRIOR` e- (rows without gap pixels fall back towards 0), and one
-    ``beta`` for the whole frame, which absorbs a small error of the profile wings. Pixels
-    beyond :data:`ROW_OFFSET_CLIP` sigma are rejected; :data:`ROW_OFFSET_ROUNDS` rounds.
+    as ``offset + beta * model``: one offset per row and block of columns (``nblock``
+    blocks), Gaussian-smoothed over :data:`ROW_OFFSET_SMOOTH` rows within each segment
+    with a prior of :data:`ROW_OFFSET_PRIOR` e- (rows without gap pixels fall back towards
+    0) and interpolated linearly between the blocks' centres, and one ``beta`` for the
+    whole frame, which absorbs a small error of the profile wings. Pixels beyond
+    :data:`ROW_OFFSET_CLIP` sigma are rejected; :data:`ROW_OFFSET_ROUNDS` rounds.
     Arguments as in :func:`optimal` (``rvar``/``rmode`` encode ``read_variance``).
+    Returns an (nrow, ncol) float32 image.
     """
-    nrow = image.shape[0]
+    nrow, ncol = image.shape
+    nblock = max(1, min(int(nblock), ncol))
     psum = np.zeros(image.shape, np.float32)
     _model(first_row, weights, np.ones(weights.shape[::2]), psum)
-    offset = np.zeros(nrow)
+    offset = np.zeros((nrow, ncol), np.float32)
+    block_offset = np.zeros((nrow, nblock))
     beta = 0.0
-    num = np.zeros(nrow)
-    den = np.zeros(nrow)
+    num = np.zeros((nrow, nblock))
+    den = np.zeros((nrow, nblock))
     prior = 1.0 / ROW_OFFSET_PRIOR**2
     kernel = np.sqrt(2 * np.pi) * ROW_OFFSET_SMOOTH  # sum of the unnormalised Gaussian
     clip = np.inf
@@ -231,31 +240,48 @@ def _row_offsets(image, variance, model, bad, first_row, weights, rvar, rmode, s
         bsum = _gap_sums(image, variance, model, psum, bad, rvar, rmode, offset, beta, clip,
                          num, den, GAP_PROFILE, GAP_MODEL)
         for lo, hi in itertools.pairwise(segments):
-            n = gaussian_filter1d(num[lo:hi], ROW_OFFSET_SMOOTH, mode="constant") * kernel
-            d = gaussian_filter1d(den[lo:hi], ROW_OFFSET_SMOOTH, mode="constant") * kernel
-            offset[lo:hi] = n / (d + prior)
+            n = gaussian_filter1d(num[lo:hi], ROW_OFFSET_SMOOTH, axis=0, mode="constant")
+            d = gaussian_filter1d(den[lo:hi], ROW_OFFSET_SMOOTH, axis=0, mode="constant")
+            block_offset[lo:hi] = n * kernel / (d * kernel + prior)
+        if not np.all(np.isfinite(block_offset)):
+            log.warning("row offsets not finite; none subtracted")
+            return np.zeros((nrow, ncol), np.float32)
+        offset = _across_columns(block_offset, ncol)
         beta = bsum[0] / bsum[1] if bsum[1] > 0 else 0.0
         clip = ROW_OFFSET_CLIP
-    if not np.all(np.isfinite(offset)):
-        log.warning("row offsets not finite; none subtracted")
-        return np.zeros(nrow)
     return offset
+
+
+def _across_columns(block_offset: np.ndarray, ncol: int) -> np.ndarray:
+    """(nrow, ncol) float32 image of per-block values interpolated linearly between the
+    blocks' centres (constant beyond the outer centres)."""
+    nblock = block_offset.shape[1]
+    if nblock == 1:
+        return np.ascontiguousarray(np.broadcast_to(block_offset, (block_offset.shape[0], ncol)),
+                                    dtype=np.float32)
+    centres = (np.arange(nblock) + 0.5) * ncol / nblock
+    cols = np.arange(ncol)
+    k = np.clip(np.searchsorted(centres, cols) - 1, 0, nblock - 2)
+    t = np.clip((cols - centres[k]) / (centres[k + 1] - centres[k]), 0.0, 1.0)
+    return (block_offset[:, k] * (1 - t) + block_offset[:, k + 1] * t).astype(np.float32)
 
 
 @njit(cache=True, nogil=True)
 def _gap_sums(image, variance, model, psum, bad, rvar, rmode, offset, beta, clip, num, den,
               gap_profile, gap_model):
-    """Per-row inverse-variance sums of ``image - model - beta * model`` over the gap
-    pixels within ``clip`` sigma of the current fit (``num``, ``den`` filled in place), and
-    the sums for ``beta``: (sum w m (r - offset), sum w m^2)."""
+    """Inverse-variance sums per row and block of columns of ``image - model - beta *
+    model`` over the gap pixels within ``clip`` sigma of the current fit (``num``, ``den``
+    (nrow, nblock) filled in place), and the sums for ``beta``: (sum w m (r - offset),
+    sum w m^2)."""
     nrow, ncol = image.shape
+    nblock = num.shape[1]
     num[:] = 0
     den[:] = 0
     bnum = 0.0
     bden = 0.0
     for r in range(nrow):
-        off = offset[r]
         for c in range(ncol):
+            off = offset[r, c]
             if bad[r, c] or psum[r, c] >= gap_profile:
                 continue
             if not variance[r, c] > 0 or not np.isfinite(image[r, c]):
@@ -275,8 +301,9 @@ def _gap_sums(image, variance, model, psum, bad, rvar, rmode, offset, beta, clip
             if d * d > clip * clip * v:
                 continue
             w = 1.0 / v
-            num[r] += w * (res - beta * m)
-            den[r] += w
+            b = c * nblock // ncol
+            num[r, b] += w * (res - beta * m)
+            den[r, b] += w
             bnum += w * m * (res - off)
             bden += w * m * m
     return bnum, bden

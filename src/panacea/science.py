@@ -188,11 +188,10 @@ def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration
     ext = optimal(image, variance, bad, first, weights, read_variance=floor,
                   row_segments=tuple(range(0, image.shape[0] + 1, amp_rows)))
     flux, fvar, frac = ext.flux, ext.variance, ext.frac
-    offset = ext.row_offset[:, None].astype(image.dtype)
-    image = image - offset
-    bias_sub = bias_sub - offset * cal.pixelflat
-    header["ROWOFFS"] = (round(float(np.sqrt(np.mean(ext.row_offset**2))), 4),
-                         "RMS of row offsets fitted between fibers (e-)")
+    image = image - ext.offset
+    bias_sub = bias_sub - ext.offset * cal.pixelflat
+    header["ROWOFFS"] = (round(float(np.sqrt(np.mean(ext.offset.astype(float)**2))), 4),
+                         "RMS of offsets fitted between fibers (e-)")
     timer.add("extract", t0)
 
     t0 = time.perf_counter()
