@@ -48,6 +48,7 @@ from scipy import sparse
 
 from . import astrometry
 from .instrument import LENSLET_PITCH, get_channel
+from .fluxcal import FLUX_UNIT
 from .io_utils import write_fits_atomic
 from .provenance import stamp
 
@@ -69,9 +70,6 @@ OFFSET_TOL = 0.02
 FIBER_AREA = LENSLET_PITCH**2
 #: Cube kinds, as in the file names.
 CUBE_KINDS = ("obs", "sky", "skysub")
-#: Default flux unit (of the flux-calibrated spectra).
-DEFAULT_UNIT = "erg / (s cm2 Angstrom)"
-
 #: Header cards never copied from the input header into a cube: data layout and WCS.
 _NOCOPY = re.compile(
     r"^(SIMPLE|BITPIX|EXTEND|BZERO|BSCALE|BLANK|BUNIT|CHECKSUM|DATASUM|PCOUNT|GCOUNT|XTENSION"
@@ -356,7 +354,7 @@ def cube_wcs_cards(cube: Cube, pointing=None) -> fits.Header:
 
 
 def write_cube(path: str | Path, cube: Cube, pointing=None, *, header: fits.Header | None = None,
-               unit: str = DEFAULT_UNIT, kind: str = "obs", options: dict | None = None,
+               unit: str = FLUX_UNIT, kind: str = "obs", options: dict | None = None,
                with_error: bool = True) -> Path:
     """Write ``cube`` as a float32 FITS image (NAXIS3 = wavelength) with a 3-D WCS.
 

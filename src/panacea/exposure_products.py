@@ -19,14 +19,12 @@ from astropy.io import fits
 from . import instrument
 from .astrometry import fiber_sky_positions, header_pointing
 from .cube import build_cube, cube_name, write_cube
-from .fluxcal import GuiderConditions
+from .fluxcal import FLUX_UNIT, RATE_UNIT, GuiderConditions
 from .products import Extension, Layout, MULTI_LAYOUT, multi_name, write_product
 from .science import ExposureResult
 
 log = logging.getLogger(__name__)
 
-FLUX_UNIT = "erg / (s cm2 Angstrom)"
-PHOTON_UNIT = "electron / (s cm2 Angstrom)"
 
 #: ``spectrum_{date}_{obsid7}_exp{NN}_{channel}.fits``: one 6 x 2064 image.
 SPECTRUM_LAYOUT = Layout("spectrum", 1, "SPECVER", (
@@ -50,7 +48,7 @@ class FluxScale:
 
     @property
     def unit(self) -> str:
-        return FLUX_UNIT if self.calibrated else PHOTON_UNIT
+        return FLUX_UNIT if self.calibrated else RATE_UNIT
 
     def factor(self, n: int) -> np.ndarray:
         """Multiplier of a count rate (e-/s/A) at every grid wavelength."""

@@ -61,6 +61,10 @@ GUIDING = "ACTIVE"
 TELLURIC_BANDS: tuple[tuple[float, float], ...] = ((6862.0, 6952.0), (7586.0, 7704.0))
 #: Unit of a response (and of row 1 of a response file).
 RESPONSE_UNIT = "erg / electron"
+#: Unit of flux-calibrated spectra and cubes, and of count rates per collecting area (what
+#: the products hold without a response).
+FLUX_UNIT = "erg / (s cm2 Angstrom)"
+RATE_UNIT = "electron / (s cm2 Angstrom)"
 #: FWHM of a Gaussian over its sigma.
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 

@@ -14,6 +14,7 @@ import numpy as np
 from astropy.io import fits
 
 from .errors import PanaceaError
+from .fluxcal import FLUX_UNIT
 from .io_utils import write_fits_atomic
 from .provenance import stamp
 
@@ -59,15 +60,15 @@ class Layout:
 #: The per-fiber science product ``multi_{date}_{obsid7}_exp{NN}_{channel}.fits``.
 MULTI_LAYOUT = Layout("multi", 1, "MULTIVER", (
     Extension("observed_spectra", "flux-calibrated object+sky per fiber on the grid",
-              "erg / (s cm2 Angstrom)", "float32", "280 x 2064"),
-    Extension("sky_spectra", "sky model per fiber on the grid", "erg / (s cm2 Angstrom)",
+              FLUX_UNIT, "float32", "280 x 2064"),
+    Extension("sky_spectra", "sky model per fiber on the grid", FLUX_UNIT,
               "float32", "280 x 2064"),
     Extension("skysub_spectra", "sky-subtracted spectra per fiber on the grid",
-              "erg / (s cm2 Angstrom)", "float32", "280 x 2064"),
+              FLUX_UNIT, "float32", "280 x 2064"),
     Extension("error_spectra", "1-sigma error per fiber; 0 marks a bad pixel",
-              "erg / (s cm2 Angstrom)", "float32", "280 x 2064"),
+              FLUX_UNIT, "float32", "280 x 2064"),
     Extension("collapsed_image", "sky-subtracted image over the collapse window",
-              "erg / (s cm2 Angstrom)", "float32", "ny x nx"),
+              FLUX_UNIT, "float32", "ny x nx"),
     Extension("fiber_positions", "IFU x, IFU y, focal x, focal y, RA, Dec", "arcsec / deg",
               "float64", "280 x 6"),
     Extension("extracted_spectrum", "wavelength, F_lambda, sky, error, sky error, response",
