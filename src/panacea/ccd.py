@@ -24,6 +24,7 @@ from scipy.signal import savgol_filter
 
 from panacea import instrument
 from panacea.errors import FrameError, PanaceaError
+from panacea.io_utils import header_number
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +195,10 @@ def detector_value(header: fits.Header, key: str, default: float, where: str = "
 
     A missing, non-numeric or non-positive value is replaced by ``default`` with a warning.
     """
-    value = header.get(key)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not (np.isfinite(number) and number > 0):
+    number = header_number(header, key)
+    if number is None or number <= 0:
         log.warning("%s: header %s=%r missing or not positive; using default %g",
-                    where, key, value, default)
+                    where, key, header.get(key), default)
         return default
     return number
 

@@ -43,7 +43,7 @@ from scipy.ndimage import binary_dilation, gaussian_filter1d
 from panacea import instrument
 from panacea.errors import ArchiveError, PanaceaError
 from panacea.flat import SplineDesign
-from panacea.io_utils import write_fits_atomic
+from panacea.io_utils import header_number, write_fits_atomic
 
 if TYPE_CHECKING:
     from panacea.archive import GuiderFile, NightIndex
@@ -104,18 +104,6 @@ def _utc(time: dt.datetime) -> dt.datetime:
     if time.tzinfo is None:
         return time.replace(tzinfo=dt.timezone.utc)
     return time.astimezone(dt.timezone.utc)
-
-
-def _card(header: fits.Header, key: str) -> float | None:
-    """A header value as a finite float, or None when absent or not a number."""
-    value = header.get(key)
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
 
 
 def _frames_in_window(night: NightIndex, start: dt.datetime, stop: dt.datetime,
@@ -203,7 +191,7 @@ def _mean_transparency(active: list[fits.Header], n_read: int, missing: str = ""
     ``missing`` says why no header was read at all (empty when some were).
     """
     lo, hi = TRANSPARENCY_RANGE
-    values = [_card(h, "TRANSPAR") for h in active]
+    values = [header_number(h, "TRANSPAR") for h in active]
     given = [v for v in values if v is not None]
     good = [v for v in given if lo <= v <= hi]
     if good:
@@ -225,7 +213,7 @@ def _mean_transparency(active: list[fits.Header], n_read: int, missing: str = ""
 def _mean_area(active: list[fits.Header], n_read: int, missing: str = ""
                ) -> tuple[float, str | None]:
     """Mean illuminated area of guided frames from X_STRT, Y_STRT, or (nan, note)."""
-    xy = [(_card(h, "X_STRT"), _card(h, "Y_STRT")) for h in active]
+    xy = [(header_number(h, "X_STRT"), header_number(h, "Y_STRT")) for h in active]
     xy = [(x, y) for x, y in xy if x is not None and y is not None]
     if xy:
         x, y = np.array(xy, float).T

@@ -1,12 +1,25 @@
-"""Safe product writing: a file appears whole or not at all."""
+"""FITS helpers: header numbers read safely, products written whole or not at all."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
 
 from astropy.io import fits
+
+
+def header_number(header: fits.Header, key: str) -> float | None:
+    """Header value ``key`` as a finite float; None when absent, boolean or not a number."""
+    value = header.get(key)
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
 
 
 def write_fits_atomic(hdul: fits.HDUList, path: str | Path) -> Path:

@@ -19,6 +19,7 @@ import numpy as np
 from astropy.io import fits
 
 from . import instrument
+from .io_utils import header_number
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,10 @@ class Weather:
 
 
 def _card(header: fits.Header, names: tuple[str, ...], lo: float, hi: float) -> float | None:
+    """The first of the cards ``names`` that holds a number within [lo, hi]."""
     for name in names:
-        try:
-            value = float(header[name])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if lo <= value <= hi:
+        value = header_number(header, name)
+        if value is not None and lo <= value <= hi:
             return value
     return None
 
