@@ -28,9 +28,9 @@ between the fibers before extraction (:func:`panacea.extract.optimal`). When the
 an object in every fiber is known (``object_light``), it is taken out of the sky fibers'
 fits as a continuum and out of their totals before the IFU-smooth prediction.
 
-The fits are weighted by ``read_variance + model`` when the signal-independent part of the
-extraction variance is given: weights that follow the data's own noise bias a faint sky
-(a 180 s uv sky was 11 % too high).
+The fits are weighted by ``read_variance + model``, with the zero-signal variance of the
+extraction: weights that follow the data's own noise bias a faint sky (a 180 s uv sky was
+11 % too high).
 
 Fibers with object light are found automatically and iteratively: a fiber is dropped from
 the sky fibers when its fitted level exceeds the IFU-smooth prediction (continuum objects)
@@ -173,12 +173,12 @@ def sky_model(
     sky_fibers : ndarray of bool, shape (nfiber,), optional
         Fibers to use as sky; when given no fibers are rejected automatically.
     read_variance : ndarray, shape (nfiber, ncol), optional
-        ``variance`` at zero signal (read and bias noise). After
-        the first round the fit is weighted by ``read_variance + model``, a variance
-        that owes nothing to the data's own noise; without it, by ``variance + model -
-        flux``, which cancels the data's Poisson term only approximately (an extraction
-        variance grows with the flux faster than one to one) and biased a faint sky high.
-        Spline method only.
+        ``variance`` at zero signal (read and bias noise). After the first round the fit
+        is weighted by ``read_variance + model``, a variance that owes nothing to the
+        data's own noise. Default ``variance - flux``, exact for a boxcar sum; for an
+        optimal extraction, whose variance grows with the flux faster than one to one,
+        that default biased a faint sky high: pass the extraction's own. Spline method
+        only.
     object_light : ndarray, shape (nfiber,), optional
         Object light expected in every fiber as a fraction of its sky (e.g. from a star's
         PSF). It is taken out of the sky fibers' totals before the IFU-smooth fit that
@@ -225,6 +225,8 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
     y = np.where(good, flux / safe, 0.0)  # electrons per Angstrom of a median fiber
     w = np.where(good, safe**2 / np.where(good, variance, 1.0), 0.0)
     var_floor = float(np.median(variance[good])) if good.any() else 1.0
+    if read_variance is None:  # a boxcar sum's variance is its read variance plus its signal
+        read_variance = variance - flux
 
     # one design matrix for all live pixels, sorted in wavelength
     lf = np.flatnonzero(live)
@@ -270,11 +272,7 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
         if it == n_iter:
             break
         # weights from the model, not the data: noisy low pixels would otherwise weigh more
-        if read_variance is None:
-            var_eff = np.maximum(variance + norm * model - flux, 0.1 * var_floor)
-        else:
-            var_eff = np.maximum(read_variance + np.maximum(norm * model, 0.0),
-                                 0.1 * var_floor)
+        var_eff = np.maximum(read_variance + np.maximum(norm * model, 0.0), 0.1 * var_floor)
         w = np.where(good, safe**2 / np.where(good, var_eff, 1.0), 0.0)
         resid = (y - model) * np.sqrt(w)
         pix_ok = good & (np.abs(resid) < PIXEL_CLIP)
