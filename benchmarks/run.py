@@ -8,8 +8,6 @@ memory of every stage, per channel (one process, one core).
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 import time
 import tracemalloc
@@ -21,8 +19,8 @@ from panacea import instrument
 from panacea.archive import Archive
 from panacea.calbundle import bundle_path, write_bundle
 from panacea.calibration import CalibrationOptions, StageTimer, calibrate_channel
-from panacea.simulate import NightConfig, simulate_night
 from panacea.simulate.truth import load_channel
+from simulated import night_parser, simulated_night
 
 
 class MemoryTimer(StageTimer):
@@ -70,20 +68,8 @@ def _warm_up(out: Path, date: str, channel: instrument.Channel) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--date", default="20181108")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out", default="benchmarks/out")
-    p.add_argument("--channels", default="uv,orange,red,farred")
-    p.add_argument("--reuse", action="store_true", help="reuse an existing simulated night")
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    out = Path(args.out)
-    if not (args.reuse and (out / args.date / "lrs2").is_dir()):
-        t0 = time.perf_counter()
-        simulate_night(NightConfig(date=args.date, seed=args.seed), out)
-        print(f"simulated night {args.date} (seed {args.seed}) in {time.perf_counter() - t0:.1f} s")
+    args = night_parser(__doc__, "reuse an existing simulated night").parse_args(argv)
+    out = simulated_night(args)
     rows = []
     stages: list[str] = []
     channels = instrument.parse_channels(args.channels)

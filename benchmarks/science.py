@@ -15,11 +15,8 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # one core, as the target says
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 from scipy.ndimage import median_filter  # noqa: E402
@@ -31,8 +28,8 @@ from panacea.calibration import CalibrationOptions, StageTimer  # noqa: E402
 from panacea.cosmics import detect_cosmics  # noqa: E402
 from panacea.pipeline import calibration_for, write_exposure  # noqa: E402
 from panacea.science import ChannelCalibration, ScienceOptions, reduce_exposure  # noqa: E402
-from panacea.simulate import NightConfig, simulate_night  # noqa: E402
 from panacea.simulate.truth import load_channel, load_exposure, load_night  # noqa: E402
+from simulated import night_parser, simulated_night  # noqa: E402
 
 EDGE = 100  # columns at each end left out of the statistics (partial coverage)
 
@@ -89,19 +86,8 @@ def accuracy(sf, parts: dict, channel_truth) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--date", default="20181108")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out", default="benchmarks/out")
-    p.add_argument("--channels", default="uv,orange,red,farred")
-    p.add_argument("--reuse", action="store_true", help="reuse a simulated night and bundles")
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    out = Path(args.out)
-    if not (args.reuse and (out / args.date / "lrs2").is_dir()):
-        simulate_night(NightConfig(date=args.date, seed=args.seed), out)
+    args = night_parser(__doc__, "reuse a simulated night and bundles").parse_args(argv)
+    out = simulated_night(args)
     night_truth = load_night(out, args.date)
     plans = {(e["obsid"], e["exp"]): e for e in night_truth["exposures"]}
     archive = Archive(out)
