@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import numpy as np
@@ -139,3 +140,19 @@ def test_bad_arguments():
         detect_cosmics(image, np.zeros((20, 31)))
     with pytest.raises(ValueError):
         detect_cosmics(image, image + 9, sigma_clip=3)
+
+
+def test_dispersion_median_of_nine_is_the_exact_running_median():
+    """The median-of-9 network (the default width) equals a direct running median with
+    repeated edge pixels, on every ordering of nine values and on values with ties."""
+    perms = np.array(list(itertools.permutations(range(9))), np.float32)
+    assert np.all(dispersion_median(perms, 4)[:, 4] == 4.0)
+    rng = np.random.default_rng(3)
+    image = (rng.integers(0, 5, (40, 97)) * rng.normal(1, 0.1, (40, 1))).astype(np.float32)
+    padded = np.pad(image, ((0, 0), (4, 4)), mode="edge")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 9, axis=1)
+    direct = np.median(windows, axis=2)
+    np.testing.assert_array_equal(dispersion_median(image, 4), direct)
+    np.testing.assert_array_equal(dispersion_median(image, 3), np.median(
+        np.lib.stride_tricks.sliding_window_view(np.pad(image, ((0, 0), (3, 3)), mode="edge"),
+                                                 7, axis=1), axis=2))

@@ -120,7 +120,50 @@ def dispersion_median(image: np.ndarray, half_width: int = MEDIAN_HALF_WIDTH) ->
     -------
     ndarray (nrow, ncol) of float32
     """
-    return _row_median(np.ascontiguousarray(image, np.float32), int(half_width))
+    image = np.ascontiguousarray(image, np.float32)
+    if half_width == 4:  # the default: a sorting network, ~4x faster than sliding
+        return _row_median9(image)
+    return _row_median(image, int(half_width))
+
+
+@njit(cache=True, nogil=True)
+def _row_median9(image):
+    """Running median of 9 along rows (edges as :func:`_row_median`) by the 19-exchange
+    median-of-9 network (Paeth, Graphics Gems; Devillard's ``opt_med9``)."""
+    nrow, ncol = image.shape
+    out = np.empty_like(image)
+    for r in range(nrow):
+        for c in range(ncol):
+            p0 = image[r, max(c - 4, 0)]
+            p1 = image[r, max(c - 3, 0)]
+            p2 = image[r, max(c - 2, 0)]
+            p3 = image[r, max(c - 1, 0)]
+            p4 = image[r, c]
+            p5 = image[r, min(c + 1, ncol - 1)]
+            p6 = image[r, min(c + 2, ncol - 1)]
+            p7 = image[r, min(c + 3, ncol - 1)]
+            p8 = image[r, min(c + 4, ncol - 1)]
+            p1, p2 = min(p1, p2), max(p1, p2)
+            p4, p5 = min(p4, p5), max(p4, p5)
+            p7, p8 = min(p7, p8), max(p7, p8)
+            p0, p1 = min(p0, p1), max(p0, p1)
+            p3, p4 = min(p3, p4), max(p3, p4)
+            p6, p7 = min(p6, p7), max(p6, p7)
+            p1, p2 = min(p1, p2), max(p1, p2)
+            p4, p5 = min(p4, p5), max(p4, p5)
+            p7, p8 = min(p7, p8), max(p7, p8)
+            # from here on only the exchanges' halves that reach the median are kept
+            p3 = max(p0, p3)
+            p5 = min(p5, p8)
+            p4, p7 = min(p4, p7), max(p4, p7)
+            p6 = max(p3, p6)
+            p4 = max(p1, p4)
+            p2 = min(p2, p5)
+            p4 = min(p4, p7)
+            p4, p2 = min(p4, p2), max(p4, p2)
+            p4 = max(p6, p4)
+            out[r, c] = min(p4, p2)
+    return out
 
 
 @njit(cache=True, nogil=True)
@@ -207,13 +250,30 @@ def _neighbourhood(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], d
 def _patch_median(image: np.ndarray, exclude: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                   half: int) -> np.ndarray:
     """Median of each pixel's row window of +-``half`` columns without excluded pixels
-    (NaN where every pixel of the window is excluded)."""
+    (edges repeat the end pixel; NaN where every pixel of the window is excluded)."""
+    return _patch_median_kernel(image, exclude, np.asarray(rows, np.int64),
+                                np.asarray(cols, np.int64), int(half))
+
+
+@njit(cache=True, nogil=True)
+def _patch_median_kernel(image, exclude, rows, cols, half):
     ncol = image.shape[1]
-    cc = np.clip(cols[:, None] + np.arange(-half, half + 1)[None, :], 0, ncol - 1)
-    values = np.where(exclude[rows[:, None], cc], np.nan, image[rows[:, None], cc])
     out = np.full(rows.size, np.nan, np.float32)
-    valid = np.isfinite(values).any(axis=1)
-    out[valid] = np.nanmedian(values[valid], axis=1)
+    buf = np.empty(2 * half + 1, np.float64)
+    for i in range(rows.size):
+        r, n = rows[i], 0
+        for k in range(-half, half + 1):
+            c = min(max(cols[i] + k, 0), ncol - 1)
+            v = image[r, c]
+            if not exclude[r, c] and np.isfinite(v):
+                j = n  # insertion sort: a window holds at most 2 * half + 1 values
+                while j > 0 and buf[j - 1] > v:
+                    buf[j] = buf[j - 1]
+                    j -= 1
+                buf[j] = v
+                n += 1
+        if n:
+            out[i] = buf[n // 2] if n % 2 else 0.5 * (buf[n // 2 - 1] + buf[n // 2])
     return out
 
 
@@ -233,14 +293,30 @@ def _noise(light: np.ndarray, model: np.ndarray, floor: np.ndarray, model_error:
     return np.sqrt(floor[r, c] + signal + (model_error * signal) ** 2)
 
 
-def _noise_frame(light: np.ndarray, model: np.ndarray, floor: np.ndarray,
-                 model_error: float) -> np.ndarray:
-    """:func:`_noise` of every pixel of the frame, with slices rather than indices."""
-    p = np.pad(light, 1, mode="edge")
-    brightest = np.maximum(np.maximum(p[:-2, 1:-1], p[2:, 1:-1]),
-                           np.maximum(p[1:-1, :-2], p[1:-1, 2:]))
-    signal = np.maximum(np.maximum(model, np.minimum(light, brightest)), 0.0)
-    return np.sqrt(floor + signal + (model_error * signal) ** 2)
+@njit(cache=True, nogil=True)
+def _first_pass(light, model, floor, model_error, bad, excess_limit, above_limit):
+    """:func:`_noise` of every pixel (float32 frame) and the first candidates: pixels not
+    ``bad`` whose excess over ``model`` exceeds ``excess_limit`` times their noise, or
+    whose excess over the mean of the pixels above and below exceeds ``above_limit``
+    times it (edges repeat the end row or column)."""
+    nrow, ncol = light.shape
+    noise = np.empty((nrow, ncol), np.float32)
+    high = np.zeros((nrow, ncol), np.bool_)
+    for r in range(nrow):
+        rm, rp = max(r - 1, 0), min(r + 1, nrow - 1)
+        for c in range(ncol):
+            cm, cp = max(c - 1, 0), min(c + 1, ncol - 1)
+            v = light[r, c]
+            brightest = max(max(light[rm, c], light[rp, c]), max(light[r, cm], light[r, cp]))
+            signal = max(max(model[r, c], min(v, brightest)), 0.0)
+            n = np.sqrt(floor[r, c] + signal + (model_error * signal) ** 2)
+            noise[r, c] = n
+            if bad[r, c]:
+                continue
+            above = v - 0.5 * (light[rm, c] + light[rp, c])
+            if v - model[r, c] > excess_limit * n or above > above_limit * n:
+                high[r, c] = True
+    return noise, high
 
 
 def _fiber_method(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
@@ -270,7 +346,6 @@ def _fiber_method(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
     model = dispersion_median(img, half_width)
     excess = img - model
     light = img.copy()  # the image with found cosmic rays replaced by the model
-    noise = _noise_frame(light, model, floor, model_error)
     # noise of a pixel minus the running median, and minus the mean of the pixels above and
     # below, in units of the pixel's noise (a median of n values has ~pi/2/n of the variance)
     scale_excess = np.sqrt(1 + np.pi / 2 / (2 * half_width + 1))
@@ -287,11 +362,9 @@ def _fiber_method(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
         return r[keep], c[keep]
 
     cr = np.zeros(shape, bool)
-    # first candidates over the whole frame, with slices rather than indices
-    padded = np.pad(light, ((1, 1), (0, 0)), mode="edge")
-    above = light - 0.5 * (padded[:-2] + padded[2:])
-    high = (excess > sigclip * scale_excess * noise) | (above > sigclip * scale_above * noise)
-    r, c = np.nonzero(high & ~bad)
+    noise, high = _first_pass(light, model, floor, np.float32(model_error), bad,
+                              sigclip * scale_excess, sigclip * scale_above)
+    r, c = np.nonzero(high)
     found_r, found_c = np.zeros(0, np.int64), np.zeros(0, np.int64)  # the pixels of cr
     for it in range(niter + grow):
         growing = it >= niter

@@ -263,7 +263,18 @@ def _across_columns(block_offset: np.ndarray, ncol: int) -> np.ndarray:
     cols = np.arange(ncol)
     k = np.clip(np.searchsorted(centres, cols) - 1, 0, nblock - 2)
     t = np.clip((cols - centres[k]) / (centres[k + 1] - centres[k]), 0.0, 1.0)
-    return (block_offset[:, k] * (1 - t) + block_offset[:, k + 1] * t).astype(np.float32)
+    return _blend(np.ascontiguousarray(block_offset, float), k.astype(np.int64), t)
+
+
+@njit(cache=True, nogil=True)
+def _blend(block_offset, k, t):
+    """``block_offset[:, k] * (1 - t) + block_offset[:, k + 1] * t`` as float32."""
+    nrow, ncol = block_offset.shape[0], k.size
+    out = np.empty((nrow, ncol), np.float32)
+    for r in range(nrow):
+        for c in range(ncol):
+            out[r, c] = block_offset[r, k[c]] * (1 - t[c]) + block_offset[r, k[c] + 1] * t[c]
+    return out
 
 
 @njit(cache=True, nogil=True)

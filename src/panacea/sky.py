@@ -53,7 +53,6 @@ import numpy as np
 from numba import njit
 from numpy.polynomial import legendre
 from scipy.interpolate import BSpline
-from scipy.ndimage import uniform_filter1d
 
 from panacea import instrument
 from panacea.flat import clamped_knots, SplineDesign
@@ -251,7 +250,7 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
         corr = np.divide(y - shift * spl[1] - width * spl[2], level,
                          out=np.zeros_like(y), where=level > 0)
         wfit = np.where(pix_ok & use[:, None], w * level**2, 0.0)
-        coeffs = design.fit(corr[lf].ravel()[order], wfit[lf].ravel()[order])
+        coeffs = design.fit(_gather(corr, lf, order), _gather(wfit, lf, order))
         spl = _evaluate(design, coeffs, order, wave.shape, lf)
 
         # per-fiber level, shift and width (level free for every fiber here)
@@ -358,12 +357,31 @@ def _spline_design(wave: np.ndarray, rows: np.ndarray, knot_spacing: float
 def _evaluate(design: SplineDesign, coeffs, order, shape, rows) -> np.ndarray:
     """Spline value, first and second derivative (per Angstrom^n) at the wavelengths of
     ``rows``, from the design at their sorted wavelengths (``order`` sorts them)."""
-    out = np.zeros((3,) + shape)
-    for n, sorted_values in enumerate((design.evaluate(coeffs),
-                                       *design.evaluate_derivatives(coeffs))):
-        values = np.empty_like(sorted_values)
-        values[order] = sorted_values
-        out[n, rows] = values.reshape(len(rows), shape[1])
+    return _scatter(design.evaluate(coeffs), *design.evaluate_derivatives(coeffs),
+                    order, rows.astype(np.int64), shape[0], shape[1])
+
+
+@njit(cache=True, nogil=True)
+def _gather(a, rows, order):
+    """``a[rows].ravel()[order]``."""
+    ncol = a.shape[1]
+    out = np.empty(order.size)
+    for i in range(order.size):
+        k = order[i]
+        out[i] = a[rows[k // ncol], k % ncol]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _scatter(v0, v1, v2, order, rows, nfib, ncol):
+    """(3, nfib, ncol) zeros with ``out[n, rows].ravel()[order] = v_n``."""
+    out = np.zeros((3, nfib, ncol))
+    for i in range(order.size):
+        k = order[i]
+        f, c = rows[k // ncol], k % ncol
+        out[0, f, c] = v0[i]
+        out[1, f, c] = v1[i]
+        out[2, f, c] = v2[i]
     return out
 
 
@@ -481,17 +499,34 @@ def _smooth_fit(values: np.ndarray, basis: np.ndarray, use: np.ndarray, clip: fl
 
 
 def _line_significance(resid: np.ndarray, w: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """Largest |residual| summed over LINE_BOX pixels in units of its noise, per fiber."""
-    wr = np.where(ok, w, 0.0)
-    r = np.where(ok, resid, 0.0)
-    s = uniform_filter1d(r, LINE_BOX, axis=1, mode="constant")
-    v = uniform_filter1d(np.where(wr > 0, 1.0 / np.where(wr > 0, wr, 1.0), 0.0), LINE_BOX,
-                         axis=1, mode="constant")
-    n = uniform_filter1d(ok.astype(float), LINE_BOX, axis=1, mode="constant")
-    full = n > 0.999
-    sig = np.where(full & (v > 0), np.abs(s) / np.sqrt(np.where(v > 0, v, 1.0) / LINE_BOX),
-                   0.0)
-    return sig.max(axis=1)
+    """Largest |residual| summed over LINE_BOX pixels in units of its noise, per fiber
+    (windows with a pixel that is not ``ok``, or reaching past the ends, are skipped)."""
+    return _line_significance_kernel(np.ascontiguousarray(resid, float),
+                                     np.ascontiguousarray(w, float),
+                                     np.ascontiguousarray(ok, np.bool_), LINE_BOX)
+
+
+@njit(cache=True, nogil=True)
+def _line_significance_kernel(resid, w, ok, box):
+    nfib, ncol = resid.shape
+    out = np.zeros(nfib)
+    for f in range(nfib):
+        best = 0.0
+        for c0 in range(ncol - box + 1):
+            s = 0.0
+            v = 0.0
+            full = True
+            for c in range(c0, c0 + box):
+                if not ok[f, c]:
+                    full = False
+                    break
+                s += resid[f, c]
+                if w[f, c] > 0:
+                    v += 1.0 / w[f, c]
+            if full and v > 0:
+                best = max(best, abs(s) / np.sqrt(v))
+        out[f] = best
+    return out
 
 
 def _chi2(flux, variance, sky, good, use, n_par) -> tuple[np.ndarray, float]:

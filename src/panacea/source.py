@@ -173,32 +173,97 @@ def _moffat_sum(xy, sx, sy, x0, y0, alpha, ratio, angle, beta):
     return out
 
 
+@njit(cache=True, nogil=True)
+def _moffat_gradient(xy, sx, sy, x0, y0, alpha, ratio, angle, beta):
+    """One wavelength's Moffat sums (column 0, as :func:`_moffat_sum`) and their
+    derivatives with respect to x0, y0, alpha, ratio and angle (columns 1-5), (nfib, 6)."""
+    nfib, nsub = xy.shape[0], sx.size
+    c, s = np.cos(angle), np.sin(angle)
+    a2 = alpha * alpha
+    norm = (beta - 1) / (np.pi * a2 * ratio)
+    out = np.zeros((nfib, 6))
+    for f in range(nfib):
+        g0 = gx = gy = ga = gq = gt = 0.0
+        for j in range(nsub):
+            dx = xy[f, 0] + sx[j] - x0
+            dy = xy[f, 1] + sy[j] - y0
+            u = dx * c + dy * s
+            v = (-dx * s + dy * c) / ratio
+            r2 = (u * u + v * v) / a2
+            t = 1.0 + r2
+            val = t ** -beta
+            dval = -beta * val / t  # d(t^-beta)/dt
+            g0 += val
+            # dt/dx0 = (2u du/dx0 + 2v dv/dx0) / a2 with du/dx0 = -c, dv/dx0 = s / ratio
+            gx += dval * 2.0 * (-u * c + v * s / ratio) / a2
+            gy += dval * 2.0 * (-u * s - v * c / ratio) / a2
+            ga += dval * (-2.0 * r2 / alpha)
+            gq += dval * (-2.0 * v * v / (ratio * a2))
+            # du/dangle = v * ratio, dv/dangle = -u / ratio
+            gt += dval * 2.0 * u * v * (ratio - 1.0 / ratio) / a2
+        out[f, 0] = norm * g0
+        out[f, 1] = norm * gx
+        out[f, 2] = norm * gy
+        out[f, 3] = norm * (ga - 2.0 * g0 / alpha)  # the norm goes as alpha^-2
+        out[f, 4] = norm * (gq - g0 / ratio)  # and as ratio^-1
+        out[f, 5] = norm * gt
+    return out
+
+
+def moffat_gradient(xy: np.ndarray, x0: float, y0: float, fwhm: float, ratio: float = 1.0,
+                    angle: float = 0.0, beta: float = MOFFAT_BETA) -> np.ndarray:
+    """Fraction of the light on every lenslet (column 0, as :func:`moffat_fractions`) and
+    its derivatives with respect to x0, y0, fwhm, ratio and angle (columns 1-5)."""
+    sx, sy = _subgrid()
+    to_alpha = 1.0 / (2 * np.sqrt(2 ** (1 / beta) - 1))
+    out = _moffat_gradient(np.ascontiguousarray(xy, float), sx, sy, float(x0), float(y0),
+                           float(fwhm) * to_alpha, float(ratio), float(angle), float(beta))
+    out *= (instrument.LENSLET_PITCH / SUBSAMPLE) ** 2
+    out[:, 3] *= to_alpha  # d/dfwhm = d/dalpha * dalpha/dfwhm
+    return out
+
+
 def fit_psf(values: np.ndarray, errors: np.ndarray, xy: np.ndarray, start: tuple,
             fix_shape: tuple | None = None, shape_start: tuple = (0.95, 0.0)) -> PSF:
     """Least-squares Moffat fit of a fiber map (fibers with error <= 0 are left out).
 
     ``start`` is (x, y, fwhm) and ``shape_start`` (axis ratio, angle). ``fix_shape`` =
     (fwhm, ratio, angle) fits only position, amplitude and background.
+
+    Amplitude and background are solved linearly at every step (variable projection);
+    the Jacobian of the shape parameters is analytic, projected off the linear columns
+    (Kaufman's form), so that ``J^T J`` is the inverse covariance of the shape parameters
+    marginalised over amplitude and background.
     """
     ok = (errors > 0) & np.isfinite(values)
     v, e, p = values[ok], errors[ok], xy[ok]
+    free = slice(1, 6) if fix_shape is None else slice(1, 3)
+    last: dict = {}
 
-    def design(par):
-        if fix_shape is None:
-            x, y, fwhm, ratio, angle = par
-        else:
-            (x, y), (fwhm, ratio, angle) = par, fix_shape
-        return moffat_fractions(p, x, y, fwhm, ratio, angle)
-
-    def linear(par):
-        m = design(par)
-        a = np.column_stack([m, np.ones_like(m)]) / e[:, None]
-        coef, *_ = np.linalg.lstsq(a, v / e, rcond=None)
-        return coef, m
+    def model(par):
+        """Fractions, their derivatives and the linear solution at ``par`` (memoised for
+        the Jacobian, which least_squares asks for at the point it just evaluated)."""
+        key = tuple(par)
+        if last.get("key") != key:
+            if fix_shape is None:
+                x, y, fwhm, ratio, angle = par
+            else:
+                (x, y), (fwhm, ratio, angle) = par, fix_shape
+            g = moffat_gradient(p, x, y, fwhm, ratio, angle)
+            a = np.column_stack([g[:, 0], np.ones(len(v))]) / e[:, None]
+            q, _ = np.linalg.qr(a)
+            coef, *_ = np.linalg.lstsq(a, v / e, rcond=None)
+            last.update(key=key, g=g, q=q, coef=coef)
+        return last
 
     def resid(par):
-        coef, m = linear(par)
-        return (v - coef[0] * m - coef[1]) / e
+        m = model(par)
+        return (v - m["coef"][0] * m["g"][:, 0] - m["coef"][1]) / e
+
+    def jac(par):
+        m = model(par)
+        d = -m["coef"][0] * m["g"][:, free] / e[:, None]
+        return d - m["q"] @ (m["q"].T @ d)
 
     x0, y0, f0 = start
     if fix_shape is None:
@@ -208,11 +273,12 @@ def fit_psf(values: np.ndarray, errors: np.ndarray, xy: np.ndarray, start: tuple
         hi = [x0 + 2.0, y0 + 2.0, 5.0, 1.0, np.pi / 2]
     else:
         p0, lo, hi = [x0, y0], [x0 - 2.0, y0 - 2.0], [x0 + 2.0, y0 + 2.0]
-    res = optimize.least_squares(resid, p0, bounds=(lo, hi), x_scale=0.1)
-    coef, _ = linear(res.x)
+    res = optimize.least_squares(resid, p0, jac=jac, bounds=(lo, hi), x_scale=0.1)
+    coef = model(res.x)["coef"]
     chi2 = float(np.sum(res.fun**2) / max(res.fun.size - len(p0) - 2, 1))
     try:
-        cov = np.linalg.inv(res.jac.T @ res.jac) * max(chi2, 1.0)
+        j = jac(res.x)
+        cov = np.linalg.inv(j.T @ j) * max(chi2, 1.0)
         xerr, yerr = float(np.sqrt(cov[0, 0])), float(np.sqrt(cov[1, 1]))
     except np.linalg.LinAlgError:
         xerr = yerr = float("inf")
@@ -242,11 +308,14 @@ def _neighbour_matrix(xy: np.ndarray, radius: float = 0.65) -> np.ndarray:
     return (d < radius).astype(float)
 
 
-def _window_means(data, err, good, grid, lo, hi):
-    sel = good & (grid >= lo)[None, :] & (grid < hi)[None, :]
-    w = np.where(sel, 1.0 / np.where(err > 0, err, 1.0) ** 2, 0.0)
+def _window_means(data, err, good, lo, hi):
+    """Inverse-variance mean and its error of every fiber over grid columns [lo, hi)."""
+    sel = good[:, lo:hi]
+    e = err[:, lo:hi]
+    w = np.where(sel, 1.0 / np.where(sel, e, 1.0) ** 2, 0.0)
     wsum = w.sum(axis=1)
-    mean = np.divide((w * data).sum(axis=1), wsum, out=np.zeros(len(data)), where=wsum > 0)
+    mean = np.divide((w * np.where(sel, data[:, lo:hi], 0.0)).sum(axis=1), wsum,
+                     out=np.zeros(len(data)), where=wsum > 0)
     merr = np.divide(1.0, np.sqrt(wsum), out=np.zeros(len(data)), where=wsum > 0)
     return mean, merr
 
@@ -340,7 +409,7 @@ def analyse(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, sky_err: np.nd
     good = (err > 0) & ~sky_line_mask(sky)[None, :]
     bins, waves = [], []
     for b in _bins(grid, good.any(axis=0), N_BINS):
-        mean, merr = _window_means(skysub, err, good, grid, grid[b[0]], grid[b[-1]] + 1e-9)
+        mean, merr = _window_means(skysub, err, good, b[0], b[-1] + 1)
         if (merr > 0).sum() < 20:
             continue
         wc = float(np.mean(grid[b]))

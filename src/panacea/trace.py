@@ -53,6 +53,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
+from numba import njit
 from numpy.polynomial import legendre
 from scipy.ndimage import gaussian_filter1d, maximum_filter1d, median_filter
 from scipy.signal import find_peaks
@@ -958,12 +959,25 @@ def _spectra(image: np.ndarray, ok: np.ndarray, trace: np.ndarray, half: int = 2
              ) -> np.ndarray:
     """Rough spectra: sum of the usable pixels within ``half`` rows of every trace, floored
     at zero (e- per column), shape (nfib, ncol)."""
-    nrow, ncol = image.shape
-    cols = np.arange(ncol)
-    rows = np.round(trace).astype(np.int64)[..., None] + np.arange(-half, half + 1)
-    rows = np.clip(rows, 0, nrow - 1)
-    pix = np.where(ok[rows, cols[None, :, None]], image[rows, cols[None, :, None]], 0.0)
-    return np.maximum(pix.sum(axis=-1), 0.0)
+    return _spectra_kernel(np.ascontiguousarray(image), np.ascontiguousarray(ok),
+                           np.ascontiguousarray(trace, float), int(half))
+
+
+@njit(cache=True, nogil=True)
+def _spectra_kernel(image, ok, trace, half):
+    nrow = image.shape[0]
+    nfib, ncol = trace.shape
+    out = np.zeros((nfib, ncol))
+    for f in range(nfib):
+        for c in range(ncol):
+            centre = int(np.rint(trace[f, c]))
+            acc = 0.0
+            for k in range(-half, half + 1):
+                r = min(max(centre + k, 0), nrow - 1)
+                if ok[r, c]:
+                    acc += image[r, c]
+            out[f, c] = max(acc, 0.0)
+    return out
 
 
 def _binned_frame(image, variance, mask, solution, fibers, bin_width, clip=6.0,
@@ -1211,10 +1225,10 @@ def measure_shift(
 
 def _grid_shift(mean, var, ybar, colbar, fibers, lo, hi, model, max_shift, step=0.25):
     """Shift on a grid of ``step`` px maximising the profile-weighted flux (matched
-    filter summed over windows)."""
+    filter summed over windows): every second grid point first, then the two next to the
+    best of those (the score is as wide as the profile, a few px)."""
     if max_shift < step:
         return 0.0
-    shifts = np.arange(-max_shift, max_shift + step / 2, step)
     nbin = mean.shape[1]
     bins = np.arange(nbin)[None, :, None]
     half = FIT_HALF_WIDTH + int(np.ceil(max_shift))
@@ -1225,10 +1239,19 @@ def _grid_shift(mean, var, ybar, colbar, fibers, lo, hi, model, max_shift, step=
     w = np.where(inside, 1.0 / var[rows, bins], 0.0)
     data = data - np.sum(w * data, axis=-1, keepdims=True) / np.maximum(
         np.sum(w, axis=-1, keepdims=True), 1e-300)
-    score = np.empty(shifts.size)
-    for i, sh in enumerate(shifts):
+
+    def score(sh):
         p = model(fibers[:, None, None], colbar[None, :, None], rows - (ybar + sh)[..., None])[0]
         num = np.sum(w * p * data, axis=-1)
         den = np.sum(w * p * p, axis=-1)
-        score[i] = np.sum(np.divide(num**2, den, out=np.zeros_like(num), where=den > 0))
-    return float(shifts[np.argmax(score)])
+        return float(np.sum(np.divide(num**2, den, out=np.zeros_like(num), where=den > 0)))
+
+    n = int(np.floor(max_shift / step + 1e-9))
+    coarse = step * np.arange(-n + (n % 2), n + 1, 2)  # even multiples, always 0
+    scores = [score(sh) for sh in coarse]
+    best = int(np.argmax(scores))
+    fine = [(scores[best], coarse[best])]
+    for sh in (coarse[best] - step, coarse[best] + step):
+        if abs(sh) <= max_shift + 1e-9:
+            fine.append((score(sh), sh))
+    return float(max(fine)[1])
