@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from panacea import instrument
+from panacea.allocator import keep_freed_memory
 from panacea.archive import Archive
 from panacea.calbundle import bundle_path, write_bundle
 from panacea.calibration import CalibrationOptions, StageTimer, calibrate_channel
@@ -69,6 +70,7 @@ def _warm_up(out: Path, date: str, channel: instrument.Channel) -> None:
 
 def main(argv=None) -> int:
     args = night_parser(__doc__, "reuse an existing simulated night").parse_args(argv)
+    keep_freed_memory()  # as panacea-lrs2 does
     out = simulated_night(args)
     rows = []
     stages: list[str] = []

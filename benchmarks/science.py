@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from scipy.ndimage import median_filter  # noqa: E402
 
 from panacea import instrument  # noqa: E402
+from panacea.allocator import keep_freed_memory  # noqa: E402
 from panacea.archive import Archive  # noqa: E402
 from panacea.calbundle import bundle_path  # noqa: E402
 from panacea.calibration import CalibrationOptions, StageTimer  # noqa: E402
@@ -87,6 +88,7 @@ def accuracy(sf, parts: dict, channel_truth) -> dict[str, float]:
 
 def main(argv=None) -> int:
     args = night_parser(__doc__, "reuse a simulated night and bundles").parse_args(argv)
+    keep_freed_memory()  # as panacea-lrs2 does
     out = simulated_night(args)
     night_truth = load_night(out, args.date)
     plans = {(e["obsid"], e["exp"]): e for e in night_truth["exposures"]}

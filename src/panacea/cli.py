@@ -154,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_inventory(args.date, args.baseraw)
         args = reduce_parser().parse_args(argv)
         setup_logging(args.verbose)
+        from .allocator import keep_freed_memory
         from .pipeline import reduce_night
+
+        keep_freed_memory()  # frame-sized arrays reused, not page-faulted in again
 
         return reduce_night(args)
     except PanaceaError as err:

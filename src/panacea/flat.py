@@ -215,6 +215,11 @@ class SplineDesign:
         second a linear one); their design matrices at the fixed abscissae are built on
         first use and reused, so every call is two banded products.
         """
+        return tuple(_banded_product(*term) for term in self.derivative_terms(coeffs))
+
+    def derivative_terms(self, coeffs: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+        """(values, first, coefficients) of the banded designs of the first and second
+        derivative (see :meth:`evaluate_derivatives`)."""
         if self._derivative_designs is None:
             t = self.knots
             designs = []
@@ -224,9 +229,8 @@ class SplineDesign:
                                 m.indices.reshape(-1, degree + 1)[:, 0].copy()))
             self._derivative_designs = designs
         spline = BSpline(self.knots, coeffs, _DEGREE)
-        (v1, f1), (v2, f2) = self._derivative_designs
-        return (_banded_product(v1, f1, spline.derivative(1).c),
-                _banded_product(v2, f2, spline.derivative(2).c))
+        return [(v, f, np.ascontiguousarray(spline.derivative(n).c, float))
+                for n, (v, f) in enumerate(self._derivative_designs, start=1)]
 
 
 @njit(cache=True, nogil=True)

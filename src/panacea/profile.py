@@ -199,7 +199,16 @@ class FiberProfile:
         slope : ndarray
             ``dP/du`` (per px), when ``derivative`` is True.
         """
-        return self.interpolate(self.locate(fibers, columns, offsets), derivative)
+        fibers, columns, offsets = np.broadcast_arrays(
+            np.asarray(fibers, np.int64), np.asarray(columns, float), np.asarray(offsets, float))
+        nnode = self.table.shape[1]
+        npos = np.interp(columns.ravel(), self.node_columns, np.arange(nnode, dtype=float))
+        value, slope = _evaluate_kernel(np.ascontiguousarray(self.table, np.float64),
+                                        fibers.ravel(), npos, offsets.ravel(),
+                                        float(self.half_width), float(self.grid_step))
+        if derivative:
+            return value.reshape(offsets.shape), slope.reshape(offsets.shape)
+        return value.reshape(offsets.shape)
 
     def sample(self, columns: np.ndarray | None = None, step: float = 0.1
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -775,6 +784,33 @@ def trace_and_profile(
 
 
 @njit(cache=True, nogil=True)
+def _evaluate_kernel(table, fibers, npos, offsets, half_width, step):
+    """:meth:`FiberProfile.interpolate` at :meth:`FiberProfile.locate`'s positions, in one
+    pass: value and slope (per px) of every point, zero outside the support."""
+    nnode, ngrid = table.shape[1], table.shape[2]
+    n = offsets.size
+    value = np.zeros(n)
+    slope = np.zeros(n)
+    for m in range(n):
+        s = (offsets[m] + half_width) / step
+        if not (s >= 0 and s <= ngrid - 1):
+            continue
+        f = fibers[m]
+        k = min(int(np.floor(npos[m])), max(nnode - 2, 0))
+        i = min(max(int(np.floor(s)), 0), ngrid - 2)
+        t = s - i
+        if nnode > 1:
+            a = npos[m] - k
+            lo = table[f, k, i] + a * (table[f, k + 1, i] - table[f, k, i])
+            hi = table[f, k, i + 1] + a * (table[f, k + 1, i + 1] - table[f, k, i + 1])
+        else:
+            lo, hi = table[f, k, i], table[f, k, i + 1]
+        value[m] = lo + t * (hi - lo)
+        slope[m] = (hi - lo) / step
+    return value, slope
+
+
+@njit(cache=True, nogil=True)
 def _weights_kernel(table, y, first, k0, a, nwin, half_width, step, fibers_per_amp, amp_rows,
                     normalize):
     """Loops of :meth:`FiberProfile.weights`: the bilinear table lookup of
@@ -782,33 +818,36 @@ def _weights_kernel(table, y, first, k0, a, nwin, half_width, step, fibers_per_a
     nfib, ncol = y.shape
     nnode, ngrid = table.shape[1], table.shape[2]
     out = np.zeros((nfib, nwin, ncol), np.float32)
+    inv = 1.0 / step
+    values = np.zeros(nwin)
     for f in range(nfib):
         lo = (f // fibers_per_amp) * amp_rows
+        tf = table[f]
         for c in range(ncol):
             k = k0[c]
             ac = a[c]
             total = 0.0
+            start = (first[f, c] - y[f, c] + half_width) * inv  # table position of row 0
             for j in range(nwin):
+                values[j] = 0.0
                 r = first[f, c] + j
                 if r < lo or r >= lo + amp_rows:
                     continue
-                s = (r - y[f, c] + half_width) / step
+                s = start + j * inv
                 if s < 0 or s > ngrid - 1:
                     continue
-                i = min(int(np.floor(s)), ngrid - 2)
+                i = min(int(s), ngrid - 2)
                 t = s - i
                 if nnode > 1:
-                    v0 = table[f, k, i] + ac * (table[f, k + 1, i] - table[f, k, i])
-                    v1 = table[f, k, i + 1] + ac * (table[f, k + 1, i + 1] - table[f, k, i + 1])
+                    v0 = tf[k, i] + ac * (tf[k + 1, i] - tf[k, i])
+                    v1 = tf[k, i + 1] + ac * (tf[k + 1, i + 1] - tf[k, i + 1])
                 else:
-                    v0, v1 = table[f, k, i], table[f, k, i + 1]
-                v = v0 + t * (v1 - v0)
-                out[f, j, c] = v
-                total += v
-            if normalize and total > 0:
-                for j in range(nwin):
-                    out[f, j, c] = out[f, j, c] / total
-            elif normalize:
-                for j in range(nwin):
-                    out[f, j, c] = 0.0
+                    v0, v1 = tf[k, i], tf[k, i + 1]
+                values[j] = v0 + t * (v1 - v0)
+                total += values[j]
+            scale = 1.0
+            if normalize:
+                scale = 1.0 / total if total > 0 else 0.0
+            for j in range(nwin):
+                out[f, j, c] = values[j] * scale
     return out

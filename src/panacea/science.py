@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,10 @@ log = logging.getLogger(__name__)
 
 #: A frame with more than this fraction of saturated pixels is flagged in the header.
 MAX_SATURATED_FRACTION = 0.02
-#: Rounds of the sky refit with fixed sky fibers.
-REFIT_ROUNDS = 2
+#: Rounds of the sky refit with fixed sky fibers, weighted by the first sky model from the
+#: start (on the benchmark night one round gives the sky means of two cold-started ones
+#: to 0.03 % of the sky).
+REFIT_ROUNDS = 1
 #: Fewest sky fibers a sky refit may use.
 MIN_SKY_FIBERS = 40
 #: Object light (fraction of the sky) above which a fiber leaves the sky in a refit.
@@ -93,6 +96,13 @@ class ChannelCalibration:
                        bias_var, b["masterbias"].shape),
                    read_variance=(rn[amp] ** 2)[:, None], pixelflat=b["pixelflat"],
                    profile=profile, bigw=b["bigw"], source=source)
+
+    @cached_property
+    def noise_floor(self) -> np.ndarray:
+        """Variance (e-^2) of every flattened pixel at zero signal: read noise and master
+        bias noise over the pixel flat squared (the same for every exposure)."""
+        return ((self.read_variance + self.bias_variance) / self.pixelflat**2).astype(
+            np.float32)
 
     def trace_solution(self) -> TraceSolution:
         n = self.trace.shape[0]
@@ -181,7 +191,7 @@ def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration
     first, weights = cal.profile.weights(trace)
     # the noise floor of every pixel, independent of its data: weights built from the data
     # (or from the master bias noise in it) would favour low pixels and bias the fluxes
-    floor = (cal.read_variance + cal.bias_variance) / cal.pixelflat**2
+    floor = cal.noise_floor
     # what the overscan leaves of the bias's row-to-row drift (a few per cent of a faint
     # sky per fiber) is fitted between the fibers of each amplifier and removed
     amp_rows = cal.profile.amp_rows
@@ -207,12 +217,12 @@ def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration
 
 
 def _sky(flux, fvar, read_var, frac, cal, options, header, name, sky_fibers=None,
-         n_iter: int = 4, object_light=None) -> tuple[SkyModel, np.ndarray]:
+         n_iter: int = 4, object_light=None, start=None) -> tuple[SkyModel, np.ndarray]:
     """Sky model of a frame and the fiber-to-fiber to use with it."""
     sky = sky_model(flux, fvar, cal.wave, cal.ftf, cal.dead,
                     positions=instrument.fiber_positions(), mask=frac < 0.5,
                     method=options.sky_method, sky_fibers=sky_fibers, n_iter=n_iter,
-                    read_variance=read_var, object_light=object_light)
+                    read_variance=read_var, object_light=object_light, start=start)
     ftf = cal.ftf
     if options.correct_ftf:
         if sky.relative is None:
@@ -237,10 +247,11 @@ def refit_sky(sf: ScienceFrame, cal: ChannelCalibration, object_light: np.ndarra
         use = np.zeros_like(use)
         use[order[:MIN_SKY_FIBERS]] = True
         use &= sf.sky.sky_fibers
-    # the sky fibers are fixed now: fewer rounds (pixel clipping and weights only)
+    # the sky fibers are fixed now, and the first model gives the weights from the start:
+    # fewer rounds (pixel clipping and weights only)
     sky, ftf = _sky(sf.flux, sf.variance, sf.read_variance, sf.frac, cal, options, sf.header,
                     sf.exposure.name, sky_fibers=use, n_iter=REFIT_ROUNDS,
-                    object_light=object_light)
+                    object_light=object_light, start=sf.sky.sky)
     sf.timer.add("sky", t0)
     return replace(sf, sky=sky, ftf=ftf)
 

@@ -143,6 +143,7 @@ def sky_model(
     sky_fibers: np.ndarray | None = None,
     read_variance: np.ndarray | None = None,
     object_light: np.ndarray | None = None,
+    start: np.ndarray | None = None,
 ) -> SkyModel:
     """Fit the sky of one exposure and channel.
 
@@ -184,6 +185,11 @@ def sky_model(
         predicts the sky of the object's fibers (a star's faint wings in the sky fibers
         would tilt that prediction up towards the star), and out of the sky fibers' own
         sky as a continuum. Spline method only.
+    start : ndarray, shape (nfiber, ncol), optional
+        A sky model of the same frame (electrons per column, e.g. :attr:`SkyModel.sky` of
+        an earlier fit): the first round is then weighted by ``read_variance + start`` and
+        clipped against it as later rounds are against their own model, so that a refit
+        needs fewer rounds. Spline method only.
 
     Returns
     -------
@@ -208,14 +214,15 @@ def sky_model(
     if method != "spline":
         raise ValueError(f"unknown sky method {method!r}")
     return _spline_model(flux, variance, wave, ftf, live, good, np.asarray(positions, float),
-                         knot_spacing, n_iter, sky_fibers, read_variance, object_light)
+                         knot_spacing, n_iter, sky_fibers, read_variance, object_light,
+                         start)
 
 
 # --------------------------------------------------------------------------- spline method
 
 
 def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing, n_iter,
-                  sky_fibers, read_variance, object_light) -> SkyModel:
+                  sky_fibers, read_variance, object_light, start) -> SkyModel:
     nfib, ncol = flux.shape
     fixed = sky_fibers is not None
     disp = np.gradient(wave, axis=1)
@@ -243,6 +250,9 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
     shift = np.zeros((nfib, ncol))
     width = np.zeros((nfib, ncol))
     pix_ok = good.copy()
+    if start is not None:  # weights and clipping from the earlier model, as in later rounds
+        w, pix_ok = _model_weights(y, np.asarray(start, float) / safe, norm, safe, good,
+                                   read_variance, var_floor)
     spl = np.zeros((3, nfib, ncol))
     coeffs = np.zeros(design.nbasis)
     for it in range(n_iter + 1):
@@ -270,11 +280,7 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
         pred, scatter = _smooth_fit(np.nan_to_num(total)[:, None], smooth_basis, use)
         if it == n_iter:
             break
-        # weights from the model, not the data: noisy low pixels would otherwise weigh more
-        var_eff = np.maximum(read_variance + np.maximum(norm * model, 0.0), 0.1 * var_floor)
-        w = np.where(good, safe**2 / np.where(good, var_eff, 1.0), 0.0)
-        resid = (y - model) * np.sqrt(w)
-        pix_ok = good & (np.abs(resid) < PIXEL_CLIP)
+        w, pix_ok = _model_weights(y, model, norm, safe, good, read_variance, var_floor)
         if not fixed:
             excess = (np.nan_to_num(total) - pred[:, 0]) / scatter
             line_sig = _line_significance(y - model, w, pix_ok)
@@ -327,6 +333,16 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
                     spectrum=BSpline(knots, coeffs, _DEGREE)(grid), relative=relative)
 
 
+def _model_weights(y, model, norm, safe, good, read_variance, var_floor):
+    """Weights of ``y`` (per Angstrom of a median fiber) from the variance of a sky
+    ``model`` (same units), not from the data: noisy low pixels would otherwise weigh more;
+    and the pixels within :data:`PIXEL_CLIP` sigma of the model."""
+    var_eff = np.maximum(read_variance + np.maximum(norm * model, 0.0), 0.1 * var_floor)
+    w = np.where(good, safe**2 / np.where(good, var_eff, 1.0), 0.0)
+    resid = (y - model) * np.sqrt(w)
+    return w, good & (np.abs(resid) < PIXEL_CLIP)
+
+
 #: Spline designs of the last few (wavelength solution, live fibers, spacing): every
 #: exposure of a channel shares them, and building one takes ~0.15 s.
 _DESIGNS: dict = {}
@@ -357,8 +373,33 @@ def _spline_design(wave: np.ndarray, rows: np.ndarray, knot_spacing: float
 def _evaluate(design: SplineDesign, coeffs, order, shape, rows) -> np.ndarray:
     """Spline value, first and second derivative (per Angstrom^n) at the wavelengths of
     ``rows``, from the design at their sorted wavelengths (``order`` sorts them)."""
-    return _scatter(design.evaluate(coeffs), *design.evaluate_derivatives(coeffs),
-                    order, rows.astype(np.int64), shape[0], shape[1])
+    (v1, f1, c1), (v2, f2, c2) = design.derivative_terms(coeffs)
+    return _evaluate_kernel(design.values, design.first, np.ascontiguousarray(coeffs, float),
+                            v1, f1, c1, v2, f2, c2, order, rows.astype(np.int64), shape[0],
+                            shape[1])
+
+
+@njit(cache=True, nogil=True)
+def _evaluate_kernel(v0, f0, c0, v1, f1, c1, v2, f2, c2, order, rows, nfib, ncol):
+    """The three banded products (design row ``i``: ``v[i]`` from column ``f[i]`` on)
+    written to (3, nfib, ncol) at ``out[n, rows].ravel()[order]`` (zeros elsewhere)."""
+    out = np.zeros((3, nfib, ncol))
+    for i in range(order.size):
+        k = order[i]
+        f, c = rows[k // ncol], k % ncol
+        acc = 0.0
+        for p in range(v0.shape[1]):
+            acc += v0[i, p] * c0[f0[i] + p]
+        out[0, f, c] = acc
+        acc = 0.0
+        for p in range(v1.shape[1]):
+            acc += v1[i, p] * c1[f1[i] + p]
+        out[1, f, c] = acc
+        acc = 0.0
+        for p in range(v2.shape[1]):
+            acc += v2[i, p] * c2[f2[i] + p]
+        out[2, f, c] = acc
+    return out
 
 
 @njit(cache=True, nogil=True)
@@ -369,19 +410,6 @@ def _gather(a, rows, order):
     for i in range(order.size):
         k = order[i]
         out[i] = a[rows[k // ncol], k % ncol]
-    return out
-
-
-@njit(cache=True, nogil=True)
-def _scatter(v0, v1, v2, order, rows, nfib, ncol):
-    """(3, nfib, ncol) zeros with ``out[n, rows].ravel()[order] = v_n``."""
-    out = np.zeros((3, nfib, ncol))
-    for i in range(order.size):
-        k = order[i]
-        f, c = rows[k // ncol], k % ncol
-        out[0, f, c] = v0[i]
-        out[1, f, c] = v1[i]
-        out[2, f, c] = v2[i]
     return out
 
 

@@ -268,15 +268,29 @@ def collapse_columns(
 
 def _collapse(image: np.ndarray, variance: np.ndarray, ok: np.ndarray, edges: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
-    """Means of the ``ok`` pixels of every row over each column bin, and their variance."""
-    starts = edges[:-1]
-    n = np.add.reduceat(ok, starts, axis=1).astype(float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.add.reduceat(np.where(ok, image, 0.0), starts, axis=1) / n
-        var = np.add.reduceat(np.where(ok, variance, 0.0), starts, axis=1) / n**2
-    empty = n == 0
-    mean[empty] = 0.0
-    var[empty] = np.inf
+    """Means of the ``ok`` pixels of every row over each column bin, and their variance
+    (0 and inf for a bin without any)."""
+    return _collapse_kernel(np.ascontiguousarray(image, float),
+                            np.ascontiguousarray(variance, float),
+                            np.ascontiguousarray(ok, np.bool_), np.asarray(edges, np.int64))
+
+
+@njit(cache=True, nogil=True)
+def _collapse_kernel(image, variance, ok, edges):
+    nrow, nbin = image.shape[0], edges.size - 1
+    mean = np.zeros((nrow, nbin))
+    var = np.full((nrow, nbin), np.inf)
+    for r in range(nrow):
+        for b in range(nbin):
+            n, s, v = 0, 0.0, 0.0
+            for c in range(edges[b], edges[b + 1]):
+                if ok[r, c]:
+                    n += 1
+                    s += image[r, c]
+                    v += variance[r, c]
+            if n:
+                mean[r, b] = s / n
+                var[r, b] = v / (n * n)
     return mean, var
 
 
