@@ -383,14 +383,16 @@ def _fiber_method(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
         cr[hr, hc] = True
         found_r, found_c = np.concatenate([found_r, hr]), np.concatenate([found_c, hc])
         # found pixels leave the running median (in a wider window, to see past a track
-        # lying along a row) and no longer shield their neighbours
-        pr, pc = _neighbourhood(found_r, found_c, shape, 0, patch_half_width)
+        # lying along a row) and no longer shield their neighbours. Only the windows of
+        # the new ones change: the rest of the frame keeps its model, light and noise, and
+        # its pixels' tests their outcome
+        pr, pc = _neighbourhood(hr, hc, shape, 0, patch_half_width)
         med = _patch_median(img, cr, pr, pc, patch_half_width)
         ok = np.isfinite(med)
         model[pr[ok], pc[ok]] = med[ok]
-        excess[pr, pc] = img[pr, pc] - model[pr, pc]
-        excess[found_r, found_c] = 0.0
-        light[found_r, found_c] = model[found_r, found_c]
+        found = cr[pr, pc]
+        excess[pr, pc] = np.where(found, 0.0, img[pr, pc] - model[pr, pc])
+        light[pr, pc] = np.where(found, model[pr, pc], img[pr, pc])
         nr, nc = _neighbourhood(pr, pc, shape, 1, 0)
         noise[nr, nc] = _noise(light, model, floor, model_error, nr, nc)
         if not growing:

@@ -322,10 +322,13 @@ def _window_means(data, err, good, lo, hi):
 
 def detect(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, grid: np.ndarray,
            xy: np.ndarray, central_wave: float | None = None, half_width: float = 10.0,
-           forced: tuple[float, float] | None = None) -> Detection | None:
+           forced: tuple[float, float] | None = None, line_mask: np.ndarray | None = None
+           ) -> Detection | None:
     """The most significant source of the IFU (None when nothing reaches
-    :data:`DETECTION_SIGMA`, unless ``forced``)."""
-    good = (err > 0) & ~sky_line_mask(sky)[None, :]
+    :data:`DETECTION_SIGMA`, unless ``forced``). ``line_mask`` is
+    :func:`sky_line_mask` of ``sky`` when the caller has it already."""
+    lines = sky_line_mask(sky) if line_mask is None else line_mask
+    good = (err > 0) & ~lines[None, :]
     if central_wave is not None:
         centres = np.array([central_wave])
     else:
@@ -384,7 +387,8 @@ def analyse(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, sky_err: np.nd
     ``previous`` (an analysis of the same exposure, e.g. before the sky was fitted again)
     only provides starting values for the PSF fits.
     """
-    det = detect(skysub, err, sky, grid, xy, central_wave, half_width, forced)
+    lines = sky_line_mask(sky)
+    det = detect(skysub, err, sky, grid, xy, central_wave, half_width, forced, lines)
     if det is None:
         return None
     seeds = {}
@@ -406,7 +410,7 @@ def analyse(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, sky_err: np.nd
     r = r - np.interp(ref_wave, grid, r)
 
     # broad bins: position, FWHM and shape as a function of wavelength
-    good = (err > 0) & ~sky_line_mask(sky)[None, :]
+    good = (err > 0) & ~lines[None, :]
     bins, waves = [], []
     for b in _bins(grid, good.any(axis=0), N_BINS):
         mean, merr = _window_means(skysub, err, good, b[0], b[-1] + 1)
