@@ -169,7 +169,8 @@ def sky_model(
     knot_spacing : float
         Breakpoint spacing of the sky spline (pixels of the median dispersion).
     n_iter : int
-        Rounds of fit, fiber rejection and refit.
+        Rounds of fit, fiber rejection and refit (at most: once a rejection after the
+        second round keeps the same sky fibers, one more round ends the fit).
     sky_fibers : ndarray of bool, shape (nfiber,), optional
         Fibers to use as sky; when given no fibers are rejected automatically.
     read_variance : ndarray, shape (nfiber, ncol), optional
@@ -255,6 +256,7 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
                                    read_variance, var_floor)
     spl = np.zeros((3, nfib, ncol))
     coeffs = np.zeros(design.nbasis)
+    final = n_iter  # the last round: n_iter, or the one after the sky fibers settle
     for it in range(n_iter + 1):
         # common spectrum from the sky fibers, corrected by their own terms
         corr = np.divide(y - shift * spl[1] - width * spl[2], level,
@@ -278,7 +280,7 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
             total = total * (1.0 - object_light)
         shape_coef = par[:, nl:]  # shift and width coefficients
         pred, scatter = _smooth_fit(np.nan_to_num(total)[:, None], smooth_basis, use)
-        if it == n_iter:
+        if it == final:
             break
         w, pix_ok = _model_weights(y, model, norm, safe, good, read_variance, var_floor)
         if not fixed:
@@ -288,6 +290,8 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
             log.debug("sky iteration %d: %d sky fibers (%d by level, %d by lines)", it,
                       new_use.sum(), (live & (excess >= LEVEL_CLIP)).sum(),
                       (live & (line_sig >= LINE_CLIP)).sum())
+            if it >= 1 and np.array_equal(new_use, use):
+                final = it + 1  # settled: one more round with the weights of this model
             use = new_use
 
     obj = live & ~use
