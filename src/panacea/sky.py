@@ -259,23 +259,17 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
     final = n_iter  # the last round: n_iter, or the one after the sky fibers settle
     for it in range(n_iter + 1):
         # common spectrum from the sky fibers, corrected by their own terms
-        corr = np.divide(y - shift * spl[1] - width * spl[2], level,
-                         out=np.zeros_like(y), where=level > 0)
-        wfit = np.where(pix_ok & use[:, None], w * level**2, 0.0)
+        corr, wfit, wk = _fit_inputs(y, spl, level, shift, width, w, pix_ok, use)
         coeffs = design.fit(_gather(corr, lf, order), _gather(wfit, lf, order))
         spl = _evaluate(design, coeffs, order, wave.shape, lf)
 
         # per-fiber level, shift and width (level free for every fiber here)
-        wk = np.where(pix_ok, w, 0.0)
         par = _solve_rows(spl, (lev_basis, sh_basis, wd_basis), y, wk, live)
         level, shift, width = _split(par, lev_basis, sh_basis, wd_basis, nl, ns)
 
         # IFU-smooth prediction of the fiber's total sky relative to the spline
-        model = level * spl[0] + shift * spl[1] + width * spl[2]
-        # both are smooth fits, so a ratio of sums is as robust as a ratio of medians
-        ref = np.sum(np.where(good, norm * spl[0], 0.0), axis=1)
-        total = np.sum(np.where(good, norm * model, 0.0), axis=1) / np.where(
-            ref > 0, ref, 1.0)
+        # (both are smooth fits, so a ratio of sums is as robust as a ratio of medians)
+        model, total = _model_total(spl, level, shift, width, norm, good)
         if object_light is not None:  # a fraction of the first sky, which held it
             total = total * (1.0 - object_light)
         shape_coef = par[:, nl:]  # shift and width coefficients
@@ -285,7 +279,7 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
         w, pix_ok = _model_weights(y, model, norm, safe, good, read_variance, var_floor)
         if not fixed:
             excess = (np.nan_to_num(total) - pred[:, 0]) / scatter
-            line_sig = _line_significance(y - model, w, pix_ok)
+            line_sig = _line_significance(y, model, w, pix_ok)
             new_use = live & (excess < LEVEL_CLIP) & (line_sig < LINE_CLIP)
             log.debug("sky iteration %d: %d sky fibers (%d by level, %d by lines)", it,
                       new_use.sum(), (live & (excess >= LEVEL_CLIP)).sum(),
@@ -328,7 +322,7 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
     sky_pa = level * spl[0] + shift * spl[1] + width * spl[2]
     sky = np.where(live[:, None], sky_pa * norm + offset[:, None], 0.0)
     chi2, chi2_sky = _chi2(flux, variance, sky, good, use, n_par=nl + ns + wd_basis.shape[1])
-    grid = np.sort(wave[lf].ravel())[:: len(lf)]
+    grid = design.x[:: len(lf)]  # the sorted wavelengths of the live fibers
     log.info("sky (spline): %d sky fibers of %d live, chi2/dof of sky fibers %.3f",
              use.sum(), live.sum(), chi2_sky)
     return SkyModel(sky=sky, sky_fibers=use, chi2_dof=chi2, chi2_dof_sky=chi2_sky,
@@ -341,10 +335,68 @@ def _model_weights(y, model, norm, safe, good, read_variance, var_floor):
     """Weights of ``y`` (per Angstrom of a median fiber) from the variance of a sky
     ``model`` (same units), not from the data: noisy low pixels would otherwise weigh more;
     and the pixels within :data:`PIXEL_CLIP` sigma of the model."""
-    var_eff = np.maximum(read_variance + np.maximum(norm * model, 0.0), 0.1 * var_floor)
-    w = np.where(good, safe**2 / np.where(good, var_eff, 1.0), 0.0)
-    resid = (y - model) * np.sqrt(w)
-    return w, good & (np.abs(resid) < PIXEL_CLIP)
+    rv = np.broadcast_to(read_variance, y.shape)
+    return _model_weights_kernel(y, np.ascontiguousarray(model, float), norm, safe, good,
+                                 np.ascontiguousarray(rv, float), float(var_floor),
+                                 float(PIXEL_CLIP))
+
+
+@njit(cache=True, nogil=True)
+def _model_weights_kernel(y, model, norm, safe, good, read_variance, var_floor, clip):
+    nfib, ncol = y.shape
+    w = np.zeros((nfib, ncol))
+    ok = np.zeros((nfib, ncol), np.bool_)
+    for f in range(nfib):
+        for c in range(ncol):
+            if not good[f, c]:
+                continue
+            v = max(read_variance[f, c] + max(norm[f, c] * model[f, c], 0.0), 0.1 * var_floor)
+            w[f, c] = safe[f, c] ** 2 / v
+            ok[f, c] = abs((y[f, c] - model[f, c]) * np.sqrt(w[f, c])) < clip
+    return w, ok
+
+
+@njit(cache=True, nogil=True)
+def _fit_inputs(y, spl, level, shift, width, w, pix_ok, use):
+    """Data and weights of one round's fits: ``y`` less every fiber's own shift and width
+    terms, over its level (0 where the level is not positive); the weights ``w * level^2``
+    of the sky fibers' usable pixels for the common spectrum; ``w`` of every fiber's
+    usable pixels for the fibers' own terms."""
+    nfib, ncol = y.shape
+    corr = np.zeros((nfib, ncol))
+    wfit = np.zeros((nfib, ncol))
+    wk = np.zeros((nfib, ncol))
+    for f in range(nfib):
+        for c in range(ncol):
+            lv = level[f, c]
+            if lv > 0:
+                corr[f, c] = (y[f, c] - shift[f, c] * spl[1, f, c]
+                              - width[f, c] * spl[2, f, c]) / lv
+            if pix_ok[f, c]:
+                wk[f, c] = w[f, c]
+                if use[f]:
+                    wfit[f, c] = w[f, c] * lv * lv
+    return corr, wfit, wk
+
+
+@njit(cache=True, nogil=True)
+def _model_total(spl, level, shift, width, norm, good):
+    """The model ``level * S + shift * S' + width * S''`` and every fiber's total of it
+    over its good pixels relative to the plain spline's (1 where that is not positive)."""
+    nfib, ncol = level.shape
+    model = np.empty((nfib, ncol))
+    total = np.ones(nfib)
+    for f in range(nfib):
+        ref = 0.0
+        tot = 0.0
+        for c in range(ncol):
+            m = level[f, c] * spl[0, f, c] + shift[f, c] * spl[1, f, c] + width[f, c] * spl[2, f, c]
+            model[f, c] = m
+            if good[f, c]:
+                ref += norm[f, c] * spl[0, f, c]
+                tot += norm[f, c] * m
+        total[f] = tot / ref if ref > 0 else tot
+    return model, total
 
 
 #: Spline designs of the last few (wavelength solution, live fibers, spacing): every
@@ -441,30 +493,34 @@ def _solve_rows(spl: np.ndarray, bases: tuple, y: np.ndarray, w: np.ndarray,
     return out
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _normal_rows(spl, design, which, y, w, idx):
-    """Normal matrices and right-hand sides of the fibers ``idx`` (see ``_solve_rows``)."""
+    """Normal matrices and right-hand sides of the fibers ``idx`` (see ``_solve_rows``):
+    each fiber's basis columns are formed once, then every entry is one dot product over
+    the columns (reassociated, so that it vectorises: ~3x faster than pixel by pixel)."""
     npar, ncol = design.shape
     normal = np.zeros((idx.size, npar, npar))
     rhs = np.zeros((idx.size, npar))
-    b = np.zeros(npar)
+    b = np.empty((npar, ncol))
+    bw = np.empty((npar, ncol))
     for i in range(idx.size):
         f = idx[i]
-        for c in range(ncol):
-            wc = w[f, c]
-            if wc == 0.0:
-                continue
-            for p in range(npar):
-                b[p] = spl[which[p], f, c] * design[p, c]
-            yc = y[f, c] * wc
-            for p in range(npar):
-                bp = b[p] * wc
-                rhs[i, p] += b[p] * yc
-                for q in range(p + 1):
-                    normal[i, p, q] += bp * b[q]
         for p in range(npar):
-            for q in range(p):
-                normal[i, q, p] = normal[i, p, q]
+            sp = spl[which[p], f]
+            for c in range(ncol):
+                b[p, c] = sp[c] * design[p, c]
+                bw[p, c] = b[p, c] * w[f, c]
+        for p in range(npar):
+            acc = 0.0
+            for c in range(ncol):
+                acc += bw[p, c] * y[f, c]
+            rhs[i, p] = acc
+            for q in range(p + 1):
+                acc = 0.0
+                for c in range(ncol):
+                    acc += bw[p, c] * b[q, c]
+                normal[i, p, q] = acc
+                normal[i, q, p] = acc
     return normal, rhs
 
 
@@ -530,32 +586,44 @@ def _smooth_fit(values: np.ndarray, basis: np.ndarray, use: np.ndarray, clip: fl
     return pred, scatter
 
 
-def _line_significance(resid: np.ndarray, w: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """Largest |residual| summed over LINE_BOX pixels in units of its noise, per fiber
+def _line_significance(y: np.ndarray, model: np.ndarray, w: np.ndarray, ok: np.ndarray
+                       ) -> np.ndarray:
+    """Largest |y - model| summed over LINE_BOX pixels in units of its noise, per fiber
     (windows with a pixel that is not ``ok``, or reaching past the ends, are skipped)."""
-    return _line_significance_kernel(np.ascontiguousarray(resid, float),
+    return _line_significance_kernel(np.ascontiguousarray(y, float),
+                                     np.ascontiguousarray(model, float),
                                      np.ascontiguousarray(w, float),
                                      np.ascontiguousarray(ok, np.bool_), LINE_BOX)
 
 
 @njit(cache=True, nogil=True)
-def _line_significance_kernel(resid, w, ok, box):
-    nfib, ncol = resid.shape
+def _line_significance_kernel(y, model, w, ok, box):
+    nfib, ncol = y.shape
     out = np.zeros(nfib)
     for f in range(nfib):
         best = 0.0
-        for c0 in range(ncol - box + 1):
-            s = 0.0
-            v = 0.0
-            full = True
-            for c in range(c0, c0 + box):
-                if not ok[f, c]:
-                    full = False
-                    break
-                s += resid[f, c]
+        s = 0.0  # running sums over the window ending at column c
+        v = 0.0
+        bad = 0  # pixels of the window that are not ok
+        npos = 0  # and those with a positive weight
+        for c in range(ncol):
+            if ok[f, c]:
+                s += y[f, c] - model[f, c]
                 if w[f, c] > 0:
                     v += 1.0 / w[f, c]
-            if full and v > 0:
+                    npos += 1
+            else:
+                bad += 1
+            if c >= box:  # the pixel leaving the window
+                o = c - box
+                if ok[f, o]:
+                    s -= y[f, o] - model[f, o]
+                    if w[f, o] > 0:
+                        v -= 1.0 / w[f, o]
+                        npos -= 1
+                else:
+                    bad -= 1
+            if c >= box - 1 and bad == 0 and npos > 0 and v > 0:
                 best = max(best, abs(s) / np.sqrt(v))
         out[f] = best
     return out
