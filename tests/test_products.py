@@ -75,3 +75,30 @@ def test_compressed_images_keep_wavelengths_exact_and_frames_within_the_step(tmp
         assert np.abs(err).max() <= 0.5 * NOISE_STEP + 1e-3
         assert np.std(err) < 0.1
         assert np.array_equal(hdul["COSMICS"].data, (image > 110).astype(np.uint8))
+
+
+def test_frozen_array_is_compressed_once_and_reads_back_the_same(tmp_path, monkeypatch):
+    import panacea.products as products
+
+    bigw = (3640.0 + np.cumsum(np.full((64, 2064), 0.487), axis=1)).astype(np.float32)
+    bigw.flags.writeable = False  # as ChannelCalibration holds it
+    calls = []
+    real = products._compressed
+    monkeypatch.setattr(products, "_compressed",
+                        lambda data, kind: calls.append(kind) or real(data, kind))
+    paths = [write_product(MULTI_LAYOUT, {"bigw": bigw}, tmp_path / f"f{i}.fits",
+                           units={"bigw": f"unit{i}"}) for i in range(2)]
+    assert calls == ["wavelength"]
+    for i, path in enumerate(paths):
+        with fits.open(path, checksum=True) as hdul:
+            hdu = hdul["BIGW"]
+            assert isinstance(hdu, fits.CompImageHDU)
+            assert np.array_equal(hdu.data, bigw)
+            assert hdu.header["BUNIT"] == f"unit{i}"
+            assert list(hdu.header["COMMENT"]) == [MULTI_LAYOUT.extensions[8].description]
+    # a writeable array (or a read-only view of one) is compressed every time
+    live = np.array(bigw)
+    for data in (live, live.view()):
+        data.flags.writeable = data is live
+        write_product(MULTI_LAYOUT, {"bigw": data}, tmp_path / "g.fits")
+    assert calls == ["wavelength"] * 3

@@ -185,8 +185,11 @@ def optimal(
         if (len(row_segments) < 2 or row_segments[0] != 0 or row_segments[-1] != nrow
                 or any(b <= a for a, b in itertools.pairwise(row_segments))):
             raise ValueError(f"row_segments {row_segments} must increase from 0 to {nrow}")
-    _sweep(image, variance, bad, first_row, weights, model, flux, rvar, _DATA_VARIANCE,
-           den, den0, num, frac)
+    ivar = np.empty((nrow, ncol), np.float32)
+    ifloor = np.empty((nrow, ncol), np.float32)
+    resid = np.empty((nrow, ncol), np.float32)
+    _pixel_terms(image, variance, bad, model, rvar, _DATA_VARIANCE, ivar, ifloor, resid)
+    _sweep(first_row, weights, ivar, ifloor, resid, flux, den, den0, num, frac, False)
     niter = max(int(niter), 1)
     for i in range(niter):
         # model of all fibers, then each fiber refitted against the others' model with
@@ -202,8 +205,9 @@ def optimal(
             offset = _row_offsets(image, variance, model, bad, first_row, weights, rvar, rmode,
                                   row_segments)
             image = image - offset
-        _sweep(image, variance, bad, first_row, weights, model, flux, rvar, rmode,
-               den, den0, num, frac)
+        _pixel_terms(image, variance, bad, model, rvar, rmode, ivar, ifloor, resid)
+        _sweep(first_row, weights, ivar, ifloor, resid, flux, den, den0, num, frac,
+               i == niter - 1)
     var = np.divide(1.0, den, out=np.zeros_like(den), where=den > 0)
     var0 = np.divide(1.0, den0, out=np.zeros_like(den0), where=den0 > 0)
     return Extraction(flux, var, frac, offset, var0)
@@ -228,8 +232,8 @@ def _row_offsets(image, variance, model, bad, first_row, weights, rvar, rmode, s
     nblock = max(1, min(int(nblock), ncol))
     psum = np.zeros(image.shape, np.float32)
     _model(first_row, weights, np.ones(weights.shape[::2]), psum)
-    offset = np.zeros((nrow, ncol), np.float32)
     block_offset = np.zeros((nrow, nblock))
+    k, t = _block_interpolation(nblock, ncol)
     beta = 0.0
     num = np.zeros((nrow, nblock))
     den = np.zeros((nrow, nblock))
@@ -237,8 +241,8 @@ def _row_offsets(image, variance, model, bad, first_row, weights, rvar, rmode, s
     kernel = np.sqrt(2 * np.pi) * ROW_OFFSET_SMOOTH  # sum of the unnormalised Gaussian
     clip = np.inf
     for _ in range(ROW_OFFSET_ROUNDS):
-        bsum = _gap_sums(image, variance, model, psum, bad, rvar, rmode, offset, beta, clip,
-                         num, den, GAP_PROFILE, GAP_MODEL)
+        bsum = _gap_sums(image, variance, model, psum, bad, rvar, rmode, block_offset, k, t,
+                         beta, clip, num, den, GAP_PROFILE, GAP_MODEL)
         for lo, hi in itertools.pairwise(segments):
             n = gaussian_filter1d(num[lo:hi], ROW_OFFSET_SMOOTH, axis=0, mode="constant")
             d = gaussian_filter1d(den[lo:hi], ROW_OFFSET_SMOOTH, axis=0, mode="constant")
@@ -246,24 +250,29 @@ def _row_offsets(image, variance, model, bad, first_row, weights, rvar, rmode, s
         if not np.all(np.isfinite(block_offset)):
             log.warning("row offsets not finite; none subtracted")
             return np.zeros((nrow, ncol), np.float32)
-        offset = _across_columns(block_offset, ncol)
         beta = bsum[0] / bsum[1] if bsum[1] > 0 else 0.0
         clip = ROW_OFFSET_CLIP
-    return offset
+    return _across_columns(block_offset, ncol)
 
 
-def _across_columns(block_offset: np.ndarray, ncol: int) -> np.ndarray:
-    """(nrow, ncol) float32 image of per-block values interpolated linearly between the
-    blocks' centres (constant beyond the outer centres)."""
-    nblock = block_offset.shape[1]
+def _block_interpolation(nblock: int, ncol: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left block ``k`` and weight ``t`` of the right one at every column, for values of
+    ``nblock`` column blocks interpolated linearly between the blocks' centres (constant
+    beyond the outer centres); k = 0, t = 0 with one block."""
     if nblock == 1:
-        return np.ascontiguousarray(np.broadcast_to(block_offset, (block_offset.shape[0], ncol)),
-                                    dtype=np.float32)
+        return np.zeros(ncol, np.int64), np.zeros(ncol)
     centres = (np.arange(nblock) + 0.5) * ncol / nblock
     cols = np.arange(ncol)
     k = np.clip(np.searchsorted(centres, cols) - 1, 0, nblock - 2)
     t = np.clip((cols - centres[k]) / (centres[k + 1] - centres[k]), 0.0, 1.0)
-    return _blend(np.ascontiguousarray(block_offset, float), k.astype(np.int64), t)
+    return k.astype(np.int64), t
+
+
+def _across_columns(block_offset: np.ndarray, ncol: int) -> np.ndarray:
+    """(nrow, ncol) float32 image of per-block values interpolated between the blocks'
+    centres (see :func:`_block_interpolation`)."""
+    k, t = _block_interpolation(block_offset.shape[1], ncol)
+    return _blend(np.ascontiguousarray(block_offset, float), k, t)
 
 
 @njit(cache=True, nogil=True)
@@ -273,17 +282,26 @@ def _blend(block_offset, k, t):
     out = np.empty((nrow, ncol), np.float32)
     for r in range(nrow):
         for c in range(ncol):
-            out[r, c] = block_offset[r, k[c]] * (1 - t[c]) + block_offset[r, k[c] + 1] * t[c]
+            out[r, c] = _blended(block_offset, k, t, r, c)
     return out
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _blended(block_offset, k, t, r, c):
+    """One value of :func:`_blend`."""
+    if block_offset.shape[1] == 1:
+        return block_offset[r, 0]
+    return block_offset[r, k[c]] * (1 - t[c]) + block_offset[r, k[c] + 1] * t[c]
+
+
 @njit(cache=True, nogil=True)
-def _gap_sums(image, variance, model, psum, bad, rvar, rmode, offset, beta, clip, num, den,
-              gap_profile, gap_model):
+def _gap_sums(image, variance, model, psum, bad, rvar, rmode, block_offset, k, t, beta, clip,
+              num, den, gap_profile, gap_model):
     """Inverse-variance sums per row and block of columns of ``image - model - beta *
     model`` over the gap pixels within ``clip`` sigma of the current fit (``num``, ``den``
     (nrow, nblock) filled in place), and the sums for ``beta``: (sum w m (r - offset),
-    sum w m^2)."""
+    sum w m^2). The current offset is ``block_offset`` interpolated with ``k``, ``t``
+    (:func:`_block_interpolation`)."""
     nrow, ncol = image.shape
     nblock = num.shape[1]
     num[:] = 0
@@ -292,7 +310,6 @@ def _gap_sums(image, variance, model, psum, bad, rvar, rmode, offset, beta, clip
     bden = 0.0
     for r in range(nrow):
         for c in range(ncol):
-            off = offset[r, c]
             if bad[r, c] or psum[r, c] >= gap_profile:
                 continue
             if not variance[r, c] > 0 or not np.isfinite(image[r, c]):
@@ -308,6 +325,7 @@ def _gap_sums(image, variance, model, psum, bad, rvar, rmode, offset, beta, clip
                 continue
             v = floor + max(m, 0.0)
             res = image[r, c] - m
+            off = _blended(block_offset, k, t, r, c)
             d = res - beta * m - off
             if d * d > clip * clip * v:
                 continue
@@ -338,41 +356,60 @@ def _model(first_row, weights, flux, model):
 
 
 @njit(cache=True, nogil=True)
-def _sweep(image, variance, bad, first_row, weights, model, flux, rvar, mode, den, den0,
-           num, frac):
-    """One Jacobi sweep: every fiber fitted against the data less the others' ``model``;
-    updates ``flux`` (and ``den``, ``num``, ``frac``) in place. ``mode`` picks the variance
-    of the weights: the data's (first sweep), or a floor (0: data minus signal, 1: one
-    value, 2: per pixel) plus the model. ``den0`` gets ``sum(P^2 / floor)``."""
+def _pixel_terms(image, variance, bad, model, rvar, mode, ivar, ifloor, resid):
+    """Per-pixel terms of a sweep, filled in place: ``ivar = 1 / (floor + max(model, 0))``,
+    ``ifloor = 1 / floor`` and ``resid = image - model`` (all 0 on bad pixels and pixels
+    without a positive variance). ``mode`` picks the floor: the data's variance
+    (:data:`_DATA_VARIANCE`), the variance less the signal (0), one value (1) or per
+    pixel (2)."""
     nrow, ncol = image.shape
+    for r in range(nrow):
+        for c in range(ncol):
+            v = variance[r, c]
+            if not v > 0 or bad[r, c]:
+                ivar[r, c] = 0.0
+                ifloor[r, c] = 0.0
+                resid[r, c] = 0.0
+                continue
+            if mode == _DATA_VARIANCE:
+                floor = v
+            elif mode == 0:
+                floor = max(v - max(image[r, c], np.float32(0.0)), np.float32(1.0))
+            elif mode == 1:
+                floor = rvar[0, 0]
+            else:
+                floor = rvar[r, c]
+            m = model[r, c]
+            ivar[r, c] = 1.0 / (floor + max(m, np.float32(0.0)))
+            ifloor[r, c] = 1.0 / floor
+            resid[r, c] = image[r, c] - m
+
+
+@njit(cache=True, nogil=True)
+def _sweep(first_row, weights, ivar, ifloor, resid, flux, den, den0, num, frac, final):
+    """One Jacobi sweep: every fiber fitted against the data less the others' model, from
+    the pixel terms of :func:`_pixel_terms`; updates ``flux`` and ``den``, ``num`` in place,
+    and with ``final`` also ``frac`` (profile weight on good pixels) and ``den0``
+    (``sum(P^2 / floor)``)."""
+    nrow, ncol = ivar.shape
     den[:] = 0
-    den0[:] = 0
     num[:] = 0
-    frac[:] = 0
+    if final:
+        den0[:] = 0
+        frac[:] = 0
     for f in range(weights.shape[0]):
         for j in range(weights.shape[1]):
             for c in range(ncol):
                 r = first_row[f, c] + j
                 if r < 0 or r >= nrow:
                     continue
-                v = variance[r, c]
-                if v <= 0 or bad[r, c]:
-                    continue
                 p = weights[f, j, c]
-                m = model[r, c]
-                if mode == _DATA_VARIANCE:
-                    floor = v
-                elif mode == 0:
-                    floor = max(v - max(image[r, c], 0.0), 1.0)
-                elif mode == 1:
-                    floor = rvar[0, 0]
-                else:
-                    floor = rvar[r, c]
-                pw = p / (floor + max(m, 0.0))
-                frac[f, c] += p
+                pw = p * ivar[r, c]
                 den[f, c] += pw * p
-                den0[f, c] += p * p / floor
-                num[f, c] += pw * (image[r, c] - m + np.float32(flux[f, c]) * p)
+                num[f, c] += pw * (resid[r, c] + np.float32(flux[f, c]) * p)
+                if final and ivar[r, c] > 0:
+                    frac[f, c] += p
+                    den0[f, c] += p * p * ifloor[r, c]
     for f in range(weights.shape[0]):
         for c in range(ncol):
             flux[f, c] = num[f, c] / den[f, c] if den[f, c] > 0 else 0.0

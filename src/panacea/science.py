@@ -61,6 +61,14 @@ class ScienceOptions:
     wavelength_bin: float = 10.0
 
 
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A native-order copy of ``a`` that cannot be written to (products compress such
+    arrays once)."""
+    out = np.array(a, dtype=a.dtype.newbyteorder("="))
+    out.flags.writeable = False
+    return out
+
+
 @dataclass
 class ChannelCalibration:
     """What the science reduction needs from a calibration bundle."""
@@ -95,7 +103,7 @@ class ChannelCalibration:
                    masterbias=b["masterbias"], bias_variance=np.broadcast_to(
                        bias_var, b["masterbias"].shape),
                    read_variance=(rn[amp] ** 2)[:, None], pixelflat=b["pixelflat"],
-                   profile=profile, bigw=b["bigw"], source=source)
+                   profile=profile, bigw=_read_only(b["bigw"]), source=source)
 
     @cached_property
     def noise_floor(self) -> np.ndarray:

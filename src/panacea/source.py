@@ -146,8 +146,6 @@ def _moffat_sum(xy, sx, sy, x0, y0, alpha, ratio, angle, beta):
     """Elliptical Moffat profile summed over every lenslet's sub-pixels, (nfib, nwave)."""
     nfib, nsub, nw = xy.shape[0], sx.size, x0.size
     c, s = np.cos(angle), np.sin(angle)
-    half_integer = 2 * beta == int(2 * beta) and beta > 0  # t^-beta by products and a sqrt
-    whole = int(beta)
     out = np.zeros((nfib, nw))
     for k in range(nw):
         a2 = alpha[k] * alpha[k]
@@ -160,17 +158,24 @@ def _moffat_sum(xy, sx, sy, x0, y0, alpha, ratio, angle, beta):
                 u = dx * c + dy * s
                 v = (-dx * s + dy * c) / ratio
                 t = 1.0 + (u * u + v * v) / a2
-                if half_integer:
-                    p = 1.0
-                    for _ in range(whole):
-                        p *= t
-                    if whole != beta:
-                        p *= np.sqrt(t)
-                    acc += 1.0 / p
-                else:
-                    acc += t ** -beta
+                acc += _inverse_power(t, beta)
             out[f, k] = norm * acc
     return out
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _inverse_power(t, beta):
+    """``t ** -beta``; for a half-integer ``beta`` (3.5 is the default) by products and a
+    square root, ~5 times faster than a power."""
+    if 2 * beta == int(2 * beta) and beta > 0:
+        whole = int(beta)
+        p = 1.0
+        for _ in range(whole):
+            p *= t
+        if whole != beta:
+            p *= np.sqrt(t)
+        return 1.0 / p
+    return t ** -beta
 
 
 @njit(cache=True, nogil=True)
@@ -191,7 +196,7 @@ def _moffat_gradient(xy, sx, sy, x0, y0, alpha, ratio, angle, beta):
             v = (-dx * s + dy * c) / ratio
             r2 = (u * u + v * v) / a2
             t = 1.0 + r2
-            val = t ** -beta
+            val = _inverse_power(t, beta)
             dval = -beta * val / t  # d(t^-beta)/dt
             g0 += val
             # dt/dx0 = (2u du/dx0 + 2v dv/dx0) / a2 with du/dx0 = -c, dv/dx0 = s / ratio
