@@ -96,3 +96,16 @@ def test_header_weather_defaults_are_noted():
     w = header_weather(h)
     assert (w.temperature, w.pressure, w.humidity) == (4.5, 801.0, 30.0)
     assert len(w.notes) == 1 and "humidity" in w.notes[0]
+
+
+def test_sky_line_mask_ignores_dead_fibers():
+    from panacea.source import sky_line_mask
+
+    grid = np.arange(600)
+    sky = np.full((280, 600), 50.0)
+    sky[:, 300:303] += 100.0  # a sky line
+    sky[:, :5] = 0.0  # uncovered ends of every fiber
+    mask = sky_line_mask(sky)
+    assert np.array_equal(np.flatnonzero(mask), grid[300:303])
+    sky[[17, 200]] = 0.0  # dead fibers hold no sky at all
+    assert np.array_equal(sky_line_mask(sky), mask)

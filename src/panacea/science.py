@@ -206,10 +206,10 @@ def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration
     ext = optimal(image, variance, bad, first, weights, read_variance=floor,
                   row_segments=tuple(range(0, image.shape[0] + 1, amp_rows)))
     flux, fvar, frac = ext.flux, ext.variance, ext.frac
-    image = image - ext.offset
-    bias_sub = bias_sub - ext.offset * cal.pixelflat
-    header["ROWOFFS"] = (round(float(np.sqrt(np.mean(ext.offset.astype(float)**2))), 4),
-                         "RMS of offsets fitted between fibers (e-)")
+    image -= ext.offset  # both frames are this function's own
+    bias_sub -= ext.offset * cal.pixelflat
+    rms = float(np.linalg.norm(ext.offset)) / np.sqrt(ext.offset.size)
+    header["ROWOFFS"] = (round(rms, 4), "RMS of offsets fitted between fibers (e-)")
     timer.add("extract", t0)
 
     t0 = time.perf_counter()

@@ -300,11 +300,20 @@ def fit_psf(values: np.ndarray, errors: np.ndarray, xy: np.ndarray, start: tuple
 
 def sky_line_mask(sky: np.ndarray, threshold: float = 1.1) -> np.ndarray:
     """Grid bins dominated by sky lines: the median sky above ``threshold`` times its
-    running median over ~50 bins."""
-    med = np.median(np.where(sky > 0, sky, np.nan), axis=0) if sky.ndim == 2 else sky
-    med = np.nan_to_num(med)
+    running median over ~50 bins. The median of a bin is over the fibers with sky there
+    (dead fibers and a fiber's uncovered ends hold none)."""
+    med = _positive_median(sky) if sky.ndim == 2 else np.nan_to_num(sky)
     run = median_filter(med, size=51, mode="nearest")
     return med > threshold * np.maximum(run, 1e-30)
+
+
+def _positive_median(a: np.ndarray) -> np.ndarray:
+    """Median over axis 0 of the positive values of every column (0 where there are none)."""
+    v = np.sort(np.where(a > 0, a, np.inf).T, axis=1)
+    n = np.sum(a > 0, axis=0)
+    cols = np.arange(v.shape[0])
+    lo, hi = np.maximum((n - 1) // 2, 0), np.maximum(n // 2, 0)
+    return np.where(n > 0, 0.5 * (v[cols, lo] + v[cols, hi]), 0.0)
 
 
 def _neighbour_matrix(xy: np.ndarray, radius: float = 0.65) -> np.ndarray:
@@ -475,12 +484,14 @@ def analyse(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, sky_err: np.nd
 
 def _weights_on_grid(xy, x, y, fwhm, ratio, angle, grid, nknots: int = 48) -> np.ndarray:
     """PSF fraction per fiber at every grid wavelength (computed at knots, interpolated)."""
-    k = np.linspace(0, grid.size - 1, nknots).round().astype(int)
-    frac = moffat_fractions(xy, x[k], y[k], fwhm[k], ratio, angle)
-    out = np.empty((xy.shape[0], grid.size))
-    for f in range(xy.shape[0]):
-        out[f] = np.interp(grid, grid[k], frac[f])
-    return out
+    k = np.unique(np.linspace(0, grid.size - 1, nknots).round().astype(int))
+    frac = moffat_fractions(xy, x[k], y[k], fwhm[k], ratio, angle).reshape(len(xy), -1)
+    if k.size == 1:
+        return np.repeat(frac, grid.size, axis=1)
+    # linear interpolation between the knots (np.interp of every fiber at once)
+    j = np.clip(np.searchsorted(grid[k], grid, side="right") - 1, 0, k.size - 2)
+    t = np.clip((grid - grid[k][j]) / (grid[k][j + 1] - grid[k][j]), 0.0, 1.0)
+    return frac[:, j] * (1.0 - t) + frac[:, j + 1] * t
 
 
 def psf_extract(data: np.ndarray, err: np.ndarray, weights: np.ndarray,
@@ -494,18 +505,38 @@ def psf_extract(data: np.ndarray, err: np.ndarray, weights: np.ndarray,
     spectra low by about a per cent; the smoothed variance keeps the sky-line structure
     without that correlation. The error is propagated with the weights actually used, from
     ``data_err`` when given (e.g. the sky model's error), else from ``err``."""
+    err = np.ascontiguousarray(err, float)
     good = err > 0
     var = np.where(good, err, 0.0) ** 2
     if smooth > 1:
         vs = uniform_filter1d(var, smooth, axis=1, mode="nearest")
         ns = uniform_filter1d(good.astype(float), smooth, axis=1, mode="nearest")
         var = np.divide(vs, ns, out=np.zeros_like(vs), where=ns > 0)
-    inv = np.where(good & (var > 0), 1.0 / np.where(var > 0, var, 1.0), 0.0)
-    den = np.sum(weights**2 * inv, axis=0)
-    num = np.sum(weights * inv * np.where(good, data, 0.0), axis=0)
-    ok = den > 0
-    flux = np.divide(num, den, out=np.zeros_like(num), where=ok)
-    e = err if data_err is None else data_err
-    fvar = np.sum((weights * inv) ** 2 * np.where(good, e, 0.0) ** 2, axis=0)
-    error = np.divide(np.sqrt(fvar), den, out=np.zeros_like(den), where=ok)
+    e = err if data_err is None else np.ascontiguousarray(data_err, float)
+    flux, error = _psf_sums(np.ascontiguousarray(data, float), err, e, var,
+                            np.ascontiguousarray(weights, float))
+    return flux, error
+
+
+@njit(cache=True, nogil=True)
+def _psf_sums(data, err, data_err, var, weights):
+    """The sums of :func:`psf_extract` over the fibers, column by column."""
+    nfib, ncol = data.shape
+    den = np.zeros(ncol)
+    num = np.zeros(ncol)
+    fvar = np.zeros(ncol)
+    for f in range(nfib):
+        for c in range(ncol):
+            if not (err[f, c] > 0 and var[f, c] > 0):
+                continue
+            wi = weights[f, c] / var[f, c]
+            den[c] += weights[f, c] * wi
+            num[c] += wi * data[f, c]
+            fvar[c] += wi * wi * data_err[f, c] * data_err[f, c]
+    flux = np.zeros(ncol)
+    error = np.zeros(ncol)
+    for c in range(ncol):
+        if den[c] > 0:
+            flux[c] = num[c] / den[c]
+            error[c] = np.sqrt(fvar[c]) / den[c]
     return flux, error
