@@ -202,3 +202,25 @@ def test_pixel_flat_rejects_a_dark_frame(flats):
     dark = rng.normal(0, 3.0, truth.pixel_flat.shape)
     with pytest.raises(ValueError, match="too faint"):
         pixel_flat(dark, np.full(dark.shape, 9.0), truth.trace)
+
+
+def test_reordered_spline_design_fits_and_evaluates_in_the_data_order():
+    from panacea.flat import SplineDesign, clamped_knots
+
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0.0, 10.0, 3000)
+    y = np.sin(x) + rng.normal(0, 0.01, x.size)
+    w = rng.uniform(0.5, 1.5, x.size)
+    order = np.argsort(x)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(x.size)
+    knots = clamped_knots(x.min() - 1e-6, x.max() + 1e-6, 0.5)
+    ranked = SplineDesign(x[order], knots)
+    mixed = ranked.reordered(inverse)
+    assert np.array_equal(mixed.x, x)
+    c = mixed.fit(y, w)
+    np.testing.assert_allclose(c, ranked.fit(y[order], w[order]), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(mixed.evaluate(c), ranked.evaluate(c)[inverse], rtol=1e-12)
+    for a, b in zip(mixed.evaluate_derivatives(c), ranked.evaluate_derivatives(c)):
+        np.testing.assert_allclose(a, b[inverse], rtol=1e-12)
+    assert np.abs(mixed.evaluate(c) - np.sin(x)).max() < 0.01

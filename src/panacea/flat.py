@@ -32,6 +32,7 @@ Nothing here reads or writes files.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -220,6 +221,12 @@ class SplineDesign:
     def derivative_terms(self, coeffs: np.ndarray) -> list[tuple[np.ndarray, ...]]:
         """(values, first, coefficients) of the banded designs of the first and second
         derivative (see :meth:`evaluate_derivatives`)."""
+        spline = BSpline(self.knots, coeffs, _DEGREE)
+        return [(v, f, np.ascontiguousarray(spline.derivative(n).c, float))
+                for n, (v, f) in enumerate(self._derivatives(), start=1)]
+
+    def _derivatives(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(values, first) of the first and second derivative's designs, built once."""
         if self._derivative_designs is None:
             t = self.knots
             designs = []
@@ -228,9 +235,16 @@ class SplineDesign:
                 designs.append((m.data.reshape(-1, degree + 1),
                                 m.indices.reshape(-1, degree + 1)[:, 0].copy()))
             self._derivative_designs = designs
-        spline = BSpline(self.knots, coeffs, _DEGREE)
-        return [(v, f, np.ascontiguousarray(spline.derivative(n).c, float))
-                for n, (v, f) in enumerate(self._derivative_designs, start=1)]
+        return self._derivative_designs
+
+    def reordered(self, index: np.ndarray) -> SplineDesign:
+        """The same design with its abscissae (rows) taken in the order ``index``, e.g. back
+        in the order of the data they came from: fits and evaluations work in any order, and
+        data in its own order need not be gathered (nor results scattered) every time."""
+        out = copy.copy(self)
+        out.x, out.values, out.first = self.x[index], self.values[index], self.first[index]
+        out._derivative_designs = [(v[index], f[index]) for v, f in self._derivatives()]
+        return out
 
 
 @njit(cache=True, nogil=True)

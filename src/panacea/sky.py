@@ -235,9 +235,10 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
     if read_variance is None:  # a boxcar sum's variance is its read variance plus its signal
         read_variance = variance - flux
 
-    # one design matrix for all live pixels, sorted in wavelength
+    # one design matrix for all live pixels (in their own order: fits and evaluations
+    # need no sorting)
     lf = np.flatnonzero(live)
-    order, knots, design = _spline_design(wave, lf, knot_spacing)
+    knots, grid, design = _spline_design(wave, lf, knot_spacing)
 
     u = np.linspace(-1.0, 1.0, ncol)
     lev_basis = legendre.legvander(u, LEVEL_DEGREE)  # (ncol, nl)
@@ -260,8 +261,8 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
     for it in range(n_iter + 1):
         # common spectrum from the sky fibers, corrected by their own terms
         corr, wfit, wk = _fit_inputs(y, spl, level, shift, width, w, pix_ok, use)
-        coeffs = design.fit(_gather(corr, lf, order), _gather(wfit, lf, order))
-        spl = _evaluate(design, coeffs, order, wave.shape, lf)
+        coeffs = design.fit(_rows(corr, lf), _rows(wfit, lf))
+        spl = _evaluate(design, coeffs, wave.shape, lf)
 
         # per-fiber level, shift and width (level free for every fiber here)
         par = _solve_rows(spl, (lev_basis, sh_basis, wd_basis), y, wk, live)
@@ -322,7 +323,6 @@ def _spline_model(flux, variance, wave, ftf, live, good, positions, knot_spacing
     sky_pa = level * spl[0] + shift * spl[1] + width * spl[2]
     sky = np.where(live[:, None], sky_pa * norm + offset[:, None], 0.0)
     chi2, chi2_sky = _chi2(flux, variance, sky, good, use, n_par=nl + ns + wd_basis.shape[1])
-    grid = design.x[:: len(lf)]  # the sorted wavelengths of the live fibers
     log.info("sky (spline): %d sky fibers of %d live, chi2/dof of sky fibers %.3f",
              use.sum(), live.sum(), chi2_sky)
     return SkyModel(sky=sky, sky_fibers=use, chi2_dof=chi2, chi2_dof_sky=chi2_sky,
@@ -407,7 +407,9 @@ _DESIGN_CACHE_SIZE = 2
 
 def _spline_design(wave: np.ndarray, rows: np.ndarray, knot_spacing: float
                    ) -> tuple[np.ndarray, np.ndarray, SplineDesign]:
-    """Sorting order, knots and B-spline design of the wavelengths of fibers ``rows``."""
+    """Knots, a wavelength grid (every ``len(rows)``-th of the sorted wavelengths) and the
+    B-spline design of the wavelengths of fibers ``rows``, its rows in the order of
+    ``wave[rows].ravel()``."""
     x = np.ascontiguousarray(wave[rows]).ravel()
     key = (wave.shape, rows.tobytes(), float(knot_spacing),
            hashlib.blake2b(x.tobytes(), digest_size=16).digest())
@@ -416,33 +418,42 @@ def _spline_design(wave: np.ndarray, rows: np.ndarray, knot_spacing: float
         disp = np.abs(np.gradient(wave[rows], axis=1))
         spacing = knot_spacing * float(np.median(disp))
         knots = clamped_knots(float(x[order[0]]) - 1e-6, float(x[order[-1]]) + 1e-6, spacing)
-        design = SplineDesign(x[order], knots)
-        for a in (order, knots, design.x, design.knots, design.values, design.first):
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        design = SplineDesign(x[order], knots).reordered(inverse)
+        grid = x[order[:: len(rows)]]
+        for a in (knots, grid, design.x, design.knots, design.values, design.first,
+                  *(a for pair in design._derivatives() for a in pair)):
             a.flags.writeable = False  # shared by every exposure of the channel
         while len(_DESIGNS) >= _DESIGN_CACHE_SIZE:
             _DESIGNS.pop(next(iter(_DESIGNS)))
-        _DESIGNS[key] = entry = (order, knots, design)
+        _DESIGNS[key] = entry = (knots, grid, design)
         return entry
     return _DESIGNS[key]
 
 
-def _evaluate(design: SplineDesign, coeffs, order, shape, rows) -> np.ndarray:
+def _rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``a[rows].ravel()``, without a copy when ``rows`` are all rows of ``a``."""
+    if rows.size == a.shape[0]:
+        return np.ascontiguousarray(a).ravel()
+    return a[rows].ravel()
+
+
+def _evaluate(design: SplineDesign, coeffs, shape, rows) -> np.ndarray:
     """Spline value, first and second derivative (per Angstrom^n) at the wavelengths of
-    ``rows``, from the design at their sorted wavelengths (``order`` sorts them)."""
+    ``rows`` (the design's rows in their order), as (3, nfib, ncol), zero elsewhere."""
     (v1, f1, c1), (v2, f2, c2) = design.derivative_terms(coeffs)
     return _evaluate_kernel(design.values, design.first, np.ascontiguousarray(coeffs, float),
-                            v1, f1, c1, v2, f2, c2, order, rows.astype(np.int64), shape[0],
-                            shape[1])
+                            v1, f1, c1, v2, f2, c2, rows.astype(np.int64), shape[0], shape[1])
 
 
 @njit(cache=True, nogil=True)
-def _evaluate_kernel(v0, f0, c0, v1, f1, c1, v2, f2, c2, order, rows, nfib, ncol):
+def _evaluate_kernel(v0, f0, c0, v1, f1, c1, v2, f2, c2, rows, nfib, ncol):
     """The three banded products (design row ``i``: ``v[i]`` from column ``f[i]`` on)
-    written to (3, nfib, ncol) at ``out[n, rows].ravel()[order]`` (zeros elsewhere)."""
+    written to (3, nfib, ncol) at ``out[n, rows].ravel()`` (zeros elsewhere)."""
     out = np.zeros((3, nfib, ncol))
-    for i in range(order.size):
-        k = order[i]
-        f, c = rows[k // ncol], k % ncol
+    for i in range(v0.shape[0]):
+        f, c = rows[i // ncol], i % ncol
         acc = 0.0
         for p in range(v0.shape[1]):
             acc += v0[i, p] * c0[f0[i] + p]
@@ -455,17 +466,6 @@ def _evaluate_kernel(v0, f0, c0, v1, f1, c1, v2, f2, c2, order, rows, nfib, ncol
         for p in range(v2.shape[1]):
             acc += v2[i, p] * c2[f2[i] + p]
         out[2, f, c] = acc
-    return out
-
-
-@njit(cache=True, nogil=True)
-def _gather(a, rows, order):
-    """``a[rows].ravel()[order]``."""
-    ncol = a.shape[1]
-    out = np.empty(order.size)
-    for i in range(order.size):
-        k = order[i]
-        out[i] = a[rows[k // ncol], k % ncol]
     return out
 
 
