@@ -2,7 +2,7 @@
 the simulator's truth, on one core.
 
     python benchmarks/science.py [--date 20181108] [--seed 1] [--out benchmarks/out] [--reuse]
-                                 [--repeat 3]
+                                 [--repeat 5]
 
 Prints Markdown tables: extraction, sky subtraction and cosmic-ray accuracy per channel, the
 comparison of the sky and cosmic-ray methods, and time per stage and file size of one
@@ -95,7 +95,7 @@ def accuracy(sf, parts: dict, channel_truth) -> dict[str, float]:
 
 def main(argv=None) -> int:
     parser = night_parser(__doc__, "reuse a simulated night and bundles")
-    parser.add_argument("--repeat", type=int, default=3,
+    parser.add_argument("--repeat", type=int, default=5,
                         help="reductions timed per exposure; the table gives the fastest\n"
                              "(a shared machine's noise only adds) and the median")
     args = parser.parse_args(argv)
