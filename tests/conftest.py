@@ -165,6 +165,34 @@ def write_tiny_exposure(baseraw: Path, date: str, obsid: int, ftype: str, slots=
     write_night(baseraw, date, items, "tar")
 
 
+def copy_night(baseraw: Path, date: str, dest: Path, skip=(), edit=None) -> Path:
+    """A new archive ``dest`` with the night's tarballs linked in, leaving observations
+    ``skip`` out and rewriting those in ``edit``: ``edit[obsid](member_name, hdul)`` may
+    change the amp file in place, or return False to leave the member out."""
+    night = dest / date / "lrs2"
+    night.mkdir(parents=True)
+    for tar in sorted((baseraw / date / "lrs2").glob("*.tar")):
+        obsid = int(tar.name[4:11])
+        if obsid in skip:
+            continue
+        if not (edit and obsid in edit):
+            (night / tar.name).symlink_to(tar)
+            continue
+        with tarfile.open(tar) as src, tarfile.open(night / tar.name, "w") as dst:
+            for m in src.getmembers():
+                data = src.extractfile(m).read() if m.isfile() else None
+                if data is not None:
+                    hdul = fits.open(io.BytesIO(data))
+                    if edit[obsid](m.name, hdul) is False:
+                        continue
+                    buf = io.BytesIO()
+                    hdul.writeto(buf)
+                    data = buf.getvalue()
+                    m.size = len(data)
+                dst.addfile(m, io.BytesIO(data) if data is not None else None)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def fakeraw():
     """This module: constants and writers of the fake archive."""

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import logging
-import tarfile
 
 import numpy as np
 import pytest
-from astropy.io import fits
 
 from panacea.calbundle import bundle_path, read_bundle
 from panacea.cli import main
@@ -55,33 +52,9 @@ def test_rerun_reuses_bundles(reduced, sim_night, caplog):
     assert path.stat().st_mtime_ns == before
 
 
-def _copy_night(sim_night, dest, skip=(), edit=None):
-    """Link the night's tarballs into a new archive, leaving some out or editing headers."""
-    night = dest / sim_night.date / "lrs2"
-    night.mkdir(parents=True)
-    for tar in sorted((sim_night.baseraw / sim_night.date / "lrs2").glob("*.tar")):
-        obsid = int(tar.name[4:11])
-        if obsid in skip:
-            continue
-        if edit and obsid in edit:
-            with tarfile.open(tar) as src, tarfile.open(night / tar.name, "w") as dst:
-                for m in src.getmembers():
-                    data = src.extractfile(m).read() if m.isfile() else None
-                    if data is not None:
-                        hdul = fits.open(io.BytesIO(data))
-                        edit[obsid](hdul[0].header)
-                        buf = io.BytesIO()
-                        hdul.writeto(buf)
-                        data = buf.getvalue()
-                        m.size = len(data)
-                    dst.addfile(m, io.BytesIO(data) if data is not None else None)
-        else:
-            (night / tar.name).symlink_to(tar)
-    return dest
-
-
-def test_night_without_arcs_fails_clearly(sim_night, tmp_path, caplog):
-    base = _copy_night(sim_night, tmp_path / "raw", skip={4, 5, 6})
+def test_night_without_arcs_fails_clearly(sim_night, fakeraw, tmp_path, caplog):
+    base = fakeraw.copy_night(sim_night.baseraw, sim_night.date, tmp_path / "raw",
+                              skip={4, 5, 6})
     with caplog.at_level(logging.ERROR):
         rc = main(["-d", sim_night.date, "-s", "farred", "--baseraw", str(base),
                    "--output", str(tmp_path / "out")])
@@ -90,14 +63,15 @@ def test_night_without_arcs_fails_clearly(sim_night, tmp_path, caplog):
     assert not bundle_path(tmp_path / "out", sim_night.date, "farred").exists()
 
 
-def test_contradicting_header_is_left_out(sim_night, tmp_path, caplog):
+def test_contradicting_header_is_left_out(sim_night, fakeraw, tmp_path, caplog):
     """A twilight whose IMAGETYP says 'sci' is left out with a warning; the rest calibrates."""
 
-    def retype(header):
-        if header["EXPN"] == 1:
-            header["IMAGETYP"] = "sci"
+    def retype(name, hdul):
+        if hdul[0].header["EXPN"] == 1:
+            hdul[0].header["IMAGETYP"] = "sci"
 
-    base = _copy_night(sim_night, tmp_path / "raw", edit={2: retype})
+    base = fakeraw.copy_night(sim_night.baseraw, sim_night.date, tmp_path / "raw",
+                              edit={2: retype})
     with caplog.at_level(logging.WARNING):
         rc = main(["-d", sim_night.date, "-s", "orange", "--baseraw", str(base),
                    "--output", str(tmp_path / "out")])

@@ -162,3 +162,54 @@ def test_without_standard_or_response_the_unit_says_so(reduced, sim_night, tmp_p
         assert hdul[0].header["FLUXCAL"] is True
         assert hdul[0].header["RESPSRC"].startswith(str(rdir)[:20])
         np.testing.assert_allclose(hdul[0].data[1], rate * 2e-17, rtol=1e-5, atol=1e-22)
+
+
+def test_bad_science_frames_are_named_skipped_or_flagged(reduced, sim_night, fakeraw,
+                                                        tmp_path, caplog):
+    """A science frame missing one amplifier, one with EXPTIME 0 and one saturated over a
+    large area: the first two are skipped with a message naming the file, the third is
+    reduced and flagged in its header, and the rest of the night is reduced."""
+    import logging
+    import shutil
+
+    from panacea.cli import main
+
+    def exptime_zero(name, hdul):
+        hdul[0].header["EXPTIME"] = 0.0
+
+    def drop_red_amp(name, hdul):
+        return False if "_066LU_" in name else None
+
+    def saturate_farred(name, hdul):
+        if "_066RU_" in name:
+            hdul[0].data[:300] = 65535  # ~15 % of the channel's pixels
+
+    base = fakeraw.copy_night(sim_night.baseraw, sim_night.date, tmp_path / "raw",
+                              edit={7: exptime_zero, 12: drop_red_amp, 8: saturate_farred})
+    out = tmp_path / "out"
+    for ch in ("red", "farred"):  # the bundles are reused, not rebuilt
+        (out / "CALS").mkdir(parents=True, exist_ok=True)
+        name = f"cal_{sim_night.date}_{ch}.fits"
+        shutil.copy(reduced / "CALS" / name, out / "CALS" / name)
+    with caplog.at_level(logging.WARNING):
+        rc = main(["-d", sim_night.date, "-s", "red,farred", "--baseraw", str(base),
+                   "--output", str(out)])
+    assert rc == 0
+    text = caplog.text
+    assert "amplifier 066LU of channel red is missing (not in lrs20000012.tar)" in text
+    assert "lrs20000007 exp01 red" in text and "EXPTIME 0.0 is not positive" in text
+    assert "lrs20000007.tar" in text
+    assert "lrs20000008 exp01 farred" in text and "saturated" in text
+
+    def multi(folder, obsid, channel):
+        return out / folder / multi_name(sim_night.date, obsid, 1, channel)
+
+    assert not multi("HET18-2-100", 12, "red").exists()
+    assert not multi("STANDARDS", 7, "red").exists()
+    assert not multi("STANDARDS", 7, "farred").exists()
+    assert multi("HET18-2-100", 12, "farred").exists()
+    assert multi("STANDARDS", 8, "red").exists()
+    _, header = read_product(MULTI_LAYOUT, multi("STANDARDS", 8, "farred"))
+    assert header["SATFLAG"] is True and header["SATFRAC"] > 0.1
+    _, header = read_product(MULTI_LAYOUT, multi("STANDARDS", 8, "red"))
+    assert "SATFLAG" not in header

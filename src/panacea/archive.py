@@ -279,8 +279,12 @@ class Exposure:
 
     def has_channel(self, channel: str | instrument.Channel) -> bool:
         """True when both amplifiers of ``channel`` are present."""
+        return len(self.amps_of(channel)) == len(_channel(channel).amps)
+
+    def amps_of(self, channel: str | instrument.Channel) -> tuple[str, ...]:
+        """The amplifiers of ``channel`` with a file in this exposure."""
         ch = _channel(channel)
-        return all((ch.ifuslot, amp) in self.files for amp in ch.amps)
+        return tuple(amp for amp in ch.amps if (ch.ifuslot, amp) in self.files)
 
     def file(self, ifuslot: str | None = None, amp: str | None = None) -> RawFile:
         """The first file matching ``ifuslot`` and/or ``amp`` (any when both are None)."""

@@ -361,8 +361,10 @@ def read_channel(reader: RawReader, exposure, channel: str | instrument.Channel,
     for amp in ch.amps:
         rawfile = exposure.files.get((ch.ifuslot, amp))
         if rawfile is None:
+            others = sorted({f.source.name for f in exposure.files.values()})
+            where = f" (not in {', '.join(others)})" if others else ""
             raise FrameError(f"{exposure.name}: amplifier {ch.ifuslot}{amp} of channel "
-                             f"{ch.name} is missing")
+                             f"{ch.name} is missing{where}")
         frames.append(read_amp(reader, rawfile, overscan=overscan))
     first, second = frames
     try:

@@ -138,8 +138,10 @@ def _derive_response(night, result: ExposureResult, cal: ChannelCalibration, arg
     folder = _standards_dir(args)
     path = fluxcal.standard_file(folder, name) if folder is not None else None
     if path is None:
+        where = (folder if folder is not None
+                 else "no standards folder (--standards-dir, or {baseraw}/standards)")
         log.warning("%s %s: no reference spectrum m%s.dat.txt for standard %s in %s; no "
-                    "response from it", exposure.name, ch.name, name.lower(), name, folder)
+                    "response from it", exposure.name, ch.name, name.lower(), name, where)
         return None
     try:
         ref_wave, ref_flam = fluxcal.read_standard(path)
@@ -244,7 +246,8 @@ def reduce_night(args: argparse.Namespace) -> int:
                         "no default response: spectra stay in electron/s/cm2/Angstrom",
                         args.date, channel.name)
         for exposure in science:
-            if not exposure.has_channel(channel):
+            if not exposure.amps_of(channel):  # an arm that did not observe: no error;
+                # one amplifier of two is, and the frame reader says which and where
                 log.debug("%s has no %s files", exposure.name, channel.name)
                 continue
             try:
