@@ -32,7 +32,6 @@ Nothing here reads or writes files.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -174,10 +173,11 @@ def _normal_bands(values, first, w, y, nbasis):
 
 
 class SplineDesign:
-    """Cubic B-spline basis evaluated once at fixed, sorted abscissae.
+    """Cubic B-spline basis evaluated once at fixed abscissae (in any order).
 
     Every abscissa has k+1 consecutive non-zero basis functions starting at ``first``, so
-    the normal equations are banded; a compiled loop accumulates them in one pass.
+    the normal equations are banded; a compiled loop accumulates them in one pass. The
+    abscissae need not be sorted: data can stay in its own order (e.g. fiber by fiber).
     """
 
     def __init__(self, x: np.ndarray, knots: np.ndarray):
@@ -191,8 +191,6 @@ class SplineDesign:
         design = BSpline.design_matrix(self.x, knots, _DEGREE, extrapolate=True)
         self.values = design.data.reshape(-1, _DEGREE + 1)
         self.first = design.indices.reshape(-1, _DEGREE + 1)[:, 0].copy()
-        if np.any(np.diff(self.first) < 0):
-            raise ValueError("abscissae must be sorted")
         pen = _difference_penalty(self.nbasis)
         self.penalty_bands = np.array(
             [np.concatenate([pen.diagonal(-d), np.zeros(d)]) for d in range(_DEGREE + 1)])
@@ -221,12 +219,6 @@ class SplineDesign:
     def derivative_terms(self, coeffs: np.ndarray) -> list[tuple[np.ndarray, ...]]:
         """(values, first, coefficients) of the banded designs of the first and second
         derivative (see :meth:`evaluate_derivatives`)."""
-        spline = BSpline(self.knots, coeffs, _DEGREE)
-        return [(v, f, np.ascontiguousarray(spline.derivative(n).c, float))
-                for n, (v, f) in enumerate(self._derivatives(), start=1)]
-
-    def _derivatives(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(values, first) of the first and second derivative's designs, built once."""
         if self._derivative_designs is None:
             t = self.knots
             designs = []
@@ -235,16 +227,9 @@ class SplineDesign:
                 designs.append((m.data.reshape(-1, degree + 1),
                                 m.indices.reshape(-1, degree + 1)[:, 0].copy()))
             self._derivative_designs = designs
-        return self._derivative_designs
-
-    def reordered(self, index: np.ndarray) -> SplineDesign:
-        """The same design with its abscissae (rows) taken in the order ``index``, e.g. back
-        in the order of the data they came from: fits and evaluations work in any order, and
-        data in its own order need not be gathered (nor results scattered) every time."""
-        out = copy.copy(self)
-        out.x, out.values, out.first = self.x[index], self.values[index], self.first[index]
-        out._derivative_designs = [(v[index], f[index]) for v, f in self._derivatives()]
-        return out
+        spline = BSpline(self.knots, coeffs, _DEGREE)
+        return [(v, f, np.ascontiguousarray(spline.derivative(n).c, float))
+                for n, (v, f) in enumerate(self._derivative_designs, start=1)]
 
 
 @njit(cache=True, nogil=True)

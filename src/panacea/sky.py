@@ -414,16 +414,12 @@ def _spline_design(wave: np.ndarray, rows: np.ndarray, knot_spacing: float
     key = (wave.shape, rows.tobytes(), float(knot_spacing),
            hashlib.blake2b(x.tobytes(), digest_size=16).digest())
     if key not in _DESIGNS:
-        order = np.argsort(x, kind="stable")
         disp = np.abs(np.gradient(wave[rows], axis=1))
         spacing = knot_spacing * float(np.median(disp))
-        knots = clamped_knots(float(x[order[0]]) - 1e-6, float(x[order[-1]]) + 1e-6, spacing)
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(order.size)
-        design = SplineDesign(x[order], knots).reordered(inverse)
-        grid = x[order[:: len(rows)]]
-        for a in (knots, grid, design.x, design.knots, design.values, design.first,
-                  *(a for pair in design._derivatives() for a in pair)):
+        knots = clamped_knots(float(x.min()) - 1e-6, float(x.max()) + 1e-6, spacing)
+        design = SplineDesign(x, knots)  # rows in the data's own order
+        grid = np.sort(x)[:: len(rows)]
+        for a in (knots, grid, design.x, design.knots, design.values, design.first):
             a.flags.writeable = False  # shared by every exposure of the channel
         while len(_DESIGNS) >= _DESIGN_CACHE_SIZE:
             _DESIGNS.pop(next(iter(_DESIGNS)))
