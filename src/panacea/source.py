@@ -484,14 +484,12 @@ def analyse(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, sky_err: np.nd
 
 def _weights_on_grid(xy, x, y, fwhm, ratio, angle, grid, nknots: int = 48) -> np.ndarray:
     """PSF fraction per fiber at every grid wavelength (computed at knots, interpolated)."""
-    k = np.unique(np.linspace(0, grid.size - 1, nknots).round().astype(int))
-    frac = moffat_fractions(xy, x[k], y[k], fwhm[k], ratio, angle).reshape(len(xy), -1)
-    if k.size == 1:
-        return np.repeat(frac, grid.size, axis=1)
-    # linear interpolation between the knots (np.interp of every fiber at once)
-    j = np.clip(np.searchsorted(grid[k], grid, side="right") - 1, 0, k.size - 2)
-    t = np.clip((grid - grid[k][j]) / (grid[k][j + 1] - grid[k][j]), 0.0, 1.0)
-    return frac[:, j] * (1.0 - t) + frac[:, j + 1] * t
+    k = np.linspace(0, grid.size - 1, nknots).round().astype(int)
+    frac = moffat_fractions(xy, x[k], y[k], fwhm[k], ratio, angle)
+    out = np.empty((xy.shape[0], grid.size))
+    for f in range(xy.shape[0]):
+        out[f] = np.interp(grid, grid[k], frac[f])
+    return out
 
 
 def psf_extract(data: np.ndarray, err: np.ndarray, weights: np.ndarray,
