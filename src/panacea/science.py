@@ -61,16 +61,10 @@ class ScienceOptions:
     wavelength_bin: float = 10.0
 
 
-def _native(a: np.ndarray) -> np.ndarray:
-    """``a`` in the machine's byte order (FITS data is big-endian; arithmetic on it is
-    ~20 % slower)."""
-    return np.asarray(a, dtype=a.dtype.newbyteorder("="))
-
-
 def _read_only(a: np.ndarray) -> np.ndarray:
-    """A native-order copy of ``a`` that cannot be written to (products compress such
-    arrays once)."""
-    out = np.array(a, dtype=a.dtype.newbyteorder("="))
+    """A float32 copy of ``a`` that cannot be written to (products compress such arrays
+    once)."""
+    out = a.astype(np.float32)
     out.flags.writeable = False
     return out
 
@@ -106,10 +100,11 @@ class ChannelCalibration:
         bias_var = (rn[amp] ** 2 / max(int(b.meta.get("NBIAS", 1)), 1))[:, None]
         return cls(channel=instrument.get_channel(b.channel), trace=b["trace"].astype(float),
                    dead=dead, wave=b["wavelength"].astype(float), ftf=b["flat"].astype(float),
-                   masterbias=_native(b["masterbias"]), bias_variance=np.broadcast_to(
-                       bias_var, b["masterbias"].shape),
-                   read_variance=(rn[amp] ** 2)[:, None], pixelflat=_native(b["pixelflat"]),
-                   profile=profile, bigw=_read_only(b["bigw"]), source=source)
+                   masterbias=b["masterbias"].astype(np.float32),  # native byte order
+                   bias_variance=np.broadcast_to(bias_var, b["masterbias"].shape),
+                   read_variance=(rn[amp] ** 2)[:, None],
+                   pixelflat=b["pixelflat"].astype(np.float32), profile=profile,
+                   bigw=_read_only(b["bigw"]), source=source)
 
     @cached_property
     def noise_floor(self) -> np.ndarray:
