@@ -86,6 +86,9 @@ def simulate_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-extended", action="store_true",
                    help="leave out the extended emission-line target")
     p.add_argument("--compress", action="store_true", help="write .tar.gz tarballs")
+    p.add_argument("--randomize", action="store_true",
+                   help="draw the night's nuisances (distortions, flexure, line spread, PSF, "
+                        "standards, atmosphere) from the seed instead of the fixed defaults")
     p.add_argument("--workers", type=int, default=None, help="processes (default: cores)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -122,6 +125,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         n_science=args.n_science,
         extended=not args.no_extended,
         compress=args.compress,
+        randomize=args.randomize,
     )
     summary = simulate_night(cfg, args.out, workers=args.workers)
     print(f"simulated night {args.date}: {summary['files']} raw files in "

@@ -62,6 +62,8 @@ class NightConfig:
     extended: bool = True
     program: str = "HET18-2-100"
     compress: bool = False
+    #: draw the nuisances of ``simulate.nuisance`` from the seed (False: fixed defaults)
+    randomize: bool = False
 
 
 @dataclass
