@@ -84,12 +84,16 @@ def test_contradicting_header_is_left_out(sim_night, fakeraw, tmp_path, caplog):
 def test_science_selection(sim_night):
     from panacea.archive import Archive
     from panacea.cli import reduce_parser
+    from panacea.ops.cli_config import run_config_from_args
     from panacea.pipeline import science_exposures
 
+    def selection(*argv):
+        return run_config_from_args(reduce_parser().parse_args(argv)).selection
+
     night = Archive(sim_night.baseraw).night(sim_night.date)
-    args = reduce_parser().parse_args(["-d", sim_night.date])
-    assert {e.obsid for e in science_exposures(night, args)} == {7, 8, 12}
-    args = reduce_parser().parse_args(["-d", sim_night.date, "-o", "feige"])
-    assert {e.obsid for e in science_exposures(night, args)} == {7, 8}
-    args = reduce_parser().parse_args(["-d", sim_night.date, "-rf", "-o", "ldls"])
-    assert {e.ftype for e in science_exposures(night, args)} == {"flt"}
+    sel = selection("-d", sim_night.date)
+    assert {e.obsid for e in science_exposures(night, sel)} == {7, 8, 12}
+    sel = selection("-d", sim_night.date, "-o", "feige")
+    assert {e.obsid for e in science_exposures(night, sel)} == {7, 8}
+    sel = selection("-d", sim_night.date, "-rf", "-o", "ldls")
+    assert {e.ftype for e in science_exposures(night, sel)} == {"flt"}

@@ -16,7 +16,7 @@ from . import __version__
 
 log = logging.getLogger("panacea")
 
-SUBCOMMANDS = ("simulate", "inventory")
+SUBCOMMANDS = ("simulate", "inventory", "config")
 
 
 def _date(text: str) -> str:
@@ -33,21 +33,23 @@ def reduce_parser() -> argparse.ArgumentParser:
         "exposure. Other commands: 'panacea-lrs2 simulate -h' writes a simulated night with "
         "its truth, 'panacea-lrs2 inventory -h' lists what a night holds.",
     )
-    p.add_argument("-d", "--date", type=_date, required=True, help="night, YYYYMMDD")
+    p.add_argument("-d", "--date", type=_date, default=None, help="night, YYYYMMDD")
     p.add_argument("-s", "--sides", default="uv,orange,red,farred",
                    help="channels to reduce, comma separated (default: all four)")
     p.add_argument("-o", "--object", default=None,
                    help="reduce only observations whose OBJECT contains this text")
-    p.add_argument("--baseraw", default="/work/03946/hetdex/maverick",
-                   help="archive root holding {date}/lrs2/lrs2NNNNNNN.tar")
-    p.add_argument("--output", default="LRS2", help="product tree root (default ./LRS2)")
+    p.add_argument("--baseraw", default=None,
+                   help="archive root holding {date}/lrs2/lrs2NNNNNNN.tar (default from the "
+                        "configuration: archive.baseraw)")
+    p.add_argument("--output", default=None,
+                   help="product tree root (default from the configuration: ./LRS2)")
     p.add_argument("-uf", "--use_flat", action="store_true",
                    help="trace and flat-field with internal (LDLS) flats, not twilights")
     p.add_argument("-cf", "--correct_ftf", action="store_true",
                    help="re-derive the fiber-to-fiber correction from each frame's sky")
     p.add_argument("-cw", "--central_wave", type=float, default=None,
                    help="central wavelength (A) of the collapsed image")
-    p.add_argument("-wb", "--wavelength_bin", type=float, default=10.0,
+    p.add_argument("-wb", "--wavelength_bin", type=float, default=None,
                    help="half-width (A) of the collapse window (default 10)")
     p.add_argument("-re", "--reduce_eng", action="store_true", help="treat eng frames as science")
     p.add_argument("-rf", "--reduce_flt", action="store_true", help="treat flt frames as science")
@@ -66,8 +68,36 @@ def reduce_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-default-response", action="store_true",
                    help="without a standard or --response-dir, leave spectra in "
                         "electron/s/cm2/Angstrom instead of using the bundled response")
+    add_ops_options(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"panacea-lrs2 {__version__}")
+    return p
+
+
+def add_ops_options(p: argparse.ArgumentParser) -> None:
+    """Options of the night runner: nights, reruns, lock, configuration, executors."""
+    g = p.add_argument_group("operations (docs/operations.md)")
+    g.add_argument("--dates", default=None,
+                   help="nights to reduce: a range FIRST:LAST (YYYYMMDD:YYYYMMDD) and/or a "
+                        "comma-separated list")
+    g.add_argument("--new", action="store_true",
+                   help="reduce the nights of the archive not yet reduced, changed since, or "
+                        "incomplete (from {output}/ledger.sqlite)")
+    g.add_argument("--force", action="store_true",
+                   help="rebuild every product even when it is up to date")
+    g.add_argument("--wait", action="store_true",
+                   help="wait for another run on the same night and output (else exit 3)")
+    g.add_argument("--config", default=None,
+                   help="YAML file overriding the bundled configuration key by key")
+    g.add_argument("--jobs", type=int, default=None,
+                   help="worker processes (default: executor.jobs, 0 = one per core)")
+
+
+def config_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="panacea-lrs2 config",
+                                description="Print the effective configuration (YAML).")
+    p.add_argument("--config", default=None, help="YAML file overriding the bundled one")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -143,30 +173,60 @@ def run_inventory(date: str, baseraw: str) -> int:
     return 0
 
 
+def run_config(args: argparse.Namespace) -> int:
+    from .ops import config
+
+    sys.stdout.write(config.dump(config.load(args.config)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from .errors import PanaceaError
+    from .ops.summary import EXIT_INTERNAL, EXIT_USAGE
 
+    verbose = "-v" in argv or "--verbose" in argv
     try:
-        if argv and argv[0] == "simulate":
-            args = simulate_parser().parse_args(argv[1:])
-            setup_logging(args.verbose)
-            return run_simulate(args)
-        if argv and argv[0] == "inventory":
-            args = inventory_parser().parse_args(argv[1:])
-            setup_logging(args.verbose)
-            return run_inventory(args.date, args.baseraw)
-        args = reduce_parser().parse_args(argv)
-        setup_logging(args.verbose)
-        from .allocator import keep_freed_memory
-        from .pipeline import reduce_night
-
-        keep_freed_memory()  # frame-sized arrays reused, not page-faulted in again
-
-        return reduce_night(args)
+        return _main(argv)
     except PanaceaError as err:
         log.error("%s", err)
-        return 2
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        log.error("interrupted; products written so far are complete, the rest is redone "
+                  "by the next run")
+        return 130
+    except Exception as err:  # a bug: say so briefly, the traceback only with -v
+        log.error("internal error: %s: %s. This is a bug in panacea-lrs2; please report it "
+                  "with the command line%s", type(err).__name__, err,
+                  "" if verbose else " and the output of the same run with -v")
+        if verbose:
+            log.exception("traceback")
+        return EXIT_INTERNAL
+
+
+def _main(argv: list[str]) -> int:
+    if argv and argv[0] == "simulate":
+        args = simulate_parser().parse_args(argv[1:])
+        setup_logging(args.verbose)
+        return run_simulate(args)
+    if argv and argv[0] == "inventory":
+        args = inventory_parser().parse_args(argv[1:])
+        setup_logging(args.verbose)
+        return run_inventory(args.date, args.baseraw)
+    if argv and argv[0] == "config":
+        args = config_parser().parse_args(argv[1:])
+        setup_logging(args.verbose)
+        return run_config(args)
+    parser = reduce_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    from .allocator import keep_freed_memory
+    from .ops.cli_config import run_config_from_args
+    from .ops.runner import run_nights
+
+    run = run_config_from_args(args, parser)
+    keep_freed_memory()  # frame-sized arrays reused, not page-faulted in again
+    return run_nights(run)
 
 
 if __name__ == "__main__":

@@ -5,16 +5,17 @@ This is the one place that decides what to run; the stages themselves are pure f
 
 from __future__ import annotations
 
-import argparse
-import re
+import hashlib
 import logging
+import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from astropy.io import fits
 
-from . import fluxcal, instrument
+from . import __version__, fluxcal, instrument
 from .archive import Archive
 from .calbundle import (
     BundleError,
@@ -25,12 +26,17 @@ from .calbundle import (
     write_bundle,
 )
 from .calibration import CalibrationOptions, StageTimer, calibrate_channel, plan_calibration
-from .errors import PanaceaError
+from .errors import NoDataError, PanaceaError
 from .inventory import format_inventory
 from .exposure_products import FluxScale, Written, write_exposure_products
 from .joined import CHANNEL_ORDER, combine_exposures, join_channels, write_joined
 from .products import product_folder
 from .science import ChannelCalibration, ExposureResult, ScienceOptions, reduce_exposure
+
+if TYPE_CHECKING:  # the operations layer above passes these in; no import upwards
+    from .ops.config import RunConfig, Selection
+    from .ops.ledger import Ledger
+    from .ops.summary import NightSummary
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +48,28 @@ def calibration_for(
     options: CalibrationOptions,
     root: Path,
     force: bool = False,
+    tag: str = "",
 ) -> CalibrationBundle:
-    """The channel's calibration bundle: reused from ``root/CALS`` when its inputs and options
-    are unchanged, else built from raw frames and written atomically."""
+    """The channel's calibration bundle: reused from ``root/CALS`` when its inputs, options,
+    ``tag`` (the configuration hash) and the pipeline version are unchanged, else built from
+    raw frames and written atomically. A reused bundle has ``meta["_reused"]`` set."""
     plan = plan_calibration(archive, date, channel, options)
     path = bundle_path(root, date, channel.name)
-    fingerprint = inputs_fingerprint(plan.inputs, options.describe())
+    described = f"{options.describe()};config={tag};version={__version__}"
+    fingerprint = inputs_fingerprint(plan.inputs, described)
     if path.exists() and not force:
         try:
             bundle = read_bundle(path)
             if bundle.fingerprint == fingerprint:
                 log.info("%s %s: reusing calibration %s", date, channel.name, path)
+                bundle.meta["_reused"] = True
                 return bundle
             log.info("%s %s: inputs changed since %s was written; rebuilding", date,
                      channel.name, path)
         except BundleError as err:
             log.warning("%s; rebuilding it", err)
     bundle = calibrate_channel(archive, date, channel, options, plan=plan)
+    bundle.meta["OPTIONS"] = described
     write_bundle(bundle, path)
     log.info("%s %s: wrote %s", date, channel.name, path)
     return bundle
@@ -79,7 +90,8 @@ def guider(cache: dict, night, exposure) -> fluxcal.GuiderConditions:
 def write_exposure(night, exposure, cal: ChannelCalibration, root: Path,
                    options: ScienceOptions, response: tuple[np.ndarray | None, str],
                    conditions: dict, timer: StageTimer | None = None,
-                   result: ExposureResult | None = None, cubes: bool = True) -> Written:
+                   result: ExposureResult | None = None, cubes: bool = True,
+                   tag: str = "") -> Written:
     """Reduce one exposure of one channel (unless ``result`` is given) and write its
     products, flux calibrated with ``response`` (response, label) and the guider."""
     timer = timer if timer is not None else StageTimer()
@@ -88,7 +100,7 @@ def write_exposure(night, exposure, cal: ChannelCalibration, root: Path,
     t0 = time.perf_counter()
     scale = FluxScale(response[0], response[1], guider(conditions, night, exposure))
     written = write_exposure_products(result, scale, cal, _folder(root, exposure),
-                                      _described(options), cubes=cubes)
+                                      _described(options, tag), cubes=cubes)
     timer.add("write", t0)
     return written
 
@@ -98,51 +110,51 @@ def _folder(root: Path, exposure) -> Path:
     return product_folder(root, exposure.program, is_standard)
 
 
-def _described(options: ScienceOptions) -> dict:
-    return {"sky": options.sky_method, "correct_ftf": options.correct_ftf,
-            "source_x": options.source_x, "source_y": options.source_y,
-            "central_wave": options.central_wave, "wavelength_bin": options.wavelength_bin}
-
-
-def science_exposures(night, args: argparse.Namespace) -> list:
-    """Exposures to treat as science: ``sci``, plus ``eng``/``flt``/``drk`` on request, whose
-    OBJECT contains ``args.object`` when given (case-insensitive)."""
-    kinds = {"sci"}
-    kinds |= {"eng"} if args.reduce_eng else set()
-    kinds |= {"flt"} if args.reduce_flt else set()
-    kinds |= {"drk"} if args.reduce_drk else set()
-    out = [e for e in night.exposures() if e.ftype in kinds]
-    if args.object:
-        out = [e for e in out if args.object.lower() in e.object.lower()]
+def _described(options: ScienceOptions, tag: str = "") -> dict:
+    out = {"sky": options.sky_method, "correct_ftf": options.correct_ftf,
+           "source_x": options.source_x, "source_y": options.source_y,
+           "central_wave": options.central_wave, "wavelength_bin": options.wavelength_bin}
+    if tag:
+        out["config"] = tag  # hash of the run configuration (panacea-lrs2 config)
     return out
 
 
-def _standards_dir(args) -> Path | None:
-    if getattr(args, "standards_dir", None):
-        return Path(args.standards_dir)
-    default = Path(args.baseraw) / "standards"
+def science_exposures(night, selection: Selection) -> list:
+    """Exposures to treat as science: frame types ``selection.kinds`` (``sci``, plus
+    ``eng``/``flt``/``drk`` on request), whose OBJECT contains ``selection.object`` when
+    given (case-insensitive)."""
+    out = [e for e in night.exposures() if e.ftype in selection.kinds]
+    if selection.object:
+        out = [e for e in out if selection.object.lower() in e.object.lower()]
+    return out
+
+
+def _standards_dir(run: RunConfig) -> Path | None:
+    if run.flux.standards_dir:
+        return Path(run.flux.standards_dir)
+    default = Path(run.baseraw) / "standards"
     return default if default.is_dir() else None
 
 
-def _derive_response(night, result: ExposureResult, cal: ChannelCalibration, args,
-                     conditions: dict) -> tuple[np.ndarray, str] | None:
-    """The channel response from a reduced standard-star exposure (None, logged, when the
-    star or its reference spectrum is missing)."""
+def _derive_response(night, result: ExposureResult, cal: ChannelCalibration, run: RunConfig,
+                     conditions: dict) -> tuple[tuple[np.ndarray, str] | None, str]:
+    """The channel response from a reduced standard-star exposure, and why not (None and
+    the reason, logged, when the star or its reference spectrum is missing)."""
     exposure = result.frame.exposure
     ch = cal.channel
     name = instrument.match_standard(exposure.object)
     if result.source is None:
         log.warning("%s %s: standard %s not detected; no response from it", exposure.name,
                     ch.name, name)
-        return None
-    folder = _standards_dir(args)
+        return None, f"standard {name} not detected"
+    folder = _standards_dir(run)
     path = fluxcal.standard_file(folder, name) if folder is not None else None
     if path is None:
         where = (folder if folder is not None
                  else "no standards folder (--standards-dir, or {baseraw}/standards)")
         log.warning("%s %s: no reference spectrum m%s.dat.txt for standard %s in %s; no "
                     "response from it", exposure.name, ch.name, name.lower(), name, where)
-        return None
+        return None, f"no reference spectrum m{name.lower()}.dat.txt in {where}"
     try:
         ref_wave, ref_flam = fluxcal.read_standard(path)
         cond = guider(conditions, night, exposure)
@@ -151,14 +163,19 @@ def _derive_response(night, result: ExposureResult, cal: ChannelCalibration, arg
                                       ch.resolution, cond.area_cm2, cond.transparency)
     except PanaceaError as err:
         log.warning("%s %s: response not derived: %s", exposure.name, ch.name, err)
-        return None
+        return None, f"response not derived: {err}"
     label = f"{name} {exposure.date} obs {exposure.obsid}"
     log.info("%s %s: response from %s (fit RMS %.2f%%)", exposure.name, ch.name, label,
              100 * fit.rms)
-    out = Path(args.output) / "CALS" / f"response_{exposure.date}_{ch.name}.fits"
+    out = response_path(run.output, exposure.date, ch.name)
     fluxcal.write_response(out, ch.grid, fit.response, {"STANDARD": name,
                                                         "OBSID": exposure.obsid})
-    return fit.response, label
+    return (fit.response, label), ""
+
+
+def response_path(root: str | Path, date: str, channel: str) -> Path:
+    """``{root}/CALS/response_{date}_{channel}.fits``: the response a standard gave."""
+    return Path(root) / "CALS" / f"response_{date}_{channel}.fits"
 
 
 def _slot_of(obj: str) -> str | None:
@@ -167,110 +184,287 @@ def _slot_of(obj: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _standard_exposures(archive, night, args, channel) -> tuple:
-    """The night (or --standard_star_date) and its standard exposures for a channel."""
+def _standard_exposures(archive, night, run: RunConfig, channel) -> tuple:
+    """The night (or the configured standard-star night) and its standard exposures for a
+    channel."""
     snight = night
-    if args.standard_star_date and args.standard_star_date != args.date:
-        snight = archive.night(args.standard_star_date)
+    sdate = run.flux.standard_star_date
+    if sdate and sdate != night.date:
+        snight = archive.night(sdate)
     stds = [e for e in snight.exposures(ftype="sci")
             if instrument.match_standard(e.object) is not None and e.has_channel(channel)
             and _slot_of(e.object) in (None, channel.ifuslot)]
-    if args.standard_star_obsid is not None:
-        stds = [e for e in snight.exposures() if e.obsid == args.standard_star_obsid
+    if run.flux.standard_star_obsid is not None:
+        stds = [e for e in snight.exposures() if e.obsid == run.flux.standard_star_obsid
                 and e.has_channel(channel)]
     return snight, stds
 
 
-def reduce_night(args: argparse.Namespace) -> int:
-    """Reduce one night for the channels asked for; return the process exit code.
+def file_stamp(path: str | Path, cache: dict | None = None) -> str:
+    """A cheap content stamp of a raw file: size, mtime (ns) and the SHA-1 of its first and
+    last 64 kB (a rewritten or truncated tarball changes it; reading it costs no more)."""
+    path = Path(path)
+    if cache is not None and path in cache:
+        return cache[path]
+    st = path.stat()
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        h.update(fh.read(65536))
+        if st.st_size > 65536:
+            fh.seek(max(65536, st.st_size - 65536))
+            h.update(fh.read(65536))
+    out = f"{path.name}:{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()[:12]}"
+    if cache is not None:
+        cache[path] = out
+    return out
 
-    Per channel: calibration bundle, then the standard stars (the first whose star is found
-    gives the response), then every science exposure with its products. Per observation at
-    the end: exposures combined and channels joined. A channel that fails is reported and
-    the others still run; the exit code is 1 when any channel failed.
-    """
-    archive = Archive(args.baseraw)
-    night = archive.night(args.date)
+
+def exposure_fingerprint(exposures, *parts: str, cache: dict | None = None) -> str:
+    """Fingerprint of the raw files of ``exposures`` (each tarball or loose file once) and
+    the strings ``parts`` (calibration fingerprint, response, configuration hash, version)."""
+    stamps = sorted({file_stamp(f.source, cache) for e in exposures for f in e.files.values()})
+    h = hashlib.sha1("\n".join([*stamps, *parts, __version__]).encode())
+    return h.hexdigest()[:16]
+
+
+class _NoLedger:
+    """Stand-in when no ledger is kept: nothing is ever up to date."""
+
+    def current(self, key: str, fingerprint: str) -> list[str] | None:
+        return None
+
+    def record(self, key: str, fingerprint: str, outcome) -> None:
+        pass
+
+
+def _error_file(err: Exception) -> str | None:
+    """The file an error names, when it carries one."""
+    for attr in ("file", "path", "filename"):
+        value = getattr(err, attr, None)
+        if value:
+            return str(value)
+    return None
+
+
+def reduce_night(run: RunConfig, date: str, summary: NightSummary,
+                 ledger: Ledger | None = None) -> None:
+    """Reduce one night for the channels of ``run``, one after the other, recording every
+    item in ``summary`` (see :func:`reduce_channel`, then :func:`join_night`)."""
+    archive = open_night(run, date, summary)
+    if archive is None:
+        return
+    try:
+        night = archive.night(date)
+        science = _announce(run, night)
+        joins: dict = {}
+        for channel in run.channels:
+            for obsid, value in reduce_channel(run, archive, date, channel, summary,
+                                               ledger).items():
+                joins.setdefault(obsid, value)
+        join_night(run, night, science, joins, summary)
+    finally:
+        archive.close()
+
+
+def open_night(run: RunConfig, date: str, summary: NightSummary) -> Archive | None:
+    """The archive with night ``date`` indexed, or None (recorded as a night failure) when
+    the night cannot be read."""
+    archive = Archive(run.baseraw, windows=run.calibration.windows)
+    try:
+        archive.night(date)
+    except PanaceaError as err:
+        log.error("night %s: %s", date, err)
+        summary.fail_night(str(err), nodata=isinstance(err, NoDataError))
+        archive.close()
+        return None
+    return archive
+
+
+def _announce(run: RunConfig, night) -> list:
+    """Log the night's inventory and its science exposures; return them."""
     for line in format_inventory(night).splitlines():
         log.info("%s", line)
-    options = CalibrationOptions(use_flat=args.use_flat)
-    root = Path(args.output)
-    sci_options = ScienceOptions(correct_ftf=args.correct_ftf, source_x=args.source_x,
-                                 source_y=args.source_y, central_wave=args.central_wave,
-                                 wavelength_bin=args.wavelength_bin)
-    failed = []
-    science = science_exposures(night, args)
-    log.info("night %s: %d science exposures to reduce%s: %s", args.date, len(science),
-             f" matching {args.object!r}" if args.object else "",
+    science = science_exposures(night, run.selection)
+    obj = run.selection.object
+    log.info("night %s: %d science exposures to reduce%s: %s", night.date, len(science),
+             f" matching {obj!r}" if obj else "",
              ", ".join(f"{e.name} {e.object}" for e in science) or "none")
-    nwritten = 0
-    conditions: dict = {}  # guider conditions per exposure, for every channel
-    joins: dict[int, tuple[fits.Header, str]] = {}  # observations with a source spectrum
-    for channel in instrument.parse_channels(args.sides):
-        try:
-            bundle = calibration_for(archive, args.date, channel, options, root)
-        except PanaceaError as err:
-            log.error("%s %s: calibration failed: %s", args.date, channel.name, err)
-            failed.append(channel.name)
-            continue
-        cal = ChannelCalibration.from_bundle(
-            bundle, str(bundle_path(root, args.date, channel.name)))
-        results = {}
-        response: tuple[np.ndarray | None, str] = (None, "none")
-        snight, stds = _standard_exposures(archive, night, args, channel)
-        for exposure in stds:
-            try:
-                result = reduce_exposure(snight, exposure, cal, sci_options)
-            except PanaceaError as err:
-                log.error("%s %s: standard skipped: %s", exposure.name, channel.name, err)
-                continue
-            if snight is night:
-                results[exposure.name] = result
-            derived = _derive_response(snight, result, cal, args, conditions)
-            if derived is not None:
-                response = derived
-                break
-        if response[0] is None and args.response_dir:
-            found = fluxcal.response_from_dir(args.response_dir, channel.name, channel.grid)
-            if found is not None:
-                response = (found, f"{args.response_dir}/response_{channel.name}.fits")
-        if response[0] is None and not getattr(args, "no_default_response", False):
-            found = fluxcal.default_response(channel.name, channel.grid)
-            if found is not None:
-                response = (found, "bundled default response")
-                log.warning("%s %s: no standard star response; using the bundled default "
-                            "response (transparency and area still from the guider)",
-                            args.date, channel.name)
-        if response[0] is None:
-            log.warning("%s %s: no standard star response, no --response-dir response and "
-                        "no default response: spectra stay in electron/s/cm2/Angstrom",
-                        args.date, channel.name)
+    return science
+
+
+def reduce_channel(run: RunConfig, archive: Archive, date: str, channel_name: str,
+                   summary: NightSummary, ledger: Ledger | None = None) -> dict:
+    """Calibration, response and science products of one channel of one night.
+
+    Every item ends in ``summary``. With a ``ledger``, science products and responses whose
+    inputs fingerprint (raw files, calibration, response, configuration, version) is
+    unchanged are kept (status ``up-to-date``) unless ``run.force``. Returns the observations
+    whose source spectrum was written now: obsid -> (primary header, flux unit), small and
+    picklable, for :func:`join_night`.
+    """
+    ledger = ledger if ledger is not None and not run.force else _NoLedger()
+    channel = instrument.get_channel(channel_name)
+    night = archive.night(date)
+    science = science_exposures(night, run.selection)
+    root = Path(run.output)
+    stamps: dict = {}  # file stamps of the night's tarballs, computed once
+    conditions: dict = {}  # guider conditions per exposure
+    joins: dict[int, tuple[fits.Header, str]] = {}
+    try:
+        bundle = calibration_for(archive, date, channel, run.calibration, root,
+                                 force=run.force, tag=run.config_hash)
+    except PanaceaError as err:
+        log.error("%s %s: calibration failed: %s", date, channel.name, err)
+        summary.add("calibration", "failed", channel=channel.name, reason=str(err),
+                    file=_error_file(err))
         for exposure in science:
-            if not exposure.amps_of(channel):  # an arm that did not observe: no error;
-                # one amplifier of two is, and the frame reader says which and where
-                log.debug("%s has no %s files", exposure.name, channel.name)
-                continue
+            if exposure.amps_of(channel):
+                summary.add("science", "skipped", channel=channel.name,
+                            exposure=exposure.name, obsid=exposure.obsid,
+                            exp=exposure.exp, reason="no calibration for the channel")
+        return joins
+    cal_path = bundle_path(root, date, channel.name)
+    summary.add("calibration", "up-to-date" if bundle.meta.get("_reused") else "written",
+                channel=channel.name, products=[str(cal_path)])
+    cal = ChannelCalibration.from_bundle(bundle, str(cal_path))
+    results, response = _response(run, archive, night, channel, cal, bundle.fingerprint,
+                                  summary, ledger, conditions, stamps)
+    for exposure in science:
+        if not exposure.amps_of(channel):  # an arm that did not observe: no error;
+            # one amplifier of two is, and the frame reader says which and where
+            log.debug("%s has no %s files", exposure.name, channel.name)
+            continue
+        item = {"channel": channel.name, "exposure": exposure.name,
+                "obsid": exposure.obsid, "exp": exposure.exp}
+        key = f"science {exposure.name} {channel.name}"
+        try:
+            fp = exposure_fingerprint([exposure], bundle.fingerprint, response[1],
+                                      run.config_hash, str(run.cubes), cache=stamps)
+        except OSError as err:
+            summary.add("science", "failed", reason=f"raw file unreadable: {err}",
+                        file=_error_file(err), **item)
+            continue
+        kept = ledger.current(key, fp)
+        if kept is not None:
+            log.info("%s %s: products up to date", exposure.name, channel.name)
+            ledger.record(key, fp, summary.add("science", "up-to-date", products=kept,
+                                               **item))
+            continue
+        try:
+            written = write_exposure(night, exposure, cal, root, run.science, response,
+                                     conditions, result=results.pop(exposure.name, None),
+                                     cubes=run.cubes, tag=run.config_hash)
+        except PanaceaError as err:
+            log.error("%s %s: skipped: %s", exposure.name, channel.name, err)
+            summary.add("science", "skipped", reason=str(err), file=_error_file(err),
+                        **item)
+            continue
+        ledger.record(key, fp, summary.add("science", "written",
+                                           products=[str(p) for p in written.paths],
+                                           **item))
+        if written.spectrum is not None:
+            joins.setdefault(exposure.obsid, (written.header, written.unit))
+    return joins
+
+
+def join_night(run: RunConfig, night, science: list, joins: dict,
+               summary: NightSummary) -> None:
+    """Combine exposures and join channels of every observation in ``joins`` (those with a
+    spectrum written now); the joined files of the others are recorded as up to date."""
+    root = Path(run.output)
+    for obsid, (header, unit) in sorted(joins.items()):
+        try:
+            path = _write_joined(root, night.date, obsid, header, unit, night)
+        except (PanaceaError, OSError, ValueError) as err:
+            log.error("obs %d: joined spectrum not written: %s", obsid, err)
+            summary.add("joined", "failed", obsid=obsid, reason=str(err))
+            continue
+        summary.add("joined", "written", obsid=obsid, products=[str(path)])
+    _keep_joined(root, night.date, science, joins, summary)
+
+
+def _keep_joined(root: Path, date: str, science, joins, summary) -> None:
+    """Record as up to date the joined spectra of observations none of whose exposures was
+    rewritten in this run."""
+    done = {o.obsid for o in summary.outcomes if o.kind == "science" and o.produced}
+    for obsid in sorted(done - set(joins)):
+        exposure = next(e for e in science if e.obsid == obsid)
+        path = _folder(root, exposure) / f"joined_{date}_{obsid:07d}.fits"
+        if path.is_file():
+            summary.add("joined", "up-to-date", obsid=obsid, products=[str(path)])
+
+
+def _response(run: RunConfig, archive, night, channel, cal, cal_fp: str, summary, ledger,
+              conditions, stamps) -> tuple[dict, tuple[np.ndarray | None, str]]:
+    """The channel's response (array, label): from the night's standards (reused from
+    ``CALS`` when the ledger says its inputs are unchanged), else ``--response-dir``, else
+    the bundled default. Also the standards' reduced results, to be written as science."""
+    date = night.date
+    results: dict = {}
+    snight, stds = _standard_exposures(archive, night, run, channel)
+    key = f"response {date} {channel.name}"
+    path = response_path(run.output, date, channel.name)
+    fp = None
+    if stds:
+        fp = exposure_fingerprint(stds, cal_fp, run.config_hash,
+                                  str(run.flux), cache=stamps)
+        kept = ledger.current(key, fp)
+        if kept is not None and path.is_file():
             try:
-                written = write_exposure(night, exposure, cal, root, sci_options, response,
-                                         conditions, result=results.get(exposure.name))
-                nwritten += 1
-            except PanaceaError as err:
-                log.error("%s %s: skipped: %s", exposure.name, channel.name, err)
-                continue
-            if written.spectrum is not None:
-                joins.setdefault(exposure.obsid, (written.header, written.unit))
-    for obsid, (header, unit) in joins.items():
-        _write_joined(root, args.date, obsid, header, unit, night)
-    log.info("night %s: products of %d exposure-channels written under %s", args.date,
-             nwritten, root)
-    archive.close()
-    if failed:
-        log.error("night %s: channels failed: %s", args.date, ", ".join(failed))
-        return 1
-    return 0
+                with fits.open(path) as hdul:
+                    label = (f"{hdul[0].header.get('STANDARD')} {date} obs "
+                             f"{hdul[0].header.get('OBSID')}")
+                response = (fluxcal.read_response(path, channel.grid), label)
+                ledger.record(key, fp, summary.add("response", "up-to-date",
+                                                   channel=channel.name, products=kept))
+                return results, response
+            except (PanaceaError, OSError) as err:
+                log.warning("%s: unreadable (%s); deriving the response again", path, err)
+    reasons = []
+    for exposure in stds:
+        try:
+            result = reduce_exposure(snight, exposure, cal, run.science)
+        except PanaceaError as err:
+            log.error("%s %s: standard skipped: %s", exposure.name, channel.name, err)
+            summary.add("standard", "skipped", channel=channel.name, exposure=exposure.name,
+                        obsid=exposure.obsid, exp=exposure.exp, reason=str(err),
+                        file=_error_file(err))
+            continue
+        if snight is night:
+            results[exposure.name] = result
+        derived, why = _derive_response(snight, result, cal, run, conditions)
+        if derived is not None:
+            ledger.record(key, fp, summary.add("response", "written", channel=channel.name,
+                                               exposure=exposure.name, obsid=exposure.obsid,
+                                               exp=exposure.exp, products=[str(path)]))
+            return results, derived
+        reasons.append(f"{exposure.name}: {why}")
+    if stds:
+        summary.add("response", "skipped", channel=channel.name,
+                    reason="; ".join(reasons) or "no standard reduced")
+    return results, _fallback_response(run, date, channel)
 
 
-def _write_joined(root, date, obsid, header, unit, night) -> None:
+def _fallback_response(run: RunConfig, date: str, channel) -> tuple[np.ndarray | None, str]:
+    """The response without a usable standard: ``--response-dir``, else the bundled one."""
+    if run.flux.response_dir:
+        found = fluxcal.response_from_dir(run.flux.response_dir, channel.name, channel.grid)
+        if found is not None:
+            return found, f"{run.flux.response_dir}/response_{channel.name}.fits"
+    if run.flux.default_response:
+        found = fluxcal.default_response(channel.name, channel.grid)
+        if found is not None:
+            log.warning("%s %s: no standard star response; using the bundled default "
+                        "response (transparency and area still from the guider)",
+                        date, channel.name)
+            return found, "bundled default response"
+    log.warning("%s %s: no standard star response, no --response-dir response and "
+                "no default response: spectra stay in electron/s/cm2/Angstrom",
+                date, channel.name)
+    return None, "none"
+
+
+def _write_joined(root, date, obsid, header, unit, night) -> Path:
     """Combine the exposures and join the channels of one observation from the
     ``spectrum_*`` files in its folder (so that a re-run of some channels still joins all
     the channels reduced so far)."""
@@ -298,3 +492,4 @@ def _write_joined(root, date, obsid, header, unit, night) -> None:
     write_joined(path, joined, unit, header)
     log.info("obs %d: exposures combined, channels %s joined into %s", obsid,
              ",".join(parts), path)
+    return path
