@@ -91,6 +91,12 @@ def add_ops_options(p: argparse.ArgumentParser) -> None:
                    help="YAML file overriding the bundled configuration key by key")
     g.add_argument("--jobs", type=int, default=None,
                    help="worker processes (default: executor.jobs, 0 = one per core)")
+    g.add_argument("--scheduler", default=None,
+                   help="run the tasks on the Dask scheduler at this address ('local' starts "
+                        "a LocalCluster of --jobs workers)")
+    g.add_argument("--slurm", action="store_true",
+                   help="run the tasks on Slurm through dask-jobqueue (queue, account, "
+                        "walltime, cores, memory from the configuration's executor.slurm)")
 
 
 def config_parser() -> argparse.ArgumentParser:
@@ -138,7 +144,8 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+        # full timestamps in logs kept by cron; the time of day on a terminal
+        datefmt="%H:%M:%S" if sys.stderr.isatty() else "%Y-%m-%dT%H:%M:%S",
     )
 
 
@@ -222,11 +229,16 @@ def _main(argv: list[str]) -> int:
     setup_logging(args.verbose)
     from .allocator import keep_freed_memory
     from .ops.cli_config import run_config_from_args
+    from .ops.console import ConsoleProgress
     from .ops.runner import run_nights
 
     run = run_config_from_args(args, parser)
     keep_freed_memory()  # frame-sized arrays reused, not page-faulted in again
-    return run_nights(run)
+    progress = ConsoleProgress(len(run.dates), len(run.channels))
+    try:
+        return run_nights(run, progress)
+    finally:
+        progress.close()
 
 
 if __name__ == "__main__":

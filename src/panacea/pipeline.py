@@ -246,26 +246,6 @@ def _error_file(err: Exception) -> str | None:
     return None
 
 
-def reduce_night(run: RunConfig, date: str, summary: NightSummary,
-                 ledger: Ledger | None = None) -> None:
-    """Reduce one night for the channels of ``run``, one after the other, recording every
-    item in ``summary`` (see :func:`reduce_channel`, then :func:`join_night`)."""
-    archive = open_night(run, date, summary)
-    if archive is None:
-        return
-    try:
-        night = archive.night(date)
-        science = _announce(run, night)
-        joins: dict = {}
-        for channel in run.channels:
-            for obsid, value in reduce_channel(run, archive, date, channel, summary,
-                                               ledger).items():
-                joins.setdefault(obsid, value)
-        join_night(run, night, science, joins, summary)
-    finally:
-        archive.close()
-
-
 def open_night(run: RunConfig, date: str, summary: NightSummary) -> Archive | None:
     """The archive with night ``date`` indexed, or None (recorded as a night failure) when
     the night cannot be read."""
@@ -312,7 +292,7 @@ def reduce_channel(run: RunConfig, archive: Archive, date: str, channel_name: st
     joins: dict[int, tuple[fits.Header, str]] = {}
     try:
         bundle = calibration_for(archive, date, channel, run.calibration, root,
-                                 force=run.force, tag=run.config_hash)
+                                 force=run.force, tag=run.calibration_hash)
     except PanaceaError as err:
         log.error("%s %s: calibration failed: %s", date, channel.name, err)
         summary.add("calibration", "failed", channel=channel.name, reason=str(err),

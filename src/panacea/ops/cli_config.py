@@ -85,6 +85,14 @@ def settings_from_args(args: argparse.Namespace) -> dict:
         if args.jobs < 0:
             raise ConfigError(f"--jobs must be 0 (one per core) or more, got {args.jobs}")
         cli["executor"]["jobs"] = args.jobs
+    if getattr(args, "scheduler", None):
+        cli["executor"]["engine"] = "dask"
+        if args.scheduler != "local":
+            cli["executor"]["scheduler"] = args.scheduler
+    if getattr(args, "slurm", False):
+        if getattr(args, "scheduler", None):
+            raise ConfigError("give --scheduler or --slurm, not both")
+        cli["executor"]["engine"] = "slurm"
     return config.merge(settings, cli, source="command line")
 
 

@@ -38,6 +38,7 @@ NULLABLE = {
     "flux.response_dir": (str,),
     "executor.scheduler": (str,),
     "executor.slurm.account": (str,),
+    "executor.slurm.log_directory": (str,),
 }
 #: Sections that do not change products (left out of the configuration hash).
 NOT_IN_HASH = ("archive", "executor", "logging", "qa")
@@ -125,9 +126,11 @@ def check_value(name: str, current, value, where: str = ""):
     return float(value) if isinstance(current, float) and value is not None else value
 
 
-def config_hash(config: dict) -> str:
-    """Short SHA-1 of the sections that shape products, with the pipeline version."""
-    shaping = {k: v for k, v in config.items() if k not in NOT_IN_HASH}
+def config_hash(config: dict, sections: tuple[str, ...] | None = None) -> str:
+    """Short SHA-1 of the sections that shape products (or of ``sections``), with the
+    pipeline version."""
+    shaping = {k: v for k, v in config.items()
+               if (k in sections if sections is not None else k not in NOT_IN_HASH)}
     text = json.dumps(shaping, sort_keys=True) + __version__
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -192,7 +195,9 @@ class RunConfig:
     settings : dict
         The effective configuration (for ``config`` and the provenance).
     config_hash : str
-        Hash of the product-shaping settings and the version.
+        Hash of the product-shaping settings and the version (science products).
+    calibration_hash : str
+        Hash of the ``calibration`` section and the version (calibration bundles).
     """
 
     dates: tuple[str, ...]
@@ -210,6 +215,7 @@ class RunConfig:
     cubes: bool = True
     settings: dict = field(default_factory=dict)
     config_hash: str = ""
+    calibration_hash: str = ""
 
     @property
     def date(self) -> str:
@@ -244,6 +250,7 @@ def build(settings: dict, dates: tuple[str, ...], channels: tuple[str, ...],
         night_log=settings["logging"]["night_log"],
         settings=settings,
         config_hash=config_hash(settings),
+        calibration_hash=config_hash(settings, ("calibration",)),
     )
     return _replace(run, overrides)
 

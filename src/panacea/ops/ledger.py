@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS items (
     fingerprint TEXT NOT NULL, -- raw files, calibration, response, configuration, version
     status TEXT NOT NULL,      -- written / up-to-date / skipped / failed
     reason TEXT,
-    products TEXT,             -- JSON list of paths
+    products TEXT,             -- JSON list of paths relative to the product tree
     version TEXT NOT NULL,     -- panacea-lrs2 version
     config TEXT,               -- configuration hash
     finished REAL NOT NULL     -- Unix time
@@ -56,6 +56,7 @@ class Ledger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.config = config
+        self.root = self.path.parent
         self._db = sqlite3.connect(self.path, timeout=60)
         self._db.executescript(SCHEMA)
 
@@ -75,7 +76,7 @@ class Ledger:
                                (key,)).fetchone()
         if row is None or row[0] != fingerprint or row[1] not in ("written", "up-to-date"):
             return None
-        products = json.loads(row[2] or "[]")
+        products = [str(self.root / p) for p in json.loads(row[2] or "[]")]
         if not products or not all(Path(p).is_file() for p in products):
             return None
         return products
@@ -88,7 +89,15 @@ class Ledger:
             self._db.execute(
                 "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (key, outcome.date, fingerprint, outcome.status, outcome.reason,
-                 json.dumps(outcome.products), __version__, self.config, time.time()))
+                 json.dumps([self._relative(p) for p in outcome.products]), __version__,
+                 self.config, time.time()))
+
+    def _relative(self, path: str) -> str:
+        """``path`` relative to the product tree (the tree may be moved or copied)."""
+        try:
+            return str(Path(path).resolve().relative_to(self.root.resolve()))
+        except ValueError:
+            return str(path)
 
     def night_done(self, date: str, raw: str, exit_code: int) -> None:
         """Remember that night ``date`` was reduced from raw folder stamp ``raw``."""

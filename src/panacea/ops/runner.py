@@ -1,26 +1,26 @@
 """The night runner: every requested night under its lock, with its log file, summary and
-ledger, and the channels of a night run as tasks on a local process pool.
+ledger; the channels of a night run as tasks on the configured engine.
 
 Task graph of a night: one task per channel (calibration, then the standards' response,
-then science per exposure; a channel's steps depend on each other), then the joins per
+then science per exposure: a channel's steps depend on each other), then the joins per
 observation once every channel is done. Tasks take only picklable values (the
 :class:`RunConfig`, the date, the channel name) and write their products atomically, so any
-engine gives the products of the serial run.
+engine gives the products of the serial run. On Dask and Slurm the channels of every night
+are submitted at once; locally one night runs at a time (its workers log to its file).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from .. import pipeline
 from .config import RunConfig
+from .executors import DaskEngine, Inline, make_engine
 from .ledger import Ledger, raw_stamp
 from .lock import LockHeld, NightLock
-from .summary import EXIT_LOCKED, EXIT_USAGE, NightSummary, Outcome, night_folder
+from .summary import EXIT_INTERNAL, EXIT_LOCKED, EXIT_USAGE, NightSummary, Outcome, night_folder
 
 log = logging.getLogger(__name__)
 
@@ -30,59 +30,140 @@ def ledger_path(output: str | Path) -> Path:
     return Path(output) / "ledger.sqlite"
 
 
-def run_nights(run: RunConfig, progress=None) -> int:
+def run_nights(run: RunConfig, progress: Progress | None = None) -> int:
     """Reduce every night of ``run``; return the worst exit code of them.
 
-    ``progress`` (optional) is called with (date, summary) after each night (the CLI's
-    progress display).
+    ``progress`` (optional) is told when a channel of a night is done and when a night is.
     """
+    if not run.dates:
+        log.info("no night to reduce")
+        return 0
+    if run.executor.engine in ("dask", "slurm"):
+        with DaskEngine(run.executor) as engine:
+            nights = [_Night(run, date, progress) for date in run.dates]
+            for night in nights:
+                night.start(engine)
+            codes = [night.finish() for night in nights]
+            return max(codes)
     worst = 0
     for date in run.dates:
-        code, summary = run_night(run, date)
-        if summary is not None and summary.nodata:
-            # one night asked for by name that holds nothing is a usage error; in a range
-            # of nights, empty ones are normal
-            code = EXIT_USAGE if len(run.dates) == 1 else 0
+        night = _Night(run, date, progress)
+        with make_engine(run.executor, len(run.channels)) as engine:
+            night.start(engine)
+            code = night.finish()
         worst = max(worst, code)
-        if progress is not None:
-            progress(date, code)
     return worst
 
 
-def run_night(run: RunConfig, date: str) -> tuple[int, NightSummary | None]:
-    """One night: lock, per-night log file, tasks, joins, ``summary.json``, ledger.
+class Progress:
+    """What the runner tells about its progress (the CLI shows it; this one is silent)."""
 
-    Returns the night's exit code and its summary (None when the lock was held).
-    """
-    try:
-        lock = NightLock(run.output, date, wait=run.wait)
-        lock.acquire()
-    except LockHeld as err:
-        log.error("%s", err)
-        return EXIT_LOCKED, None
-    handler = _night_log(run, date) if run.night_log else None
-    summary = NightSummary(date, run.output)
-    t0 = time.perf_counter()
-    try:
-        ledger = Ledger(ledger_path(run.output), run.config_hash)
+    def channel_done(self, date: str, channel: str) -> None:
+        """A channel of night ``date`` is done."""
+
+    def night_done(self, date: str, code: int, summary: NightSummary) -> None:
+        """Night ``date`` is done with exit code ``code``."""
+
+
+def run_night(run: RunConfig, date: str) -> tuple[int, NightSummary | None]:
+    """One night on the configured local engine; its exit code and summary (None when
+    another run held the lock)."""
+    night = _Night(run, date)
+    with make_engine(run.executor, len(run.channels)) as engine:
+        night.start(engine)
+        code = night.finish()
+    return code, night.summary if night.locked else None
+
+
+class _Night:
+    """One night's run: lock and log file, tasks submitted, then joined and summarised."""
+
+    def __init__(self, run: RunConfig, date: str, progress: Progress | None = None):
+        self.run = run
+        self.progress = progress if progress is not None else Progress()
+        self.date = date
+        self.summary = NightSummary(date, run.output)
+        self.lock = NightLock(run.output, date, wait=run.wait)
+        self.locked = False
+        self.handler: logging.Handler | None = None
+        self.futures: list = []
+        self.archive = None
+        self.science: list = []
+        self.t0 = time.perf_counter()
+        self.crashed = False
+        self.inline = False
+
+    def start(self, engine) -> None:
+        """Take the lock, index the night and submit its channel tasks (run at once on the
+        inline engine, in the same process and archive)."""
         try:
-            if run.executor.jobs > 1 and len(run.channels) > 1:
-                _parallel_night(run, date, summary)
-            else:
-                pipeline.reduce_night(run, date, summary, ledger)
-            if summary.error is None:
-                ledger.night_done(date, raw_stamp(run.baseraw, date), summary.exit_code())
+            self.lock.acquire()
+        except LockHeld as err:
+            log.error("%s", err)
+            return
+        self.locked = True
+        self.t0 = time.perf_counter()
+        if self.run.night_log:
+            self.handler = _night_log(self.run, self.date)
+        self.archive = pipeline.open_night(self.run, self.date, self.summary)
+        if self.archive is None:
+            return
+        self.science = pipeline._announce(self.run, self.archive.night(self.date))
+        self.inline = isinstance(engine, Inline)
+        if self.inline:  # serial: share this process's archive index
+            for ch in self.run.channels:
+                self.futures.append(engine.submit(_inline_task, self.run, self.archive,
+                                                  self.date, ch))
+                self.progress.channel_done(self.date, ch)
+        else:
+            self.futures = [engine.submit(channel_task, self.run, self.date, ch)
+                            for ch in self.run.channels]
+
+    def finish(self) -> int:
+        """Collect the channels (in channel order), join, write summary and ledger."""
+        if not self.locked:
+            return EXIT_LOCKED
+        try:
+            if self.archive is not None:
+                joins: dict = {}
+                for channel, future in zip(self.run.channels, self.futures):
+                    try:
+                        outcomes, found = future.result()
+                    except Exception as err:  # a bug in a task: the other channels go on
+                        log.error("%s %s: internal error: %s: %s (a bug in panacea-lrs2; "
+                                  "please report it)", self.date, channel,
+                                  type(err).__name__, err, exc_info=log.isEnabledFor(10))
+                        self.crashed = True
+                        self.summary.add("calibration", "failed", channel=channel,
+                                         reason=f"internal error: {type(err).__name__}: {err}")
+                        continue
+                    if not self.inline:
+                        self.progress.channel_done(self.date, channel)
+                    self.summary.outcomes.extend(outcomes)
+                    for obsid, value in found.items():
+                        joins.setdefault(obsid, value)
+                pipeline.join_night(self.run, self.archive.night(self.date), self.science,
+                                    joins, self.summary)
+                self.archive.close()
+                with Ledger(ledger_path(self.run.output), self.run.config_hash) as ledger:
+                    ledger.night_done(self.date, raw_stamp(self.run.baseraw, self.date),
+                                      self.summary.exit_code())
+            self.summary.write()
+            log.info("%s in %.1f s; summary %s", self.summary.last_line(),
+                     time.perf_counter() - self.t0, self.summary.path)
         finally:
-            ledger.close()
-        summary.write()
-        log.info("%s in %.1f s; summary %s", summary.last_line(), time.perf_counter() - t0,
-                 summary.path)
-    finally:
-        if handler is not None:
-            logging.getLogger("panacea").removeHandler(handler)
-            handler.close()
-        lock.release()
-    return summary.exit_code(), summary
+            if self.handler is not None:
+                logging.getLogger("panacea").removeHandler(self.handler)
+                self.handler.close()
+            self.lock.release()
+        if self.summary.nodata:
+            # one night asked for by name that holds nothing is a usage error; in a range of
+            # nights, empty ones are normal
+            code = EXIT_USAGE if len(self.run.dates) == 1 else 0
+        else:
+            code = EXIT_INTERNAL if self.crashed else self.summary.exit_code()
+        self.progress.night_done(self.date, code, self.summary)
+        return code
 
 
 def _night_log(run: RunConfig, date: str) -> logging.Handler:
@@ -109,38 +190,13 @@ def channel_task(run: RunConfig, date: str, channel: str) -> tuple[list[Outcome]
     if archive is None:
         return summary.outcomes, {}
     try:
-        with Ledger(ledger_path(run.output), run.config_hash) as ledger:
-            joins = pipeline.reduce_channel(run, archive, date, channel, summary, ledger)
+        return _inline_task(run, archive, date, channel)
     finally:
         archive.close()
+
+
+def _inline_task(run: RunConfig, archive, date: str, channel: str) -> tuple[list, dict]:
+    summary = NightSummary(date, run.output)
+    with Ledger(ledger_path(run.output), run.config_hash) as ledger:
+        joins = pipeline.reduce_channel(run, archive, date, channel, summary, ledger)
     return summary.outcomes, joins
-
-
-def _parallel_night(run: RunConfig, date: str, summary: NightSummary) -> None:
-    """The channels of a night as tasks on a process pool, then the joins here."""
-    archive = pipeline.open_night(run, date, summary)
-    if archive is None:
-        return
-    try:
-        night = archive.night(date)
-        science = pipeline._announce(run, night)
-        joins: dict = {}
-        workers = min(run.executor.jobs, len(run.channels))
-        with ProcessPoolExecutor(workers, initializer=_worker_init) as pool:
-            futures = [pool.submit(channel_task, run, date, ch) for ch in run.channels]
-            for future in futures:  # in channel order: summary and joins as in serial
-                outcomes, found = future.result()
-                summary.outcomes.extend(outcomes)
-                for obsid, value in found.items():
-                    joins.setdefault(obsid, value)
-        pipeline.join_night(run, night, science, joins, summary)
-    finally:
-        archive.close()
-
-
-def _worker_init() -> None:
-    """Worker set-up: keep freed memory for reuse, as the CLI does in the main process."""
-    from ..allocator import keep_freed_memory
-
-    keep_freed_memory()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")

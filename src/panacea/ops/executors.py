@@ -1,0 +1,133 @@
+"""Engines that run the tasks of a night: in this process, a local process pool, Dask
+distributed (a scheduler address or a LocalCluster) or Slurm through dask-jobqueue.
+
+Every engine has ``submit(fn, *args)`` returning a future with ``result()``, and is a
+context manager that shuts its workers down. Tasks are module-level functions of picklable
+values, so the products do not depend on the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import Future, ProcessPoolExecutor
+
+from ..errors import PanaceaError
+from .config import ExecutorSettings
+
+log = logging.getLogger(__name__)
+
+
+class Inline:
+    """Run each task at once in this process (serial, ``--jobs 1``)."""
+
+    parallel = False
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # re-raised by result(), as a pool would
+            future.set_exception(err)
+        return future
+
+    def __enter__(self) -> Inline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class LocalPool:
+    """A pool of ``jobs`` forked worker processes (one night at a time: the workers inherit
+    the night's log file)."""
+
+    parallel = True
+
+    def __init__(self, jobs: int):
+        self.jobs = jobs
+        self._pool: ProcessPoolExecutor | None = None
+
+    def submit(self, fn, *args) -> Future:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.jobs, initializer=_worker_init)
+        return self._pool.submit(fn, *args)
+
+    def __enter__(self) -> LocalPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+class DaskEngine:
+    """Tasks on Dask distributed: the scheduler at ``address``, a SLURMCluster (``slurm``
+    settings) or else a LocalCluster of ``jobs`` single-threaded worker processes."""
+
+    parallel = True
+
+    def __init__(self, settings: ExecutorSettings):
+        try:
+            from dask.distributed import Client, LocalCluster
+        except ImportError:
+            raise PanaceaError("the dask and slurm engines need dask[distributed] (pip "
+                               "install 'dask[distributed]' dask-jobqueue)") from None
+        self.cluster = None
+        if settings.engine == "slurm":
+            self.cluster = slurm_cluster(settings.slurm)
+            self.cluster.scale(jobs=int(settings.slurm.get("jobs", 1)))
+            self.client = Client(self.cluster)
+            log.info("slurm: %s", self.cluster.job_script().splitlines()[1:6])
+        elif settings.scheduler:
+            self.client = Client(settings.scheduler)
+        else:
+            self.cluster = LocalCluster(n_workers=settings.jobs, threads_per_worker=1,
+                                        processes=True, dashboard_address=None)
+            self.client = Client(self.cluster)
+        log.info("dask: %s", self.client)
+
+    def submit(self, fn, *args) -> Future:
+        return self.client.submit(fn, *args, pure=False)
+
+    def __enter__(self) -> DaskEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def slurm_cluster(slurm: dict):
+    """A dask-jobqueue SLURMCluster from the ``executor.slurm`` configuration section
+    (queue, account, walltime, cores, memory); one single-threaded worker process per core
+    of each job."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise PanaceaError("--slurm needs dask-jobqueue (pip install dask-jobqueue)") from None
+    cores = int(slurm.get("cores", 1))
+    return SLURMCluster(queue=slurm.get("queue"), account=slurm.get("account"),
+                        walltime=slurm.get("walltime", "01:00:00"), cores=cores,
+                        processes=cores, memory=slurm.get("memory", "4GB"),
+                        log_directory=slurm.get("log_directory"),
+                        job_extra_directives=list(slurm.get("extra", [])))
+
+
+def make_engine(settings: ExecutorSettings, ntasks: int):
+    """The engine of ``settings`` for a night of ``ntasks`` tasks."""
+    if settings.engine in ("dask", "slurm"):
+        return DaskEngine(settings)
+    if settings.jobs > 1 and ntasks > 1:
+        return LocalPool(min(settings.jobs, ntasks))
+    return Inline()
+
+
+def _worker_init() -> None:
+    """Worker set-up: keep freed memory for reuse, as the CLI does in the main process."""
+    from ..allocator import keep_freed_memory
+
+    keep_freed_memory()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
