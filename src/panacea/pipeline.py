@@ -278,11 +278,12 @@ def reduce_channel(run: RunConfig, archive: Archive, date: str, channel_name: st
 
     Every item ends in ``summary``. With a ``ledger``, science products and responses whose
     inputs fingerprint (raw files, calibration, response, configuration, version) is
-    unchanged are kept (status ``up-to-date``) unless ``run.force``. Returns the observations
+    unchanged are kept (status ``up-to-date``) unless ``run.force``; what is written is
+    recorded in the ledger. Returns the observations
     whose source spectrum was written now: obsid -> (primary header, flux unit), small and
     picklable, for :func:`join_night`.
     """
-    ledger = ledger if ledger is not None and not run.force else _NoLedger()
+    ledger = ledger if ledger is not None else _NoLedger()
     channel = instrument.get_channel(channel_name)
     night = archive.night(date)
     science = science_exposures(night, run.selection)
@@ -309,6 +310,9 @@ def reduce_channel(run: RunConfig, archive: Archive, date: str, channel_name: st
     cal = ChannelCalibration.from_bundle(bundle, str(cal_path))
     results, response = _response(run, archive, night, channel, cal, bundle.fingerprint,
                                   summary, ledger, conditions, stamps)
+    response_id = response[1] + (
+        "" if response[0] is None
+        else hashlib.sha1(np.ascontiguousarray(response[0], float).tobytes()).hexdigest())
     for exposure in science:
         if not exposure.amps_of(channel):  # an arm that did not observe: no error;
             # one amplifier of two is, and the frame reader says which and where
@@ -318,13 +322,13 @@ def reduce_channel(run: RunConfig, archive: Archive, date: str, channel_name: st
                 "obsid": exposure.obsid, "exp": exposure.exp}
         key = f"science {exposure.name} {channel.name}"
         try:
-            fp = exposure_fingerprint([exposure], bundle.fingerprint, response[1],
+            fp = exposure_fingerprint([exposure], bundle.fingerprint, response_id,
                                       run.config_hash, str(run.cubes), cache=stamps)
         except OSError as err:
             summary.add("science", "failed", reason=f"raw file unreadable: {err}",
                         file=_error_file(err), **item)
             continue
-        kept = ledger.current(key, fp)
+        kept = None if run.force else ledger.current(key, fp)
         if kept is not None:
             log.info("%s %s: products up to date", exposure.name, channel.name)
             ledger.record(key, fp, summary.add("science", "up-to-date", products=kept,
@@ -388,7 +392,7 @@ def _response(run: RunConfig, archive, night, channel, cal, cal_fp: str, summary
     if stds:
         fp = exposure_fingerprint(stds, cal_fp, run.config_hash,
                                   str(run.flux), cache=stamps)
-        kept = ledger.current(key, fp)
+        kept = None if run.force else ledger.current(key, fp)
         if kept is not None and path.is_file():
             try:
                 with fits.open(path) as hdul:

@@ -1,0 +1,141 @@
+"""Operations benchmark: the whole night serial against --jobs 2, a rerun, a killed run
+resumed, and a range of nights locally and on Slurm.
+
+    python benchmarks/ops.py [--date 20181108] [--out benchmarks/out] [--reuse]
+                             [--nights 5] [--slurm] [--skip-range]
+
+Runs ``panacea-lrs2`` as a user would (a subprocess) and samples the resident memory of its
+whole process tree (workers included) every 0.1 s. Prints a Markdown table: wall time, CPU
+time (user + system of the tree), peak RSS of the tree, products written or rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from simulated import night_parser, simulated_night
+
+CLI = [sys.executable, "-m", "panacea.cli"]
+
+
+def run(argv: list[str], kill_after: float | None = None) -> dict:
+    """Run the CLI; wall, CPU, peak tree RSS and exit code (killed after ``kill_after`` s)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([*CLI, *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    top = psutil.Process(proc.pid)
+    peak = 0
+    cpu: dict[int, float] = {}
+    while proc.poll() is None:
+        try:
+            tree = [top, *top.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        rss = 0
+        for p in tree:
+            try:
+                rss += p.memory_info().rss
+                t = p.cpu_times()
+                cpu[p.pid] = t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        peak = max(peak, rss)
+        if kill_after is not None and time.perf_counter() - t0 > kill_after:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            break
+        time.sleep(0.1)
+    return {"wall": time.perf_counter() - t0, "cpu": sum(cpu.values()),
+            "rss_gb": peak / 1e9, "code": proc.returncode}
+
+
+def mtimes(root: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*.fits")}
+
+
+def counts(out: Path, date: str) -> dict:
+    path = out / "NIGHTS" / date / "summary.json"
+    return json.loads(path.read_text())["counts"] if path.is_file() else {}
+
+
+def row(name: str, r: dict, note: str = "") -> str:
+    return (f"| {name} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['rss_gb']:.2f} | "
+            f"{r['code']} | {note} |")
+
+
+def range_archive(raw: Path, date: str, n: int, dest: Path) -> list[str]:
+    """``n`` nights holding the same raw files (links), from ``date`` on."""
+    dates = [time.strftime("%Y%m%d", time.gmtime(
+        time.mktime(time.strptime(date, "%Y%m%d")) + 86400 * (i + 0.5))) for i in range(n)]
+    for d in dates:
+        for src in (raw / date).rglob("*"):
+            if src.is_file():
+                link = dest / d / src.relative_to(raw / date)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.exists():
+                    link.symlink_to(src.resolve())
+    return dates
+
+
+def main() -> None:
+    p = night_parser(__doc__, "reuse a simulated night in --out")
+    p.add_argument("--nights", type=int, default=5, help="nights of the range benchmark")
+    p.add_argument("--slurm", action="store_true",
+                   help="also the range through Slurm (needs a cluster; see tests/"
+                        "slurm_localhost.py for a single-node one)")
+    p.add_argument("--skip-range", action="store_true")
+    args = p.parse_args()
+    raw = simulated_night(args)
+    work = Path(args.out) / "ops"
+    shutil.rmtree(work, ignore_errors=True)
+    base = ["-d", args.date, "-s", args.channels, "--baseraw", str(raw)]
+    rows = []
+    serial = run([*base, "--output", str(work / "serial"), "--jobs", "1"])
+    rows.append(row("night, serial (--jobs 1)", serial, str(counts(work / "serial",
+                                                                     args.date))))
+    par = run([*base, "--output", str(work / "jobs2"), "--jobs", "2"])
+    rows.append(row("night, --jobs 2", par, f"speed-up {serial['wall'] / par['wall']:.2f}x"))
+    before = mtimes(work / "jobs2")
+    again = run([*base, "--output", str(work / "jobs2"), "--jobs", "2"])
+    after = mtimes(work / "jobs2")
+    rewritten = sum(after[k] != before.get(k) for k in after)
+    rows.append(row("rerun, nothing changed", again, f"{rewritten} of {len(after)} files "
+                                                     "rewritten"))
+    run([*base, "--output", str(work / "killed"), "--jobs", "2"],
+        kill_after=0.6 * par["wall"])
+    kept = mtimes(work / "killed")
+    resumed = run([*base, "--output", str(work / "killed"), "--jobs", "2"])
+    c = counts(work / "killed", args.date)
+    rows.append(row(f"killed at {0.6 * par['wall']:.0f} s, then rerun", resumed,
+                    f"{len(kept)} files survived the kill; rerun: {c.get('written', 0)} "
+                    f"written, {c.get('up-to-date', 0)} up to date"))
+    if not args.skip_range:
+        dates = range_archive(raw, args.date, args.nights, work / "range_raw")
+        cfg = work / "windows0.yaml"
+        cfg.write_text("calibration: {windows: {bias: 0, twi: 0, flt: 0, arc: 0}}\n")
+        rng = ["--dates", f"{dates[0]}:{dates[-1]}", "-s", args.channels, "--baseraw",
+               str(work / "range_raw"), "--config", str(cfg)]
+        local = run([*rng, "--output", str(work / "range_local"), "--jobs", "2"])
+        rows.append(row(f"{args.nights}-night range, --jobs 2", local,
+                        f"{3600 * args.nights / local['wall']:.0f} nights/hour"))
+        if args.slurm:
+            slurm = run([*rng, "--output", str(work / "range_slurm"), "--slurm"])
+            rows.append(row(f"{args.nights}-night range, --slurm", slurm,
+                            f"{3600 * args.nights / slurm['wall']:.0f} nights/hour"))
+    print(f"\nnight {args.date}, channels {args.channels}, {os.cpu_count()} cores\n")
+    print("| run | wall (s) | CPU (s) | peak RSS of the tree (GB) | exit | notes |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
