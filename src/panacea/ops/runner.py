@@ -153,7 +153,9 @@ class _Night:
                      time.perf_counter() - self.t0, self.summary.path)
         finally:
             if self.handler is not None:
-                logging.getLogger("panacea").removeHandler(self.handler)
+                logger = logging.getLogger("panacea")
+                logger.removeHandler(self.handler)
+                logger.setLevel(self.handler.previous_level)
                 self.handler.close()
             self.lock.release()
         if self.summary.nodata:
@@ -176,6 +178,9 @@ def _night_log(run: RunConfig, date: str) -> logging.Handler:
     logger = logging.getLogger("panacea")
     handler.setLevel(logging.DEBUG if logger.getEffectiveLevel() <= logging.DEBUG
                      else logging.INFO)
+    handler.previous_level = logger.level  # type: ignore[attr-defined]
+    if logger.getEffectiveLevel() > logging.INFO:  # the night log keeps INFO lines
+        logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     return handler
 
