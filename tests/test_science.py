@@ -194,7 +194,14 @@ def test_bad_science_frames_are_named_skipped_or_flagged(reduced, sim_night, fak
     with caplog.at_level(logging.WARNING):
         rc = main(["-d", sim_night.date, "-s", "red,farred", "--baseraw", str(base),
                    "--output", str(out)])
-    assert rc == 0
+    assert rc == 1  # exposures were lost: the exit status says so (issue 13)
+    import json
+
+    summary = json.loads((out / "NIGHTS" / sim_night.date / "summary.json").read_text())
+    skipped = {(o["obsid"], o["channel"]): o for o in summary["outcomes"]
+               if o["kind"] == "science" and o["status"] == "skipped"}
+    assert set(skipped) == {(12, "red"), (7, "red"), (7, "farred")}
+    assert "EXPTIME 0.0 is not positive" in skipped[7, "red"]["reason"]
     text = caplog.text
     assert "amplifier 066LU of channel red is missing (not in lrs20000012.tar)" in text
     assert "lrs20000007 exp01 red" in text and "EXPTIME 0.0 is not positive" in text
