@@ -4,9 +4,11 @@ resumed, and a range of nights locally and on Slurm.
     python benchmarks/ops.py [--date 20181108] [--out benchmarks/out] [--reuse]
                              [--nights 5] [--slurm] [--skip-range]
 
-Runs ``panacea-lrs2`` as a user would (a subprocess) and samples the resident memory of its
-whole process tree (workers included) every 0.1 s. Prints a Markdown table: wall time, CPU
-time (user + system of the tree), peak RSS of the tree, products written or rewritten.
+Runs ``panacea-lrs2`` as a user would (a subprocess) and samples the memory of its whole
+process tree (workers included) every 0.1 s: RSS summed (counts the pages forked workers
+share with the parent once per process) and PSS summed (counts shared pages once). Prints
+a Markdown table: wall time, CPU time (user + system of the tree), peak memory of the tree,
+products written or rewritten.
 """
 
 from __future__ import annotations
@@ -33,29 +35,32 @@ def run(argv: list[str], kill_after: float | None = None) -> dict:
     proc = subprocess.Popen([*CLI, *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     top = psutil.Process(proc.pid)
-    peak = 0
+    peak = peak_pss = 0
     cpu: dict[int, float] = {}
     while proc.poll() is None:
         try:
             tree = [top, *top.children(recursive=True)]
         except psutil.NoSuchProcess:
             break
-        rss = 0
+        rss = pss = 0
         for p in tree:
             try:
-                rss += p.memory_info().rss
+                mem = p.memory_full_info()  # PSS: pages shared by forked workers once
+                rss += mem.rss
+                pss += mem.pss
                 t = p.cpu_times()
                 cpu[p.pid] = t.user + t.system
             except psutil.NoSuchProcess:
                 pass
         peak = max(peak, rss)
+        peak_pss = max(peak_pss, pss)
         if kill_after is not None and time.perf_counter() - t0 > kill_after:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             break
         time.sleep(0.1)
     return {"wall": time.perf_counter() - t0, "cpu": sum(cpu.values()),
-            "rss_gb": peak / 1e9, "code": proc.returncode}
+            "rss_gb": peak / 1e9, "pss_gb": peak_pss / 1e9, "code": proc.returncode}
 
 
 def mtimes(root: Path) -> dict:
@@ -69,7 +74,7 @@ def counts(out: Path, date: str) -> dict:
 
 def row(name: str, r: dict, note: str = "") -> str:
     return (f"| {name} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['rss_gb']:.2f} | "
-            f"{r['code']} | {note} |")
+            f"{r['pss_gb']:.2f} | {r['code']} | {note} |")
 
 
 def range_archive(raw: Path, date: str, n: int, dest: Path) -> list[str]:
@@ -132,8 +137,9 @@ def main() -> None:
             rows.append(row(f"{args.nights}-night range, --slurm", slurm,
                             f"{3600 * args.nights / slurm['wall']:.0f} nights/hour"))
     print(f"\nnight {args.date}, channels {args.channels}, {os.cpu_count()} cores\n")
-    print("| run | wall (s) | CPU (s) | peak RSS of the tree (GB) | exit | notes |")
-    print("|---|---|---|---|---|---|")
+    print("| run | wall (s) | CPU (s) | peak RSS of the tree (GB) | peak PSS of the tree (GB) "
+          "| exit | notes |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -218,3 +218,38 @@ def test_rerun_rewrites_nothing_and_resumes_only_the_unfinished(reduced, sim_nig
         p.name for p in lost.parent.glob(f"*{sim_night.date}_0000012*")} | {
         f"joined_{sim_night.date}_0000012.fits"}
     assert not any(p.parent.name == "CALS" for p in rewritten)
+
+
+# ------------------------------------------------------------------ internal errors, progress
+
+
+def test_a_bug_in_a_task_is_exit_4_with_a_hint(good_archives, tmp_path, monkeypatch, caplog):
+    from panacea import pipeline
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(pipeline, "reduce_channel", broken)
+    with caplog.at_level(logging.ERROR):
+        rc = main(["-d", "20181108", "-s", "uv,orange", "--baseraw", str(good_archives["tar"]),
+                   "--output", str(tmp_path), "--jobs", "1"])
+    assert rc == 4
+    assert "internal error: ZeroDivisionError" in caplog.text and "please report" in caplog.text
+    assert "Traceback" not in caplog.text
+    summary = json.loads((night_folder(tmp_path, "20181108") / "summary.json").read_text())
+    assert [o["channel"] for o in summary["outcomes"] if o["status"] == "failed"] == [
+        "uv", "orange"]
+
+
+def test_progress_lines_without_a_terminal(caplog):
+    import io
+
+    from panacea.ops.console import ConsoleProgress
+
+    progress = ConsoleProgress(2, 2, stream=io.StringIO())  # not a TTY: log lines
+    with caplog.at_level(logging.INFO):
+        progress.channel_done("20181108", "uv")
+        progress.night_done("20181108", 0, NightSummary("20181108", "."))
+    assert "20181108 uv done (1/4 channels)" in caplog.text
+    assert "1/2 nights done" in caplog.text
+    assert progress.bar is None
