@@ -253,3 +253,11 @@ def test_progress_lines_without_a_terminal(caplog):
     assert "20181108 uv done (1/4 channels)" in caplog.text
     assert "1/2 nights done" in caplog.text
     assert progress.bar is None
+
+
+def test_output_that_is_a_file_is_exit_2(tmp_path, caplog):
+    out = tmp_path / "afile"
+    out.write_text("not a folder")
+    with caplog.at_level(logging.ERROR):
+        rc = main(["-d", "20181108", "--baseraw", str(tmp_path), "--output", str(out)])
+    assert rc == 2 and "cannot create the night's lock file" in caplog.text

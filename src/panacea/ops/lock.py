@@ -43,9 +43,14 @@ class NightLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock, or raise :class:`LockHeld` naming the holder (unless ``wait``)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Take the lock, or raise :class:`LockHeld` naming the holder (unless ``wait``);
+        :class:`~panacea.errors.PanaceaError` when the lock file cannot be created."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise PanaceaError(f"{self.path}: cannot create the night's lock file "
+                               f"({err.strerror}); is the output tree writable?") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
