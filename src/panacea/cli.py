@@ -20,9 +20,13 @@ SUBCOMMANDS = ("simulate", "inventory")
 
 
 def _date(text: str) -> str:
-    if len(text) != 8 or not text.isdigit():
-        raise argparse.ArgumentTypeError(f"date must be YYYYMMDD, got {text!r}")
-    return text
+    from .errors import UsageError
+    from .validate import parse_date
+
+    try:
+        return parse_date(text)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def reduce_parser() -> argparse.ArgumentParser:
@@ -158,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_inventory(args.date, args.baseraw)
         args = reduce_parser().parse_args(argv)
         setup_logging(args.verbose)
+        from .validate import check_output_root, parse_channels
+
+        args.sides = ",".join(parse_channels(args.sides))  # usage errors before any work
+        check_output_root(args.output)
         from .allocator import keep_freed_memory
         from .pipeline import reduce_night
 
@@ -167,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     except PanaceaError as err:
         log.error("%s", err)
         return 2
+    except Exception as err:  # a bug: one line and a hint, the traceback only with -v
+        log.error("internal error (%s: %s); please report it with the output of -v",
+                  type(err).__name__, err, exc_info="-v" in argv or "--verbose" in argv)
+        return 4
 
 
 if __name__ == "__main__":

@@ -41,3 +41,7 @@ class CalibrationNotFound(ArchiveError):
 
 class FrameError(PanaceaError):
     """A raw amplifier frame is unreadable, malformed or missing."""
+
+
+class UsageError(PanaceaError):
+    """A command-line value or the environment it names is unusable (exit status 2)."""
