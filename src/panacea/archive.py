@@ -31,6 +31,7 @@ from astropy.io import fits
 
 from panacea import instrument
 from panacea.errors import ArchiveError, CalibrationNotFound, NoDataError
+from panacea.io_utils import card_text, header_number, header_value
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -302,19 +303,31 @@ class Exposure:
 
     @property
     def object(self) -> str:
-        """Header OBJECT (stripped; empty when absent)."""
-        return str(self.header().get("OBJECT", "")).strip()
+        """Header OBJECT (stripped; empty when absent or unparsable)."""
+        value = header_value(self.header(), "OBJECT")
+        return "" if value is None else str(value).strip()
 
     @property
     def exptime(self) -> float | None:
-        """Header EXPTIME in seconds, or None when absent."""
-        value = self.header().get("EXPTIME")
-        return None if value is None else float(value)
+        """Header EXPTIME in seconds; None when absent, unparsable, not a finite number or
+        negative (see :meth:`exptime_problem`)."""
+        value = header_number(self.header(), "EXPTIME")
+        return None if value is None or value < 0 else value
+
+    def exptime_problem(self) -> str | None:
+        """Why EXPTIME is unusable for a science frame (None when it is a positive number):
+        ``EXPTIME 'NaN' is not a positive number in {file}``."""
+        value = self.exptime
+        if value is not None and value > 0:
+            return None
+        return (f"EXPTIME {card_text(self.header(), 'EXPTIME')} is not a positive number of "
+                f"seconds in {self.file().location}")
 
     @property
     def program(self) -> str | None:
         """Header QPROG (program id), or None for exposures without a program."""
-        value = str(self.header().get("QPROG", "")).strip()
+        value = header_value(self.header(), "QPROG")
+        value = "" if value is None else str(value).strip()
         return value or None
 
 
@@ -485,23 +498,36 @@ class NightIndex:
         return found
 
     def _scan_tarball(self, path: Path, parse) -> list:
-        """List one tarball (opening it exactly once) and keep its handle for reading."""
-        tar = None
+        """List one tarball (opening it exactly once) and keep its handle for reading.
+
+        A tarball damaged part-way is indexed up to the damage: every member whose header
+        and data lie before it is kept, the damage is logged and recorded in
+        :attr:`problems`. Members whose data run past the end of the file are left out.
+        """
+        if path.stat().st_size == 0:
+            return self._problem(f"{path}: empty file (0 bytes), not a tarball; skipped")
         try:
             tar = tarfile.open(path)  # noqa: SIM115 - kept open in the handle cache
-            members = tar.getmembers()
         except _TAR_ERRORS as exc:
-            if tar is not None:
-                tar.close()
-            problem = ArchiveError(f"{path}: corrupt or truncated tarball "
-                                   f"({type(exc).__name__}: {exc}); skipped")
-            log.error("%s", problem)
-            self.problems.append(problem)
+            return self._problem(f"{path}: not a readable tarball ({_first_line(exc)}); "
+                                 "skipped")
+        members, damage = _members_until_damage(tar)
+        if damage is not None:
+            kept = f"{len(members)} members before the damage indexed" if members else \
+                "no member readable"
+            self._problem(f"{path}: corrupt or truncated tarball ({damage}); {kept}")
+        if not members:
+            tar.close()
             return []
         self._keep(path, tar)
+        size = path.stat().st_size if path.name.endswith(".tar") else None  # uncompressed
         found = []
         for info in members:
             if not info.isfile():
+                continue
+            if size is not None and info.offset_data + info.size > size:
+                self._problem(f"{path}:{info.name}: member truncated ({size - info.offset_data}"
+                              f" of {info.size} bytes in the file); skipped")
                 continue
             item = parse(info.name, path, self.date, info.name)
             if item is None:
@@ -510,6 +536,13 @@ class NightIndex:
             self._tarinfo[(path, info.name)] = info
             found.append(item)
         return found
+
+    def _problem(self, message: str) -> list:
+        """Log and record an archive problem; returns an empty list for the caller."""
+        problem = ArchiveError(message)
+        log.error("%s", problem)
+        self.problems.append(problem)
+        return []
 
     def _scan_tree(self, root: Path, base: Path, parse) -> list:
         """Index the FITS files of an unpacked tree (names relative to ``base``)."""
@@ -549,6 +582,28 @@ class NightIndex:
                             exposure.name, exposure.ftype)
             out.append(exposure)
         return out
+
+
+def _first_line(exc: BaseException) -> str:
+    """A one-line description of a tarfile error (its multi-line 'tried every method' text
+    becomes 'neither tar nor gzip, bzip2 or xz')."""
+    text = str(exc)
+    if "could not be opened successfully" in text:
+        return "neither a tar file nor a gzip, bzip2 or xz compressed one"
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _members_until_damage(tar: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], str | None]:
+    """Members of an open tarball read one by one up to the first damage (None: none)."""
+    members = []
+    while True:
+        try:
+            info = tar.next()
+        except _TAR_ERRORS as exc:
+            return members, _first_line(exc)
+        if info is None:
+            return members, None
+        members.append(info)
 
 
 # --------------------------------------------------------------------------- archive

@@ -8,11 +8,35 @@ import tempfile
 from pathlib import Path
 
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
+
+
+def header_value(header: fits.Header, key: str) -> object:
+    """Header value ``key``; None when absent or when the card cannot be parsed (an
+    unparsable card such as ``EXPTIME = NaN`` makes astropy raise on access)."""
+    try:
+        return header.get(key)
+    except (VerifyError, ValueError):
+        return None
+
+
+def card_text(header: fits.Header, key: str) -> str:
+    """The value of card ``key`` as written in the file, for messages (``missing`` when
+    the card is absent)."""
+    try:
+        card = header.cards[key]
+    except (KeyError, IndexError):
+        return "missing"
+    try:
+        return repr(card.value)
+    except (VerifyError, ValueError):
+        return f"{card.image[10:].split('/')[0].strip()!r} (unparsable card)"
 
 
 def header_number(header: fits.Header, key: str) -> float | None:
-    """Header value ``key`` as a finite float; None when absent, boolean or not a number."""
-    value = header.get(key)
+    """Header value ``key`` as a finite float; None when absent, boolean, unparsable or not
+    a number."""
+    value = header_value(header, key)
     if value is None or isinstance(value, bool):
         return None
     try:
