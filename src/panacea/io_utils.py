@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -9,6 +10,11 @@ from pathlib import Path
 
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
+
+log = logging.getLogger(__name__)
+
+#: Seconds a ``.part`` file must be older than the run's start to count as stale.
+PART_GRACE = 60.0
 
 
 def header_value(header: fits.Header, key: str) -> object:
@@ -63,6 +69,45 @@ def write_fits_atomic(hdul: fits.HDUList, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_parts(root: str | Path, started: float, grace: float = PART_GRACE
+                       ) -> list[Path]:
+    """Remove the temporary ``.*.part`` files that :func:`write_fits_atomic` left under
+    ``root`` in earlier runs (killed, or out of disk).
+
+    Parameters
+    ----------
+    root : path
+        Product tree root.
+    started : float
+        Start of the current run (seconds since the epoch, ``time.time()``).
+    grace : float
+        Seconds: a file modified less than this before ``started`` is kept, in case another
+        run is still writing it.
+
+    Returns
+    -------
+    list of Path
+        The files removed (each logged with its size).
+    """
+    removed = []
+    root = Path(root)
+    if not root.is_dir():
+        return removed
+    for path in root.rglob(".*.part"):
+        try:
+            stat = path.stat()
+            if not path.is_file() or stat.st_mtime > started - grace:
+                continue
+            path.unlink()
+        except OSError as exc:
+            log.warning("%s: stale partial file not removed (%s)", path, exc)
+            continue
+        log.warning("%s: removed a partial file (%d bytes) left by an earlier run", path,
+                    stat.st_size)
+        removed.append(path)
+    return removed
 
 
 def _umask() -> int:

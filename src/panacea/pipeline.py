@@ -20,13 +20,14 @@ from .calbundle import (
     BundleError,
     CalibrationBundle,
     bundle_path,
-    inputs_fingerprint,
+    content_fingerprint,
     read_bundle,
     write_bundle,
 )
 from .calibration import CalibrationOptions, StageTimer, calibrate_channel, plan_calibration
 from .errors import PanaceaError
 from .inventory import format_inventory
+from .io_utils import remove_stale_parts
 from .exposure_products import FluxScale, Written, write_exposure_products
 from .joined import CHANNEL_ORDER, combine_exposures, join_channels, write_joined
 from .products import product_folder
@@ -47,18 +48,19 @@ def calibration_for(
     are unchanged, else built from raw frames and written atomically."""
     plan = plan_calibration(archive, date, channel, options)
     path = bundle_path(root, date, channel.name)
-    fingerprint = inputs_fingerprint(plan.inputs, options.describe())
+    fingerprint = content_fingerprint(plan.inputs, plan.sources, options.describe())
     if path.exists() and not force:
         try:
             bundle = read_bundle(path)
             if bundle.fingerprint == fingerprint:
                 log.info("%s %s: reusing calibration %s", date, channel.name, path)
                 return bundle
-            log.info("%s %s: inputs changed since %s was written; rebuilding", date,
-                     channel.name, path)
+            log.info("%s %s: inputs, options or pipeline version changed since %s was "
+                     "written; rebuilding", date, channel.name, path)
         except BundleError as err:
-            log.warning("%s; rebuilding it", err)
+            log.warning("%s; not reused, rebuilding it", err)
     bundle = calibrate_channel(archive, date, channel, options, plan=plan)
+    bundle.fprint = fingerprint
     write_bundle(bundle, path)
     log.info("%s %s: wrote %s", date, channel.name, path)
     return bundle
@@ -189,12 +191,15 @@ def reduce_night(args: argparse.Namespace) -> int:
     the end: exposures combined and channels joined. A channel that fails is reported and
     the others still run; the exit code is 1 when any channel failed.
     """
+    started = time.time()
     archive = Archive(args.baseraw)
     night = archive.night(args.date)
+    root = Path(args.output)
+    remove_stale_parts(root, started)
+    lost = [str(p) for p in night.problems]  # what could not be produced or read, and why
     for line in format_inventory(night).splitlines():
         log.info("%s", line)
     options = CalibrationOptions(use_flat=args.use_flat)
-    root = Path(args.output)
     sci_options = ScienceOptions(correct_ftf=args.correct_ftf, source_x=args.source_x,
                                  source_y=args.source_y, central_wave=args.central_wave,
                                  wavelength_bin=args.wavelength_bin)
@@ -212,6 +217,7 @@ def reduce_night(args: argparse.Namespace) -> int:
         except PanaceaError as err:
             log.error("%s %s: calibration failed: %s", args.date, channel.name, err)
             failed.append(channel.name)
+            lost.append(f"{args.date} {channel.name}: calibration failed: {err}")
             continue
         cal = ChannelCalibration.from_bundle(
             bundle, str(bundle_path(root, args.date, channel.name)))
@@ -256,17 +262,22 @@ def reduce_night(args: argparse.Namespace) -> int:
                 nwritten += 1
             except PanaceaError as err:
                 log.error("%s %s: skipped: %s", exposure.name, channel.name, err)
+                lost.append(f"{exposure.name} {channel.name}: {err}")
                 continue
             if written.spectrum is not None:
                 joins.setdefault(exposure.obsid, (written.header, written.unit))
     for obsid, (header, unit) in joins.items():
         _write_joined(root, args.date, obsid, header, unit, night)
-    log.info("night %s: products of %d exposure-channels written under %s", args.date,
-             nwritten, root)
     archive.close()
     if failed:
         log.error("night %s: channels failed: %s", args.date, ", ".join(failed))
+    if lost:
+        log.error("night %s: products of %d exposure-channels written under %s; %d items "
+                  "lost (exit status 1): %s", args.date, nwritten, root, len(lost),
+                  "; ".join(lost))
         return 1
+    log.info("night %s: products of %d exposure-channels written under %s", args.date,
+             nwritten, root)
     return 0
 
 
