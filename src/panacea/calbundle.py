@@ -138,8 +138,9 @@ def content_fingerprint(inputs: list[str], sources: list[str | Path], options: s
     h = hashlib.sha1()
     for item in sorted(inputs):
         h.update(item.encode() + b"\0")
-    for source in sorted(str(s) for s in sources):
-        h.update(f"{source}={file_digest(source)}\0".encode())
+    for source in sorted(sources, key=lambda p: Path(p).parts[-3:]):
+        where = "/".join(Path(source).parts[-3:])  # night/lrs2/file: the archive may move
+        h.update(f"{where}={file_digest(source)}\0".encode())
     h.update(f"options={options}\0version={version}".encode())
     return h.hexdigest()[:16]
 

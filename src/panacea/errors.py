@@ -45,3 +45,7 @@ class FrameError(PanaceaError):
 
 class UsageError(PanaceaError):
     """A command-line value or the environment it names is unusable (exit status 2)."""
+
+
+class WriteError(PanaceaError, OSError):
+    """A product could not be written (disk full, file-size limit, permissions)."""

@@ -11,6 +11,8 @@ from pathlib import Path
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
 
+from .errors import WriteError
+
 log = logging.getLogger(__name__)
 
 #: Seconds a ``.part`` file must be older than the run's start to count as stale.
@@ -55,18 +57,32 @@ def header_number(header: fits.Header, key: str) -> float | None:
 def write_fits_atomic(hdul: fits.HDUList, path: str | Path) -> Path:
     """Write ``hdul`` with checksums to a temporary file beside ``path``, then rename.
 
-    A crash or a full disk leaves any previous file at ``path`` untouched.
+    A crash or a full disk leaves any previous file at ``path`` untouched and no partial
+    file behind.
+
+    Raises
+    ------
+    WriteError
+        When the folder cannot be made or the file cannot be written (disk full, file-size
+        limit, no permission); the message names the file and the reason.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        os.close(fd)
         hdul.writeto(tmp, overwrite=True, checksum=True)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; products are for everyone
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        reason = exc.strerror or str(exc)
+        raise WriteError(f"{path}: cannot write ({reason}); no partial file left") from exc
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
 

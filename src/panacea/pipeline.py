@@ -28,7 +28,7 @@ from .calibration import CalibrationOptions, StageTimer, calibrate_channel, plan
 from .errors import PanaceaError
 from .inventory import format_inventory
 from .io_utils import remove_stale_parts
-from .exposure_products import FluxScale, Written, write_exposure_products
+from .exposure_products import SPECTRUM_LAYOUT, FluxScale, Written, write_exposure_products
 from .joined import CHANNEL_ORDER, combine_exposures, join_channels, write_joined
 from .products import product_folder
 from .science import ChannelCalibration, ExposureResult, ScienceOptions, reduce_exposure
@@ -267,7 +267,11 @@ def reduce_night(args: argparse.Namespace) -> int:
             if written.spectrum is not None:
                 joins.setdefault(exposure.obsid, (written.header, written.unit))
     for obsid, (header, unit) in joins.items():
-        _write_joined(root, args.date, obsid, header, unit, night)
+        try:
+            _write_joined(root, args.date, obsid, header, unit, night)
+        except PanaceaError as err:
+            log.error("obs %d: joined spectrum not written: %s", obsid, err)
+            lost.append(f"obs {obsid} joined spectrum: {err}")
     archive.close()
     if failed:
         log.error("night %s: channels failed: %s", args.date, ", ".join(failed))
@@ -292,6 +296,11 @@ def _write_joined(root, date, obsid, header, unit, night) -> None:
         for path in sorted(folder.glob(f"spectrum_{date}_{obsid:07d}_exp*_{name}.fits")):
             try:
                 rows = fits.getdata(path).astype(float)
+                version = fits.getheader(path).get(SPECTRUM_LAYOUT.version_card)
+                if version != SPECTRUM_LAYOUT.version:
+                    log.warning("%s: spectrum layout version %s, not %s (an older run's); "
+                                "left out of the join", path, version, SPECTRUM_LAYOUT.version)
+                    continue
                 if fits.getheader(path).get("BUNIT", unit) != unit:
                     log.warning("%s: unit differs from this run's; left out of the join", path)
                     continue
