@@ -295,8 +295,28 @@ class Exposure:
         raise ArchiveError(f"{self.name}: no file for IFU slot {ifuslot} amplifier {amp}")
 
     def header(self, ifuslot: str | None = None, amp: str | None = None) -> fits.Header:
-        """Primary header of one amp file (default: the first), read once and cached."""
-        rawfile = self.file(ifuslot, amp)
+        """Primary header of one amp file, read once and cached.
+
+        Without ``ifuslot`` and ``amp`` it is the first amp file whose header can be read
+        (the exposure-wide cards OBJECT, EXPTIME, QPROG are the same in every amp file), so
+        one damaged member does not hide the exposure's description.
+
+        Raises
+        ------
+        ArchiveError
+            When the header (or, without a choice of amp, every header) is unreadable.
+        """
+        if ifuslot is not None or amp is not None:
+            return self._read_header(self.file(ifuslot, amp))
+        first_error = None
+        for rawfile in self.files.values():
+            try:
+                return self._read_header(rawfile)
+            except ArchiveError as err:
+                first_error = first_error or err
+        raise first_error if first_error else ArchiveError(f"{self.name}: no files")
+
+    def _read_header(self, rawfile: RawFile) -> fits.Header:
         if rawfile not in self._headers:
             self._headers[rawfile] = self._index.read_header(rawfile)
         return self._headers[rawfile]
@@ -304,14 +324,20 @@ class Exposure:
     @property
     def object(self) -> str:
         """Header OBJECT (stripped; empty when absent or unparsable)."""
-        value = header_value(self.header(), "OBJECT")
+        try:
+            value = header_value(self.header(), "OBJECT")
+        except ArchiveError:
+            return ""  # the frame reader names the damaged file when the exposure is read
         return "" if value is None else str(value).strip()
 
     @property
     def exptime(self) -> float | None:
         """Header EXPTIME in seconds; None when absent, unparsable, not a finite number or
         negative (see :meth:`exptime_problem`)."""
-        value = header_number(self.header(), "EXPTIME")
+        try:
+            value = header_number(self.header(), "EXPTIME")
+        except ArchiveError:
+            return None
         return None if value is None or value < 0 else value
 
     def exptime_problem(self) -> str | None:
@@ -320,13 +346,19 @@ class Exposure:
         value = self.exptime
         if value is not None and value > 0:
             return None
-        return (f"EXPTIME {card_text(self.header(), 'EXPTIME')} is not a positive number of "
-                f"seconds in {self.file().location}")
+        try:
+            shown = card_text(self.header(), "EXPTIME")
+        except ArchiveError as err:
+            return f"EXPTIME unknown: {err}"
+        return f"EXPTIME {shown} is not a positive number of seconds in {self.file().location}"
 
     @property
     def program(self) -> str | None:
         """Header QPROG (program id), or None for exposures without a program."""
-        value = header_value(self.header(), "QPROG")
+        try:
+            value = header_value(self.header(), "QPROG")
+        except ArchiveError:
+            return None
         value = "" if value is None else str(value).strip()
         return value or None
 
@@ -450,7 +482,9 @@ class NightIndex:
             try:
                 return fits.Header.fromfile(fh)
             except (*_TAR_ERRORS, ValueError) as exc:
-                raise ArchiveError(f"{rawfile.location}: cannot read FITS header ({exc})") from exc
+                why = f"{type(exc).__name__}: {exc}" if str(exc) else "no FITS header found"
+                raise ArchiveError(f"{rawfile.location}: cannot read FITS header ({why})"
+                                   ) from exc
 
     def _open_file(self, rawfile: RawFile | GuiderFile) -> IO[bytes]:
         if rawfile.member is None:

@@ -175,7 +175,8 @@ def verify_bundle(path: str | Path) -> None:
     """
     path = Path(path)
     try:
-        with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+        with fits.open(path, memmap=False, lazy_load_hdus=False,
+                       disable_image_compression=True) as hdul:  # sums of the stored bytes
             for i, hdu in enumerate(hdul):
                 name = hdu.name or str(i)
                 if "CHECKSUM" not in hdu.header or "DATASUM" not in hdu.header:

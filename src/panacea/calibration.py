@@ -20,7 +20,7 @@ from .bias import MasterBias, master_bias
 from .calbundle import CalibrationBundle
 from .ccd import Frame, Mask, read_channel
 from .combine import combine_frames, frame_level
-from .errors import CalibrationNotFound, FrameError, PanaceaError
+from .errors import ArchiveError, CalibrationNotFound, FrameError, PanaceaError
 from .extract import boxcar
 from .flat import fiber_to_fiber, pixel_flat, pixel_map
 from .profile import trace_and_profile
@@ -87,7 +87,12 @@ def _lamp(exposure: Exposure) -> str | None:
 
 def _header_agrees(exposure: Exposure) -> bool:
     """False (with a warning) when IMAGETYP contradicts the frame type in the file name."""
-    imagetyp = str(exposure.header().get("IMAGETYP", exposure.ftype)).strip().lower()
+    try:
+        header = exposure.header()
+    except ArchiveError as err:
+        log.warning("%s left out: %s", exposure.name, err)
+        return False
+    imagetyp = str(header.get("IMAGETYP", exposure.ftype)).strip().lower()
     if imagetyp and imagetyp != exposure.ftype:
         log.warning("%s: header IMAGETYP %r contradicts file type %r; left out",
                     exposure.name, imagetyp, exposure.ftype)

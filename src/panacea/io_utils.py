@@ -38,7 +38,8 @@ def card_text(header: fits.Header, key: str) -> str:
     try:
         return repr(card.value)
     except (VerifyError, ValueError):
-        return f"{card.image[10:].split('/')[0].strip()!r} (unparsable card)"
+        text = card.image[10:].split("/")[0].strip().strip("'").strip()
+        return f"{text} (unparsable card)"
 
 
 def header_number(header: fits.Header, key: str) -> float | None:
@@ -79,6 +80,8 @@ def write_fits_atomic(hdul: fits.HDUList, path: str | Path) -> Path:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         reason = exc.strerror or str(exc)
+        if "requested and" in reason:  # astropy's short write: the disk or a size limit
+            reason = f"disk full or file-size limit reached: {reason}"
         raise WriteError(f"{path}: cannot write ({reason}); no partial file left") from exc
     except BaseException:
         if tmp is not None:
