@@ -189,7 +189,8 @@ def reduce_night(args: argparse.Namespace) -> int:
     Per channel: calibration bundle, then the standard stars (the first whose star is found
     gives the response), then every science exposure with its products. Per observation at
     the end: exposures combined and channels joined. A channel that fails is reported and
-    the others still run; the exit code is 1 when any channel failed.
+    the others still run; the exit code is 1 when any channel, exposure-channel, joined
+    spectrum or raw tarball was lost (each listed on the last line), else 0.
     """
     started = time.time()
     archive = Archive(args.baseraw)
