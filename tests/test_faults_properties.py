@@ -101,11 +101,11 @@ def test_combine_rejects_one_cosmic_ray(n, level, seed, hit):
     images[k][y, x] += hit
     image, var, rejected = combine_frames(images, variances)
     expected = truth * scales.sum()
-    # the hit pixel is the mean of the other frames: exact up to the small change the hit
-    # makes to its frame's level when it falls on the level sample; every other pixel exact
+    # the hit pixel is the mean of the other frames; a hit on the level sample (every 4th
+    # row and column) shifts its frame's level estimate by a rank of the median, < 1e-3
     assert abs(image[y, x] / expected[y, x] - 1) < 5e-3
     image[y, x] = expected[y, x]
-    np.testing.assert_allclose(image, expected, rtol=1e-4)
+    np.testing.assert_allclose(image, expected, rtol=1e-3)
     assert not rejected.any() and np.all(var > 0)
 
 

@@ -194,10 +194,10 @@ def test_bad_science_frames_are_named_skipped_or_flagged(reduced, sim_night, fak
     with caplog.at_level(logging.WARNING):
         rc = main(["-d", sim_night.date, "-s", "red,farred", "--baseraw", str(base),
                    "--output", str(out)])
-    assert rc == 0
+    assert rc == 1  # exposure-channels were skipped (issue 13: the exit status tells)
     text = caplog.text
     assert "amplifier 066LU of channel red is missing (not in lrs20000012.tar)" in text
-    assert "lrs20000007 exp01 red" in text and "EXPTIME 0.0 is not positive" in text
+    assert "lrs20000007 exp01 red" in text and "EXPTIME 0.0 is not a positive number" in text
     assert "lrs20000007.tar" in text
     assert "lrs20000008 exp01 farred" in text and "saturated" in text
 
