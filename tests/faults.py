@@ -94,10 +94,12 @@ class Run:
         return [line for line in self.output.splitlines() if " WARNING " in line]
 
 
-def run_cli(*args: str, preexec_fn=None, timeout: float = 300, cwd=None) -> Run:
-    """``panacea-lrs2 ARGS`` in a fresh interpreter with this tree's sources first."""
+def run_cli(*args: str, preexec_fn=None, timeout: float = 300, cwd=None,
+            wrapper: tuple[str, ...] = ()) -> Run:
+    """``panacea-lrs2 ARGS`` in a fresh interpreter with this tree's sources first
+    (``wrapper``: a command that runs it, e.g. ``setpriv`` dropping privileges)."""
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    proc = subprocess.run([sys.executable, "-m", "panacea.cli", *map(str, args)],
+    proc = subprocess.run([*wrapper, sys.executable, "-m", "panacea.cli", *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=timeout,
                           preexec_fn=preexec_fn, cwd=cwd)
     return Run(proc.returncode, proc.stdout + proc.stderr)

@@ -441,39 +441,55 @@ def test_stale_parts_removed_fresh_ones_kept(tmp_path):
     assert fresh.exists() and keep.exists() and not old.exists()
 
 
-def test_read_only_output_as_unprivileged_user(night):
+def _unprivileged(top: Path, out: Path) -> dict:
+    """How to run the command line without the right to write ``out``: as user nobody when
+    the tests run as root and nobody can run this interpreter; else as root without any
+    capability (setpriv), ``out`` made read-only; else as the current (non-root) user with
+    ``out`` read-only."""
+    if os.getuid() != 0:
+        os.chmod(out, 0o555)
+        return {}
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+
+    def become():
+        os.setgid(nobody.pw_gid)
+        os.setgroups([])
+        os.setuid(nobody.pw_uid)
+
+    try:
+        probe = faults.run_cli("--version", preexec_fn=become, cwd=top)
+        if probe.returncode == 0:
+            return {"preexec_fn": become}
+        why = probe.output.strip().splitlines()[-1:]
+    except OSError as exc:
+        why = str(exc)
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip(f"user nobody cannot run {faults.sys.executable} ({why}) and setpriv "
+                    "is missing to drop root's capabilities")
+    os.chmod(out, 0o555)
+    return {"wrapper": (setpriv, "--inh-caps=-all", "--bounding-set=-all")}
+
+
+def test_read_only_output_as_unprivileged_user():
     top = Path(tempfile.mkdtemp(prefix="panacea-ro-"))
     try:
         os.chmod(top, 0o755)
         out = top / "LRS2"
         out.mkdir(mode=0o755)
-        if os.getuid() == 0:
-            import pwd
-
-            nobody = pwd.getpwnam("nobody")
-
-            def become():
-                os.setgid(nobody.pw_gid)
-                os.setgroups([])
-                os.setuid(nobody.pw_uid)
-
-            try:
-                probe = faults.run_cli("--version", preexec_fn=become, cwd=top)
-            except OSError as exc:
-                pytest.skip(f"user nobody cannot run {faults.sys.executable} ({exc})")
-            if probe.returncode != 0:
-                pytest.skip(f"user nobody cannot import panacea: {probe.output[-200:]}")
-        else:
-            os.chmod(out, 0o555)
-            become = None
-        run = faults.run_cli("-d", DATE, "-s", "uv", "--baseraw", night, "--output", out,
-                             preexec_fn=become, cwd=top)
+        how = _unprivileged(top, out)
+        run = faults.run_cli("-d", DATE, "-s", "uv", "--baseraw", top, "--output", out,
+                             cwd=top, **how)
         assert run.returncode == 2, run.output
         assert run.errors == [run.output.strip().splitlines()[-1]]
         assert f"output {out}: not writable" in run.errors[0]
         assert "Traceback" not in run.output and list(out.iterdir()) == []
     finally:
         os.chmod(top, stat.S_IRWXU)
+        if (top / "LRS2").exists():
+            os.chmod(top / "LRS2", stat.S_IRWXU)
         shutil.rmtree(top, ignore_errors=True)
 
 
