@@ -144,7 +144,7 @@ def test_unreadable_tarball_named_and_skipped(night, tmp_path, fakeraw, content,
     assert {1, 2, 3, 4, 5, 6, 8, 12} <= {e.obsid for e in index.exposures()}
     assert len(index.problems) == 1
     assert str(index.problems[0]).startswith(f"{tar}: ") and problem in str(index.problems[0])
-    assert "\n" not in str(index.problems[0])
+    assert "\n" not in str(index.problems[0]) and index.problems[0].file == str(tar)
 
 
 def test_duplicated_exposure_warned_once(tmp_path, fakeraw, caplog):
@@ -183,6 +183,7 @@ def test_bad_frame_refused_with_its_name(fakeraw, make, problem):
     with pytest.raises(FrameError) as err:
         read_amp(Reader(make(fakeraw)), Member())
     assert Member.location in str(err.value) and problem in str(err.value)
+    assert err.value.file == Member.location  # for the night summary
 
 
 def test_float_frame_read_with_a_warning(fakeraw, caplog):
@@ -282,8 +283,9 @@ def test_bundle_bit_flip_and_older_layout_refused(reference, tmp_path):
     assert read_bundle(src).arrays["wavelength"].shape == (280, 2064)
     flipped = shutil.copy(src, tmp_path / "flipped.fits")
     faults.overwrite(flipped, os.path.getsize(src) // 2, 64)
-    with pytest.raises(BundleError, match=r"flipped\.fits: HDU \d+ \(\w+\) fails its"):
+    with pytest.raises(BundleError, match=r"flipped\.fits: HDU \d+ \(\w+\) fails its") as err:
         read_bundle(flipped)
+    assert err.value.file == str(flipped)
     older = tmp_path / "older.fits"
     with fits.open(src) as hdul:
         hdul[0].header["CALVERS"] = 0

@@ -21,6 +21,7 @@ import logging
 import lzma
 import re
 import tarfile
+import warnings
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
 
 from panacea import instrument
 from panacea.errors import ArchiveError, CalibrationNotFound, NoDataError
@@ -474,17 +476,20 @@ class NightIndex:
             try:
                 return fh.read()
             except _TAR_ERRORS as exc:
-                raise ArchiveError(f"{rawfile.location}: cannot read ({exc})") from exc
+                raise ArchiveError(f"{rawfile.location}: cannot read ({exc})",
+                                   file=rawfile.location) from exc
 
     def read_header(self, rawfile: RawFile | GuiderFile) -> fits.Header:
         """Primary FITS header of one raw file, reading only the header blocks."""
         with self._open_file(rawfile) as fh:
             try:
-                return fits.Header.fromfile(fh)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", AstropyUserWarning)  # reported below
+                    return fits.Header.fromfile(fh)
             except (*_TAR_ERRORS, ValueError) as exc:
                 why = f"{type(exc).__name__}: {exc}" if str(exc) else "no FITS header found"
-                raise ArchiveError(f"{rawfile.location}: cannot read FITS header ({why})"
-                                   ) from exc
+                raise ArchiveError(f"{rawfile.location}: cannot read FITS header ({why})",
+                                   file=rawfile.location) from exc
 
     def _open_file(self, rawfile: RawFile | GuiderFile) -> IO[bytes]:
         if rawfile.member is None:
@@ -539,17 +544,18 @@ class NightIndex:
         :attr:`problems`. Members whose data run past the end of the file are left out.
         """
         if path.stat().st_size == 0:
-            return self._problem(f"{path}: empty file (0 bytes), not a tarball; skipped")
+            return self._problem(f"{path}: empty file (0 bytes), not a tarball; skipped",
+                                 path)
         try:
             tar = tarfile.open(path)  # noqa: SIM115 - kept open in the handle cache
         except _TAR_ERRORS as exc:
             return self._problem(f"{path}: not a readable tarball ({_first_line(exc)}); "
-                                 "skipped")
+                                 "skipped", path)
         members, damage = _members_until_damage(tar)
         if damage is not None:
             kept = f"{len(members)} members before the damage indexed" if members else \
                 "no member readable"
-            self._problem(f"{path}: corrupt or truncated tarball ({damage}); {kept}")
+            self._problem(f"{path}: corrupt or truncated tarball ({damage}); {kept}", path)
         if not members:
             tar.close()
             return []
@@ -561,7 +567,8 @@ class NightIndex:
                 continue
             if size is not None and info.offset_data + info.size > size:
                 self._problem(f"{path}:{info.name}: member truncated ({size - info.offset_data}"
-                              f" of {info.size} bytes in the file); skipped")
+                              f" of {info.size} bytes in the file); skipped",
+                              f"{path}:{info.name}")
                 continue
             item = parse(info.name, path, self.date, info.name)
             if item is None:
@@ -571,9 +578,9 @@ class NightIndex:
             found.append(item)
         return found
 
-    def _problem(self, message: str) -> list:
+    def _problem(self, message: str, file: str | Path) -> list:
         """Log and record an archive problem; returns an empty list for the caller."""
-        problem = ArchiveError(message)
+        problem = ArchiveError(message, file=file)
         log.error("%s", problem)
         self.problems.append(problem)
         return []

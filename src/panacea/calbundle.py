@@ -180,19 +180,23 @@ def verify_bundle(path: str | Path) -> None:
             for i, hdu in enumerate(hdul):
                 name = hdu.name or str(i)
                 if "CHECKSUM" not in hdu.header or "DATASUM" not in hdu.header:
-                    raise BundleError(f"{path}: HDU {i} ({name}) has no checksum cards")
+                    raise _bad(path, f"HDU {i} ({name}) has no checksum cards")
                 if hdu.verify_datasum() != 1:
-                    raise BundleError(f"{path}: HDU {i} ({name}) fails its data checksum "
-                                      "(bytes changed or truncated)")
+                    raise _bad(path, f"HDU {i} ({name}) fails its data checksum (bytes changed "
+                               "or truncated)")
                 if hdu.verify_checksum() != 1:
-                    raise BundleError(f"{path}: HDU {i} ({name}) fails its checksum "
-                                      "(header or data bytes changed)")
+                    raise _bad(path, f"HDU {i} ({name}) fails its checksum (header or data "
+                               "bytes changed)")
     except BundleError:
         raise
     except (OSError, ValueError, TypeError, IndexError, EOFError) as err:
-        raise BundleError(f"{path}: damaged or truncated calibration bundle "
-                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-                          ) from err
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise _bad(path, f"damaged or truncated calibration bundle ({type(err).__name__}: "
+                   f"{first})") from err
+
+
+def _bad(path: Path, problem: str) -> BundleError:
+    return BundleError(f"{path}: {problem}", file=path)
 
 
 def read_bundle(path: str | Path, verify: bool = True) -> CalibrationBundle:
@@ -216,7 +220,7 @@ def read_bundle(path: str | Path, verify: bool = True) -> CalibrationBundle:
         return CalibrationBundle(str(prim["CALDATE"]), str(prim["CHANNEL"]), arrays, inputs,
                                  meta, str(prim.get("CALFP", "")))
     except ProductError as err:
-        raise BundleError(str(err)) from err
+        raise BundleError(str(err), file=path) from err
     except (OSError, ValueError, TypeError, KeyError, IndexError) as err:
-        raise BundleError(f"{path}: unreadable calibration bundle ({type(err).__name__}: "
-                          f"{err})") from err
+        raise _bad(Path(path), f"unreadable calibration bundle ({type(err).__name__}: "
+                   f"{err})") from err

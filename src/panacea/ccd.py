@@ -337,8 +337,12 @@ def read_amp(reader: RawReader, rawfile, overscan: str = "row",
         Unreadable file, no data, not 2-D, unexpected shape or a constant image.
     """
     where = rawfile.location
-    raw, header = _load(reader, rawfile)
-    data, adu = subtract_overscan(raw, header, overscan, where)
+    try:
+        raw, header = _load(reader, rawfile)
+        data, adu = subtract_overscan(raw, header, overscan, where)
+    except FrameError as err:
+        err.file = err.file or where
+        raise
     image, variance = _electrons(adu, header, where)
     mask = np.where(data >= instrument.SATURATION_ADU, Mask.SATURATED, 0)
     mask |= np.where(np.isfinite(data), 0, Mask.NO_DATA)

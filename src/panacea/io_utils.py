@@ -82,7 +82,8 @@ def write_fits_atomic(hdul: fits.HDUList, path: str | Path) -> Path:
         reason = exc.strerror or str(exc)
         if "requested and" in reason:  # astropy's short write: the disk or a size limit
             reason = f"disk full or file-size limit reached: {reason}"
-        raise WriteError(f"{path}: cannot write ({reason}); no partial file left") from exc
+        raise WriteError(f"{path}: cannot write ({reason}); no partial file left",
+                         file=path) from exc
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)

@@ -164,7 +164,7 @@ def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration
     exptime = exposure.exptime
     if exptime is None or exptime <= 0:
         raise PanaceaError(f"{exposure.name} {ch.name}: {exposure.exptime_problem()}; "
-                           "exposure skipped")
+                           "exposure skipped", file=exposure.file(ch.ifuslot).location)
     header = frame.header.copy()
     saturated = (frame.mask & Mask.SATURATED) > 0
     if saturated.mean() > MAX_SATURATED_FRACTION:
