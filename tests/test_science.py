@@ -201,10 +201,10 @@ def test_bad_science_frames_are_named_skipped_or_flagged(reduced, sim_night, fak
     skipped = {(o["obsid"], o["channel"]): o for o in summary["outcomes"]
                if o["kind"] == "science" and o["status"] == "skipped"}
     assert set(skipped) == {(12, "red"), (7, "red"), (7, "farred")}
-    assert "EXPTIME 0.0 is not positive" in skipped[7, "red"]["reason"]
+    assert "EXPTIME 0.0 is not a positive number" in skipped[7, "red"]["reason"]
     text = caplog.text
     assert "amplifier 066LU of channel red is missing (not in lrs20000012.tar)" in text
-    assert "lrs20000007 exp01 red" in text and "EXPTIME 0.0 is not positive" in text
+    assert "lrs20000007 exp01 red" in text and "EXPTIME 0.0 is not a positive number" in text
     assert "lrs20000007.tar" in text
     assert "lrs20000008 exp01 farred" in text and "saturated" in text
 

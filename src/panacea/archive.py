@@ -21,6 +21,7 @@ import logging
 import lzma
 import re
 import tarfile
+import warnings
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,9 +29,11 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
 
 from panacea import instrument
 from panacea.errors import ArchiveError, CalibrationNotFound, NoDataError
+from panacea.io_utils import card_text, header_number, header_value
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -294,27 +297,71 @@ class Exposure:
         raise ArchiveError(f"{self.name}: no file for IFU slot {ifuslot} amplifier {amp}")
 
     def header(self, ifuslot: str | None = None, amp: str | None = None) -> fits.Header:
-        """Primary header of one amp file (default: the first), read once and cached."""
-        rawfile = self.file(ifuslot, amp)
+        """Primary header of one amp file, read once and cached.
+
+        Without ``ifuslot`` and ``amp`` it is the first amp file whose header can be read
+        (the exposure-wide cards OBJECT, EXPTIME, QPROG are the same in every amp file), so
+        one damaged member does not hide the exposure's description.
+
+        Raises
+        ------
+        ArchiveError
+            When the header (or, without a choice of amp, every header) is unreadable.
+        """
+        if ifuslot is not None or amp is not None:
+            return self._read_header(self.file(ifuslot, amp))
+        first_error = None
+        for rawfile in self.files.values():
+            try:
+                return self._read_header(rawfile)
+            except ArchiveError as err:
+                first_error = first_error or err
+        raise first_error if first_error else ArchiveError(f"{self.name}: no files")
+
+    def _read_header(self, rawfile: RawFile) -> fits.Header:
         if rawfile not in self._headers:
             self._headers[rawfile] = self._index.read_header(rawfile)
         return self._headers[rawfile]
 
     @property
     def object(self) -> str:
-        """Header OBJECT (stripped; empty when absent)."""
-        return str(self.header().get("OBJECT", "")).strip()
+        """Header OBJECT (stripped; empty when absent or unparsable)."""
+        try:
+            value = header_value(self.header(), "OBJECT")
+        except ArchiveError:
+            return ""  # the frame reader names the damaged file when the exposure is read
+        return "" if value is None else str(value).strip()
 
     @property
     def exptime(self) -> float | None:
-        """Header EXPTIME in seconds, or None when absent."""
-        value = self.header().get("EXPTIME")
-        return None if value is None else float(value)
+        """Header EXPTIME in seconds; None when absent, unparsable, not a finite number or
+        negative (see :meth:`exptime_problem`)."""
+        try:
+            value = header_number(self.header(), "EXPTIME")
+        except ArchiveError:
+            return None
+        return None if value is None or value < 0 else value
+
+    def exptime_problem(self) -> str | None:
+        """Why EXPTIME is unusable for a science frame (None when it is a positive number):
+        ``EXPTIME 'NaN' is not a positive number in {file}``."""
+        value = self.exptime
+        if value is not None and value > 0:
+            return None
+        try:
+            shown = card_text(self.header(), "EXPTIME")
+        except ArchiveError as err:
+            return f"EXPTIME unknown: {err}"
+        return f"EXPTIME {shown} is not a positive number of seconds in {self.file().location}"
 
     @property
     def program(self) -> str | None:
         """Header QPROG (program id), or None for exposures without a program."""
-        value = str(self.header().get("QPROG", "")).strip()
+        try:
+            value = header_value(self.header(), "QPROG")
+        except ArchiveError:
+            return None
+        value = "" if value is None else str(value).strip()
         return value or None
 
 
@@ -429,15 +476,20 @@ class NightIndex:
             try:
                 return fh.read()
             except _TAR_ERRORS as exc:
-                raise ArchiveError(f"{rawfile.location}: cannot read ({exc})") from exc
+                raise ArchiveError(f"{rawfile.location}: cannot read ({exc})",
+                                   file=rawfile.location) from exc
 
     def read_header(self, rawfile: RawFile | GuiderFile) -> fits.Header:
         """Primary FITS header of one raw file, reading only the header blocks."""
         with self._open_file(rawfile) as fh:
             try:
-                return fits.Header.fromfile(fh)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", AstropyUserWarning)  # reported below
+                    return fits.Header.fromfile(fh)
             except (*_TAR_ERRORS, ValueError) as exc:
-                raise ArchiveError(f"{rawfile.location}: cannot read FITS header ({exc})") from exc
+                why = f"{type(exc).__name__}: {exc}" if str(exc) else "no FITS header found"
+                raise ArchiveError(f"{rawfile.location}: cannot read FITS header ({why})",
+                                   file=rawfile.location) from exc
 
     def _open_file(self, rawfile: RawFile | GuiderFile) -> IO[bytes]:
         if rawfile.member is None:
@@ -485,23 +537,38 @@ class NightIndex:
         return found
 
     def _scan_tarball(self, path: Path, parse) -> list:
-        """List one tarball (opening it exactly once) and keep its handle for reading."""
-        tar = None
+        """List one tarball (opening it exactly once) and keep its handle for reading.
+
+        A tarball damaged part-way is indexed up to the damage: every member whose header
+        and data lie before it is kept, the damage is logged and recorded in
+        :attr:`problems`. Members whose data run past the end of the file are left out.
+        """
+        if path.stat().st_size == 0:
+            return self._problem(f"{path}: empty file (0 bytes), not a tarball; skipped",
+                                 path)
         try:
             tar = tarfile.open(path)  # noqa: SIM115 - kept open in the handle cache
-            members = tar.getmembers()
         except _TAR_ERRORS as exc:
-            if tar is not None:
-                tar.close()
-            problem = ArchiveError(f"{path}: corrupt or truncated tarball "
-                                   f"({type(exc).__name__}: {exc}); skipped")
-            log.error("%s", problem)
-            self.problems.append(problem)
+            return self._problem(f"{path}: not a readable tarball ({_first_line(exc)}); "
+                                 "skipped", path)
+        members, damage = _members_until_damage(tar)
+        if damage is not None:
+            kept = f"{len(members)} members before the damage indexed" if members else \
+                "no member readable"
+            self._problem(f"{path}: corrupt or truncated tarball ({damage}); {kept}", path)
+        if not members:
+            tar.close()
             return []
         self._keep(path, tar)
+        size = path.stat().st_size if path.name.endswith(".tar") else None  # uncompressed
         found = []
         for info in members:
             if not info.isfile():
+                continue
+            if size is not None and info.offset_data + info.size > size:
+                self._problem(f"{path}:{info.name}: member truncated ({size - info.offset_data}"
+                              f" of {info.size} bytes in the file); skipped",
+                              f"{path}:{info.name}")
                 continue
             item = parse(info.name, path, self.date, info.name)
             if item is None:
@@ -510,6 +577,13 @@ class NightIndex:
             self._tarinfo[(path, info.name)] = info
             found.append(item)
         return found
+
+    def _problem(self, message: str, file: str | Path) -> list:
+        """Log and record an archive problem; returns an empty list for the caller."""
+        problem = ArchiveError(message, file=file)
+        log.error("%s", problem)
+        self.problems.append(problem)
+        return []
 
     def _scan_tree(self, root: Path, base: Path, parse) -> list:
         """Index the FITS files of an unpacked tree (names relative to ``base``)."""
@@ -549,6 +623,28 @@ class NightIndex:
                             exposure.name, exposure.ftype)
             out.append(exposure)
         return out
+
+
+def _first_line(exc: BaseException) -> str:
+    """A one-line description of a tarfile error (its multi-line 'tried every method' text
+    becomes 'neither tar nor gzip, bzip2 or xz')."""
+    text = str(exc)
+    if "could not be opened successfully" in text:
+        return "neither a tar file nor a gzip, bzip2 or xz compressed one"
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _members_until_damage(tar: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], str | None]:
+    """Members of an open tarball read one by one up to the first damage (None: none)."""
+    members = []
+    while True:
+        try:
+            info = tar.next()
+        except _TAR_ERRORS as exc:
+            return members, _first_line(exc)
+        if info is None:
+            return members, None
+        members.append(info)
 
 
 # --------------------------------------------------------------------------- archive

@@ -9,15 +9,20 @@ rerun can tell whether the bundle is still valid.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
 
+from . import __version__
 from .products import Extension, Layout, ProductError, read_product, write_product
 
 LAYOUT_VERSION = 1
+#: Bytes hashed at each end of a raw file by :func:`file_digest`.
+HASH_BLOCK = 1 << 16
 
 
 #: Extensions of the calibration bundle, in file order (index = HDU number).
@@ -73,13 +78,16 @@ class CalibrationBundle:
     arrays: dict[str, np.ndarray]
     inputs: list[str] = field(default_factory=list)  # raw exposures used
     meta: dict = field(default_factory=dict)  # header cards (short keys)
+    #: fingerprint of the inputs' content, the options and the pipeline version (see
+    #: :func:`content_fingerprint`); empty: from the input names and options only
+    fprint: str = ""
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]
 
     @property
     def fingerprint(self) -> str:
-        return inputs_fingerprint(self.inputs, self.meta.get("OPTIONS", ""))
+        return self.fprint or inputs_fingerprint(self.inputs, self.meta.get("OPTIONS", ""))
 
 
 def inputs_fingerprint(inputs: list[str], options: str = "") -> str:
@@ -88,6 +96,52 @@ def inputs_fingerprint(inputs: list[str], options: str = "") -> str:
     for item in sorted(inputs):
         h.update(item.encode())
     h.update(options.encode())
+    return h.hexdigest()[:16]
+
+
+def file_digest(path: str | Path, block: int = HASH_BLOCK) -> str:
+    """Cheap content digest of one raw file: size, modification time (ns) and a BLAKE2 hash
+    of its first and last ``block`` bytes.
+
+    Any rewrite of the file changes its mtime; a replaced or truncated file changes its
+    size or its ends. Returns ``missing`` for a file that cannot be read.
+    """
+    path = Path(path)
+    try:
+        stat = path.stat()
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as fh:
+            h.update(fh.read(block))
+            if stat.st_size > block:
+                fh.seek(max(block, stat.st_size - block))
+                h.update(fh.read(block))
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{h.hexdigest()}"
+
+
+def content_fingerprint(inputs: list[str], sources: list[str | Path], options: str = "",
+                        version: str = __version__) -> str:
+    """Fingerprint of a calibration's inputs by content, its options and the pipeline.
+
+    Parameters
+    ----------
+    inputs : list of str
+        Names of the raw exposures used.
+    sources : list of path
+        The tarballs or loose files holding them (each digested by :func:`file_digest`).
+    options : str
+        Description of the options that shape the calibration.
+    version : str
+        Pipeline version; a new version never reuses an older bundle.
+    """
+    h = hashlib.sha1()
+    for item in sorted(inputs):
+        h.update(item.encode() + b"\0")
+    for source in sorted(sources, key=lambda p: Path(p).parts[-3:]):
+        where = "/".join(Path(source).parts[-3:])  # night/lrs2/file: the archive may move
+        h.update(f"{where}={file_digest(source)}\0".encode())
+    h.update(f"options={options}\0version={version}".encode())
     return h.hexdigest()[:16]
 
 
@@ -110,13 +164,63 @@ def write_bundle(bundle: CalibrationBundle, path: str | Path) -> Path:
     return write_product(CAL_LAYOUT, bundle.arrays, path, header)
 
 
-def read_bundle(path: str | Path) -> CalibrationBundle:
-    """Read a bundle, checking its layout version and extension names."""
+def verify_bundle(path: str | Path) -> None:
+    """Check every HDU's CHECKSUM and DATASUM and that the file holds all its data.
+
+    Raises
+    ------
+    BundleError
+        Naming the file and the first HDU that is truncated, unreadable, lacks checksums or
+        fails them.
+    """
+    path = Path(path)
     try:
-        arrays, prim = read_product(CAL_LAYOUT, path)
+        with fits.open(path, memmap=False, lazy_load_hdus=False,
+                       disable_image_compression=True) as hdul:  # sums of the stored bytes
+            for i, hdu in enumerate(hdul):
+                name = hdu.name or str(i)
+                if "CHECKSUM" not in hdu.header or "DATASUM" not in hdu.header:
+                    raise _bad(path, f"HDU {i} ({name}) has no checksum cards")
+                if hdu.verify_datasum() != 1:
+                    raise _bad(path, f"HDU {i} ({name}) fails its data checksum (bytes changed "
+                               "or truncated)")
+                if hdu.verify_checksum() != 1:
+                    raise _bad(path, f"HDU {i} ({name}) fails its checksum (header or data "
+                               "bytes changed)")
+    except BundleError:
+        raise
+    except (OSError, ValueError, TypeError, IndexError, EOFError) as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise _bad(path, f"damaged or truncated calibration bundle ({type(err).__name__}: "
+                   f"{first})") from err
+
+
+def _bad(path: Path, problem: str) -> BundleError:
+    return BundleError(f"{path}: {problem}", file=path)
+
+
+def read_bundle(path: str | Path, verify: bool = True) -> CalibrationBundle:
+    """Read a bundle, checking its checksums (``verify``), layout version and extension
+    names.
+
+    Raises
+    ------
+    BundleError
+        When the file is missing, truncated, fails its checksums or has another layout.
+    """
+    if verify:
+        verify_bundle(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyUserWarning)  # checked above
+            arrays, prim = read_product(CAL_LAYOUT, path)
+        inputs = [prim[f"HIERARCH PAN INPUT {i}"] for i in range(prim.get("NINPUTS", 0))]
+        meta = {k.replace("PAN ", "", 1): v for k, v in prim.items()
+                if k.startswith("PAN ") and not k.startswith("PAN INPUT")}
+        return CalibrationBundle(str(prim["CALDATE"]), str(prim["CHANNEL"]), arrays, inputs,
+                                 meta, str(prim.get("CALFP", "")))
     except ProductError as err:
-        raise BundleError(str(err)) from err
-    inputs = [prim[f"HIERARCH PAN INPUT {i}"] for i in range(prim.get("NINPUTS", 0))]
-    meta = {k.replace("PAN ", "", 1): v for k, v in prim.items()
-            if k.startswith("PAN ") and not k.startswith("PAN INPUT")}
-    return CalibrationBundle(str(prim["CALDATE"]), str(prim["CHANNEL"]), arrays, inputs, meta)
+        raise BundleError(str(err), file=path) from err
+    except (OSError, ValueError, TypeError, KeyError, IndexError) as err:
+        raise _bad(Path(path), f"unreadable calibration bundle ({type(err).__name__}: "
+                   f"{err})") from err

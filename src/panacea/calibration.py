@@ -20,7 +20,7 @@ from .bias import MasterBias, master_bias
 from .calbundle import CalibrationBundle
 from .ccd import Frame, Mask, read_channel
 from .combine import combine_frames, frame_level
-from .errors import CalibrationNotFound, FrameError, PanaceaError
+from .errors import ArchiveError, CalibrationNotFound, FrameError, PanaceaError
 from .extract import boxcar
 from .flat import fiber_to_fiber, pixel_flat, pixel_map
 from .profile import trace_and_profile
@@ -66,9 +66,19 @@ class CalibrationPlan:
     arcs: dict[str, list[Exposure]]  # lamp -> exposures
 
     @property
-    def inputs(self) -> list[str]:
+    def exposures(self) -> list[Exposure]:
+        """Every exposure the calibration reads (each once)."""
         exps = self.bias + self.flat + self.internal + [e for v in self.arcs.values() for e in v]
-        return sorted({e.name for e in exps})
+        return list({e.name: e for e in exps}.values())
+
+    @property
+    def inputs(self) -> list[str]:
+        return sorted(e.name for e in self.exposures)
+
+    @property
+    def sources(self) -> list:
+        """Raw files (tarballs or loose FITS files) holding the inputs, sorted."""
+        return sorted({f.source for e in self.exposures for f in e.files.values()})
 
 
 def _lamp(exposure: Exposure) -> str | None:
@@ -77,7 +87,12 @@ def _lamp(exposure: Exposure) -> str | None:
 
 def _header_agrees(exposure: Exposure) -> bool:
     """False (with a warning) when IMAGETYP contradicts the frame type in the file name."""
-    imagetyp = str(exposure.header().get("IMAGETYP", exposure.ftype)).strip().lower()
+    try:
+        header = exposure.header()
+    except ArchiveError as err:
+        log.warning("%s left out: %s", exposure.name, err)
+        return False
+    imagetyp = str(header.get("IMAGETYP", exposure.ftype)).strip().lower()
     if imagetyp and imagetyp != exposure.ftype:
         log.warning("%s: header IMAGETYP %r contradicts file type %r; left out",
                     exposure.name, imagetyp, exposure.ftype)
@@ -104,7 +119,14 @@ def plan_calibration(
 
     bias = find("bias")
     twi_kind = "flt" if options.use_flat else "twi"
-    flat = find(twi_kind)
+    try:
+        flat = find(twi_kind)
+    except CalibrationNotFound as err:
+        if options.use_flat or not _has_internal_flats(archive, date, channel, options):
+            raise
+        raise CalibrationNotFound(f"{err}; internal flats exist: rerun with -uf (--use_flat) "
+                                  "to trace and flat-field with them", err.kind, err.searched,
+                                  err.baseraw) from None
     try:
         internal = flat if options.use_flat else find("flt")
     except CalibrationNotFound:
@@ -128,6 +150,16 @@ def plan_calibration(
     return CalibrationPlan(bias=bias, flat=flat, internal=internal, arcs=arcs)
 
 
+def _has_internal_flats(archive: Archive, date: str, channel: instrument.Channel,
+                        options: CalibrationOptions) -> bool:
+    window = (options.windows or {}).get("flt")
+    try:
+        archive.find_calibration(date, "flt", window=window, channel=channel)
+    except CalibrationNotFound:
+        return False
+    return True
+
+
 def _night(archive: Archive, exposure: Exposure) -> NightIndex:
     return archive.night(exposure.date)
 
@@ -136,8 +168,18 @@ def build_master_bias(archive: Archive, exposures: list[Exposure], channel: inst
                       overscan: str = "row") -> MasterBias:
     """Master bias from bias exposures; frames go through a disk-backed stack (bounded memory)."""
     frames = list(exposures)
+    first = None
+    while frames and first is None:  # the first readable bias sets the shape
+        e = frames.pop(0)
+        try:
+            first = read_channel(_night(archive, e), e, channel, overscan=overscan)
+        except FrameError as err:
+            log.warning("bias left out: %s", err)
+    if first is None:
+        raise PanaceaError(f"{channel.name}: none of the biases "
+                           f"{[e.name for e in exposures]} is usable")
+    frames.insert(0, e)
     with tempfile.TemporaryDirectory(prefix="panacea-bias-") as tmp:
-        first = read_channel(_night(archive, frames[0]), frames[0], channel, overscan=overscan)
         shape = first.image.shape
         stack = np.lib.format.open_memmap(f"{tmp}/stack.npy", mode="w+", dtype=np.float32,
                                           shape=(len(frames), *shape))
@@ -145,11 +187,16 @@ def build_master_bias(archive: Archive, exposures: list[Exposure], channel: inst
         kept = 1
         for e in frames[1:]:
             try:
-                stack[kept] = read_channel(_night(archive, e), e, channel,
-                                           overscan=overscan).image
-                kept += 1
+                image = read_channel(_night(archive, e), e, channel, overscan=overscan).image
             except FrameError as err:
                 log.warning("bias left out: %s", err)
+                continue
+            if image.shape != shape:
+                log.warning("bias left out: %s %s: shape %s differs from the first bias's %s",
+                            e.name, channel.name, image.shape, shape)
+                continue
+            stack[kept] = image
+            kept += 1
         return master_bias(lambda i, rows: np.asarray(stack[i, rows]), kept, shape,
                            amp_rows=shape[0] // 2)
 
@@ -181,6 +228,10 @@ def master_frame(archive: Archive, exposures: list[Exposure], channel: instrumen
         if level < min_level:
             log.warning("%s: %s far too faint (level %.0f e- < %.0f); left out", e.name,
                         instrument.FRAME_TYPES[e.ftype], level, min_level)
+            continue
+        if images and f.image.shape != images[0].shape:
+            log.warning("%s %s: shape %s differs from the other frames' %s; left out",
+                        e.name, channel.name, f.image.shape, images[0].shape)
             continue
         images.append(f.image)
         variances.append(f.variance)

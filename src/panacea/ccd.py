@@ -24,7 +24,7 @@ from scipy.signal import savgol_filter
 
 from panacea import instrument
 from panacea.errors import FrameError, PanaceaError
-from panacea.io_utils import header_number
+from panacea.io_utils import card_text, header_number, header_value
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ OVERSCAN_MEDIAN = 7
 OVERSCAN_SMOOTH = 31
 #: Binning factors accepted along each axis.
 BINNINGS = (1, 2)
+#: Header AMPNAME values of LRS2 amplifiers (LR and UL mark reversed columns).
+KNOWN_AMPNAMES = ("LL", "LU", "RU", "RL", "LR", "UL")
+#: Smallest fraction of finite raw pixels for a frame to be used.
+MIN_FINITE_FRACTION = 0.5
 
 _SECTION_RE = re.compile(r"^\s*\[(\d+):(\d+),(\d+):(\d+)\]\s*$")
 
@@ -197,8 +201,8 @@ def detector_value(header: fits.Header, key: str, default: float, where: str = "
     """
     number = header_number(header, key)
     if number is None or number <= 0:
-        log.warning("%s: header %s=%r missing or not positive; using default %g",
-                    where, key, header.get(key), default)
+        log.warning("%s: header %s=%s missing or not positive; using default %g",
+                    where, key, card_text(header, key), default)
         return default
     return number
 
@@ -216,6 +220,7 @@ def _load(reader: RawReader, rawfile) -> tuple[np.ndarray, fits.Header]:
     try:
         with fits.open(io.BytesIO(content), memmap=False) as hdul:
             header = hdul[0].header.copy()
+            raw_bitpix = hdul[0].header.get("BITPIX")
             data = hdul[0].data
             data = None if data is None else np.array(data, dtype=np.float32)
     except (OSError, ValueError, TypeError, IndexError, fits.VerifyError) as exc:
@@ -224,8 +229,17 @@ def _load(reader: RawReader, rawfile) -> tuple[np.ndarray, fits.Header]:
         raise FrameError(f"{where}: the primary HDU holds no data")
     if data.ndim != 2:
         raise FrameError(f"{where}: expected a 2-D image, got shape {data.shape}")
-    if data.size == 0 or np.nanmin(data) == np.nanmax(data):
-        raise FrameError(f"{where}: the image is constant ({data.flat[0]:g} ADU everywhere)")
+    if raw_bitpix != 16:
+        log.warning("%s: BITPIX %s, not the 16-bit unsigned integers of raw LRS2 frames; "
+                    "read as given", where, raw_bitpix)
+    finite = np.isfinite(data)
+    if data.size == 0 or not finite.any():
+        raise FrameError(f"{where}: no finite pixel (the image is all NaN or infinite)")
+    if finite.mean() < MIN_FINITE_FRACTION:
+        raise FrameError(f"{where}: only {100 * finite.mean():.1f}% of the pixels are finite "
+                         f"(at least {100 * MIN_FINITE_FRACTION:.0f}% needed)")
+    if np.nanmin(data) == np.nanmax(data):
+        raise FrameError(f"{where}: the image is constant ({np.nanmax(data):g} ADU everywhere)")
     return data, header
 
 
@@ -266,11 +280,21 @@ def _electrons(adu: np.ndarray, header: fits.Header, where: str) -> tuple[np.nda
 
 
 def _check_amp(header: fits.Header, amp: str, where: str) -> None:
-    """Warn when CCDPOS + CCDHALF disagree with the amp code of the file name."""
+    """Warn when CCDPOS + CCDHALF disagree with the amp code of the file name, or AMPNAME
+    is none of the amplifier names."""
+    ampname = header_value(header, "AMPNAME")
+    if ampname is not None and str(ampname).strip().upper() not in KNOWN_AMPNAMES:
+        log.warning("%s: unknown header AMPNAME %s (expected one of %s); columns not "
+                    "reversed", where, card_text(header, "AMPNAME"), ", ".join(KNOWN_AMPNAMES))
     code = f"{header.get('CCDPOS', '')}{header.get('CCDHALF', '')}".replace(" ", "").upper()
     if code and code != amp:
         log.warning("%s: header CCDPOS+CCDHALF=%s differs from the file name's amp %s; "
                     "orienting as %s", where, code, amp, amp)
+
+
+def _ampname(header: fits.Header) -> str | None:
+    value = header_value(header, "AMPNAME")
+    return None if value is None else str(value)
 
 
 def _bad_pixel_bits(bad_pixel_mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -313,14 +337,18 @@ def read_amp(reader: RawReader, rawfile, overscan: str = "row",
         Unreadable file, no data, not 2-D, unexpected shape or a constant image.
     """
     where = rawfile.location
-    raw, header = _load(reader, rawfile)
-    data, adu = subtract_overscan(raw, header, overscan, where)
+    try:
+        raw, header = _load(reader, rawfile)
+        data, adu = subtract_overscan(raw, header, overscan, where)
+    except FrameError as err:
+        err.file = err.file or where
+        raise
     image, variance = _electrons(adu, header, where)
     mask = np.where(data >= instrument.SATURATION_ADU, Mask.SATURATED, 0)
     mask |= np.where(np.isfinite(data), 0, Mask.NO_DATA)
     _check_amp(header, rawfile.amp, where)
     image, variance, mask = (
-        np.ascontiguousarray(instrument.orient(a, rawfile.amp, header.get("AMPNAME")))
+        np.ascontiguousarray(instrument.orient(a, rawfile.amp, _ampname(header)))
         for a in (image, variance, mask))
     frame = Frame(image, variance, mask, header, where)
     if bad_pixel_mask is not None:

@@ -20,9 +20,13 @@ SUBCOMMANDS = ("simulate", "inventory", "config")
 
 
 def _date(text: str) -> str:
-    if len(text) != 8 or not text.isdigit():
-        raise argparse.ArgumentTypeError(f"date must be YYYYMMDD, got {text!r}")
-    return text
+    from .errors import UsageError
+    from .validate import parse_date
+
+    try:
+        return parse_date(text)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def reduce_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,21 @@ from __future__ import annotations
 
 
 class PanaceaError(Exception):
-    """Base class of all Panacea errors."""
+    """Base class of all Panacea errors.
+
+    Attributes
+    ----------
+    file : str or None
+        The file (or ``tarball:member``) the error is about, when one is known; drivers put
+        it in the night summary.
+    """
+
+    file: str | None = None
+
+    def __init__(self, *args, file: str | None = None):
+        super().__init__(*args)
+        if file is not None:
+            self.file = str(file)
 
 
 class ArchiveError(PanaceaError):
@@ -41,3 +55,11 @@ class CalibrationNotFound(ArchiveError):
 
 class FrameError(PanaceaError):
     """A raw amplifier frame is unreadable, malformed or missing."""
+
+
+class UsageError(PanaceaError):
+    """A command-line value or the environment it names is unusable (exit status 2)."""
+
+
+class WriteError(PanaceaError, OSError):
+    """A product could not be written (disk full, file-size limit, permissions)."""

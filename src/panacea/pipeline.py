@@ -21,14 +21,15 @@ from .calbundle import (
     BundleError,
     CalibrationBundle,
     bundle_path,
-    inputs_fingerprint,
+    content_fingerprint,
+    file_digest,
     read_bundle,
     write_bundle,
 )
 from .calibration import CalibrationOptions, StageTimer, calibrate_channel, plan_calibration
 from .errors import NoDataError, PanaceaError
 from .inventory import format_inventory
-from .exposure_products import FluxScale, Written, write_exposure_products
+from .exposure_products import SPECTRUM_LAYOUT, FluxScale, Written, write_exposure_products
 from .joined import CHANNEL_ORDER, combine_exposures, join_channels, write_joined
 from .products import product_folder
 from .science import ChannelCalibration, ExposureResult, ScienceOptions, reduce_exposure
@@ -55,8 +56,8 @@ def calibration_for(
     raw frames and written atomically. A reused bundle has ``meta["_reused"]`` set."""
     plan = plan_calibration(archive, date, channel, options)
     path = bundle_path(root, date, channel.name)
-    described = f"{options.describe()};config={tag};version={__version__}"
-    fingerprint = inputs_fingerprint(plan.inputs, described)
+    described = f"{options.describe()};config={tag}"
+    fingerprint = content_fingerprint(plan.inputs, plan.sources, described)
     if path.exists() and not force:
         try:
             bundle = read_bundle(path)
@@ -64,12 +65,13 @@ def calibration_for(
                 log.info("%s %s: reusing calibration %s", date, channel.name, path)
                 bundle.meta["_reused"] = True
                 return bundle
-            log.info("%s %s: inputs changed since %s was written; rebuilding", date,
-                     channel.name, path)
+            log.info("%s %s: inputs, options or pipeline version changed since %s was "
+                     "written; rebuilding", date, channel.name, path)
         except BundleError as err:
-            log.warning("%s; rebuilding it", err)
+            log.warning("%s; not reused, rebuilding it", err)
     bundle = calibrate_channel(archive, date, channel, options, plan=plan)
     bundle.meta["OPTIONS"] = described
+    bundle.fprint = fingerprint
     write_bundle(bundle, path)
     log.info("%s %s: wrote %s", date, channel.name, path)
     return bundle
@@ -201,22 +203,15 @@ def _standard_exposures(archive, night, run: RunConfig, channel) -> tuple:
 
 
 def file_stamp(path: str | Path, cache: dict | None = None) -> str:
-    """A cheap content stamp of a raw file: size, mtime (ns) and the SHA-1 of its first and
-    last 64 kB (a rewritten or truncated tarball changes it; reading it costs no more)."""
+    """The name and cheap content digest (:func:`calbundle.file_digest`) of a raw file, once
+    per path when a ``cache`` is given."""
     path = Path(path)
-    if cache is not None and path in cache:
-        return cache[path]
-    st = path.stat()
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        h.update(fh.read(65536))
-        if st.st_size > 65536:
-            fh.seek(max(65536, st.st_size - 65536))
-            h.update(fh.read(65536))
-    out = f"{path.name}:{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()[:12]}"
-    if cache is not None:
-        cache[path] = out
-    return out
+    if cache is None or path not in cache:
+        stamp = f"{path.name}:{file_digest(path)}"
+        if cache is None:
+            return stamp
+        cache[path] = stamp
+    return cache[path]
 
 
 def exposure_fingerprint(exposures, *parts: str, cache: dict | None = None) -> str:
@@ -251,12 +246,14 @@ def open_night(run: RunConfig, date: str, summary: NightSummary) -> Archive | No
     the night cannot be read."""
     archive = Archive(run.baseraw, windows=run.calibration.windows)
     try:
-        archive.night(date)
+        night = archive.night(date)
     except PanaceaError as err:
         log.error("night %s: %s", date, err)
         summary.fail_night(str(err), nodata=isinstance(err, NoDataError))
         archive.close()
         return None
+    for problem in night.problems:  # unreadable tarballs: their exposures are lost
+        summary.add("raw", "failed", reason=str(problem), file=_error_file(problem))
     return archive
 
 
@@ -459,6 +456,11 @@ def _write_joined(root, date, obsid, header, unit, night) -> Path:
         for path in sorted(folder.glob(f"spectrum_{date}_{obsid:07d}_exp*_{name}.fits")):
             try:
                 rows = fits.getdata(path).astype(float)
+                version = fits.getheader(path).get(SPECTRUM_LAYOUT.version_card)
+                if version != SPECTRUM_LAYOUT.version:
+                    log.warning("%s: spectrum layout version %s, not %s (an older run's); "
+                                "left out of the join", path, version, SPECTRUM_LAYOUT.version)
+                    continue
                 if fits.getheader(path).get("BUNIT", unit) != unit:
                     log.warning("%s: unit differs from this run's; left out of the join", path)
                     continue

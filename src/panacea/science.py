@@ -163,9 +163,8 @@ def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration
     frame = read_channel(night, exposure, ch)
     exptime = exposure.exptime
     if exptime is None or exptime <= 0:
-        raise PanaceaError(f"{exposure.name} {ch.name} "
-                           f"({exposure.file(ch.ifuslot).location}): EXPTIME {exptime} is not "
-                           "positive; exposure skipped")
+        raise PanaceaError(f"{exposure.name} {ch.name}: {exposure.exptime_problem()}; "
+                           "exposure skipped", file=exposure.file(ch.ifuslot).location)
     header = frame.header.copy()
     saturated = (frame.mask & Mask.SATURATED) > 0
     if saturated.mean() > MAX_SATURATED_FRACTION:

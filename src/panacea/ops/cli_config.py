@@ -10,7 +10,8 @@ import argparse
 import datetime as dt
 from dataclasses import replace
 
-from .. import instrument
+from ..errors import UsageError
+from ..validate import check_output_root, parse_channels, parse_date
 from . import config
 from .config import ConfigError, FluxSettings, RunConfig, Selection
 from .ledger import Ledger, new_nights
@@ -46,12 +47,9 @@ def parse_dates(text: str) -> tuple[str, ...]:
 
 def _day(text: str) -> dt.date:
     try:
-        if len(text) != 8 or not text.isdigit():
-            raise ValueError
-        return dt.datetime.strptime(text, "%Y%m%d").date()
-    except ValueError:
-        raise ConfigError(f"--dates: {text!r} is not a night YYYYMMDD of the calendar") \
-            from None
+        return dt.datetime.strptime(parse_date(text), "%Y%m%d").date()
+    except UsageError as err:
+        raise ConfigError(f"--dates: {err}") from None
 
 
 def settings_from_args(args: argparse.Namespace) -> dict:
@@ -109,8 +107,9 @@ def run_config_from_args(args: argparse.Namespace,
     chosen = [x for x in (args.date, args.dates, args.new or None) if x is not None]
     if len(chosen) != 1:
         raise ConfigError("give exactly one of -d DATE, --dates FIRST:LAST[,...] or --new")
-    channels = tuple(c.name for c in instrument.parse_channels(args.sides))
+    channels = tuple(parse_channels(args.sides))  # usage errors before any work
     run = config.build(settings, (), channels, force=args.force, wait=args.wait)
+    check_output_root(run.output)
     run = replace(
         run,
         science=replace(run.science, source_x=args.source_x, source_y=args.source_y),
@@ -126,7 +125,6 @@ def run_config_from_args(args: argparse.Namespace,
     elif args.dates is not None:
         dates = parse_dates(args.dates)
     else:
-        run.output.mkdir(parents=True, exist_ok=True)
         with Ledger(run.output / "ledger.sqlite", run.config_hash) as ledger:
             dates = tuple(new_nights(ledger, run.baseraw, run.config_hash))
     return replace(run, dates=dates)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .. import pipeline
+from ..io_utils import remove_stale_parts
 from .config import RunConfig
 from .executors import DaskEngine, Inline, make_engine
 from .ledger import Ledger, raw_stamp
@@ -103,6 +104,7 @@ class _Night:
             return
         self.locked = True
         self.t0 = time.perf_counter()
+        remove_stale_parts(self.run.output, time.time())  # of earlier, killed runs
         if self.run.night_log:
             self.handler = _night_log(self.run, self.date)
         self.archive = pipeline.open_night(self.run, self.date, self.summary)

@@ -26,10 +26,10 @@ EXIT_USAGE = 2  # usage or configuration error
 EXIT_LOCKED = 3  # another run holds the night's lock
 EXIT_INTERNAL = 4  # an internal error (a bug)
 
-KINDS = ("calibration", "standard", "response", "science", "joined")
+KINDS = ("raw", "calibration", "standard", "response", "science", "joined")
 #: Kinds that are products the run was asked for. A standard or response that could not be
 #: used is recorded, but the night falls back to another response (the products still come).
-REQUESTED = ("calibration", "science", "joined")
+REQUESTED = ("raw", "calibration", "science", "joined")
 STATUSES = ("written", "up-to-date", "skipped", "failed")
 SUMMARY_VERSION = 1
 
