@@ -360,7 +360,7 @@ def test_damaged_science_costs_only_those_exposures(night, reference, tmp_path, 
     assert run.returncode == 1, run.output
     assert any(f"{lrs2 / 'lrs20000007.tar'}: empty file" in e for e in run.errors)
     assert any(f"{lrs2 / 'lrs20000008.tar'}: not a readable tarball" in e for e in run.errors)
-    assert "2 items lost (exit status 1)" in run.output.splitlines()[-1]
+    assert "2 failed -> exit 1" in run.output.splitlines()[-1]
     assert [p for p in products_of(out, 12) if p != older.name] == products_of(reference, 12)
     assert any(str(older) in w and "layout version 0" in w for w in run.warnings)
     with fits.open(out / PROGRAM / f"joined_{DATE}_0000012.fits") as hdul:
@@ -395,7 +395,7 @@ def test_night_without_science_writes_calibration_only(night, reference, tmp_pat
     run = faults.run_cli("-d", DATE, "-s", "uv", "--baseraw", base, "--output", out)
     assert run.returncode == 0, run.output
     assert "0 science exposures to reduce" in run.output
-    assert "products of 0 exposure-channels written" in run.output.splitlines()[-1]
+    assert "0 skipped, 0 failed -> exit 0" in run.output.splitlines()[-1]
     assert_clean(run, out)
 
 
