@@ -45,7 +45,7 @@ def slurm(tmp_path_factory):
 
 def _two_nights(sim_night, dest: Path) -> tuple[str, str]:
     """An archive whose two nights hold the same raw files (the second a copy of the first
-    under the next date), guider frames included."""
+    under the next date), guider frames and standards' reference spectra included."""
     first, second = sim_night.date, str(int(sim_night.date) + 1)
     for date in (first, second):
         for src in (sim_night.baseraw / first).rglob("*"):
@@ -53,6 +53,7 @@ def _two_nights(sim_night, dest: Path) -> tuple[str, str]:
                 link = dest / date / src.relative_to(sim_night.baseraw / first)
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(src)
+    (dest / "standards").symlink_to(sim_night.baseraw / "standards")  # reference spectra
     return first, second
 
 

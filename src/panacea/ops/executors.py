@@ -9,7 +9,10 @@ values, so the products do not depend on the engine.
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import multiprocessing
 import os
+import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 
 from ..errors import PanaceaError
@@ -39,18 +42,27 @@ class Inline:
 
 
 class LocalPool:
-    """A pool of ``jobs`` forked worker processes (one night at a time: the workers inherit
-    the night's log file)."""
+    """A pool of ``jobs`` forked worker processes whose log records come back to this
+    process (its console, the night's log file, and any handler a caller added)."""
 
     parallel = True
 
     def __init__(self, jobs: int):
         self.jobs = jobs
         self._pool: ProcessPoolExecutor | None = None
+        self._queue = None
+        self._thread: threading.Thread | None = None
 
     def submit(self, fn, *args) -> Future:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.jobs, initializer=_worker_init)
+            ctx = multiprocessing.get_context("fork")
+            self._queue = ctx.Queue()
+            self._thread = threading.Thread(target=_relay_logs, args=(self._queue,),
+                                            daemon=True)
+            self._thread.start()
+            self._pool = ProcessPoolExecutor(self.jobs, mp_context=ctx,
+                                             initializer=_worker_init,
+                                             initargs=(self._queue,))
         return self._pool.submit(fn, *args)
 
     def __enter__(self) -> LocalPool:
@@ -60,6 +72,20 @@ class LocalPool:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+            self._queue.put(None)
+            self._thread.join()
+            self._queue.close()
+
+
+def _relay_logs(queue) -> None:
+    """Hand the workers' log records to this process's loggers until None arrives."""
+    while True:
+        record = queue.get()
+        if record is None:
+            return
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
 
 
 class DaskEngine:
@@ -125,9 +151,16 @@ def make_engine(settings: ExecutorSettings, ntasks: int):
     return Inline()
 
 
-def _worker_init() -> None:
-    """Worker set-up: keep freed memory for reuse, as the CLI does in the main process."""
+def _worker_init(queue=None) -> None:
+    """Worker set-up: log records go to ``queue`` (to the parent) instead of the handlers
+    inherited by fork; freed memory kept for reuse, as the CLI does in the main process."""
     from ..allocator import keep_freed_memory
 
     keep_freed_memory()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if queue is not None:
+        root = logging.getLogger()
+        for logger in (root, logging.getLogger("panacea")):
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+        root.addHandler(logging.handlers.QueueHandler(queue))
