@@ -39,9 +39,8 @@ EXTRA_CARDS = ("WSHIFTE", "WSHIFTN", "WSHIFTM", "PSFMODEL", "PSFBETA", "PSFOUT",
 #: Half-width of a sky-line window and the clearance of continuum bins (grid bins).
 LINE_HALF_WIDTH = 4
 CONTINUUM_CLEARANCE = 10
-#: Half-width (px) of the window searched for an arc line's peak, and of its centroid.
+#: Half-width (px) of the window searched for an arc line's peak.
 ARC_SEARCH = 5
-ARC_CENTROID = 3
 _MULTI = re.compile(r"multi_(\d{8})_(\d{7})_exp(\d{2})_(\w+)\.fits$")
 
 
@@ -167,18 +166,18 @@ def arc_residuals(wave: np.ndarray, arcspec: np.ndarray, lines: np.ndarray
         c0 = np.interp(lines, w, cols, left=np.nan, right=np.nan)
         column[:, f] = c0
         for i, c in enumerate(c0):
-            if not np.isfinite(c) or c < ARC_SEARCH + ARC_CENTROID or \
-                    c > ncol - 1 - ARC_SEARCH - ARC_CENTROID:
+            if not np.isfinite(c) or c < ARC_SEARCH + 1 or c > ncol - 2 - ARC_SEARCH:
                 continue
             lo = int(round(c)) - ARC_SEARCH
             seg = arcspec[f, lo: lo + 2 * ARC_SEARCH + 1]
             peak = lo + int(np.argmax(seg))
-            win = arcspec[f, peak - ARC_CENTROID: peak + ARC_CENTROID + 1].astype(float)
-            win = win - min(seg.min(), win.min())
-            if win.sum() <= 0:
+            # Gaussian peak from the logarithms of the three highest pixels: no sub-pixel
+            # phase bias for a Gaussian line spread, unlike a windowed centroid
+            a = arcspec[f, peak - 1: peak + 2].astype(float) - seg.min()
+            if np.any(a <= 0) or a[1] <= max(a[0], a[2]):
                 continue
-            centroid = peak + float((np.arange(-ARC_CENTROID, ARC_CENTROID + 1) * win).sum()
-                                    / win.sum())
+            la = np.log(a)
+            centroid = peak + 0.5 * (la[0] - la[2]) / (la[0] - 2 * la[1] + la[2])
             resid[i, f] = np.interp(centroid, cols, w) - lines[i]
     # weak peaks (a line hardly above its neighbourhood) give centroids of noise
     with np.errstate(invalid="ignore"):

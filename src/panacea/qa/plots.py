@@ -121,3 +121,229 @@ def plot_joined(joined: dict, path: str | Path, title: str = "", unit: str = "",
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return Path(path)
+
+
+# --------------------------------------------------------------------------- night report
+# Small figures (dpi 72) drawn from the arrays panacea.qa.metrics reads: each costs
+# ~0.05-0.1 s, so the whole report stays a few per cent of the night's reduction.
+
+_DPI = 72
+#: Fixed margins (fractions of the figure): tight_layout costs ~0.2 s a figure.
+_MARGINS = {"left": 0.09, "right": 0.97, "bottom": 0.15, "top": 0.9}
+_MARGINS2 = {**_MARGINS, "left": 0.07, "wspace": 0.22}
+_AMP_COLORS = ("tab:blue", "tab:orange")
+
+
+def _save(fig, path: str | Path) -> Path:
+    plt = _pyplot()
+    fig.savefig(path, dpi=_DPI, pil_kwargs={"compress_level": 1})
+    plt.close(fig)
+    return Path(path)
+
+
+def _ifu_scatter(ax, values: np.ndarray, cmap: str = "viridis", vmin=None, vmax=None):
+    """Hexagons at the IFU positions of the 280 fibers, coloured by ``values``."""
+    from .. import instrument
+
+    xy = instrument.fiber_positions()
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=70, marker="h", cmap=cmap, vmin=vmin,
+                    vmax=vmax)
+    ax.set_aspect("equal")
+    ax.set_xlabel("IFU x (arcsec)")
+    ax.set_ylabel("IFU y (arcsec)")
+    return sc
+
+
+def plot_trace_overlay(flat_cut: np.ndarray, trace: np.ndarray, dead: np.ndarray,
+                       path: str | Path, title: str = "") -> Path:
+    """A corner of the master flat (the first fibers of the first amplifier, the middle
+    columns) at full resolution, with the traces drawn on it (dead fibers dashed red).
+
+    Parameters
+    ----------
+    flat_cut : ndarray (nrow, ncol)
+        Rows 0..nrow-1 of the master flat (electrons).
+    trace : ndarray (280, ncol)
+        Row of each fiber at each column (px).
+    dead : ndarray of bool (280,)
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), gridspec_kw=_MARGINS)
+    ncol = flat_cut.shape[1]
+    c0, c1 = ncol // 2 - 150, ncol // 2 + 150
+    first = np.nanmin(trace[:, c0:c1]) if np.isfinite(trace[:, c0:c1]).any() else 0.0
+    r0 = max(int(first) - 10, 0)
+    r1 = min(r0 + 120, flat_cut.shape[0])
+    img = flat_cut[r0:r1, c0:c1]
+    lo, hi = np.nanpercentile(img, [1, 99.5])
+    ax.imshow(img, origin="lower", aspect="auto", cmap="gray", vmin=lo, vmax=hi,
+              extent=(c0 - 0.5, c1 - 0.5, r0 - 0.5, r1 - 0.5), interpolation="nearest")
+    cols = np.arange(c0, c1, 4)
+    for k in range(trace.shape[0]):
+        t = trace[k, cols]
+        if np.nanmin(t) > r1 + 10:
+            break
+        ax.plot(cols, t, lw=0.7, color="tab:red" if dead[k] else "tab:cyan",
+                ls="--" if dead[k] else "-")
+    ax.set_xlim(c0 - 0.5, c1 - 0.5)
+    ax.set_ylim(r0 - 0.5, r1 - 0.5)
+    ax.set_xlabel("column")
+    ax.set_ylabel("row")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_wave_residuals(column: np.ndarray, resid: np.ndarray, lines: np.ndarray,
+                        path: str | Path, title: str = "") -> Path:
+    """Arc-line residuals (Angstrom) against column and against fiber.
+
+    Parameters
+    ----------
+    column, resid : ndarray (nline, nfiber)
+        From :func:`panacea.qa.metrics.arc_residuals`.
+    lines : ndarray (nline,)
+        Line wavelengths (Angstrom).
+    """
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True, gridspec_kw=_MARGINS2)
+    fib = np.broadcast_to(np.arange(resid.shape[1]), resid.shape)
+    ok = np.isfinite(resid)
+    a.scatter(column[ok], resid[ok], s=2, c=fib[ok], cmap="viridis", alpha=0.6)
+    per_line = np.nanmedian(resid, axis=1)
+    a.plot(np.nanmedian(column, axis=1), per_line, "k.", ms=5)
+    a.axhline(0, color="0.5", lw=0.5)
+    a.set_xlabel("column")
+    a.set_ylabel("centroid - line (Angstrom)")
+    a.set_title(f"{int(np.isfinite(per_line).sum())} lines, colour = fiber", fontsize=9)
+    b.scatter(fib[ok], resid[ok], s=2, c=column[ok], cmap="plasma", alpha=0.6)
+    b.plot(np.arange(resid.shape[1]), np.nanmedian(resid, axis=0), "k-", lw=0.8)
+    b.axhline(0, color="0.5", lw=0.5)
+    b.set_xlabel("fiber k")
+    b.set_title("colour = column; line: median per fiber", fontsize=9)
+    if ok.any():
+        v = max(np.nanpercentile(np.abs(resid[ok]), 99), 0.05)
+        a.set_ylim(-1.5 * v, 1.5 * v)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_ftf_map(level: np.ndarray, dead: np.ndarray, path: str | Path, title: str = ""
+                 ) -> Path:
+    """Fiber-to-fiber throughput (median over the middle columns) on the IFU; dead fibers
+    crossed."""
+    from .. import instrument
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 3.6), gridspec_kw=_MARGINS)
+    vals = np.where(dead, np.nan, level)
+    sc = _ifu_scatter(ax, vals, "viridis", *np.nanpercentile(vals, [1, 99]))
+    xy = instrument.fiber_positions()
+    if dead.any():
+        ax.plot(xy[dead, 0], xy[dead, 1], "rx", ms=6)
+    fig.colorbar(sc, ax=ax, shrink=0.85, label="relative throughput")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_sky_residuals(grid: np.ndarray, sub: np.ndarray, sky: np.ndarray, err: np.ndarray,
+                       use: np.ndarray, chi: np.ndarray, lines: np.ndarray,
+                       path: str | Path, title: str = "") -> Path:
+    """Mean sky-subtracted spectrum of the sky fibers with its expected noise, the scaled
+    sky for reference, and the histogram of chi = residual / error against N(0, 1)."""
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4),
+                           gridspec_kw={"width_ratios": [2.6, 1], **_MARGINS2})
+    good = err > 0
+    n = np.maximum((good & use[:, None]).sum(axis=0), 1)
+    mean = np.where(good, sub, 0.0)[use].sum(axis=0) / n
+    noise = np.sqrt((np.where(good, err, 0.0)[use] ** 2).sum(axis=0)) / n
+    skym = np.where(good, sky, 0.0)[use].sum(axis=0) / n
+    a.fill_between(grid, -noise, noise, color="0.8", lw=0, label="1-sigma expected")
+    a.plot(grid, mean, lw=0.5, color="k", label="mean residual of sky fibers")
+    scale = np.nanmax(np.abs(mean)) / max(np.nanmax(skym), 1e-30)
+    a.plot(grid, skym * scale, lw=0.4, color="tab:blue", alpha=0.6,
+           label=f"sky x {scale:.2g}")
+    a.set_xlabel("wavelength (Angstrom)")
+    a.legend(fontsize=7, loc="upper right")
+    a.set_title(title, fontsize=9)
+    c = chi[np.isfinite(chi)]
+    c = c[np.abs(c) < 8]
+    bins = np.linspace(-6, 6, 61)
+    b.stairs(np.histogram(c, bins=bins, density=True)[0], bins, color="k", label="all bins")
+    cl = chi[:, lines][np.isfinite(chi[:, lines])]
+    if cl.size:
+        b.stairs(np.histogram(cl, bins=bins, density=True)[0], bins, color="tab:red",
+                 label="sky lines")
+    x = np.linspace(-6, 6, 200)
+    b.plot(x, np.exp(-x**2 / 2) / np.sqrt(2 * np.pi), color="tab:green", lw=0.8,
+           label="N(0,1)")
+    b.set_yscale("log")
+    b.set_ylim(1e-4, 1)
+    b.set_xlabel("chi")
+    b.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_collapsed(level: np.ndarray, header, path: str | Path, title: str = "") -> Path:
+    """Collapsed IFU image (median of each fiber) with the detected source and a circle of
+    the PSF FWHM."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 3.6), gridspec_kw=_MARGINS)
+    sc = _ifu_scatter(ax, level, "magma", *np.nanpercentile(level, [2, 99.5]))
+    if "SOURCEX" in header:
+        x, y = header["SOURCEX"], header["SOURCEY"]
+        fwhm = float(header.get("SEEING", 0.0))
+        ax.plot(x, y, "c+", ms=12, mew=1.5)
+        ax.add_patch(plt.Circle((x, y), fwhm / 2, fill=False, ec="c", lw=1.2))
+        title += f"  source ({x:.2f}, {y:.2f})\", FWHM {fwhm:.2f}\""
+    else:
+        title += "  no source"
+    fig.colorbar(sc, ax=ax, shrink=0.85, label="median per fiber")
+    ax.set_title(title, fontsize=8)
+    return _save(fig, path)
+
+
+def plot_spectrum(spec: np.ndarray, path: str | Path, unit: str = "", title: str = ""
+                  ) -> Path:
+    """Extracted spectrum (rows of ``spectrum_*``: wavelength, F, sky, error, sky error,
+    response) with its error and sky."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 3.2), gridspec_kw=_MARGINS)
+    ok = spec[3] > 0
+    w = spec[0]
+    ax.plot(w[ok], spec[1][ok], lw=0.5, color="k", label="source")
+    ax.plot(w[ok], spec[2][ok], lw=0.4, color="tab:blue", alpha=0.7, label="sky (same aperture)")
+    ax.plot(w[ok], spec[3][ok], lw=0.5, color="tab:red", label="error")
+    if ok.any():
+        lo, hi = np.nanpercentile(spec[1][ok], [0.5, 99.5])
+        ax.set_ylim(min(0.0, lo), 1.3 * hi)
+    ax.set_xlabel("wavelength (Angstrom, air)")
+    ax.set_ylabel(unit, fontsize=8)
+    ax.legend(fontsize=7, ncol=3)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_response(grid: np.ndarray, curves: dict[str, np.ndarray],
+                  standard: np.ndarray | None, path: str | Path, title: str = "") -> Path:
+    """Response curves (erg/e-) of a channel (the night's and the bundled default) and the
+    calibrated spectrum of the standard star it came from."""
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2), gridspec_kw=_MARGINS2)
+    for label, r in curves.items():
+        a.plot(grid, r, lw=0.8, label=label)
+    a.set_yscale("log")
+    a.set_xlabel("wavelength (Angstrom)")
+    a.set_ylabel("response (erg / e-)")
+    a.legend(fontsize=7)
+    a.set_title(title, fontsize=9)
+    if standard is not None:
+        ok = standard[3] > 0
+        b.plot(standard[0][ok], standard[1][ok], lw=0.6, color="k", label="standard")
+        b.plot(standard[0][ok], standard[3][ok], lw=0.5, color="tab:red", label="error")
+        b.legend(fontsize=7)
+        b.set_title("the standard star, calibrated with it", fontsize=9)
+    else:
+        b.text(0.5, 0.5, "no standard star spectrum", ha="center", transform=b.transAxes)
+    b.set_xlabel("wavelength (Angstrom)")
+    return _save(fig, path)
