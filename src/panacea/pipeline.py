@@ -264,10 +264,24 @@ def reduce_night(args: argparse.Namespace) -> int:
     log.info("night %s: products of %d exposure-channels written under %s", args.date,
              nwritten, root)
     archive.close()
+    _night_report(root, args.date)
     if failed:
         log.error("night %s: channels failed: %s", args.date, ", ".join(failed))
         return 1
     return 0
+
+
+def _night_report(root: Path, date: str) -> None:
+    """The night's QA report from its products (a failure is logged, never fatal)."""
+    try:
+        from .qa.report import write_night_report
+    except ImportError as err:  # matplotlib is the optional "plot" extra
+        log.warning("night %s: no QA report (%s; install panacea-lrs2[plot])", date, err)
+        return
+    try:
+        write_night_report(root, date)
+    except (OSError, ValueError, KeyError) as err:
+        log.error("night %s: QA report failed: %s", date, err)
 
 
 def _write_joined(root, date, obsid, header, unit, night) -> None:
