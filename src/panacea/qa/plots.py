@@ -266,14 +266,14 @@ def plot_sky_residuals(grid: np.ndarray, sub: np.ndarray, sky: np.ndarray, err: 
     a.set_xlabel("wavelength (Angstrom)")
     a.legend(fontsize=7, loc="upper right")
     a.set_title(title, fontsize=9)
-    c = chi[np.isfinite(chi)]
-    c = c[np.abs(c) < 8]
     bins = np.linspace(-6, 6, 61)
-    b.stairs(np.histogram(c, bins=bins, density=True)[0], bins, color="k", label="all bins")
-    cl = chi[:, lines][np.isfinite(chi[:, lines])]
-    if cl.size:
-        b.stairs(np.histogram(cl, bins=bins, density=True)[0], bins, color="tab:red",
-                 label="sky lines")
+    for sample, colour, label in ((chi, "k", "all bins"), (chi[:, lines], "tab:red",
+                                                           "sky lines")):
+        c = sample[np.isfinite(sample)]
+        c = c[np.abs(c) < 6]
+        if c.size:
+            b.stairs(np.histogram(c, bins=bins, density=True)[0], bins, color=colour,
+                     label=label)
     x = np.linspace(-6, 6, 200)
     b.plot(x, np.exp(-x**2 / 2) / np.sqrt(2 * np.pi), color="tab:green", lw=0.8,
            label="N(0,1)")
