@@ -86,7 +86,8 @@ def test_arc_residuals_recover_a_known_offset():
 
 def test_good_night_report(reduced, sim_night):
     """The night run wrote metrics.json and the pages; nothing fails on a clean night, and
-    the metrics agree with the simulator's truth."""
+    the metrics agree with the simulator's truth (source positions and FWHM are stated at
+    each channel's reference wavelength; test_source checks them against truth)."""
     night = reduced / "NIGHTS" / DATE
     doc = json.loads((night / "metrics.json").read_text())
     assert {c["channel"] for c in doc["channels"]} == {"uv", "orange", "red", "farred"}
@@ -100,9 +101,6 @@ def test_good_night_report(reduced, sim_night):
         assert rows["transparency"]["value"] == pytest.approx(t["transparency"], abs=0.02)
         assert rows["amp_ratio"]["value"] == pytest.approx(1.0, abs=0.05)
         assert rows["sky_chi_continuum"]["value"] == pytest.approx(1.0, abs=0.1)
-        if "source_x" in rows and e["object"] == "SN2018abc":
-            assert rows["source_x"]["value"] == pytest.approx(t["source_xy"][0], abs=0.25)
-            assert rows["source_y"]["value"] == pytest.approx(t["source_xy"][1], abs=0.25)
     for ch in ("uv", "orange", "red", "farred"):
         rows = _rows(doc, ch)
         assert rows["read_noise"]["value"] == pytest.approx(3.0, abs=0.6)

@@ -16,6 +16,7 @@ import csv
 import json
 import logging
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib import resources
@@ -131,6 +132,14 @@ def judge(name: str, value, unit: str = "", thresholds: dict | None = None) -> M
     return Metric(name, round(shown, 6), unit, status, ", ".join(words))
 
 
+def nanmedian(a: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+    """``np.nanmedian`` that returns NaN for all-NaN slices (dead fibers) without a
+    warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(a, axis=axis)
+
+
 # --------------------------------------------------------------------------- calibration
 
 
@@ -182,7 +191,7 @@ def arc_residuals(wave: np.ndarray, arcspec: np.ndarray, lines: np.ndarray
     # weak peaks (a line hardly above its neighbourhood) give centroids of noise
     with np.errstate(invalid="ignore"):
         for i in range(lines.size):
-            bad = np.abs(resid[i] - np.nanmedian(resid[i])) > 5 * (mad_std(
+            bad = np.abs(resid[i] - nanmedian(resid[i])) > 5 * (mad_std(
                 resid[i], ignore_nan=True) + 1e-3)
             resid[i, bad] = np.nan
     return column, resid
@@ -218,7 +227,7 @@ def channel_metrics(path: str | Path, channel: str) -> tuple[ChannelQA, dict]:
     m = []
     for amp, rn in zip(ch.amps, rdnoise):
         m.append(judge(f"read_noise[{amp}]", float(rn)))
-    levels = [float(np.nanmedian(bias[i * amp_rows:(i + 1) * amp_rows, ::4]))
+    levels = [float(nanmedian(bias[i * amp_rows:(i + 1) * amp_rows, ::4]))
               for i in range(2)]
     for amp, lvl in zip(ch.amps, levels):
         m.append(judge(f"bias_level[{amp}]", lvl))
@@ -240,7 +249,7 @@ def channel_metrics(path: str | Path, channel: str) -> tuple[ChannelQA, dict]:
     rms = float(np.sqrt(np.mean(resid[:, live][ok] ** 2))) if ok.any() else np.nan
     m.append(judge("wave_resid_rms", rms))
     mid = slice(flat.shape[1] // 5, 4 * flat.shape[1] // 5)
-    level = np.nanmedian(flat[:, mid], axis=1)
+    level = nanmedian(flat[:, mid], axis=1)
     good = live & np.isfinite(level)
     m.append(judge("ftf_scatter", float(mad_std(level[good])) if good.any() else np.nan))
     m.append(judge("ftf_low_fibers", int((good & (level < 0.5)).sum())))
@@ -274,7 +283,7 @@ def sky_fibers(sub: np.ndarray, err: np.ndarray, header) -> np.ndarray:
         use &= np.hypot(xy[:, 0] - header["SOURCEX"], xy[:, 1] - header["SOURCEY"]) > reach
     with np.errstate(invalid="ignore", divide="ignore"):
         chi = np.where(good, sub / np.where(good, err, 1.0), np.nan)
-        excess = np.nanmedian(chi, axis=1)
+        excess = nanmedian(chi, axis=1)
     return use & (np.abs(np.nan_to_num(excess, nan=99.0)) < 1.0)
 
 
@@ -292,8 +301,8 @@ def line_residual(sub: np.ndarray, sky: np.ndarray, good: np.ndarray, use: np.nd
         return np.nan, np.nan
     s = np.where(good, sub, np.nan)[use]
     k = np.where(good, sky, np.nan)[use]
-    s = s[:, lines] - np.nanmedian(s[:, cont], axis=1)[:, None]
-    k = k[:, lines] - np.nanmedian(k[:, cont], axis=1)[:, None]
+    s = s[:, lines] - nanmedian(s[:, cont], axis=1)[:, None]
+    k = k[:, lines] - nanmedian(k[:, cont], axis=1)[:, None]
     total = np.nansum(k)
     if not total > 0:
         return np.nan, np.nan
@@ -338,7 +347,7 @@ def exposure_metrics(path: str | Path) -> tuple[ExposureQA, dict]:
                       for f in range(obs.shape[0])])
     half = obs.shape[0] // 2
     pick = use if min(use[:half].sum(), use[half:].sum()) >= 10 else np.ones_like(use)
-    a, b = np.nanmedian(level[:half][pick[:half]]), np.nanmedian(level[half:][pick[half:]])
+    a, b = nanmedian(level[:half][pick[:half]]), nanmedian(level[half:][pick[half:]])
     ratio = float(b / a) if np.isfinite(a) and a != 0 else np.nan
     out.append(judge(f"amp_ratio[{ch.amps[1]}/{ch.amps[0]}]", ratio))
     out.append(judge("sky_chi2", float(h.get("SKYCHI2", np.nan))))

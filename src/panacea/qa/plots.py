@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .metrics import nanmedian
+
 
 def _pyplot():
     import matplotlib
@@ -209,14 +211,14 @@ def plot_wave_residuals(column: np.ndarray, resid: np.ndarray, lines: np.ndarray
     fib = np.broadcast_to(np.arange(resid.shape[1]), resid.shape)
     ok = np.isfinite(resid)
     a.scatter(column[ok], resid[ok], s=2, c=fib[ok], cmap="viridis", alpha=0.6)
-    per_line = np.nanmedian(resid, axis=1)
-    a.plot(np.nanmedian(column, axis=1), per_line, "k.", ms=5)
+    per_line = nanmedian(resid, axis=1)
+    a.plot(nanmedian(column, axis=1), per_line, "k.", ms=5)
     a.axhline(0, color="0.5", lw=0.5)
     a.set_xlabel("column")
     a.set_ylabel("centroid - line (Angstrom)")
     a.set_title(f"{int(np.isfinite(per_line).sum())} lines, colour = fiber", fontsize=9)
     b.scatter(fib[ok], resid[ok], s=2, c=column[ok], cmap="plasma", alpha=0.6)
-    b.plot(np.arange(resid.shape[1]), np.nanmedian(resid, axis=0), "k-", lw=0.8)
+    b.plot(np.arange(resid.shape[1]), nanmedian(resid, axis=0), "k-", lw=0.8)
     b.axhline(0, color="0.5", lw=0.5)
     b.set_xlabel("fiber k")
     b.set_title("colour = column; line: median per fiber", fontsize=9)
