@@ -136,6 +136,12 @@ _MARGINS2 = {**_MARGINS, "left": 0.07, "wspace": 0.22}
 _AMP_COLORS = ("tab:blue", "tab:orange")
 
 
+def _no_ticks():
+    from matplotlib.ticker import NullLocator
+
+    return NullLocator()
+
+
 def _save(fig, path: str | Path) -> Path:
     plt = _pyplot()
     fig.savefig(path, dpi=_DPI, pil_kwargs={"compress_level": 1})
@@ -208,20 +214,25 @@ def plot_wave_residuals(column: np.ndarray, resid: np.ndarray, lines: np.ndarray
     """
     plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True, gridspec_kw=_MARGINS2)
-    fib = np.broadcast_to(np.arange(resid.shape[1]), resid.shape)
+    # markers as lines, one colour per arc line (a scatter with a colour per point costs
+    # ten times as much to draw)
     ok = np.isfinite(resid)
-    a.scatter(column[ok], resid[ok], s=2, c=fib[ok], cmap="viridis", alpha=0.6)
+    fib = np.arange(resid.shape[1])
+    colours = plt.get_cmap("viridis")(np.linspace(0, 1, max(len(lines), 1)))
+    for i in range(len(lines)):
+        a.plot(column[i], resid[i], ".", ms=1.5, color=colours[i], alpha=0.6)
+        b.plot(fib, resid[i], ".", ms=1.5, color=colours[i], alpha=0.6)
     per_line = nanmedian(resid, axis=1)
     a.plot(nanmedian(column, axis=1), per_line, "k.", ms=5)
     a.axhline(0, color="0.5", lw=0.5)
     a.set_xlabel("column")
     a.set_ylabel("centroid - line (Angstrom)")
-    a.set_title(f"{int(np.isfinite(per_line).sum())} lines, colour = fiber", fontsize=9)
-    b.scatter(fib[ok], resid[ok], s=2, c=column[ok], cmap="plasma", alpha=0.6)
-    b.plot(np.arange(resid.shape[1]), nanmedian(resid, axis=0), "k-", lw=0.8)
+    a.set_title(f"{int(np.isfinite(per_line).sum())} lines (colours), median per line",
+                fontsize=9)
+    b.plot(fib, nanmedian(resid, axis=0), "k-", lw=0.8)
     b.axhline(0, color="0.5", lw=0.5)
     b.set_xlabel("fiber k")
-    b.set_title("colour = column; line: median per fiber", fontsize=9)
+    b.set_title("line: median per fiber", fontsize=9)
     if ok.any():
         v = max(np.nanpercentile(np.abs(resid[ok]), 99), 0.05)
         a.set_ylim(-1.5 * v, 1.5 * v)
@@ -260,7 +271,8 @@ def plot_sky_residuals(grid: np.ndarray, sub: np.ndarray, sky: np.ndarray, err: 
     mean = np.where(good, sub, 0.0)[use].sum(axis=0) / n
     noise = np.sqrt((np.where(good, err, 0.0)[use] ** 2).sum(axis=0)) / n
     skym = np.where(good, sky, 0.0)[use].sum(axis=0) / n
-    a.fill_between(grid, -noise, noise, color="0.8", lw=0, label="1-sigma expected")
+    a.plot(grid, noise, color="0.6", lw=0.6, label="+-1 sigma expected")
+    a.plot(grid, -noise, color="0.6", lw=0.6)
     a.plot(grid, mean, lw=0.5, color="k", label="mean residual of sky fibers")
     scale = np.nanmax(np.abs(mean)) / max(np.nanmax(skym), 1e-30)
     a.plot(grid, skym * scale, lw=0.4, color="tab:blue", alpha=0.6,
@@ -280,6 +292,7 @@ def plot_sky_residuals(grid: np.ndarray, sub: np.ndarray, sky: np.ndarray, err: 
     b.plot(x, np.exp(-x**2 / 2) / np.sqrt(2 * np.pi), color="tab:green", lw=0.8,
            label="N(0,1)")
     b.set_yscale("log")
+    b.yaxis.set_minor_locator(_no_ticks())  # log minor ticks cost ~0.1 s to lay out
     b.set_ylim(1e-4, 1)
     b.set_xlabel("chi")
     b.legend(fontsize=7)
@@ -335,6 +348,7 @@ def plot_response(grid: np.ndarray, curves: dict[str, np.ndarray],
     for label, r in curves.items():
         a.plot(grid, r, lw=0.8, label=label)
     a.set_yscale("log")
+    a.yaxis.set_minor_locator(_no_ticks())
     a.set_xlabel("wavelength (Angstrom)")
     a.set_ylabel("response (erg / e-)")
     a.legend(fontsize=7)
