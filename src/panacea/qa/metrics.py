@@ -385,8 +385,10 @@ def exposure_metrics(path: str | Path) -> tuple[ExposureQA, dict]:
             value = h[key]
             out.append(Metric(key.lower(), value if isinstance(value, str | bool | int)
                               else round(float(value), 4), ""))
+    collapsed = nanmedian(np.where(good, sub, np.nan), axis=1)  # sky-subtracted light
     arrays = {"grid": grid, "sub": sub, "err": err, "sky": sky, "chi": chi, "use": use,
-              "lines": lines, "cont": cont, "spec": spec, "level": level, "header": h}
+              "lines": lines, "cont": cont, "spec": spec, "level": level,
+              "collapsed": collapsed, "header": h}
     return qa, arrays
 
 

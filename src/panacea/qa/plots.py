@@ -300,8 +300,8 @@ def plot_sky_residuals(grid: np.ndarray, sub: np.ndarray, sky: np.ndarray, err: 
 
 
 def plot_collapsed(level: np.ndarray, header, path: str | Path, title: str = "") -> Path:
-    """Collapsed IFU image (median of each fiber) with the detected source and a circle of
-    the PSF FWHM."""
+    """Collapsed IFU image (median of each fiber's sky-subtracted spectrum) with the
+    detected source and a circle of the PSF FWHM."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.6), gridspec_kw=_MARGINS)
     sc = _ifu_scatter(ax, level, "magma", *np.nanpercentile(level, [2, 99.5]))
@@ -313,7 +313,7 @@ def plot_collapsed(level: np.ndarray, header, path: str | Path, title: str = "")
         title += f"  source ({x:.2f}, {y:.2f})\", FWHM {fwhm:.2f}\""
     else:
         title += "  no source"
-    fig.colorbar(sc, ax=ax, shrink=0.85, label="median per fiber")
+    fig.colorbar(sc, ax=ax, shrink=0.85, label="sky-subtracted median per fiber")
     ax.set_title(title, fontsize=8)
     return _save(fig, path)
 

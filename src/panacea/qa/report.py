@@ -146,8 +146,9 @@ def _exposure_plots(qa: ExposureQA, arrays: dict, date: str, folder: Path) -> li
         plots.plot_sky_residuals(arrays["grid"], arrays["sub"], arrays["sky"], arrays["err"],
                                  arrays["use"], arrays["chi"], arrays["lines"],
                                  folder / f"sky_{qa.key}.png", f"{tag}: sky residual"),
-        plots.plot_collapsed(arrays["level"], arrays["header"], folder / f"ifu_{qa.key}.png",
-                             f"{tag}:"),
+        plots.plot_collapsed(arrays["collapsed"], arrays["header"],
+                             folder / f"ifu_{qa.key}.png",
+                             f"obs {qa.obsid} exp{qa.exp:02d} {qa.channel}:"),
     ]
     if arrays["spec"] is not None and "SOURCEX" in arrays["header"]:
         unit = str(arrays["header"].get("BUNIT", ""))
