@@ -221,3 +221,4 @@ def test_report_command_rebuilds(damaged_night, tmp_path):
     assert main(["report", "-d", DATE, "--output", str(out), "--table", str(table)]) == 0
     assert report.exists() and table.stat().st_size > 0
     assert main(["report", "-d", DATE, "--output", str(tmp_path / "nowhere")]) == 2
+    assert main(["report", "-d", "20181109", "--output", str(out)]) == 2  # no products

@@ -118,11 +118,15 @@ def report_parser() -> argparse.ArgumentParser:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from .qa.metrics import metrics_table
+    from .qa.metrics import find_products, metrics_table
     from .qa.report import write_night_report
 
     if not Path(args.output).is_dir():
         log.error("report: product tree %s does not exist", args.output)
+        return 2
+    if not any(find_products(args.output, args.date)):
+        log.error("report: no calibration bundle (CALS/cal_%s_*.fits) and no multi_%s_* "
+                  "product under %s", args.date, args.date, args.output)
         return 2
     print(write_night_report(args.output, args.date))
     if args.table:
