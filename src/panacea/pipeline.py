@@ -6,6 +6,7 @@ This is the one place that decides what to run; the stages themselves are pure f
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import logging
 import time
@@ -273,11 +274,12 @@ def reduce_night(args: argparse.Namespace) -> int:
 
 def _night_report(root: Path, date: str) -> None:
     """The night's QA report from its products (a failure is logged, never fatal)."""
-    try:
-        from .qa.report import write_night_report
-    except ImportError as err:  # matplotlib is the optional "plot" extra
-        log.warning("night %s: no QA report (%s; install panacea-lrs2[plot])", date, err)
+    if importlib.util.find_spec("matplotlib") is None:  # the optional "plot" extra
+        log.warning("night %s: no QA report without matplotlib (pip install "
+                    "'panacea-lrs2[plot]', then panacea-lrs2 report -d %s)", date, date)
         return
+    from .qa.report import write_night_report
+
     try:
         write_night_report(root, date)
     except (OSError, ValueError, KeyError) as err:
