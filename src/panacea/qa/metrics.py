@@ -140,6 +140,12 @@ def nanmedian(a: np.ndarray, axis: int | None = None) -> np.ndarray | float:
         return np.nanmedian(a, axis=axis)
 
 
+def fiber_median(values: np.ndarray, good: np.ndarray, step: int = 4) -> np.ndarray:
+    """Median of each fiber's good bins, from every ``step``-th bin (robust levels need no
+    more, and the medians are a third of the report's metric time otherwise)."""
+    return nanmedian(np.where(good, values, np.nan)[:, ::step], axis=1)
+
+
 # --------------------------------------------------------------------------- calibration
 
 
@@ -283,7 +289,7 @@ def sky_fibers(sub: np.ndarray, err: np.ndarray, header) -> np.ndarray:
         use &= np.hypot(xy[:, 0] - header["SOURCEX"], xy[:, 1] - header["SOURCEY"]) > reach
     with np.errstate(invalid="ignore", divide="ignore"):
         chi = np.where(good, sub / np.where(good, err, 1.0), np.nan)
-        excess = nanmedian(chi, axis=1)
+        excess = fiber_median(chi, good)
     return use & (np.abs(np.nan_to_num(excess, nan=99.0)) < 1.0)
 
 
@@ -343,8 +349,7 @@ def exposure_metrics(path: str | Path) -> tuple[ExposureQA, dict]:
     with np.errstate(invalid="ignore", divide="ignore"):
         chi = np.where(good, sub / np.where(good, err, 1.0), np.nan)[use]
     # amplifier balance: the sky is flat over the IFU, so the sky fibers of both amps agree
-    level = np.array([np.median(obs[f][good[f]]) if good[f].sum() > 10 else np.nan
-                      for f in range(obs.shape[0])])
+    level = fiber_median(obs, good)
     half = obs.shape[0] // 2
     pick = use if min(use[:half].sum(), use[half:].sum()) >= 10 else np.ones_like(use)
     a, b = nanmedian(level[:half][pick[:half]]), nanmedian(level[half:][pick[half:]])
@@ -385,7 +390,7 @@ def exposure_metrics(path: str | Path) -> tuple[ExposureQA, dict]:
             value = h[key]
             out.append(Metric(key.lower(), value if isinstance(value, str | bool | int)
                               else round(float(value), 4), ""))
-    collapsed = nanmedian(np.where(good, sub, np.nan), axis=1)  # sky-subtracted light
+    collapsed = fiber_median(sub, good)  # sky-subtracted light
     arrays = {"grid": grid, "sub": sub, "err": err, "sky": sky, "chi": chi, "use": use,
               "lines": lines, "cont": cont, "spec": spec, "level": level,
               "collapsed": collapsed, "header": h}
