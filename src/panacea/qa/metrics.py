@@ -279,14 +279,15 @@ def sky_windows(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return dist <= LINE_HALF_WIDTH, dist > CONTINUUM_CLEARANCE
 
 
-def sky_fibers(sub: np.ndarray, err: np.ndarray, header) -> np.ndarray:
-    """Fibers that hold only sky: most bins good, away from the source, no object excess."""
+def sky_fibers(sub: np.ndarray, err: np.ndarray, header, reach: float = 4.0) -> np.ndarray:
+    """Fibers that hold only sky: most bins good, farther than ``reach`` FWHM (at least
+    ``reach`` - 1 arcsec) from the source, no object excess."""
     good = err > 0
     use = good.mean(axis=1) > 0.5
     xy = instrument.fiber_positions()
     if "SOURCEX" in header:
-        reach = max(4.0 * float(header.get("SEEING", 1.5)), 4.0)
-        use &= np.hypot(xy[:, 0] - header["SOURCEX"], xy[:, 1] - header["SOURCEY"]) > reach
+        far = max(reach * float(header.get("SEEING", 1.5)), reach - 1.0)
+        use &= np.hypot(xy[:, 0] - header["SOURCEX"], xy[:, 1] - header["SOURCEY"]) > far
     with np.errstate(invalid="ignore", divide="ignore"):
         chi = np.where(good, sub / np.where(good, err, 1.0), np.nan)
         excess = fiber_median(chi, good)
@@ -351,7 +352,10 @@ def exposure_metrics(path: str | Path) -> tuple[ExposureQA, dict]:
     # amplifier balance: the sky is flat over the IFU, so the sky fibers of both amps agree
     level = fiber_median(obs, good)
     half = obs.shape[0] // 2
-    pick = use if min(use[:half].sum(), use[half:].sum()) >= 10 else np.ones_like(use)
+    # a median level needs fibers on both amps more than pristine sky: 2.5 FWHM is enough
+    pick = sky_fibers(sub, err, h, reach=2.5)
+    if min(pick[:half].sum(), pick[half:].sum()) < 10:
+        pick = np.ones_like(use)
     a, b = nanmedian(level[:half][pick[:half]]), nanmedian(level[half:][pick[half:]])
     ratio = float(b / a) if np.isfinite(a) and a != 0 else np.nan
     out.append(judge(f"amp_ratio[{ch.amps[1]}/{ch.amps[0]}]", ratio))
