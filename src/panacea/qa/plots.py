@@ -283,11 +283,12 @@ def plot_sky_residuals(grid: np.ndarray, sub: np.ndarray, sky: np.ndarray, err: 
     plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4),
                            gridspec_kw={"width_ratios": [2.6, 1], **_MARGINS2})
-    good = err > 0
-    n = np.maximum((good & use[:, None]).sum(axis=0), 1)
-    mean = np.where(good, sub, 0.0)[use].sum(axis=0) / n
-    noise = np.sqrt((np.where(good, err, 0.0)[use] ** 2).sum(axis=0)) / n
-    skym = np.where(good, sky, 0.0)[use].sum(axis=0) / n
+    e = err[use]
+    good = e > 0
+    n = np.maximum(good.sum(axis=0), 1)
+    mean = np.where(good, sub[use], 0.0).sum(axis=0) / n
+    noise = np.sqrt((np.where(good, e, 0.0) ** 2).sum(axis=0)) / n
+    skym = np.where(good, sky[use], 0.0).sum(axis=0) / n
     a.plot(grid, noise, color="0.6", lw=0.6, label="+-1 sigma expected")
     a.plot(grid, -noise, color="0.6", lw=0.6)
     a.plot(grid, mean, lw=0.5, color="k", label="mean residual of sky fibers")
