@@ -132,7 +132,7 @@ def plot_joined(joined: dict, path: str | Path, title: str = "", unit: str = "",
 
 _DPI = 72
 #: Fixed margins (fractions of the figure): tight_layout costs ~0.2 s a figure.
-_MARGINS = {"left": 0.09, "right": 0.97, "bottom": 0.15, "top": 0.9}
+_MARGINS = {"left": 0.09, "right": 0.97, "bottom": 0.15, "top": 0.85}
 _MARGINS2 = {**_MARGINS, "left": 0.07, "wspace": 0.22}
 _AMP_COLORS = ("tab:blue", "tab:orange")
 
