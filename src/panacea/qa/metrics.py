@@ -352,10 +352,13 @@ def exposure_metrics(path: str | Path) -> tuple[ExposureQA, dict]:
     # amplifier balance: the sky is flat over the IFU, so the sky fibers of both amps agree
     level = fiber_median(obs, good)
     half = obs.shape[0] // 2
-    # a median level needs fibers on both amps more than pristine sky: 2.5 FWHM is enough
-    pick = sky_fibers(sub, err, h, reach=2.5)
-    if min(pick[:half].sum(), pick[half:].sum()) < 10:
-        pick = np.ones_like(use)
+    # the sky fibers; when a broad PSF leaves fewer than 10 on an amplifier, those beyond
+    # 2.5 FWHM (a median level needs fibers on both amplifiers more than pristine sky)
+    pick = np.ones_like(use)
+    for candidate in (use, sky_fibers(sub, err, h, reach=2.5)):
+        if min(candidate[:half].sum(), candidate[half:].sum()) >= 10:
+            pick = candidate
+            break
     a, b = nanmedian(level[:half][pick[:half]]), nanmedian(level[half:][pick[half:]])
     ratio = float(b / a) if np.isfinite(a) and a != 0 else np.nan
     out.append(judge(f"amp_ratio[{ch.amps[1]}/{ch.amps[0]}]", ratio))
