@@ -20,6 +20,7 @@ venv: $(VENV)/.installed
 demo: venv
 	$(BIN)/panacea-lrs2 simulate --date $(DEMO_DATE) --out $(DEMO_DIR)/raw --seed 1
 	$(BIN)/panacea-lrs2 -d $(DEMO_DATE) -s uv,orange,red,farred --baseraw $(DEMO_DIR)/raw --output $(DEMO_DIR)/reduced
+	@echo "QA report: $(abspath $(DEMO_DIR))/reduced/NIGHTS/$(DEMO_DATE)/report.html"
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -260,4 +260,4 @@ def test_output_that_is_a_file_is_exit_2(tmp_path, caplog):
     out.write_text("not a folder")
     with caplog.at_level(logging.ERROR):
         rc = main(["-d", "20181108", "--baseraw", str(tmp_path), "--output", str(out)])
-    assert rc == 2 and "cannot create the night's lock file" in caplog.text
+    assert rc == 2 and f"{out} is a file, not a folder" in caplog.text  # before any work

@@ -16,7 +16,7 @@ from . import __version__
 
 log = logging.getLogger("panacea")
 
-SUBCOMMANDS = ("simulate", "inventory", "config")
+SUBCOMMANDS = ("simulate", "inventory", "config", "report")
 
 
 def _date(text: str) -> str:
@@ -35,7 +35,8 @@ def reduce_parser() -> argparse.ArgumentParser:
         prog="panacea-lrs2",
         description="Reduce LRS2 (HET) data of one night: calibrations, then every science "
         "exposure. Other commands: 'panacea-lrs2 simulate -h' writes a simulated night with "
-        "its truth, 'panacea-lrs2 inventory -h' lists what a night holds.",
+        "its truth, 'panacea-lrs2 inventory -h' lists what a night holds, 'panacea-lrs2 "
+        "report -h' rebuilds a night's QA report.",
     )
     p.add_argument("-d", "--date", type=_date, default=None, help="night, YYYYMMDD")
     p.add_argument("-s", "--sides", default="uv,orange,red,farred",
@@ -143,6 +144,37 @@ def inventory_parser() -> argparse.ArgumentParser:
     return p
 
 
+def report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="panacea-lrs2 report",
+                                description="Rebuild a night's QA report (metrics.json, plots, "
+                                "HTML) from the products under --output; --table writes the "
+                                "metrics of every night in the tree as one CSV.")
+    p.add_argument("-d", "--date", type=_date, required=True, help="night, YYYYMMDD")
+    p.add_argument("--output", default="LRS2", help="product tree root (default ./LRS2)")
+    p.add_argument("--table", default=None, metavar="CSV",
+                   help="also write the metrics of all nights to this CSV file")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from .qa.metrics import find_products, metrics_table
+    from .qa.report import write_night_report
+
+    if not Path(args.output).is_dir():
+        log.error("report: product tree %s does not exist", args.output)
+        return 2
+    if not any(find_products(args.output, args.date)):
+        log.error("report: no calibration bundle (CALS/cal_%s_*.fits) and no multi_%s_* "
+                  "product under %s", args.date, args.date, args.output)
+        return 2
+    print(write_night_report(args.output, args.date))
+    if args.table:
+        rows = metrics_table(args.output, args.table)
+        print(f"{len(rows)} metric rows of all nights in {args.table}")
+    return 0
+
+
 def setup_logging(verbose: bool) -> None:
     """Configure logging once, for the command line only."""
     logging.basicConfig(
@@ -224,6 +256,10 @@ def _main(argv: list[str]) -> int:
         args = inventory_parser().parse_args(argv[1:])
         setup_logging(args.verbose)
         return run_inventory(args.date, args.baseraw)
+    if argv and argv[0] == "report":
+        args = report_parser().parse_args(argv[1:])
+        setup_logging(args.verbose)
+        return run_report(args)
     if argv and argv[0] == "config":
         args = config_parser().parse_args(argv[1:])
         setup_logging(args.verbose)

@@ -11,6 +11,7 @@ are submitted at once; locally one night runs at a time (its workers log to its 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -151,6 +152,8 @@ class _Night:
                     ledger.night_done(self.date, raw_stamp(self.run.baseraw, self.date),
                                       self.summary.exit_code())
             self.summary.write()
+            if self.archive is not None:
+                _night_report(self.run.output, self.date, self.summary)
             log.info("%s in %.1f s; summary %s", self.summary.last_line(),
                      time.perf_counter() - self.t0, self.summary.path)
         finally:
@@ -168,6 +171,24 @@ class _Night:
             code = EXIT_INTERNAL if self.crashed else self.summary.exit_code()
         self.progress.night_done(self.date, code, self.summary)
         return code
+
+
+def _night_report(root: Path, date: str, summary: NightSummary) -> None:
+    """The night's QA report from its products, rebuilt when this run wrote anything or it
+    is missing (a failure is logged, never fatal: the products are already safe)."""
+    page = night_folder(root, date) / "report.html"
+    if page.exists() and not summary.counts().get("written"):
+        return
+    if importlib.util.find_spec("matplotlib") is None:  # the optional "plot" extra
+        log.warning("night %s: no QA report without matplotlib (pip install "
+                    "'panacea-lrs2[plot]', then panacea-lrs2 report -d %s)", date, date)
+        return
+    from ..qa.report import write_night_report
+
+    try:
+        write_night_report(root, date)
+    except (OSError, ValueError, KeyError) as err:
+        log.error("night %s: QA report failed: %s", date, err)
 
 
 def _night_log(run: RunConfig, date: str) -> logging.Handler:

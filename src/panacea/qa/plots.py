@@ -1,0 +1,385 @@
+"""Quality-assessment plots (PNG). Needs matplotlib (the ``plot`` extra)."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import nanmedian
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_frame(image: np.ndarray, path: str | Path, title: str = "",
+               zoom: tuple[slice, slice] | None = None) -> Path:
+    """The stitched channel frame (and optionally a zoomed region) with a robust stretch."""
+    plt = _pyplot()
+    ncols = 2 if zoom else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(7 * ncols, 6.4), squeeze=False)
+    lo, hi = np.nanpercentile(image[::4, ::4], [2, 99.7])
+    ax = axes[0, 0]
+    ax.imshow(image, origin="lower", vmin=lo, vmax=hi, cmap="gray", interpolation="nearest")
+    ax.set_xlabel("column (wavelength increases to the right)")
+    ax.set_ylabel("stitched row (fiber k = 0..279 upward)")
+    ax.set_title(title)
+    if zoom:
+        rows, cols = zoom
+        ax.add_patch(plt.Rectangle((cols.start, rows.start), cols.stop - cols.start,
+                                   rows.stop - rows.start, fill=False, ec="tab:orange"))
+        z = axes[0, 1]
+        z.imshow(image[zoom], origin="lower", vmin=lo, vmax=hi, cmap="gray",
+                 interpolation="nearest",
+                 extent=(cols.start - 0.5, cols.stop - 0.5, rows.start - 0.5, rows.stop - 0.5),
+                 aspect="auto")
+        z.set_title("zoom")
+        z.set_xlabel("column")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_residual_maps(maps: dict[str, np.ndarray], path: str | Path, unit: str,
+                       title: str = "") -> Path:
+    """Fiber x column maps of residuals against truth, one panel per entry."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 3.8), squeeze=False)
+    for ax, (name, m) in zip(axes[0], maps.items()):
+        v = np.nanpercentile(np.abs(m), 99.5) or 1.0
+        im = ax.imshow(m, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-v, vmax=v,
+                       interpolation="nearest")
+        ax.set_title(f"{name}: rms {np.sqrt(np.nanmean(m**2)):.4f} {unit}", fontsize=9)
+        ax.set_xlabel("column")
+        ax.set_ylabel("fiber k")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_multi_summary(arrays: dict, grid: np.ndarray, path: str | Path, title: str = ""
+                       ) -> Path:
+    """IFU image of the sky-subtracted light and the spectra of the brightest fiber."""
+    plt = _pyplot()
+    sub = arrays["skysub_spectra"]
+    err = arrays["error_spectra"]
+    xy = arrays["fiber_positions"][:, :2]
+    cols = slice(sub.shape[1] // 5, 4 * sub.shape[1] // 5)
+    level = np.nanmedian(np.where(err[:, cols] > 0, sub[:, cols], np.nan), axis=1)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [1, 1.6]})
+    sc = a.scatter(xy[:, 0], xy[:, 1], c=level, s=95, marker="h", cmap="viridis")
+    a.set_aspect("equal")
+    a.set_xlabel("IFU x (arcsec)")
+    a.set_ylabel("IFU y (arcsec)")
+    a.set_title("sky-subtracted median per fiber")
+    fig.colorbar(sc, ax=a, shrink=0.8)
+    k = int(np.nanargmax(level))
+    b.plot(grid, arrays["observed_spectra"][k], lw=0.6, label=f"fiber {k}: object + sky")
+    b.plot(grid, arrays["sky_spectra"][k], lw=0.6, label="sky model")
+    b.plot(grid, sub[k], lw=0.6, label="sky-subtracted")
+    b.set_xlabel("wavelength (Angstrom)")
+    b.legend(fontsize=8)
+    b.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_joined(joined: dict, path: str | Path, title: str = "", unit: str = "",
+                truth: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
+    """The joined spectrum of an observation, coloured by channel, with its error (and a
+    reference spectrum when given, e.g. the simulator's truth)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(12, 4.2))
+    wave, flux, err, chan = joined["wave"], joined["flux"], joined["error"], joined["channel"]
+    for k, name in enumerate(("uv", "orange", "red", "farred")):
+        sel = (chan == k) & (err > 0)
+        if sel.any():
+            ax.plot(wave[sel], flux[sel], lw=0.5, label=name)
+    ok = err > 0
+    ax.plot(wave[ok], err[ok], lw=0.5, color="0.5", label="error")
+    if truth is not None:
+        ax.plot(*truth, lw=0.8, color="k", ls="--", label="truth")
+    good = flux[ok]
+    if good.size:
+        lo, hi = np.nanpercentile(good, [0.5, 99.5])
+        ax.set_ylim(min(0.0, lo), 1.3 * hi)
+    ax.set_xlabel("wavelength (Angstrom, air)")
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- night report
+# Small figures (dpi 72) drawn from the arrays panacea.qa.metrics reads: each costs
+# ~0.05-0.1 s, so the whole report stays a few per cent of the night's reduction.
+
+_DPI = 72
+#: Fixed margins (fractions of the figure): tight_layout costs ~0.2 s a figure.
+_MARGINS = {"left": 0.09, "right": 0.97, "bottom": 0.15, "top": 0.85}
+_MARGINS2 = {**_MARGINS, "left": 0.07, "wspace": 0.22}
+_AMP_COLORS = ("tab:blue", "tab:orange")
+
+
+def _no_ticks():
+    from matplotlib.ticker import NullLocator
+
+    return NullLocator()
+
+
+def _save(fig, path: str | Path) -> Path:
+    plt = _pyplot()
+    fig.savefig(path, dpi=_DPI, pil_kwargs={"compress_level": 1})
+    plt.close(fig)
+    return Path(path)
+
+
+@cache
+def _ifu_pixels(step: float = 0.05) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """Fiber index (-1 outside) of every pixel of a ``step``-arcsec raster of the IFU: the
+    nearest lenslet within 0.55 pitch, so each fiber is a small tile. Drawing the IFU as
+    an image costs a tenth of 280 scatter markers."""
+    from .. import instrument
+
+    xy = instrument.fiber_positions()
+    x = np.arange(xy[:, 0].min() - 0.4, xy[:, 0].max() + 0.4, step)
+    y = np.arange(xy[:, 1].min() - 0.4, xy[:, 1].max() + 0.4, step)
+    gx, gy = np.meshgrid(x, y)
+    d2 = (gx[..., None] - xy[:, 0]) ** 2 + (gy[..., None] - xy[:, 1]) ** 2
+    index = np.argmin(d2, axis=-1)
+    index[np.min(d2, axis=-1) > (0.45 * instrument.LENSLET_PITCH) ** 2] = -1
+    extent = (x[0] - step / 2, x[-1] + step / 2, y[0] - step / 2, y[-1] + step / 2)
+    return index, extent
+
+
+def _ifu_image(ax, values: np.ndarray, cmap: str = "viridis", vmin=None, vmax=None):
+    """The 280 fiber ``values`` drawn as tiles at their IFU positions."""
+    index, extent = _ifu_pixels()
+    img = np.where(index >= 0, np.asarray(values, float)[index], np.nan)
+    im = ax.imshow(img, origin="lower", extent=extent, cmap=cmap, vmin=vmin, vmax=vmax,
+                   interpolation="nearest")
+    ax.set_xlabel("IFU x (arcsec)")
+    ax.set_ylabel("IFU y (arcsec)")
+    return im
+
+
+def plot_trace_overlay(flat_cut: np.ndarray, trace: np.ndarray, dead: np.ndarray,
+                       path: str | Path, title: str = "") -> Path:
+    """A corner of the master flat (the first fibers of the first amplifier, the middle
+    columns) at full resolution, with the traces drawn on it (dead fibers dashed red).
+
+    Parameters
+    ----------
+    flat_cut : ndarray (nrow, ncol)
+        Rows 0..nrow-1 of the master flat (electrons).
+    trace : ndarray (280, ncol)
+        Row of each fiber at each column (px).
+    dead : ndarray of bool (280,)
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), gridspec_kw=_MARGINS)
+    ncol = flat_cut.shape[1]
+    c0, c1 = ncol // 2 - 150, ncol // 2 + 150
+    first = np.nanmin(trace[:, c0:c1]) if np.isfinite(trace[:, c0:c1]).any() else 0.0
+    r0 = max(int(first) - 10, 0)
+    r1 = min(r0 + 120, flat_cut.shape[0])
+    img = flat_cut[r0:r1, c0:c1]
+    lo, hi = np.nanpercentile(img, [1, 99.5])
+    ax.imshow(img, origin="lower", aspect="auto", cmap="gray", vmin=lo, vmax=hi,
+              extent=(c0 - 0.5, c1 - 0.5, r0 - 0.5, r1 - 0.5), interpolation="nearest")
+    cols = np.arange(c0, c1, 4)
+    for k in range(trace.shape[0]):
+        t = trace[k, cols]
+        if np.nanmin(t) > r1 + 10:
+            break
+        ax.plot(cols, t, lw=0.7, color="tab:red" if dead[k] else "tab:cyan",
+                ls="--" if dead[k] else "-")
+    ax.set_xlim(c0 - 0.5, c1 - 0.5)
+    ax.set_ylim(r0 - 0.5, r1 - 0.5)
+    ax.set_xlabel("column")
+    ax.set_ylabel("row")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_wave_residuals(column: np.ndarray, resid: np.ndarray, lines: np.ndarray,
+                        path: str | Path, title: str = "") -> Path:
+    """Arc-line residuals (Angstrom) against column and against fiber.
+
+    Parameters
+    ----------
+    column, resid : ndarray (nline, nfiber)
+        From :func:`panacea.qa.metrics.arc_residuals`.
+    lines : ndarray (nline,)
+        Line wavelengths (Angstrom).
+    """
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True, gridspec_kw=_MARGINS2)
+    # markers as lines, one colour per arc line (a scatter with a colour per point costs
+    # ten times as much to draw)
+    ok = np.isfinite(resid)
+    fib = np.arange(resid.shape[1])
+    colours = plt.get_cmap("viridis")(np.linspace(0, 1, max(len(lines), 1)))
+    for i in range(len(lines)):
+        a.plot(column[i], resid[i], ".", ms=1.5, color=colours[i], alpha=0.6)
+        b.plot(fib, resid[i], ".", ms=1.5, color=colours[i], alpha=0.6)
+    per_line = nanmedian(resid, axis=1)
+    a.plot(nanmedian(column, axis=1), per_line, "k.", ms=5)
+    a.axhline(0, color="0.5", lw=0.5)
+    a.set_xlabel("column")
+    a.set_ylabel("centroid - line (Angstrom)")
+    a.set_title(f"{int(np.isfinite(per_line).sum())} lines (colours), median per line",
+                fontsize=9)
+    b.plot(fib, nanmedian(resid, axis=0), "k-", lw=0.8)
+    b.axhline(0, color="0.5", lw=0.5)
+    b.set_xlabel("fiber k")
+    b.set_title("line: median per fiber", fontsize=9)
+    if ok.any():
+        v = max(np.nanpercentile(np.abs(resid[ok]), 99), 0.05)
+        a.set_ylim(-1.5 * v, 1.5 * v)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_ftf_map(level: np.ndarray, dead: np.ndarray, path: str | Path, title: str = ""
+                 ) -> Path:
+    """Fiber-to-fiber throughput (median over the middle columns) on the IFU; dead fibers
+    crossed."""
+    from .. import instrument
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 3.6), gridspec_kw=_MARGINS)
+    vals = np.where(dead, np.nan, level)
+    sc = _ifu_image(ax, vals, "viridis", *np.nanpercentile(vals, [1, 99]))
+    xy = instrument.fiber_positions()
+    if dead.any():
+        ax.plot(xy[dead, 0], xy[dead, 1], "rx", ms=6)
+    fig.colorbar(sc, ax=ax, shrink=0.85, label="relative throughput")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_sky_residuals(grid: np.ndarray, sub: np.ndarray, sky: np.ndarray, err: np.ndarray,
+                       use: np.ndarray, chi: np.ndarray, lines: np.ndarray,
+                       path: str | Path, title: str = "") -> Path:
+    """Mean sky-subtracted spectrum of the sky fibers with its expected noise, the scaled
+    sky for reference, and the histogram of chi = residual / error against N(0, 1)."""
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4),
+                           gridspec_kw={"width_ratios": [2.6, 1], **_MARGINS2})
+    e = err[use]
+    good = e > 0
+    n = np.maximum(good.sum(axis=0), 1)
+    mean = np.where(good, sub[use], 0.0).sum(axis=0) / n
+    noise = np.sqrt((np.where(good, e, 0.0) ** 2).sum(axis=0)) / n
+    skym = np.where(good, sky[use], 0.0).sum(axis=0) / n
+    a.plot(grid, noise, color="0.6", lw=0.6, label="+-1 sigma expected")
+    a.plot(grid, -noise, color="0.6", lw=0.6)
+    a.plot(grid, mean, lw=0.5, color="k", label="mean residual of sky fibers")
+    scale = np.nanmax(np.abs(mean)) / max(np.nanmax(skym), 1e-30)
+    a.plot(grid, skym * scale, lw=0.4, color="tab:blue", alpha=0.6,
+           label=f"sky x {scale:.2g}")
+    a.set_xlabel("wavelength (Angstrom)")
+    a.set_title(f"{title}\nmean of the sky fibers (black), expected 1 sigma (grey), sky x "
+                f"{scale:.2g} (blue)", fontsize=8)
+    bins = np.linspace(-6, 6, 61)
+    # every third bin of all (plenty for a histogram at a third of the cost), every line bin
+    for sample, colour, label in ((chi[:, ::3], "k", "all bins"), (chi[:, lines], "tab:red",
+                                                                   "sky lines")):
+        c = sample[np.isfinite(sample)]
+        c = c[np.abs(c) < 6]
+        if c.size:
+            b.stairs(np.histogram(c, bins=bins, density=True)[0], bins, color=colour,
+                     label=label)
+    x = np.linspace(-6, 6, 200)
+    b.plot(x, np.exp(-x**2 / 2) / np.sqrt(2 * np.pi), color="tab:green", lw=0.8,
+           label="N(0,1)")
+    b.set_yscale("log")
+    b.yaxis.set_minor_locator(_no_ticks())  # log minor ticks cost ~0.1 s to lay out
+    b.set_ylim(1e-4, 1)
+    b.set_xlabel("chi")
+    b.set_title("chi: all (black), sky lines (red), N(0,1) (green)", fontsize=7)
+    return _save(fig, path)
+
+
+def plot_collapsed(level: np.ndarray, header, path: str | Path, title: str = "") -> Path:
+    """Collapsed IFU image (median of each fiber's sky-subtracted spectrum) with the
+    detected source and a circle of the PSF FWHM."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 3.6), gridspec_kw=_MARGINS)
+    lo, hi = np.nanpercentile(level, [2, 99.5])
+    _ifu_image(ax, level, "magma", lo, hi)
+    if "SOURCEX" in header:
+        x, y = header["SOURCEX"], header["SOURCEY"]
+        fwhm = float(header.get("SEEING", 0.0))
+        ax.plot(x, y, "c+", ms=12, mew=1.5)
+        ax.add_patch(plt.Circle((x, y), fwhm / 2, fill=False, ec="c", lw=1.2))
+        title += f"  source ({x:.2f}, {y:.2f})\", FWHM {fwhm:.2f}\""
+    else:
+        title += "  no source"
+    ax.set_title(f"{title}\nsky-subtracted median per fiber, black {lo:.2g} .. white "
+                 f"{hi:.2g}", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_spectrum(spec: np.ndarray, path: str | Path, unit: str = "", title: str = ""
+                  ) -> Path:
+    """Extracted spectrum (rows of ``spectrum_*``: wavelength, F, sky, error, sky error,
+    response) with its error and sky."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 3.2), gridspec_kw=_MARGINS)
+    ok = spec[3] > 0
+    w = spec[0]
+    ax.plot(w[ok], spec[1][ok], lw=0.5, color="k", label="source")
+    ax.plot(w[ok], spec[2][ok], lw=0.4, color="tab:blue", alpha=0.7, label="sky (same aperture)")
+    ax.plot(w[ok], spec[3][ok], lw=0.5, color="tab:red", label="error")
+    if ok.any():
+        lo, hi = np.nanpercentile(spec[1][ok], [0.5, 99.5])
+        ax.set_ylim(min(0.0, lo), 1.3 * hi)
+    ax.set_xlabel("wavelength (Angstrom, air)")
+    ax.set_ylabel(unit, fontsize=8)
+    ax.legend(fontsize=7, ncol=3)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_response(grid: np.ndarray, curves: dict[str, np.ndarray],
+                  standard: np.ndarray | None, path: str | Path, title: str = "") -> Path:
+    """Response curves (erg/e-) of a channel (the night's and the bundled default) and the
+    calibrated spectrum of the standard star it came from."""
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2), gridspec_kw=_MARGINS2)
+    for label, r in curves.items():
+        a.plot(grid, r, lw=0.8, label=label)
+    a.set_yscale("log")
+    a.yaxis.set_minor_locator(_no_ticks())
+    a.set_xlabel("wavelength (Angstrom)")
+    a.set_ylabel("response (erg / e-)")
+    a.legend(fontsize=7)
+    a.set_title(title, fontsize=9)
+    if standard is not None:
+        ok = standard[3] > 0
+        b.plot(standard[0][ok], standard[1][ok], lw=0.6, color="k", label="standard")
+        b.plot(standard[0][ok], standard[3][ok], lw=0.5, color="tab:red", label="error")
+        b.legend(fontsize=7)
+        b.set_title("the standard star, calibrated with it", fontsize=9)
+    else:
+        b.text(0.5, 0.5, "no standard star spectrum", ha="center", transform=b.transAxes)
+    b.set_xlabel("wavelength (Angstrom)")
+    return _save(fig, path)
