@@ -95,8 +95,9 @@ def _header(result: ExposureResult, scale: FluxScale) -> fits.Header:
         h["SOURCEY"] = (round(src.psf.y, 3), f"source IFU y (arcsec) at {src.ref_wave:.0f} A")
         h["SOURCEW"] = (round(src.ref_wave, 1), "wavelength of SOURCEX/Y (A)")
         h["SEEING"] = (round(float(np.interp(src.ref_wave, result.frame.channel.grid,
-                                             src.fwhm)), 3), "Moffat FWHM (arcsec)")
+                                             src.fwhm)), 3), "PSF FWHM (arcsec)")
         h["ELLIP"] = (round(src.psf.ellipticity, 3), "PSF ellipticity 1 - b/a")
+        _psf_cards(h, src)
         h["SRCSIG"] = (round(src.detection.significance, 1), "detection significance")
         h["DARTRACK"] = (src.track_used, "refraction track used: measured or model")
         h["DARMODEL"] = (round(float(np.ptp(np.hypot(*src.model_track))), 3),
@@ -107,6 +108,19 @@ def _header(result: ExposureResult, scale: FluxScale) -> fits.Header:
     else:
         h["HISTORY"] = "no source detected: no spectrum_ product"
     return h
+
+
+def _psf_cards(h: fits.Header, src) -> None:
+    """PSFMODEL, PSFBETA, PSFOUT, PSFOUTE: the PSF the data chose and the light it puts
+    outside the IFU."""
+    h["PSFMODEL"] = (src.psf_model, "PSF profile chosen by chi2: moffat or gauss")
+    beta = src.beta
+    h["PSFBETA"] = (round(float(beta), 3) if np.isfinite(beta) else 0.0,
+                    "Moffat wing index (0: Gaussian)")
+    if src.choice is not None:
+        h["PSFOUT"] = (round(src.choice.outside, 4), "PSF light outside the IFU (fraction)")
+        h["PSFOUTE"] = (round(src.choice.outside_err, 4), "error of PSFOUT, in flux error")
+        h["PSFNTRY"] = (len(src.choice.tried), "PSF profiles compared")
 
 
 def multi_arrays(result: ExposureResult, scale: FluxScale, cal, pointing=None
