@@ -27,6 +27,7 @@ from .calbundle import (
 from .calibration import CalibrationOptions, StageTimer, calibrate_channel, plan_calibration
 from .errors import PanaceaError
 from .inventory import format_inventory
+from .io_utils import header_number
 from .exposure_products import FluxScale, Written, write_exposure_products
 from .joined import CHANNEL_ORDER, combine_exposures, join_channels, write_joined
 from .products import product_folder
@@ -86,7 +87,9 @@ def write_exposure(night, exposure, cal: ChannelCalibration, root: Path,
     if result is None:
         result = reduce_exposure(night, exposure, cal, options, timer)
     t0 = time.perf_counter()
-    scale = FluxScale(response[0], response[1], guider(conditions, night, exposure))
+    scale = FluxScale(response[0], response[1], guider(conditions, night, exposure),
+                      telluric=response[2] if len(response) > 2 else None,
+                      airmass=header_number(result.header, "AIRMASS") or 0.0)
     written = write_exposure_products(result, scale, cal, _folder(root, exposure),
                                       _described(options), cubes=cubes)
     timer.add("write", t0)
@@ -125,7 +128,7 @@ def _standards_dir(args) -> Path | None:
 
 
 def _derive_response(night, result: ExposureResult, cal: ChannelCalibration, args,
-                     conditions: dict) -> tuple[np.ndarray, str] | None:
+                     conditions: dict) -> tuple[np.ndarray, str, tuple] | None:
     """The channel response from a reduced standard-star exposure (None, logged, when the
     star or its reference spectrum is missing)."""
     exposure = result.frame.exposure
@@ -156,9 +159,13 @@ def _derive_response(night, result: ExposureResult, cal: ChannelCalibration, arg
     log.info("%s %s: response from %s (fit RMS %.2f%%)", exposure.name, ch.name, label,
              100 * fit.rms)
     out = Path(args.output) / "CALS" / f"response_{exposure.date}_{ch.name}.fits"
+    airmass = header_number(result.header, "AIRMASS") or 0.0
     fluxcal.write_response(out, ch.grid, fit.response, {"STANDARD": name,
-                                                        "OBSID": exposure.obsid})
-    return fit.response, label
+                                                        "OBSID": exposure.obsid,
+                                                        "AIRMASS": (airmass, "of the standard"),
+                                                        **fluxcal.response_cards(fit)},
+                           telluric=fit.telluric)
+    return fit.response, label, (fit.telluric, airmass)
 
 
 def _slot_of(obj: str) -> str | None:
