@@ -379,6 +379,8 @@ class ResponseFit:
         telluric bands, 1 elsewhere and where not measurable).
     ref_step : float
         Tabulation step (Angstrom) of the reference spectrum.
+    sampling : str
+        How the reference was read: "point" samples or "binned" means.
     """
 
     wave: np.ndarray
@@ -391,16 +393,33 @@ class ResponseFit:
     masked: list[Band] = field(default_factory=list)
     telluric: np.ndarray | None = None
     ref_step: float = 0.0
+    sampling: str = "point"
+
+
+def binned_reference(ref_wave: np.ndarray, ref_flam: np.ndarray):
+    """A smooth F_lambda whose means over the reference's bins (edges half way between its
+    wavelengths) are the tabulated values: the derivative of a monotone cubic (PCHIP)
+    through the cumulative integral at the bin edges. Returns a callable of wavelength."""
+    from scipy.interpolate import PchipInterpolator
+
+    rw, rf = np.asarray(ref_wave, float), np.asarray(ref_flam, float)
+    mid = 0.5 * (rw[1:] + rw[:-1])
+    edges = np.r_[rw[0] - (mid[0] - rw[0]), mid, rw[-1] + (rw[-1] - mid[-1])]
+    cum = np.r_[0.0, np.cumsum(rf * np.diff(edges))]
+    return PchipInterpolator(edges, cum).derivative()
 
 
 def convolve_reference(grid: np.ndarray, ref_wave: np.ndarray, ref_flam: np.ndarray,
-                       resolution: float) -> np.ndarray:
+                       resolution: float, sampling: str = "point") -> np.ndarray:
     """Reference F_lambda seen through the instrument, on ``grid``.
 
     The reference is resampled onto a uniform grid in ln(wavelength), where a resolving
     power ``R = lambda / FWHM`` is a Gaussian of constant width, and convolved with that
     Gaussian widened by the grid's pixel box (added in quadrature). Grid points within
-    three sigma of the ends of the reference (or beyond them) are NaN.
+    three sigma of the ends of the reference (or beyond them) are NaN. ``sampling`` says
+    how the table was made: "point" values are interpolated linearly, "binned" (bin means)
+    are reconstructed by :func:`binned_reference`, which keeps every bin's mean and so a
+    line's depth where linear interpolation of bin means would smear it over two bins.
     """
     grid = np.asarray(grid, float)
     rw, rf = np.asarray(ref_wave, float).ravel(), np.asarray(ref_flam, float).ravel()
@@ -422,7 +441,11 @@ def convolve_reference(grid: np.ndarray, ref_wave: np.ndarray, ref_flam: np.ndar
     if hi <= lo:
         return np.full(grid.shape, np.nan)
     ln = np.arange(lo, hi + dln, dln)
-    smooth = gaussian_filter1d(np.interp(np.exp(ln), rw, rf), sigma_ln / dln, mode="nearest")
+    if sampling == "binned" and rw.size > 2:
+        fine = binned_reference(rw, rf)(np.exp(ln))
+    else:
+        fine = np.interp(np.exp(ln), rw, rf)
+    smooth = gaussian_filter1d(fine, sigma_ln / dln, mode="nearest")
     out = np.interp(np.log(grid), ln, smooth, left=np.nan, right=np.nan)
     covered = (np.log(grid) >= math.log(rw[0]) + 3 * sigma_ln) & (
         np.log(grid) <= math.log(rw[-1]) - 3 * sigma_ln)
@@ -543,6 +566,7 @@ def derive_response(
     max_iter: int = 15,
     exclude: Sequence[tuple[float, float]] | None = None,
     mask_lines: bool = True,
+    sampling: str = "auto",
 ) -> ResponseFit:
     """Smooth channel response (erg per electron) from a standard star's spectrum.
 
@@ -573,6 +597,10 @@ def derive_response(
         tabulation step) and the telluric bands (:func:`telluric_bands`). Bands are left
         out where they lie at least 10 Angstrom inside the grid (telluric ones:
         ``knot_spacing``); nearer the ends, clipping has to do.
+    sampling : {"auto", "point", "binned"}
+        How the reference was tabulated (:func:`convolve_reference`). "auto": for tables
+        coarser than 3 Angstrom, the one of the two whose stellar lines (masked in the fit)
+        follow the smooth response best; it decides the measured telluric transmission.
 
     Returns
     -------
@@ -594,15 +622,20 @@ def derive_response(
     if not (area_cm2 > 0 and transparency > 0 and resolution > 0):
         raise ValueError(f"area ({area_cm2}), transparency ({transparency}) and resolution "
                          f"({resolution}) must be positive")
-    reference = convolve_reference(grid, ref_wave, ref_flam, resolution)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = reference * area_cm2 * transparency / rate
-        measurable = (np.isfinite(ratio) & (ratio > 0) & np.isfinite(rate_var)
-                      & (rate_var > 0) & (rate > 0))
-    if mask is not None:
-        measurable &= ~np.asarray(mask, bool)
-    ratio = np.where(measurable, ratio, np.nan)
     step = reference_step(ref_wave)
+    chosen = "point" if sampling == "auto" else sampling
+
+    def ratio_of(how: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        reference = convolve_reference(grid, ref_wave, ref_flam, resolution, how)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = reference * area_cm2 * transparency / rate
+            ok = (np.isfinite(ratio) & (ratio > 0) & np.isfinite(rate_var)
+                  & (rate_var > 0) & (rate > 0))
+        if mask is not None:
+            ok &= ~np.asarray(mask, bool)
+        return reference, np.where(ok, ratio, np.nan), ok
+
+    reference, ratio, measurable = ratio_of(chosen)
     masked: list[Band] = []
     if mask_lines:
         masked += [b for b in stellar_lines(widen=step) if _in_bands(grid, [(b.lo, b.hi)], 10.0)
@@ -633,6 +666,22 @@ def derive_response(
     resid = ratio[used] / response[used] - 1.0
     rms = float(np.sqrt(np.mean(resid**2))) if resid.size else math.nan
     n_clipped = int(measurable.sum() - used.sum())
+    if sampling == "auto" and step > 3.0 and mask_lines:
+        lines = measurable & _in_bands(grid, [(b.lo, b.hi) for b in masked
+                                              if b.kind == "stellar"], 0.0)
+        lines &= ~_in_bands(grid, [(b.lo, b.hi) for b in masked if b.kind != "stellar"], 0.0)
+        if lines.sum() > 20:
+            alt = ratio_of("binned")
+            keep = lines & alt[2]
+
+            def spread(r):
+                return float(np.sqrt(np.mean(np.log(r[keep] / response[keep]) ** 2)))
+
+            if spread(alt[1]) < spread(ratio):
+                chosen = "binned"
+                reference, ratio, measurable = alt
+            log.info("reference sampling: %s (line residual rms point %.2f%%, binned %.2f%%)",
+                     chosen, 100 * spread(ratio_of("point")[1]), 100 * spread(alt[1]))
     tell = np.ones(grid.size)
     in_tell = np.zeros(grid.size, bool)
     for b in masked:
@@ -645,7 +694,7 @@ def derive_response(
              int(used.sum()), n_clipped, sum(b.kind == "stellar" for b in masked),
              sum(b.kind == "telluric" for b in masked), step, 100 * rms)
     return ResponseFit(grid, response, ratio, reference, used, rms, n_clipped, masked, tell,
-                       step)
+                       step, chosen)
 
 
 # --------------------------------------------------------------------------- files
@@ -662,6 +711,7 @@ def response_cards(fit: ResponseFit) -> dict:
                     "telluric bands across an end, in the response"),
         "MSKFRAC": (round(float(np.mean(~fit.used)), 4), "fraction of pixels not fitted"),
         "REFSTEP": (round(fit.ref_step, 2), "reference tabulation step (A)"),
+        "REFSAMP": (fit.sampling, "reference read as point samples or bin means"),
         "RESPRMS": (round(fit.rms, 5), "fractional rms of the fit"),
     }
     for i, b in enumerate(fit.masked[:99]):
