@@ -599,8 +599,9 @@ def derive_response(
         ``knot_spacing``); nearer the ends, clipping has to do.
     sampling : {"auto", "point", "binned"}
         How the reference was tabulated (:func:`convolve_reference`). "auto": for tables
-        coarser than 3 Angstrom, the one of the two whose stellar lines (masked in the fit)
-        follow the smooth response best; it decides the measured telluric transmission.
+        coarser than 3 Angstrom, the one of the two whose stellar lines (masked in the fit;
+        telluric absorption there weighs on both alike) follow the smooth response best;
+        it decides the measured telluric transmission.
 
     Returns
     -------
@@ -669,7 +670,6 @@ def derive_response(
     if sampling == "auto" and step > 3.0 and mask_lines:
         lines = measurable & _in_bands(grid, [(b.lo, b.hi) for b in masked
                                               if b.kind == "stellar"], 0.0)
-        lines &= ~_in_bands(grid, [(b.lo, b.hi) for b in masked if b.kind != "stellar"], 0.0)
         if lines.sum() > 20:
             alt = ratio_of("binned")
             keep = lines & alt[2]
