@@ -73,6 +73,9 @@ END_ZONE = 120.0
 #: Telluric transmissions below this are not corrected (the science pixel is left as it is
 #: and the correction there is flagged by TELLMIN).
 MIN_TELLURIC = 0.03
+#: Stellar lines blueward of this (A) are crowded (H-epsilon to H13, Ca H and K): their
+#: masks are narrowed to the cores, so that the high Balmer series is not one gap.
+CROWDED_BELOW = 4000.0
 #: Unit of a response (and of row 1 of a response file).
 RESPONSE_UNIT = "erg / electron"
 #: Unit of flux-calibrated spectra and cubes, and of count rates per collecting area (what
@@ -327,12 +330,15 @@ def _read_table(name: str) -> list[dict[str, str]]:
     return [dict(zip(keys, r.split(","))) for r in rows[1:]]
 
 
-def stellar_lines(widen: float = 0.0) -> list[Band]:
-    """Strong stellar lines of flux standards (``data/stellar_lines.csv``) as bands, each
-    widened by ``widen`` Angstrom on both sides (e.g. the reference's tabulation step)."""
+def stellar_lines(widen: float = 0.0, crowded_scale: float = 1.0) -> list[Band]:
+    """Strong stellar lines of flux standards (``data/stellar_lines.csv``) as bands: the
+    tabulated half width (times ``crowded_scale`` in the crowded high Balmer series and
+    Ca H and K, blueward of :data:`CROWDED_BELOW`), widened by ``widen`` Angstrom on both
+    sides."""
     out = []
     for r in _read_table("stellar_lines.csv"):
-        w, hw = float(r["wavelength"]), float(r["half_width"]) + widen
+        w = float(r["wavelength"])
+        hw = float(r["half_width"]) * (crowded_scale if w < CROWDED_BELOW else 1.0) + widen
         out.append(Band(r["name"], w - hw, w + hw, "stellar"))
     return out
 
@@ -639,8 +645,11 @@ def derive_response(
     reference, ratio, measurable = ratio_of(chosen)
     masked: list[Band] = []
     if mask_lines:
-        masked += [b for b in stellar_lines(widen=step) if _in_bands(grid, [(b.lo, b.hi)], 10.0)
-                   .any()]
+        # in the crowded high Balmer series the full widths would join into one gap of
+        # 300 A beside the channel's steep blue edge: there only the cores, which the line
+        # spread and the table's sampling shape differently, are left out
+        masked += [b for b in stellar_lines(widen=step, crowded_scale=0.5)
+                   if _in_bands(grid, [(b.lo, b.hi)], 10.0).any()]
         for b in telluric_bands():
             if _in_bands(grid, [(b.lo, b.hi)], 10.0).any():
                 masked.append(b)
@@ -668,8 +677,9 @@ def derive_response(
     rms = float(np.sqrt(np.mean(resid**2))) if resid.size else math.nan
     n_clipped = int(measurable.sum() - used.sum())
     if sampling == "auto" and step > 3.0 and mask_lines:
-        lines = measurable & _in_bands(grid, [(b.lo, b.hi) for b in masked
-                                              if b.kind == "stellar"], 0.0)
+        # judged over the lines' full widths (wings included)
+        lines = measurable & _in_bands(grid, [(b.lo, b.hi) for b in stellar_lines(widen=step)],
+                                       0.0)
         if lines.sum() > 20:
             alt = ratio_of("binned")
             keep = lines & alt[2]
