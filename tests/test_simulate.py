@@ -15,6 +15,8 @@ from panacea.cli import main
 from panacea.extract import boxcar
 from panacea.inventory import format_inventory
 from panacea.simulate import NightConfig, simulate_night
+from panacea.simulate import night as simnight
+from panacea.simulate import spectra as sp
 from panacea.simulate.truth import load_exposure
 
 
@@ -151,3 +153,55 @@ def test_cli_simulate_and_inventory(tmp_path, capsys):
     assert main(["inventory", "-d", "20190303", "--baseraw", str(tmp_path)]) == 2
     assert main(["-d", "20190303", "--baseraw", str(tmp_path)]) == 2
     assert main(["-d", "20190302", "--baseraw", str(tmp_path / "nowhere")]) == 2
+
+
+def test_randomized_psf_sources_standards_and_atmosphere_stay_in_their_ranges():
+    """Per seed: PSF family and beta 2.5-4.5, seeing within 0.8-2.5", sources at least the
+    drawn margin inside the IFU edge, coarse reference steps, telluric and edges drawn; the
+    default night draws none of them."""
+    from panacea.simulate import nuisance
+
+    default = nuisance.draw(0, "20181108", False)
+    assert default.pwv_mm == default.o2_scale == default.edge_width == 0.0
+    assert not default.stellar_lines and default.psf_model == "moffat"
+    models = set()
+    half = inst.LENSLET_PITCH / 2
+    xmax, ymax = inst.fiber_positions().max(axis=0) + half
+    for seed in range(12):
+        nz = nuisance.draw(seed, "20190101", True)
+        models.add(nz.psf_model)
+        assert 2.5 <= nz.psf_beta <= 4.5 and abs(nz.psf_beta_slope) <= 0.6
+        assert 0.8 <= nz.seeing_range[0] <= nz.seeing_range[1] <= 2.5
+        assert nz.reference_step in (1.0, 2.0, 5.0, 10.0) and nz.stellar_lines
+        assert 1.0 <= nz.pwv_mm <= 8.0 and nz.edge_width > 0
+        plans = simnight.plan_night(simnight.NightConfig("20190101", seed=seed,
+                                                         randomize=True))
+        for p in plans:
+            if p.kind == "science":
+                assert nz.seeing_range[0] <= p.seeing <= nz.seeing_range[1]
+                assert p.psf_model == nz.psf_model and p.pwv_mm == nz.pwv_mm
+                x, y = p.source_xy
+                assert abs(x) <= xmax - nz.edge_margin + 1e-9
+                assert abs(y) <= ymax - nz.edge_margin + 1e-9
+    assert models == {"moffat", "gauss"}
+
+
+def test_randomized_reference_is_coarse_and_absorption_reaches_the_light(tmp_path):
+    from panacea.simulate import nuisance
+
+    nz = nuisance.Nuisances(randomized=True, stellar_lines=True, reference_step=10.0,
+                            reference_binned=True)
+    table = np.loadtxt(simnight.write_standard(tmp_path, "FEIGE_34", nz))
+    assert np.allclose(np.diff(table[:, 0]), 10.0)
+    # binned: the H-beta bin holds the mean of the line, shallower than its core
+    k = int(np.argmin(np.abs(table[:, 0] - 4860.0)))
+    core = sp.flambda_to_ab(sp.standard_flambda("FEIGE_34", np.array([4861.3]), strong_lines=True),
+                            np.array([4861.3]))[0]
+    assert table[k, 1] < core - 0.05
+    w = np.arange(7550.0, 7750.0, 0.1)
+    t = sp.telluric_transmission(w, 5.0, 1.0, 1.22)
+    assert t.min() < 0.1 and np.all(t <= 1.0)
+    assert np.all(sp.telluric_transmission(w, 0.0, 0.0, 1.22) == 1.0)
+    ch = inst.get_channel("uv")
+    edged = sp.response(ch, ch.grid, (10.0, 15.0)) / sp.response(ch, ch.grid)
+    assert edged[0] > 3 and edged[ch.grid.size // 2] == pytest.approx(1.0, abs=1e-6)

@@ -109,3 +109,65 @@ def test_sky_line_mask_ignores_dead_fibers():
     assert np.array_equal(np.flatnonzero(mask), grid[300:303])
     sky[[17, 200]] = 0.0  # dead fibers hold no sky at all
     assert np.array_equal(sky_line_mask(sky), mask)
+
+
+def _simulated_cube(psf_model: str, beta: float, seeing: float, x0: float, y0: float,
+                    noise: float, seed: int = 0, ellipticity: float = 0.0, angle: float = 0.0):
+    """Sky-subtracted fiber spectra of a point source drawn with the simulator's own PSF
+    (its ``moffat_fractions``: Gaussian or Moffat, refraction, FWHM ~ lambda^-0.2) on the
+    orange grid, with Gaussian noise; returns (data, err, grid, flux, true FWHM(grid))."""
+    from panacea.simulate import night as simnight
+
+    ch = instrument.get_channel("orange")
+    grid = ch.grid
+    plan = simnight.ExposurePlan(12, 1, "sci", "t", 900.0, "2018-11-08T03:00:00", "science",
+                                 source_xy=(x0, y0), seeing=seeing, parangle=40.0,
+                                 temperature=8.0, pressure=793.0, humidity=40.0,
+                                 psf_model=psf_model, psf_beta=beta, ellipticity=ellipticity,
+                                 psf_angle=angle)
+    wk = np.linspace(grid[0], grid[-1], 24)
+    frac = simnight.moffat_fractions(plan, wk, simnight.dar_offsets(plan, wk))
+    frac = np.stack([np.interp(grid, wk, f) for f in frac])
+    flux = 300.0 * (grid / 5000.0) ** -1
+    data = frac * flux + np.random.default_rng(seed).normal(0, noise, frac.shape)
+    return data, np.full(frac.shape, noise), grid, flux, seeing * (grid / 5000.0) ** -0.2
+
+
+@pytest.mark.parametrize("psf_model,beta,seeing,x0,y0", [
+    ("gauss", 3.5, 2.0, 6.49 - 0.59, 0.5),  # Gaussian, one fiber inside the long edge
+    ("moffat", 2.5, 1.2, -1.0, -(3.835 - 0.9)),  # broad wings near the short edge
+])
+def test_psf_shape_is_chosen_by_the_data(monkeypatch, psf_model, beta, seeing, x0, y0):
+    """A source near the IFU edge: flux within 3 % and seeing within 8 % with the PSF the
+    data choose; the fixed beta = 3.5 Moffat of before misses the flux by more than 4 %."""
+    import panacea.source as source
+
+    data, err, grid, flux, fwhm = _simulated_cube(psf_model, beta, seeing, x0, y0, noise=1.0)
+    weather = Weather(8.0, 793.0, 40.0)
+    src = analyse(data, err, np.ones_like(data), err, grid, XY, 40.0, weather)
+    assert src.psf_model == psf_model
+    assert np.isfinite(src.beta) == (psf_model == "moffat")
+    if psf_model == "moffat":
+        assert src.beta == pytest.approx(beta, abs=0.5)
+    assert np.median(src.spectrum / flux) == pytest.approx(1.0, abs=0.03)
+    assert np.median(src.fwhm / fwhm) == pytest.approx(1.0, abs=0.08)
+    assert 0.05 < src.choice.outside < 0.6  # much of the light falls off the IFU
+    assert np.all(src.error >= 0) and src.choice.outside_err >= 0
+    monkeypatch.setattr(source, "BETA_CHOICES", (3.5,))
+    fixed = analyse(data, err, np.ones_like(data), err, grid, XY, 40.0, weather)
+    assert fixed.beta == 3.5
+    assert abs(np.median(fixed.spectrum / flux) - 1) > 0.04
+
+
+def test_outside_light_uncertainty_enters_the_flux_error():
+    """Faint source on the edge: the spread of the light outside the IFU over the profiles
+    the chi2 allows is part of the flux error."""
+    data, err, grid, _, _ = _simulated_cube("moffat", 3.0, 1.8, 6.49 - 0.59, 0.5,
+                                               noise=12.0, seed=3)
+    weather = Weather(8.0, 793.0, 40.0)
+    src = analyse(data, err, np.ones_like(data), err, grid, XY, 40.0, weather)
+    assert src.choice.outside_err > 0.002
+    rel = src.choice.outside_err / (1 - src.choice.outside)
+    stat = psf_extract(data, err, src.weights)[1]
+    np.testing.assert_allclose(src.error, np.hypot(stat, np.abs(src.spectrum) * rel),
+                               rtol=1e-6)

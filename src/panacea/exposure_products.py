@@ -19,7 +19,8 @@ from astropy.io import fits
 from . import instrument
 from .astrometry import fiber_sky_positions, header_pointing
 from .cube import build_cube, cube_name, write_cube
-from .fluxcal import FLUX_UNIT, RATE_UNIT, GuiderConditions
+from .fluxcal import (FLUX_UNIT, MIN_TELLURIC, RATE_UNIT, GuiderConditions,
+                      telluric_correction)
 from .products import Extension, Layout, MULTI_LAYOUT, multi_name, write_product
 from .science import ExposureResult
 
@@ -41,6 +42,17 @@ class FluxScale:
     response: np.ndarray | None  # erg per electron on the channel grid
     response_source: str
     conditions: GuiderConditions
+    #: (transmission on the grid, airmass) measured on the night's standard, or None
+    telluric: tuple[np.ndarray, float] | None = None
+    airmass: float = 0.0  # of the exposure (0: unknown, the standard's is used)
+
+    def telluric_divisor(self, n: int) -> np.ndarray:
+        """What the spectra are divided by for the telluric absorption (ones without)."""
+        if self.telluric is None or self.response is None:
+            return np.ones(n)
+        trans, x_std = self.telluric
+        x_sci = self.airmass if self.airmass > 0 else x_std
+        return telluric_correction(trans, x_std if x_std > 0 else 1.0, x_sci or 1.0)
 
     @property
     def calibrated(self) -> bool:
@@ -53,7 +65,8 @@ class FluxScale:
     def factor(self, n: int) -> np.ndarray:
         """Multiplier of a count rate (e-/s/A) at every grid wavelength."""
         base = 1.0 / (self.conditions.area_cm2 * self.conditions.transparency)
-        return base * (self.response if self.response is not None else np.ones(n))
+        resp = self.response if self.response is not None else np.ones(n)
+        return base * resp / self.telluric_divisor(n)
 
 
 @dataclass
@@ -87,6 +100,15 @@ def _header(result: ExposureResult, scale: FluxScale) -> fits.Header:
     h["MILLUM"] = (round(c.area_cm2, 1), f"illuminated area (cm2), {c.area_source}")
     h["THROUGHP"] = (round(c.transparency, 4), f"transparency, {c.transparency_source}")
     h["NGUIDE"] = (c.n_frames, "guider frames used")
+    if scale.telluric is not None and scale.response is not None:
+        div = scale.telluric_divisor(scale.response.size)
+        h["TELLCOR"] = (True, "telluric absorption divided out (standard)")
+        h["TELLMIN"] = (round(float(np.min(div)), 4), "smallest transmission divided out")
+        h["TELLNPIX"] = (int(np.sum(div < 0.999)), "pixels corrected for telluric")
+        h["TELLSKIP"] = (int(np.sum(scale.telluric[0] < MIN_TELLURIC)),
+                         "saturated telluric pixels left uncorrected")
+    else:
+        h["TELLCOR"] = (False, "telluric absorption not corrected")
     for note in c.notes:
         h["HISTORY"] = note[:70]
     src = result.source
@@ -95,8 +117,9 @@ def _header(result: ExposureResult, scale: FluxScale) -> fits.Header:
         h["SOURCEY"] = (round(src.psf.y, 3), f"source IFU y (arcsec) at {src.ref_wave:.0f} A")
         h["SOURCEW"] = (round(src.ref_wave, 1), "wavelength of SOURCEX/Y (A)")
         h["SEEING"] = (round(float(np.interp(src.ref_wave, result.frame.channel.grid,
-                                             src.fwhm)), 3), "Moffat FWHM (arcsec)")
+                                             src.fwhm)), 3), "PSF FWHM (arcsec)")
         h["ELLIP"] = (round(src.psf.ellipticity, 3), "PSF ellipticity 1 - b/a")
+        _psf_cards(h, src)
         h["SRCSIG"] = (round(src.detection.significance, 1), "detection significance")
         h["DARTRACK"] = (src.track_used, "refraction track used: measured or model")
         h["DARMODEL"] = (round(float(np.ptp(np.hypot(*src.model_track))), 3),
@@ -107,6 +130,19 @@ def _header(result: ExposureResult, scale: FluxScale) -> fits.Header:
     else:
         h["HISTORY"] = "no source detected: no spectrum_ product"
     return h
+
+
+def _psf_cards(h: fits.Header, src) -> None:
+    """PSFMODEL, PSFBETA, PSFOUT, PSFOUTE: the PSF the data chose and the light it puts
+    outside the IFU."""
+    h["PSFMODEL"] = (src.psf_model, "PSF profile chosen by chi2: moffat or gauss")
+    beta = src.beta
+    h["PSFBETA"] = (round(float(beta), 3) if np.isfinite(beta) else 0.0,
+                    "Moffat wing index (0: Gaussian)")
+    if src.choice is not None:
+        h["PSFOUT"] = (round(src.choice.outside, 4), "PSF light outside the IFU (fraction)")
+        h["PSFOUTE"] = (round(src.choice.outside_err, 4), "error of PSFOUT, in flux error")
+        h["PSFNTRY"] = (len(src.choice.tried), "PSF profiles compared")
 
 
 def multi_arrays(result: ExposureResult, scale: FluxScale, cal, pointing=None

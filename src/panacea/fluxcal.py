@@ -19,7 +19,13 @@ and ``response`` (erg per electron) the channel's response at HET's fixed elevat
 * :func:`derive_response` turns the extracted spectrum of a standard into a smooth response:
   the reference is convolved to the instrument's resolution, divided by the count rate, and
   a cubic B-spline in wavelength is fitted to the logarithm of the ratio with iterative
-  robust clipping (stellar-line and sky-line residuals do not bend it).
+  robust clipping (sky-line residuals do not bend it). The standard's own strong lines
+  (``data/stellar_lines.csv``, widened by the reference's tabulation step, where a coarse
+  table cannot follow them) and the telluric bands (``data/telluric_bands.csv``) are left
+  out; breakpoints are closer near the channel's ends, where dichroic edges turn the
+  response steeply. The telluric transmission is measured on the standard (the ratio of
+  the smooth response to the raw one inside the bands) and applied to science spectra
+  (:func:`telluric_correction`), scaled with airmass.
 * :func:`write_response`, :func:`read_response` and :func:`response_from_dir` store
   responses as 2 x N images ``[wavelength, response]`` (the layout of Panacea's packaged
   responses); :func:`flux_calibrate` applies one.
@@ -28,6 +34,7 @@ and ``response`` (erg per electron) the channel's response at HET's fixed elevat
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import math
 import warnings
@@ -56,9 +63,19 @@ C_ANGSTROM = 2.99792458e18
 TRANSPARENCY_RANGE = (0.1, 1.1)
 #: Guider loop state of frames taken while guiding.
 GUIDING = "ACTIVE"
-#: Strong telluric absorption bands (air Angstrom) left out of response fits: O2 B and A.
-#: They are absent from the reference spectra and would otherwise be fitted as response.
+#: Strong telluric absorption bands (air Angstrom): O2 B and A (all bands, O2 and H2O, are
+#: in ``data/telluric_bands.csv``, see :func:`telluric_bands`).
 TELLURIC_BANDS: tuple[tuple[float, float], ...] = ((6862.0, 6952.0), (7586.0, 7704.0))
+#: Breakpoint spacing (Angstrom) of the response spline within :data:`END_ZONE` Angstrom
+#: of a channel's ends, where dichroic edges turn the response steeply.
+END_SPACING = 15.0
+END_ZONE = 120.0
+#: Telluric transmissions below this are not corrected (the science pixel is left as it is
+#: and the correction there is flagged by TELLMIN).
+MIN_TELLURIC = 0.03
+#: Stellar lines blueward of this (A) are crowded (H-epsilon to H13, Ca H and K): their
+#: masks are narrowed to the cores, so that the high Balmer series is not one gap.
+CROWDED_BELOW = 4000.0
 #: Unit of a response (and of row 1 of a response file).
 RESPONSE_UNIT = "erg / electron"
 #: Unit of flux-calibrated spectra and cubes, and of count rates per collecting area (what
@@ -291,6 +308,53 @@ def read_standard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return wave, ab_to_flambda(mag[ok][idx], wave)
 
 
+# --------------------------------------------------------------------------- masks
+
+
+@dataclass(frozen=True)
+class Band:
+    """A wavelength interval (air Angstrom) left out of a response fit."""
+
+    name: str
+    lo: float
+    hi: float
+    kind: str  # "stellar" or "telluric"
+
+
+def _read_table(name: str) -> list[dict[str, str]]:
+    from importlib import resources
+
+    text = resources.files("panacea.data").joinpath(name).read_text()
+    rows = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    keys = rows[0].split(",")
+    return [dict(zip(keys, r.split(","))) for r in rows[1:]]
+
+
+def stellar_lines(widen: float = 0.0, crowded_scale: float = 1.0) -> list[Band]:
+    """Strong stellar lines of flux standards (``data/stellar_lines.csv``) as bands: the
+    tabulated half width (times ``crowded_scale`` in the crowded high Balmer series and
+    Ca H and K, blueward of :data:`CROWDED_BELOW`), widened by ``widen`` Angstrom on both
+    sides."""
+    out = []
+    for r in _read_table("stellar_lines.csv"):
+        w = float(r["wavelength"])
+        hw = float(r["half_width"]) * (crowded_scale if w < CROWDED_BELOW else 1.0) + widen
+        out.append(Band(r["name"], w - hw, w + hw, "stellar"))
+    return out
+
+
+def telluric_bands() -> list[Band]:
+    """Telluric O2 and H2O absorption bands (``data/telluric_bands.csv``)."""
+    return [Band(r["name"], float(r["lo"]), float(r["hi"]), "telluric")
+            for r in _read_table("telluric_bands.csv")]
+
+
+def reference_step(ref_wave: np.ndarray) -> float:
+    """Typical tabulation step (Angstrom) of a reference spectrum."""
+    d = np.diff(np.unique(np.asarray(ref_wave, float)))
+    return float(np.median(d)) if d.size else 0.0
+
+
 # --------------------------------------------------------------------------- response
 
 
@@ -314,6 +378,15 @@ class ResponseFit:
         Fractional RMS of ``ratio / response - 1`` over the used pixels.
     n_clipped : int
         Measurable pixels rejected by clipping or by the excluded bands.
+    masked : list of Band
+        Stellar lines and telluric bands left out of the fit.
+    telluric : ndarray
+        Telluric transmission measured on the standard (``response / ratio`` inside the
+        telluric bands, 1 elsewhere and where not measurable).
+    ref_step : float
+        Tabulation step (Angstrom) of the reference spectrum.
+    sampling : str
+        How the reference was read: "point" samples or "binned" means.
     """
 
     wave: np.ndarray
@@ -323,16 +396,36 @@ class ResponseFit:
     used: np.ndarray
     rms: float
     n_clipped: int
+    masked: list[Band] = field(default_factory=list)
+    telluric: np.ndarray | None = None
+    ref_step: float = 0.0
+    sampling: str = "point"
+
+
+def binned_reference(ref_wave: np.ndarray, ref_flam: np.ndarray):
+    """A smooth F_lambda whose means over the reference's bins (edges half way between its
+    wavelengths) are the tabulated values: the derivative of a monotone cubic (PCHIP)
+    through the cumulative integral at the bin edges. Returns a callable of wavelength."""
+    from scipy.interpolate import PchipInterpolator
+
+    rw, rf = np.asarray(ref_wave, float), np.asarray(ref_flam, float)
+    mid = 0.5 * (rw[1:] + rw[:-1])
+    edges = np.r_[rw[0] - (mid[0] - rw[0]), mid, rw[-1] + (rw[-1] - mid[-1])]
+    cum = np.r_[0.0, np.cumsum(rf * np.diff(edges))]
+    return PchipInterpolator(edges, cum).derivative()
 
 
 def convolve_reference(grid: np.ndarray, ref_wave: np.ndarray, ref_flam: np.ndarray,
-                       resolution: float) -> np.ndarray:
+                       resolution: float, sampling: str = "point") -> np.ndarray:
     """Reference F_lambda seen through the instrument, on ``grid``.
 
     The reference is resampled onto a uniform grid in ln(wavelength), where a resolving
     power ``R = lambda / FWHM`` is a Gaussian of constant width, and convolved with that
     Gaussian widened by the grid's pixel box (added in quadrature). Grid points within
-    three sigma of the ends of the reference (or beyond them) are NaN.
+    three sigma of the ends of the reference (or beyond them) are NaN. ``sampling`` says
+    how the table was made: "point" values are interpolated linearly, "binned" (bin means)
+    are reconstructed by :func:`binned_reference`, which keeps every bin's mean and so a
+    line's depth where linear interpolation of bin means would smear it over two bins.
     """
     grid = np.asarray(grid, float)
     rw, rf = np.asarray(ref_wave, float).ravel(), np.asarray(ref_flam, float).ravel()
@@ -354,7 +447,11 @@ def convolve_reference(grid: np.ndarray, ref_wave: np.ndarray, ref_flam: np.ndar
     if hi <= lo:
         return np.full(grid.shape, np.nan)
     ln = np.arange(lo, hi + dln, dln)
-    smooth = gaussian_filter1d(np.interp(np.exp(ln), rw, rf), sigma_ln / dln, mode="nearest")
+    if sampling == "binned" and rw.size > 2:
+        fine = binned_reference(rw, rf)(np.exp(ln))
+    else:
+        fine = np.interp(np.exp(ln), rw, rf)
+    smooth = gaussian_filter1d(fine, sigma_ln / dln, mode="nearest")
     out = np.interp(np.log(grid), ln, smooth, left=np.nan, right=np.nan)
     covered = (np.log(grid) >= math.log(rw[0]) + 3 * sigma_ln) & (
         np.log(grid) <= math.log(rw[-1]) - 3 * sigma_ln)
@@ -375,9 +472,10 @@ def _in_bands(wave: np.ndarray, bands: Sequence[tuple[float, float]], margin: fl
     return out
 
 
-def spline_knots(x: np.ndarray, good: np.ndarray, spacing: float, min_fraction: float = 0.25
-                 ) -> np.ndarray:
-    """Clamped cubic knot vector on [x[0], x[-1]] with breakpoints about ``spacing`` apart.
+def spline_knots(x: np.ndarray, good: np.ndarray, spacing: float, min_fraction: float = 0.1,
+                 end_spacing: float | None = None, end_zone: float = 0.0) -> np.ndarray:
+    """Clamped cubic knot vector on [x[0], x[-1]] with breakpoints about ``spacing`` apart
+    (``end_spacing`` apart within ``end_zone`` of both ends, when given).
 
     Breakpoints are removed where an interval holds fewer than ``min_fraction`` of its
     pixels as ``good`` ones (an excluded band, a masked stretch), merging it with its
@@ -387,11 +485,27 @@ def spline_knots(x: np.ndarray, good: np.ndarray, spacing: float, min_fraction: 
     lo, hi = float(x[0]), float(x[-1])
     nint = max(1, int(np.ceil((hi - lo) / spacing)))
     breaks = list(np.linspace(lo, hi, nint + 1))
-    min_count = max(8.0, min_fraction * x.size / nint)
+    if end_spacing is not None and end_zone > 0 and hi - lo > 4 * end_zone:
+        inner = [b for b in breaks if lo + end_zone < b < hi - end_zone]
+        n_end = max(1, int(np.ceil(end_zone / end_spacing)))
+        breaks = sorted(set(np.linspace(lo, lo + end_zone, n_end + 1)) | set(inner)
+                        | set(np.linspace(hi - end_zone, hi, n_end + 1)))
+        # no breakpoint inside a masked stretch: one cubic piece bridges it, held by the
+        # data on both sides, instead of short pieces the data leave free
+        bad_runs = _runs(~good, x, min_width=end_spacing)
+        breaks = [b for b in breaks if b in (lo, hi)
+                  or not any(a < b < c for a, c in bad_runs)]
+    per_unit = x.size / (hi - lo)
+    bad_runs = _runs(~good, x, min_width=end_spacing) if end_spacing is not None else []
     while len(breaks) > 2:
         counts = np.histogram(x[good], bins=breaks)[0]
-        j = int(np.argmin(counts))
-        if counts[j] >= min_count:
+        # a bridged masked stretch does not count against its interval
+        width = np.diff(breaks) - np.array([
+            sum(max(0.0, min(c, b1) - max(a, b0)) for a, c in bad_runs)
+            for b0, b1 in itertools.pairwise(breaks)])
+        expected = np.maximum(8.0, min_fraction * per_unit * width)
+        j = int(np.argmin(counts / expected))
+        if counts[j] >= expected[j]:
             break
         if j == 0:
             drop = 1
@@ -403,14 +517,25 @@ def spline_knots(x: np.ndarray, good: np.ndarray, spacing: float, min_fraction: 
     return np.concatenate([[lo] * 3, breaks, [hi] * 3])
 
 
+def _runs(flag: np.ndarray, x: np.ndarray, min_width: float) -> list[tuple[float, float]]:
+    """(first, last) x of every run of True in ``flag`` at least ``min_width`` wide."""
+    f = np.r_[False, np.asarray(flag, bool), False]
+    d = np.diff(f.astype(int))
+    starts, stops = np.flatnonzero(d == 1), np.flatnonzero(d == -1) - 1
+    return [(float(x[a]), float(x[b])) for a, b in zip(starts, stops)
+            if x[b] - x[a] >= min_width]
+
+
 def _robust_sigma(values: np.ndarray) -> float:
     """1.4826 x median absolute deviation."""
     return float(1.4826 * np.median(np.abs(values - np.median(values))))
 
 
 def _clipped_spline(design: SplineDesign, y: np.ndarray, w: np.ndarray, good: np.ndarray,
-                    nsigma: float, grow: int, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted spline fit with iterative robust clipping; returns (model, used)."""
+                    nsigma: float, grow: int, max_iter: int,
+                    keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted spline fit with iterative robust clipping (never of the ``keep`` pixels);
+    returns (model, used)."""
     used = good.copy()
     model = np.zeros_like(y)
     for _ in range(max_iter):
@@ -421,6 +546,8 @@ def _clipped_spline(design: SplineDesign, y: np.ndarray, w: np.ndarray, good: np
         bad = good & (np.abs(z) > nsigma * scale)
         if grow > 0:
             bad = binary_dilation(bad, iterations=grow) & good
+        if keep is not None:
+            bad &= ~keep
         new = good & ~bad
         if np.array_equal(new, used):
             break
@@ -443,7 +570,9 @@ def derive_response(
     nsigma: float = 4.0,
     grow: int = 2,
     max_iter: int = 15,
-    exclude: Sequence[tuple[float, float]] = TELLURIC_BANDS,
+    exclude: Sequence[tuple[float, float]] | None = None,
+    mask_lines: bool = True,
+    sampling: str = "auto",
 ) -> ResponseFit:
     """Smooth channel response (erg per electron) from a standard star's spectrum.
 
@@ -467,9 +596,18 @@ def derive_response(
         Clipping threshold in sigmas of the normalised residuals (the robust scale of the
         residuals over their stated errors, at least 1), pixels rejected either side of a
         clipped one, and most clipping iterations.
-    exclude : sequence of (lo, hi)
-        Wavelength bands left out of the fit (default: the strong telluric O2 bands) when
-        they lie at least ``knot_spacing`` inside the grid; at the ends, clipping has to do.
+    exclude : sequence of (lo, hi), optional
+        Further wavelength bands left out of the fit.
+    mask_lines : bool
+        Leave out the stellar lines (:func:`stellar_lines`, widened by the reference's
+        tabulation step) and the telluric bands (:func:`telluric_bands`). Bands are left
+        out where they lie at least 10 Angstrom inside the grid (telluric ones:
+        ``knot_spacing``); nearer the ends, clipping has to do.
+    sampling : {"auto", "point", "binned"}
+        How the reference was tabulated (:func:`convolve_reference`). "auto": for tables
+        coarser than 3 Angstrom, the one of the two whose stellar lines (masked in the fit;
+        telluric absorption there weighs on both alike) follow the smooth response best;
+        it decides the measured telluric transmission.
 
     Returns
     -------
@@ -491,41 +629,114 @@ def derive_response(
     if not (area_cm2 > 0 and transparency > 0 and resolution > 0):
         raise ValueError(f"area ({area_cm2}), transparency ({transparency}) and resolution "
                          f"({resolution}) must be positive")
-    reference = convolve_reference(grid, ref_wave, ref_flam, resolution)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = reference * area_cm2 * transparency / rate
-        measurable = (np.isfinite(ratio) & (ratio > 0) & np.isfinite(rate_var)
-                      & (rate_var > 0) & (rate > 0))
-    if mask is not None:
-        measurable &= ~np.asarray(mask, bool)
-    ratio = np.where(measurable, ratio, np.nan)
-    good = measurable & ~_in_bands(grid, exclude, knot_spacing)
-    design = SplineDesign(grid, spline_knots(grid, good, knot_spacing))
+    step = reference_step(ref_wave)
+    chosen = "point" if sampling == "auto" else sampling
+
+    def ratio_of(how: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        reference = convolve_reference(grid, ref_wave, ref_flam, resolution, how)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = reference * area_cm2 * transparency / rate
+            ok = (np.isfinite(ratio) & (ratio > 0) & np.isfinite(rate_var)
+                  & (rate_var > 0) & (rate > 0))
+        if mask is not None:
+            ok &= ~np.asarray(mask, bool)
+        return reference, np.where(ok, ratio, np.nan), ok
+
+    reference, ratio, measurable = ratio_of(chosen)
+    masked: list[Band] = []
+    if mask_lines:
+        # in the crowded high Balmer series the full widths would join into one gap of
+        # 300 A beside the channel's steep blue edge: there only the cores, which the line
+        # spread and the table's sampling shape differently, are left out
+        masked += [b for b in stellar_lines(widen=step, crowded_scale=0.5)
+                   if _in_bands(grid, [(b.lo, b.hi)], 10.0).any()]
+        for b in telluric_bands():
+            if _in_bands(grid, [(b.lo, b.hi)], 10.0).any():
+                masked.append(b)
+            elif b.hi > grid[0] and b.lo < grid[-1]:
+                # across an end: no data beyond it to bridge from, so the response takes
+                # the band's envelope in and the transmission below keeps its lines
+                masked.append(Band(b.name, b.lo, b.hi, "telluric-end"))
+    bands = [(b.lo, b.hi) for b in masked if b.kind != "telluric-end"] + list(exclude or [])
+    good = measurable & ~_in_bands(grid, bands, 10.0)
+    design = SplineDesign(grid, spline_knots(grid, good, knot_spacing, end_spacing=END_SPACING,
+                                             end_zone=END_ZONE))
     if good.sum() < max(2 * design.nbasis, 20):
         raise PanaceaError(f"response: only {int(good.sum())} of {grid.size} pixels usable "
                            f"between {grid[0]:.0f} and {grid[-1]:.0f} A (reference coverage, "
                            f"positive rate and variance)")
     y = np.log(np.where(good, ratio, 1.0))
     w = np.where(good, rate**2 / np.where(good, rate_var, 1.0), 0.0)
-    model, used = _clipped_spline(design, y, w, good, nsigma, grow, max_iter)
+    keep = np.zeros(grid.size, bool)
+    for b in masked:
+        if b.kind == "telluric-end":  # its envelope is the response's to follow
+            keep |= (grid >= b.lo) & (grid <= b.hi)
+    model, used = _clipped_spline(design, y, w, good, nsigma, grow, max_iter, keep)
     response = np.exp(model)
     resid = ratio[used] / response[used] - 1.0
     rms = float(np.sqrt(np.mean(resid**2))) if resid.size else math.nan
     n_clipped = int(measurable.sum() - used.sum())
-    log.info("response %.0f-%.0f A: %d pixels fitted, %d clipped, rms %.2f%%", grid[0],
-             grid[-1], int(used.sum()), n_clipped, 100 * rms)
-    return ResponseFit(grid, response, ratio, reference, used, rms, n_clipped)
+    if sampling == "auto" and step > 3.0 and mask_lines:
+        # judged over the lines' full widths (wings included)
+        lines = measurable & _in_bands(grid, [(b.lo, b.hi) for b in stellar_lines(widen=step)],
+                                       0.0)
+        if lines.sum() > 20:
+            alt = ratio_of("binned")
+            keep = lines & alt[2]
+
+            def spread(r):
+                return float(np.sqrt(np.mean(np.log(r[keep] / response[keep]) ** 2)))
+
+            if spread(alt[1]) < spread(ratio):
+                chosen = "binned"
+                reference, ratio, measurable = alt
+            log.info("reference sampling: %s (line residual rms point %.2f%%, binned %.2f%%)",
+                     chosen, 100 * spread(ratio_of("point")[1]), 100 * spread(alt[1]))
+    tell = np.ones(grid.size)
+    in_tell = np.zeros(grid.size, bool)
+    for b in masked:
+        if b.kind.startswith("telluric"):
+            in_tell |= (grid >= b.lo) & (grid <= b.hi)
+    sel = in_tell & measurable
+    tell[sel] = np.clip(response[sel] / ratio[sel], 0.0, 1.5)
+    log.info("response %.0f-%.0f A: %d pixels fitted, %d clipped (%d stellar lines and %d "
+             "telluric bands masked, reference step %.1f A), rms %.2f%%", grid[0], grid[-1],
+             int(used.sum()), n_clipped, sum(b.kind == "stellar" for b in masked),
+             sum(b.kind == "telluric" for b in masked), step, 100 * rms)
+    return ResponseFit(grid, response, ratio, reference, used, rms, n_clipped, masked, tell,
+                       step, chosen)
 
 
 # --------------------------------------------------------------------------- files
 
 
+def response_cards(fit: ResponseFit) -> dict:
+    """Header cards saying what the response fit left out: MSKSTEL, MSKTELL (numbers of
+    stellar lines and telluric bands), MSKFRAC (fraction of the pixels), REFSTEP and one
+    MASKnn card per band ("name lo-hi", kind in the comment)."""
+    cards: dict = {
+        "MSKSTEL": (sum(b.kind == "stellar" for b in fit.masked), "stellar lines masked"),
+        "MSKTELL": (sum(b.kind == "telluric" for b in fit.masked), "telluric bands masked"),
+        "TELLEND": (sum(b.kind == "telluric-end" for b in fit.masked),
+                    "telluric bands across an end, in the response"),
+        "MSKFRAC": (round(float(np.mean(~fit.used)), 4), "fraction of pixels not fitted"),
+        "REFSTEP": (round(fit.ref_step, 2), "reference tabulation step (A)"),
+        "REFSAMP": (fit.sampling, "reference read as point samples or bin means"),
+        "RESPRMS": (round(fit.rms, 5), "fractional rms of the fit"),
+    }
+    for i, b in enumerate(fit.masked[:99]):
+        what = "in the response" if b.kind == "telluric-end" else "masked"
+        cards[f"MASK{i + 1:02d}"] = (f"{b.name} {b.lo:.0f}-{b.hi:.0f}", f"{what} ({b.kind})")
+    return cards
+
+
 def write_response(path: str | Path, wave: np.ndarray, response: np.ndarray,
-                   header: dict | None = None) -> Path:
+                   header: dict | None = None, telluric: np.ndarray | None = None) -> Path:
     """Write a response as a 2 x N float64 image ``[wavelength, response]`` (atomic).
 
     ``header`` adds cards (key -> value or (value, comment)), e.g. the channel and the
-    standard it came from.
+    standard it came from (and :func:`response_cards`). ``telluric`` (N values) is written
+    as an image extension TELLURIC: the transmission measured on the standard.
     """
     wave, response = np.asarray(wave, float), np.asarray(response, float)
     if wave.ndim != 1 or wave.shape != response.shape:
@@ -538,7 +749,12 @@ def write_response(path: str | Path, wave: np.ndarray, response: np.ndarray,
     h["ROW1"] = ("response", "erg/e-: F_lambda = e-/s/A/cm2 x response")
     for key, value in (header or {}).items():
         h[key] = value
-    return write_fits_atomic(fits.HDUList([hdu]), path)
+    hdus = [hdu]
+    if telluric is not None:
+        t = fits.ImageHDU(np.asarray(telluric, np.float32), name="TELLURIC")
+        t.header["BUNIT"] = ("", "transmission at AIRMASS on the primary's wavelengths")
+        hdus.append(t)
+    return write_fits_atomic(fits.HDUList(hdus), path)
 
 
 def read_response(path: str | Path, grid: np.ndarray | None = None) -> np.ndarray:
@@ -610,6 +826,19 @@ def flux_calibrate(rate: np.ndarray, rate_err: np.ndarray, response: np.ndarray,
                          "positive")
     scale = np.asarray(response, float) / (area_cm2 * transparency)
     return np.asarray(rate, float) * scale, np.asarray(rate_err, float) * scale
+
+
+def telluric_correction(telluric: np.ndarray, airmass_standard: float,
+                        airmass_science: float) -> np.ndarray:
+    """Divisor of science spectra for the telluric absorption measured on a standard.
+
+    The standard's transmission ``telluric`` scaled to the science airmass as
+    ``T ** (X_science / X_standard)``; where the standard's transmission is below
+    :data:`MIN_TELLURIC` (saturated bands) the divisor is 1 (not corrected).
+    """
+    t = np.asarray(telluric, float)
+    x = float(airmass_science) / float(airmass_standard) if airmass_standard > 0 else 1.0
+    return np.where(t >= MIN_TELLURIC, np.clip(t, MIN_TELLURIC, 1.5) ** x, 1.0)
 
 
 def default_response(channel_name: str, grid: np.ndarray) -> np.ndarray | None:

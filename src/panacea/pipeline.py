@@ -29,6 +29,7 @@ from .calbundle import (
 from .calibration import CalibrationOptions, StageTimer, calibrate_channel, plan_calibration
 from .errors import NoDataError, PanaceaError
 from .inventory import format_inventory
+from .io_utils import header_number
 from .exposure_products import SPECTRUM_LAYOUT, FluxScale, Written, write_exposure_products
 from .joined import CHANNEL_ORDER, combine_exposures, join_channels, write_joined
 from .products import product_folder
@@ -90,7 +91,7 @@ def guider(cache: dict, night, exposure) -> fluxcal.GuiderConditions:
 
 
 def write_exposure(night, exposure, cal: ChannelCalibration, root: Path,
-                   options: ScienceOptions, response: tuple[np.ndarray | None, str],
+                   options: ScienceOptions, response: tuple,
                    conditions: dict, timer: StageTimer | None = None,
                    result: ExposureResult | None = None, cubes: bool = True,
                    tag: str = "") -> Written:
@@ -100,7 +101,9 @@ def write_exposure(night, exposure, cal: ChannelCalibration, root: Path,
     if result is None:
         result = reduce_exposure(night, exposure, cal, options, timer)
     t0 = time.perf_counter()
-    scale = FluxScale(response[0], response[1], guider(conditions, night, exposure))
+    scale = FluxScale(response[0], response[1], guider(conditions, night, exposure),
+                      telluric=response[2] if len(response) > 2 else None,
+                      airmass=header_number(result.header, "AIRMASS") or 0.0)
     written = write_exposure_products(result, scale, cal, _folder(root, exposure),
                                       _described(options, tag), cubes=cubes)
     timer.add("write", t0)
@@ -139,9 +142,10 @@ def _standards_dir(run: RunConfig) -> Path | None:
 
 
 def _derive_response(night, result: ExposureResult, cal: ChannelCalibration, run: RunConfig,
-                     conditions: dict) -> tuple[tuple[np.ndarray, str] | None, str]:
-    """The channel response from a reduced standard-star exposure, and why not (None and
-    the reason, logged, when the star or its reference spectrum is missing)."""
+                     conditions: dict) -> tuple[tuple | None, str]:
+    """The channel response from a reduced standard-star exposure as (response, label,
+    (telluric transmission, airmass of the standard)), and why not (None and the reason,
+    logged, when the star or its reference spectrum is missing)."""
     exposure = result.frame.exposure
     ch = cal.channel
     name = instrument.match_standard(exposure.object)
@@ -170,9 +174,13 @@ def _derive_response(night, result: ExposureResult, cal: ChannelCalibration, run
     log.info("%s %s: response from %s (fit RMS %.2f%%)", exposure.name, ch.name, label,
              100 * fit.rms)
     out = response_path(run.output, exposure.date, ch.name)
+    airmass = header_number(result.header, "AIRMASS") or 0.0
     fluxcal.write_response(out, ch.grid, fit.response, {"STANDARD": name,
-                                                        "OBSID": exposure.obsid})
-    return (fit.response, label), ""
+                                                        "OBSID": exposure.obsid,
+                                                        "AIRMASS": (airmass, "of the standard"),
+                                                        **fluxcal.response_cards(fit)},
+                           telluric=fit.telluric)
+    return (fit.response, label, (fit.telluric, airmass)), ""
 
 
 def response_path(root: str | Path, date: str, channel: str) -> Path:
@@ -376,7 +384,7 @@ def _keep_joined(root: Path, date: str, science, joins, summary) -> None:
 
 
 def _response(run: RunConfig, archive, night, channel, cal, cal_fp: str, summary, ledger,
-              conditions, stamps) -> tuple[dict, tuple[np.ndarray | None, str]]:
+              conditions, stamps) -> tuple[dict, tuple]:
     """The channel's response (array, label): from the night's standards (reused from
     ``CALS`` when the ledger says its inputs are unchanged), else ``--response-dir``, else
     the bundled default. Also the standards' reduced results, to be written as science."""
@@ -395,7 +403,8 @@ def _response(run: RunConfig, archive, night, channel, cal, cal_fp: str, summary
                 with fits.open(path) as hdul:
                     label = (f"{hdul[0].header.get('STANDARD')} {date} obs "
                              f"{hdul[0].header.get('OBSID')}")
-                response = (fluxcal.read_response(path, channel.grid), label)
+                    telluric = _telluric_of(hdul)
+                response = (fluxcal.read_response(path, channel.grid), label, telluric)
                 ledger.record(key, fp, summary.add("response", "up-to-date",
                                                    channel=channel.name, products=kept))
                 return results, response
@@ -424,6 +433,14 @@ def _response(run: RunConfig, archive, night, channel, cal, cal_fp: str, summary
         summary.add("response", "skipped", channel=channel.name,
                     reason="; ".join(reasons) or "no standard reduced")
     return results, _fallback_response(run, date, channel)
+
+
+def _telluric_of(hdul: fits.HDUList) -> tuple[np.ndarray, float] | None:
+    """The telluric transmission a response file holds and its standard's airmass."""
+    if "TELLURIC" not in hdul:
+        return None
+    return (np.asarray(hdul["TELLURIC"].data, float),
+            header_number(hdul[0].header, "AIRMASS") or 0.0)
 
 
 def _fallback_response(run: RunConfig, date: str, channel) -> tuple[np.ndarray | None, str]:

@@ -1,4 +1,4 @@
-"""Point sources on the IFU: detection, Moffat PSF fit, refraction track, PSF extraction.
+"""Point sources on the IFU: detection, PSF fit and choice, refraction track, PSF extraction.
 
 Works on the rectified, sky-subtracted fiber spectra of one exposure and channel (any unit
 per fiber and Angstrom) and the lenslet positions.
@@ -7,9 +7,16 @@ per fiber and Angstrom) and the lenslet positions.
    variance) in windows of ``2 * half_width`` Angstrom, every window's fiber map is
    smoothed with the neighbouring lenslets, and the most significant fiber and window win.
    ``central_wave`` fixes the window; ``forced`` fixes the position.
-2. **PSF**: an elliptical Moffat (FWHM, axis ratio, angle; fixed beta) integrated over each
-   0.59" lenslet on a sub-grid, plus a constant, fitted by least squares to the collapsed
-   map and then to broad wavelength bins of the whole channel.
+2. **PSF**: an elliptical Moffat (FWHM, axis ratio, angle) integrated over each 0.59"
+   lenslet on a sub-grid, plus a constant, fitted by least squares to the collapsed map
+   and then to broad wavelength bins of the whole channel. The wing index is the data's
+   choice (:func:`choose_beta`): the bins of highest signal are fitted again with every
+   profile of :data:`BETA_CHOICES` (Moffat beta 2-10 and a Gaussian, beta = inf) walking
+   downhill in their summed chi2 from beta 3.5, and the profile of least chi2 (all have the
+   same number of parameters, so least BIC too) is used for every bin and the extraction.
+   The fraction of the light the model puts outside the IFU (PSFOUT) is uncertain as the
+   wings are: its spread over the profiles the chi2 allows (weights exp(-dchi2 / 2)) is
+   added to the flux error.
 3. **Refraction**: the model track (:mod:`panacea.refraction`) and, when the bins give
    positions to better than :data:`TRACK_PRECISION`, the measured one: the bin centroids
    fitted as ``x0 + a_x r(lambda)``, ``y0 + a_y r(lambda)`` with ``r`` the model's shape.
@@ -34,8 +41,14 @@ from .refraction import Weather, refraction, refraction_track
 
 log = logging.getLogger(__name__)
 
-#: Moffat beta of the PSF (typical of seeing-limited images; fixed in the fit).
+#: Moffat beta of the PSF's first fits (typical of seeing-limited images), where the choice
+#: of the wing index starts.
 MOFFAT_BETA = 3.5
+#: Wing indices the data choose from (inf: a Gaussian). Integers and half integers keep
+#: the profile sums fast (:func:`_inverse_power`).
+BETA_CHOICES = (2.0, 2.5, 3.0, 3.5, 4.5, 6.0, 10.0, np.inf)
+#: Bins (of highest signal to noise) on which the wing index is chosen.
+N_CHOICE_BINS = 3
 #: Sub-pixels per lenslet side in the PSF integral.
 SUBSAMPLE = 6
 #: Minimum significance (sigma) of a detection.
@@ -66,7 +79,7 @@ class Detection:
 
 @dataclass
 class PSF:
-    """Elliptical Moffat fitted to a fiber map."""
+    """Elliptical Moffat (or Gaussian, ``beta`` = inf) fitted to a fiber map."""
 
     x: float
     y: float
@@ -78,10 +91,32 @@ class PSF:
     x_err: float
     y_err: float
     chi2: float
+    beta: float = MOFFAT_BETA
+    chi2_sum: float = 0.0  # sum of squared normalised residuals (not per degree of freedom)
 
     @property
     def ellipticity(self) -> float:
         return 1.0 - self.ratio
+
+    @property
+    def model(self) -> str:
+        """'gauss' for beta = inf, else 'moffat'."""
+        return "gauss" if not np.isfinite(self.beta) else "moffat"
+
+
+@dataclass
+class PSFChoice:
+    """How the wing index was chosen: every profile tried and its summed chi2."""
+
+    beta: float
+    tried: dict[float, float]  # beta -> chi2 summed over the choice bins
+    outside: float  # fraction of the light outside the IFU at the reference wavelength
+    outside_err: float  # its uncertainty over the profiles the chi2 allows
+    n_bins: int
+
+    @property
+    def model(self) -> str:
+        return "gauss" if not np.isfinite(self.beta) else "moffat"
 
 
 @dataclass
@@ -98,11 +133,20 @@ class Source:
     y: np.ndarray
     weights: np.ndarray  # (nfib, nwave) PSF fraction per fiber
     spectrum: np.ndarray
-    error: np.ndarray
+    error: np.ndarray  # statistical error with the uncertainty of the light outside the IFU
     sky: np.ndarray
     sky_error: np.ndarray
     bins: list[PSF] = field(default_factory=list)
     bin_waves: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    choice: PSFChoice | None = None
+
+    @property
+    def beta(self) -> float:
+        return self.choice.beta if self.choice is not None else self.psf.beta
+
+    @property
+    def psf_model(self) -> str:
+        return "gauss" if not np.isfinite(self.beta) else "moffat"
 
     @property
     def track_used(self) -> str:
@@ -123,17 +167,25 @@ def _subgrid(n: int = SUBSAMPLE) -> tuple[np.ndarray, np.ndarray]:
     return gx.ravel(), gy.ravel()
 
 
+def fwhm_to_alpha(beta: float) -> float:
+    """Scale length over FWHM of the profile: Moffat ``(1 + r^2/alpha^2)^-beta`` or, for
+    ``beta`` = inf, Gaussian ``exp(-r^2/alpha^2)``."""
+    if not np.isfinite(beta):
+        return 1.0 / (2 * np.sqrt(np.log(2.0)))
+    return 1.0 / (2 * np.sqrt(2 ** (1 / beta) - 1))
+
+
 def moffat_fractions(xy: np.ndarray, x0, y0, fwhm, ratio=1.0, angle=0.0,
                      beta: float = MOFFAT_BETA) -> np.ndarray:
     """Fraction of a point source's light falling on every lenslet.
 
-    ``x0, y0, fwhm`` may be arrays of one value per wavelength: the result is then
-    (nfib, nwave); for scalars (nfib,).
+    ``x0, y0, fwhm`` (arcsec) may be arrays of one value per wavelength: the result is then
+    (nfib, nwave); for scalars (nfib,). ``beta`` = inf gives a Gaussian.
     """
     x0, y0, fwhm = np.broadcast_arrays(*(np.atleast_1d(np.asarray(v, float))
                                          for v in (x0, y0, fwhm)))
     sx, sy = _subgrid()
-    alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+    alpha = fwhm * fwhm_to_alpha(beta)
     out = _moffat_sum(np.ascontiguousarray(xy, float), sx, sy, np.ascontiguousarray(x0),
                       np.ascontiguousarray(y0), np.ascontiguousarray(alpha), float(ratio),
                       float(angle), float(beta))
@@ -147,9 +199,10 @@ def _moffat_sum(xy, sx, sy, x0, y0, alpha, ratio, angle, beta):
     nfib, nsub, nw = xy.shape[0], sx.size, x0.size
     c, s = np.cos(angle), np.sin(angle)
     out = np.zeros((nfib, nw))
+    gauss = not np.isfinite(beta)
     for k in range(nw):
         a2 = alpha[k] * alpha[k]
-        norm = (beta - 1) / (np.pi * a2 * ratio)
+        norm = 1.0 / (np.pi * a2 * ratio) if gauss else (beta - 1) / (np.pi * a2 * ratio)
         for f in range(nfib):
             acc = 0.0
             for j in range(nsub):
@@ -157,8 +210,8 @@ def _moffat_sum(xy, sx, sy, x0, y0, alpha, ratio, angle, beta):
                 dy = xy[f, 1] + sy[j] - y0[k]
                 u = dx * c + dy * s
                 v = (-dx * s + dy * c) / ratio
-                t = 1.0 + (u * u + v * v) / a2
-                acc += _inverse_power(t, beta)
+                r2 = (u * u + v * v) / a2
+                acc += np.exp(-r2) if gauss else _inverse_power(1.0 + r2, beta)
             out[f, k] = norm * acc
     return out
 
@@ -185,7 +238,8 @@ def _moffat_gradient(xy, sx, sy, x0, y0, alpha, ratio, angle, beta):
     nfib, nsub = xy.shape[0], sx.size
     c, s = np.cos(angle), np.sin(angle)
     a2 = alpha * alpha
-    norm = (beta - 1) / (np.pi * a2 * ratio)
+    gauss = not np.isfinite(beta)
+    norm = 1.0 / (np.pi * a2 * ratio) if gauss else (beta - 1) / (np.pi * a2 * ratio)
     out = np.zeros((nfib, 6))
     for f in range(nfib):
         g0 = gx = gy = ga = gq = gt = 0.0
@@ -195,9 +249,13 @@ def _moffat_gradient(xy, sx, sy, x0, y0, alpha, ratio, angle, beta):
             u = dx * c + dy * s
             v = (-dx * s + dy * c) / ratio
             r2 = (u * u + v * v) / a2
-            t = 1.0 + r2
-            val = _inverse_power(t, beta)
-            dval = -beta * val / t  # d(t^-beta)/dt
+            if gauss:
+                val = np.exp(-r2)
+                dval = -val  # d exp(-r2) / d r2
+            else:
+                t = 1.0 + r2
+                val = _inverse_power(t, beta)
+                dval = -beta * val / t  # d(t^-beta)/dt, and dt = d r2
             g0 += val
             # dt/dx0 = (2u du/dx0 + 2v dv/dx0) / a2 with du/dx0 = -c, dv/dx0 = s / ratio
             gx += dval * 2.0 * (-u * c + v * s / ratio) / a2
@@ -220,7 +278,7 @@ def moffat_gradient(xy: np.ndarray, x0: float, y0: float, fwhm: float, ratio: fl
     """Fraction of the light on every lenslet (column 0, as :func:`moffat_fractions`) and
     its derivatives with respect to x0, y0, fwhm, ratio and angle (columns 1-5)."""
     sx, sy = _subgrid()
-    to_alpha = 1.0 / (2 * np.sqrt(2 ** (1 / beta) - 1))
+    to_alpha = fwhm_to_alpha(beta)
     out = _moffat_gradient(np.ascontiguousarray(xy, float), sx, sy, float(x0), float(y0),
                            float(fwhm) * to_alpha, float(ratio), float(angle), float(beta))
     out *= (instrument.LENSLET_PITCH / SUBSAMPLE) ** 2
@@ -229,11 +287,13 @@ def moffat_gradient(xy: np.ndarray, x0: float, y0: float, fwhm: float, ratio: fl
 
 
 def fit_psf(values: np.ndarray, errors: np.ndarray, xy: np.ndarray, start: tuple,
-            fix_shape: tuple | None = None, shape_start: tuple = (0.95, 0.0)) -> PSF:
+            fix_shape: tuple | None = None, shape_start: tuple = (0.95, 0.0),
+            beta: float = MOFFAT_BETA) -> PSF:
     """Least-squares Moffat fit of a fiber map (fibers with error <= 0 are left out).
 
     ``start`` is (x, y, fwhm) and ``shape_start`` (axis ratio, angle). ``fix_shape`` =
-    (fwhm, ratio, angle) fits only position, amplitude and background.
+    (fwhm, ratio, angle) fits only position, amplitude and background. ``beta`` is the
+    Moffat wing index (inf: a Gaussian).
 
     Amplitude and background are solved linearly at every step (variable projection);
     the Jacobian of the shape parameters is analytic, projected off the linear columns
@@ -254,7 +314,7 @@ def fit_psf(values: np.ndarray, errors: np.ndarray, xy: np.ndarray, start: tuple
                 x, y, fwhm, ratio, angle = par
             else:
                 (x, y), (fwhm, ratio, angle) = par, fix_shape
-            g = moffat_gradient(p, x, y, fwhm, ratio, angle)
+            g = moffat_gradient(p, x, y, fwhm, ratio, angle, beta)
             a = np.column_stack([g[:, 0], np.ones(len(v))]) / e[:, None]
             q, _ = np.linalg.qr(a)
             coef, *_ = np.linalg.lstsq(a, v / e, rcond=None)
@@ -280,7 +340,8 @@ def fit_psf(values: np.ndarray, errors: np.ndarray, xy: np.ndarray, start: tuple
         p0, lo, hi = [x0, y0], [x0 - 2.0, y0 - 2.0], [x0 + 2.0, y0 + 2.0]
     res = optimize.least_squares(resid, p0, jac=jac, bounds=(lo, hi), x_scale=0.1)
     coef = model(res.x)["coef"]
-    chi2 = float(np.sum(res.fun**2) / max(res.fun.size - len(p0) - 2, 1))
+    chi2_sum = float(np.sum(res.fun**2))
+    chi2 = chi2_sum / max(res.fun.size - len(p0) - 2, 1)
     try:
         j = jac(res.x)
         cov = np.linalg.inv(j.T @ j) * max(chi2, 1.0)
@@ -292,7 +353,7 @@ def fit_psf(values: np.ndarray, errors: np.ndarray, xy: np.ndarray, start: tuple
     else:
         (x, y), (fwhm, ratio, angle) = res.x, fix_shape
     return PSF(float(x), float(y), float(fwhm), float(ratio), float(angle), float(coef[0]),
-               float(coef[1]), xerr, yerr, chi2)
+               float(coef[1]), xerr, yerr, chi2, float(beta), chi2_sum)
 
 
 # --------------------------------------------------------------------------- detection
@@ -406,15 +467,17 @@ def analyse(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, sky_err: np.nd
     if det is None:
         return None
     seeds = {}
+    beta = MOFFAT_BETA
     if previous is not None:
         fwhm_guess = previous.psf.fwhm
+        beta = previous.beta
         seeds = {round(float(w), 3): b for w, b in zip(previous.bin_waves, previous.bins)}
     psf = fit_psf(det.values, det.errors, xy, (det.x, det.y, fwhm_guess),
                   shape_start=((previous.psf.ratio, previous.psf.angle)
-                               if previous is not None else (0.95, 0.0)))
+                               if previous is not None else (0.95, 0.0)), beta=beta)
     if forced is not None:
         psf = fit_psf(det.values, det.errors, xy, (det.x, det.y, psf.fwhm),
-                      fix_shape=(psf.fwhm, psf.ratio, psf.angle))
+                      fix_shape=(psf.fwhm, psf.ratio, psf.angle), beta=beta)
         psf.x, psf.y = det.x, det.y
     log.info("source found at IFU (%.2f, %.2f) arcsec, FWHM %.2f arcsec, %.0f sigma at "
              "%.0f A", psf.x, psf.y, psf.fwhm, det.significance, det.wave)
@@ -425,7 +488,7 @@ def analyse(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, sky_err: np.nd
 
     # broad bins: position, FWHM and shape as a function of wavelength
     good = (err > 0) & ~lines[None, :]
-    bins, waves = [], []
+    bins, waves, maps = [], [], []
     for b in _bins(grid, good.any(axis=0), N_BINS):
         mean, merr = _window_means(skysub, err, good, b[0], b[-1] + 1)
         if (merr > 0).sum() < 20:
@@ -438,12 +501,26 @@ def analyse(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, sky_err: np.nd
         if seed is not None:
             start, shape = (seed.x, seed.y, seed.fwhm), (seed.ratio, seed.angle)
         try:
-            fit = fit_psf(mean, merr, xy, start, shape_start=shape)
+            fit = fit_psf(mean, merr, xy, start, shape_start=shape, beta=beta)
         except (ValueError, np.linalg.LinAlgError):
             continue
         bins.append(fit)
         waves.append(wc)
+        maps.append((mean, merr))
     waves = np.array(waves)
+    choice = None
+    if bins:
+        choice, refits = choose_beta(maps, bins, xy, beta)
+        if choice.beta != beta:
+            bins = [_refit(m, b, xy, choice.beta, refits.get(i)) for i, (m, b) in
+                    enumerate(zip(maps, bins))]
+            psf = fit_psf(det.values, det.errors, xy, (psf.x, psf.y, psf.fwhm),
+                          shape_start=(psf.ratio, psf.angle), beta=choice.beta,
+                          fix_shape=(None if forced is None else
+                                     (psf.fwhm, psf.ratio, psf.angle)))
+            if forced is not None:
+                psf.x, psf.y = det.x, det.y
+        beta = choice.beta
     measured = None
     usable = [i for i, b in enumerate(bins) if max(b.x_err, b.y_err) < TRACK_PRECISION
               and b.amplitude > 0]
@@ -472,20 +549,132 @@ def analyse(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, sky_err: np.nd
     track = measured if measured is not None else model  # as Source.track
     x, y = x0 + track[0], y0 + track[1]
     psf.x, psf.y = x0, y0
-    weights = _weights_on_grid(xy, x, y, fwhm, ratio, angle, grid)
+    weights = _weights_on_grid(xy, x, y, fwhm, ratio, angle, grid, beta=beta)
     spec, spec_err = psf_extract(skysub, err, weights)
     sky_spec, sky_spec_err = psf_extract(sky, err, weights, sky_err)
+    if choice is not None:
+        # the light the model puts outside the IFU is as uncertain as its wings
+        inside = float(np.interp(ref_wave, grid, weights.sum(axis=0)))
+        choice.outside = 1.0 - inside
+        rel = choice.outside_err / max(inside, 1e-3)
+        spec_err = np.hypot(spec_err, np.abs(spec) * rel)
+        log.info("PSF %s (beta %s) chosen from %d profiles on %d bins; %.1f%% +- %.1f%% of "
+                 "the light outside the IFU", choice.model, f"{beta:g}", len(choice.tried),
+                 choice.n_bins, 100 * choice.outside, 100 * choice.outside_err)
     log.info("refraction track (%s): %.2f arcsec across the channel (model %.2f)",
              "measured" if measured is not None else "model",
              float(np.ptp(np.hypot(*track))), float(np.ptp(np.hypot(*model))))
     return Source(det, psf, ref_wave, model, measured, fwhm, x, y, weights, spec, spec_err,
-                  sky_spec, sky_spec_err, bins, waves)
+                  sky_spec, sky_spec_err, bins, waves, choice)
 
 
-def _weights_on_grid(xy, x, y, fwhm, ratio, angle, grid, nknots: int = 48) -> np.ndarray:
+def _refit(m: tuple, fit: PSF, xy: np.ndarray, beta: float, done: PSF | None) -> PSF:
+    """``fit`` of the bin map ``m`` = (values, errors) again with wing index ``beta`` (or the
+    fit of it already ``done`` while choosing)."""
+    if done is not None:
+        return done
+    return fit_psf(m[0], m[1], xy, (fit.x, fit.y, fit.fwhm), shape_start=(fit.ratio, fit.angle),
+                   beta=beta)
+
+
+def _bin_snr(maps: list[tuple]) -> list[float]:
+    """Signal to noise of the summed light of every bin map (values, errors)."""
+    out = []
+    for values, errors in maps:
+        ok = errors > 0
+        out.append(float(values[ok].sum() / np.sqrt(np.sum(errors[ok] ** 2)))
+                   if ok.any() else 0.0)
+    return out
+
+
+def choose_beta(maps: list[tuple], fits: list[PSF], xy: np.ndarray,
+                start: float = MOFFAT_BETA) -> tuple[PSFChoice, dict[int, PSF]]:
+    """The wing index of least chi2 on the bins of highest signal to noise.
+
+    Parameters
+    ----------
+    maps : list of (values, errors)
+        Fiber maps of the wavelength bins.
+    fits : list of PSF
+        Their fits with wing index ``start``.
+    xy : ndarray
+        Lenslet positions (arcsec).
+    start : float
+        Wing index of ``fits``; the walk through :data:`BETA_CHOICES` (plus ``start``)
+        starts there and goes downhill in the chi2 summed over :data:`N_CHOICE_BINS` bins;
+        the vertex of a parabola in 1/beta through the minimum and its neighbours is tried
+        last.
+
+    Returns
+    -------
+    PSFChoice, dict
+        The choice, and the fits of the chosen wing index by bin index (for the bins it
+        was chosen on).
+    """
+    top = [int(i) for i in np.argsort(_bin_snr(maps))[::-1][:N_CHOICE_BINS]]
+    grid = sorted(set(BETA_CHOICES) | {start}, key=lambda b: 1.0 / b)[::-1]  # ascending
+    tried: dict[float, tuple[float, dict[int, PSF]]] = {start: (
+        float(sum(fits[k].chi2_sum for k in top)), {k: fits[k] for k in top})}
+
+    def evaluate(b: float) -> float:
+        if b not in tried:
+            got = {}
+            for k in top:
+                f, (v, e) = fits[k], maps[k]
+                try:
+                    got[k] = fit_psf(v, e, xy, (f.x, f.y, f.fwhm),
+                                     shape_start=(f.ratio, f.angle), beta=b)
+                except (ValueError, np.linalg.LinAlgError):
+                    got[k] = PSF(f.x, f.y, f.fwhm, f.ratio, f.angle, 0.0, 0.0, np.inf,
+                                 np.inf, np.inf, b, np.inf)
+            tried[b] = (float(sum(g.chi2_sum for g in got.values())), got)
+        return tried[b][0]
+
+    i0 = grid.index(start)
+    best = i0
+    for step in (-1, 1):  # walk downhill; the chi2 of a wing index is unimodal
+        i = best + step
+        while 0 <= i < len(grid) and evaluate(grid[i]) < evaluate(grid[best]):
+            best, i = i, i + step
+        if best != i0:
+            break
+    # the neighbours of the minimum are always known: they bound the outside light
+    for i in (best - 1, best + 1):
+        if 0 <= i < len(grid):
+            evaluate(grid[i])
+    beta = grid[best]
+    if 0 < best < len(grid) - 1:
+        # between the grid's profiles: a wing index between two of them changes the light
+        # outside the IFU by a few per cent of the flux for a source near the edge
+        u = np.array([1.0 / grid[i] for i in (best - 1, best, best + 1)])
+        c = np.array([tried[grid[i]][0] for i in (best - 1, best, best + 1)])
+        a = np.polyfit(u - u[1], c, 2)
+        if a[0] > 0:
+            v = float(np.clip(u[1] - a[1] / (2 * a[0]), u[2], u[0]))
+            if abs(v - u[1]) > 0.1 * min(u[0] - u[1], u[1] - u[2]):
+                new = float(np.inf) if v <= 0 else round(1.0 / v, 3)
+                if evaluate(new) < tried[beta][0]:
+                    beta = new
+    chi_best, fits_best = tried[beta]
+    scale = max(float(np.median([g.chi2 for g in fits_best.values()])), 1.0)
+    ref = top[0]
+    outside = {}
+    for b, (_, got) in tried.items():
+        g = got[ref]
+        outside[b] = 1.0 - float(moffat_fractions(xy, g.x, g.y, g.fwhm, g.ratio, g.angle,
+                                                  b).sum())
+    w = {b: np.exp(-(tried[b][0] - chi_best) / (2 * scale)) for b in tried}
+    var = sum(w[b] * (outside[b] - outside[beta]) ** 2 for b in tried) / sum(w.values())
+    choice = PSFChoice(beta, {b: tried[b][0] for b in sorted(tried)}, outside[beta],
+                       float(np.sqrt(var)), len(top))
+    return choice, fits_best
+
+
+def _weights_on_grid(xy, x, y, fwhm, ratio, angle, grid, nknots: int = 48,
+                     beta: float = MOFFAT_BETA) -> np.ndarray:
     """PSF fraction per fiber at every grid wavelength (computed at knots, interpolated)."""
     k = np.linspace(0, grid.size - 1, nknots).round().astype(int)
-    frac = moffat_fractions(xy, x[k], y[k], fwhm[k], ratio, angle)
+    frac = moffat_fractions(xy, x[k], y[k], fwhm[k], ratio, angle, beta)
     out = np.empty((xy.shape[0], grid.size))
     for f in range(xy.shape[0]):
         out[f] = np.interp(grid, grid[k], frac[f])

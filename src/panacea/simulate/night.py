@@ -29,6 +29,7 @@ from astropy.time import Time
 
 from .. import instrument as inst
 from ..fluxcal import standard_filename  # the name the pipeline looks for
+from . import nuisance
 from . import spectra as sp
 from .detector import bias_structure, expose, fits_bytes
 from .optics import (
@@ -81,8 +82,15 @@ class ExposurePlan:
     program: str | None = None
     source_slot: str | None = None  # IFU slot that holds the standard star
     source_xy: tuple[float, float] | None = None
-    seeing: float | None = None  # Moffat FWHM at 5000 A (arcsec)
+    seeing: float | None = None  # PSF FWHM at 5000 A (arcsec)
     ellipticity: float = 0.0
+    psf_model: str = "moffat"  # or "gauss"
+    psf_beta: float = MOFFAT_BETA  # Moffat wing index at 5000 A
+    psf_beta_slope: float = 0.0  # d beta / d(lambda / 5000 A - 1)
+    psf_angle: float = 0.0  # radians; the minor axis lies along IFU x turned by this angle
+    airmass: float = 1.22
+    pwv_mm: float = 0.0  # water vapour of the telluric absorption (0: none)
+    o2_scale: float = 0.0  # O2 band strength (0: none)
     transparency: float = 1.0
     area_cm2: float = inst.DEFAULT_AREA_CM2
     parangle: float = 0.0
@@ -108,6 +116,7 @@ class ExposurePlan:
 def plan_night(cfg: NightConfig) -> list[ExposurePlan]:
     """The sequence of exposures of a night with their true conditions."""
     rng = np.random.default_rng([cfg.seed, int(cfg.date), 99])
+    nz = nuisance.draw(cfg.seed, cfg.date, cfg.randomize)
     day = dt.datetime.strptime(cfg.date, "%Y%m%d")
     plans: list[ExposurePlan] = []
 
@@ -147,9 +156,16 @@ def plan_night(cfg: NightConfig) -> list[ExposurePlan]:
         xs = tracker[0][0] + track * (tracker[1][0] - tracker[0][0])
         ys = tracker[0][1] + track * (tracker[1][1] - tracker[0][1])
         area = float(np.mean(inst.illuminated_area(xs, ys)))
+        if nz.randomized:
+            kw.update(psf_model=nz.psf_model, psf_beta=nz.psf_beta,
+                      psf_beta_slope=nz.psf_beta_slope, pwv_mm=nz.pwv_mm,
+                      o2_scale=nz.o2_scale)
+            if nz.free_angle:
+                kw["psf_angle"] = float(rng.uniform(-np.pi / 2, np.pi / 2))
         return ExposurePlan(
             obsid, exp, "sci", obj, exptime, start.isoformat(), kind,
-            seeing=float(rng.uniform(1.2, 1.8)), ellipticity=float(rng.uniform(0.0, 0.08)),
+            seeing=float(rng.uniform(*nz.seeing_range)),
+            ellipticity=float(rng.uniform(0.0, nz.max_ellipticity)),
             transparency=float(rng.uniform(0.85, 0.98)), area_cm2=area,
             parangle=float(rng.uniform(-170, 170)), temperature=float(rng.uniform(5, 15)),
             pressure=float(rng.uniform(790, 800)), humidity=float(rng.uniform(15, 50)),
@@ -166,6 +182,9 @@ def plan_night(cfg: NightConfig) -> list[ExposurePlan]:
             t += dt.timedelta(seconds=600)
     t = at(3.0)
     xy = (float(rng.uniform(-1.5, 1.5)), float(rng.uniform(-1.0, 1.0)))
+    if nz.edge_margin > 0:
+        xy = _source_anywhere(np.random.default_rng([cfg.seed, int(cfg.date), 98]),
+                              nz.edge_margin)
     for i in range(cfg.n_science):
         plans.append(observed(12, i + 1, "SN2018abc", cfg.science_exptime, t, "science",
                               program=cfg.program, source_xy=xy, ra=52.3, dec=-0.4))
@@ -175,6 +194,23 @@ def plan_night(cfg: NightConfig) -> list[ExposurePlan]:
         plans.append(observed(13, 1, "NGC1234_HII", cfg.science_exptime, t, "extended",
                               program=cfg.program, source_xy=(-1.8, 0.9), ra=60.1, dec=20.2))
     return plans
+
+
+def _source_anywhere(rng, margin: float) -> tuple[float, float]:
+    """A source position (IFU arcsec at 5000 A) at least ``margin`` arcsec inside the edge
+    of the IFU (the outer boundary of its outermost lenslets); half the draws sit exactly
+    ``margin`` inside one of the four sides, the others anywhere."""
+    xy = _fiber_xy()
+    half = inst.LENSLET_PITCH / 2
+    xmax, ymax = xy[:, 0].max() + half - margin, xy[:, 1].max() + half - margin
+    x, y = float(rng.uniform(-xmax, xmax)), float(rng.uniform(-ymax, ymax))
+    if rng.uniform() < 0.5:
+        side = int(rng.integers(4))
+        if side < 2:
+            x = xmax if side == 0 else -xmax
+        else:
+            y = ymax if side == 2 else -ymax
+    return x, y
 
 
 # ----------------------------------------------------------------------------- light
@@ -188,7 +224,9 @@ def moffat_fractions(plan: ExposurePlan, waves: np.ndarray, offsets: tuple) -> n
     """Fraction of a point source's light in every lenslet at each wavelength (280, nwave).
 
     The lenslet is integrated on an 8 x 8 sub-grid of its 0.59" square; the PSF is an
-    elliptical Moffat (beta 3.5) whose FWHM scales as wavelength^-0.2.
+    elliptical Moffat (beta ``plan.psf_beta`` at 5000 A, changing linearly with wavelength
+    by ``plan.psf_beta_slope``) or Gaussian (``plan.psf_model``), whose FWHM scales as
+    wavelength^-0.2; its minor axis is turned by ``plan.psf_angle`` from IFU x.
     """
     xy = _fiber_xy()
     n = 8
@@ -199,14 +237,23 @@ def moffat_fractions(plan: ExposurePlan, waves: np.ndarray, offsets: tuple) -> n
     dxs, dys = offsets
     out = np.empty((inst.NFIBERS, waves.size))
     q = 1 - plan.ellipticity
+    c, s = np.cos(plan.psf_angle), np.sin(plan.psf_angle)
     for i, w in enumerate(waves):
         fwhm = plan.seeing * (w / 5000.0) ** -0.2
-        alpha = fwhm / (2 * np.sqrt(2 ** (1 / MOFFAT_BETA) - 1))
         x = px - (plan.source_xy[0] + dxs[i])
         y = py - (plan.source_xy[1] + dys[i])
-        r2 = (x**2 + (y / q) ** 2) / alpha**2
-        norm = (MOFFAT_BETA - 1) / (np.pi * alpha**2 * q)
-        out[:, i] = (norm * (1 + r2) ** -MOFFAT_BETA).sum(axis=1) * (LENSLET_AREA / n**2)
+        if plan.psf_angle != 0.0:
+            x, y = x * c + y * s, -x * s + y * c
+        if plan.psf_model == "gauss":
+            alpha = fwhm / (2 * np.sqrt(np.log(2.0)))  # exp(-r^2 / alpha^2)
+            r2 = (x**2 + (y / q) ** 2) / alpha**2
+            prof = np.exp(-r2) / (np.pi * alpha**2 * q)
+        else:
+            beta = plan.psf_beta + plan.psf_beta_slope * (w / 5000.0 - 1.0)
+            alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+            r2 = (x**2 + (y / q) ** 2) / alpha**2
+            prof = (beta - 1) / (np.pi * alpha**2 * q) * (1 + r2) ** -beta
+        out[:, i] = prof.sum(axis=1) * (LENSLET_AREA / n**2)
     return out
 
 
@@ -217,42 +264,65 @@ def dar_offsets(plan: ExposurePlan, waves: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def photons_per_angstrom(ch: inst.Channel, wave: np.ndarray, flam: np.ndarray,
-                         plan: ExposurePlan, transparency: bool = True) -> np.ndarray:
-    """Electrons per Angstrom collected in the exposure from F_lambda (before fiber effects)."""
+                         plan: ExposurePlan, transparency: bool = True,
+                         nz: nuisance.Nuisances | None = None) -> np.ndarray:
+    """Electrons per Angstrom collected in the exposure from F_lambda (before fiber effects),
+    through the telluric absorption of ``plan`` and the channel edges of ``nz``."""
     tau = plan.transparency if transparency else 1.0
-    return flam * plan.area_cm2 * tau * plan.exptime / sp.response(ch, wave)
+    return (flam * telluric(plan, wave) * plan.area_cm2 * tau * plan.exptime
+            / channel_response(ch, wave, nz))
 
 
-def sky_spectra(optics: ChannelOptics, plan: ExposurePlan, rng) -> np.ndarray:
+def channel_response(ch: inst.Channel, wave: np.ndarray, nz: nuisance.Nuisances | None = None
+                     ) -> np.ndarray:
+    """True response (erg per electron) of a channel, with the night's dichroic edges."""
+    if nz is None or nz.edge_width <= 0:
+        return sp.response(ch, wave)
+    return sp.response(ch, wave, (nz.edge_width, nz.edge_inset))
+
+
+def telluric(plan: ExposurePlan, wave: np.ndarray) -> np.ndarray | float:
+    """True telluric transmission of an exposure at ``wave`` (1.0 without absorption)."""
+    if plan.pwv_mm <= 0 and plan.o2_scale <= 0:
+        return 1.0
+    return sp.telluric_transmission(wave, plan.pwv_mm, plan.o2_scale, plan.airmass)
+
+
+def sky_spectra(optics: ChannelOptics, plan: ExposurePlan, rng,
+                nz: nuisance.Nuisances | None = None) -> np.ndarray:
     """Expected sky electrons per column in every fiber (with fiber throughput)."""
     ch = optics.channel
     wf = sp.fine_grid(ch)
-    cont = photons_per_angstrom(ch, wf, sp.sky_continuum(wf) * LENSLET_AREA, plan, False)
+    cont = photons_per_angstrom(ch, wf, sp.sky_continuum(wf) * LENSLET_AREA, plan, False, nz)
     s = continuum_to_pixels(optics, wf, cont)
     lines = [ln for ln in inst.sky_lines() if ch.wave_lo - 30 < ln.wavelength < ch.wave_hi + 30]
     if lines:
         lw = np.array([ln.wavelength for ln in lines])
         var = rng.uniform(0.8, 1.2, lw.size)  # line strengths change through the night
         flux = sp.sky_line_flux([ln.strength for ln in lines]) * var * LENSLET_AREA
-        e_lines = flux * plan.area_cm2 * plan.exptime / sp.response(ch, lw)
+        e_lines = (flux * telluric(plan, lw) * plan.area_cm2 * plan.exptime
+                   / channel_response(ch, lw, nz))
         s = s + lines_to_pixels(optics, lw, e_lines)
     xy = _fiber_xy()
     grad = 1 + 0.004 * xy[:, 0] - 0.003 * xy[:, 1]
     return s * grad[:, None] * optics.fiber_throughput
 
 
-def point_source_spectra(optics: ChannelOptics, plan: ExposurePlan, flam_fn) -> np.ndarray:
+def point_source_spectra(optics: ChannelOptics, plan: ExposurePlan, flam_fn,
+                         nz: nuisance.Nuisances | None = None) -> np.ndarray:
     """Expected electrons per column of a point source in every fiber."""
     ch = optics.channel
     wf = sp.fine_grid(ch)
-    total = continuum_to_pixels(optics, wf, photons_per_angstrom(ch, wf, flam_fn(wf), plan))
+    total = continuum_to_pixels(optics, wf, photons_per_angstrom(ch, wf, flam_fn(wf), plan,
+                                                                 nz=nz))
     wk = np.linspace(ch.wave_lo - 100, ch.wave_hi + 100, 48)
     frac = moffat_fractions(plan, wk, dar_offsets(plan, wk))
     frac_pix = np.stack([np.interp(optics.wave[k], wk, frac[k]) for k in range(inst.NFIBERS)])
     return total * frac_pix * optics.fiber_throughput
 
 
-def extended_spectra(optics: ChannelOptics, plan: ExposurePlan, z: float = 0.005) -> np.ndarray:
+def extended_spectra(optics: ChannelOptics, plan: ExposurePlan, z: float = 0.005,
+                     nz: nuisance.Nuisances | None = None) -> np.ndarray:
     """Expected electrons per column of an extended emission-line region in every fiber."""
     ch = optics.channel
     xy = _fiber_xy()
@@ -263,11 +333,11 @@ def extended_spectra(optics: ChannelOptics, plan: ExposurePlan, z: float = 0.005
     keep = (waves > ch.wave_lo - 20) & (waves < ch.wave_hi + 20)
     out = np.zeros((inst.NFIBERS, optics.ncol))
     if keep.any():
-        e = sb[keep] * plan.area_cm2 * plan.transparency * plan.exptime / sp.response(
-            ch, waves[keep])
+        e = (sb[keep] * telluric(plan, waves[keep]) * plan.area_cm2 * plan.transparency
+             * plan.exptime / channel_response(ch, waves[keep], nz))
         out += lines_to_pixels(optics, waves[keep], profile[:, None] * e[None, :])
     wf = sp.fine_grid(ch)
-    cont = photons_per_angstrom(ch, wf, sp.ab_to_flambda(22.0, wf), plan)
+    cont = photons_per_angstrom(ch, wf, sp.ab_to_flambda(22.0, wf), plan, nz=nz)
     out += continuum_to_pixels(optics, wf, cont) * profile[:, None]
     return out * optics.fiber_throughput
 
@@ -290,8 +360,10 @@ def lamp_lines(optics: ChannelOptics, lamp: str) -> tuple[np.ndarray, np.ndarray
 ARC_SCALE = {"uv": 6.0e4, "orange": 1.2e4, "red": 5.0e3, "farred": 5.0e3}
 
 
-def expected_spectra(optics: ChannelOptics, plan: ExposurePlan, rng) -> dict[str, np.ndarray]:
-    """All expected per-fiber electron spectra of one exposure, by component."""
+def expected_spectra(optics: ChannelOptics, plan: ExposurePlan, rng,
+                     nz: nuisance.Nuisances | None = None) -> dict[str, np.ndarray]:
+    """All expected per-fiber electron spectra of one exposure, by component (``nz``: the
+    night's nuisances; None for the default night)."""
     ch = optics.channel
     zeros = np.zeros((inst.NFIBERS, optics.ncol))
     wf = sp.fine_grid(ch)
@@ -299,6 +371,8 @@ def expected_spectra(optics: ChannelOptics, plan: ExposurePlan, rng) -> dict[str
         return {"total": zeros}
     if plan.kind == "twilight":
         sun = sp.solar_photons(wf)
+        if nz is not None and (nz.pwv_mm > 0 or nz.o2_scale > 0):  # twilight looks at the sky
+            sun = sun * sp.telluric_transmission(wf, nz.pwv_mm, nz.o2_scale, 1.22)
         peak = 1.2e3 * plan.level * plan.exptime  # electrons per Angstrom per fiber
         s = continuum_to_pixels(optics, wf, sun * peak / np.median(sun)) * optics.fiber_throughput
         return {"total": s}
@@ -314,17 +388,19 @@ def expected_spectra(optics: ChannelOptics, plan: ExposurePlan, rng) -> dict[str
             return {"total": zeros}
         e = s * ARC_SCALE[ch.name] * plan.exptime
         return {"total": lines_to_pixels(optics, w, e) * optics.fiber_throughput}
-    sky = sky_spectra(optics, plan, rng)
+    sky = sky_spectra(optics, plan, rng, nz)
+    strong = nz is not None and nz.stellar_lines
     if plan.kind == "standard":
         if plan.source_slot == ch.ifuslot:
             src = point_source_spectra(
-                optics, plan, lambda w: sp.standard_flambda(plan.object, w))
+                optics, plan, lambda w: sp.standard_flambda(plan.object, w,
+                                                            strong_lines=strong), nz)
         else:
             src = zeros
     elif plan.kind == "science":
-        src = point_source_spectra(optics, plan, sp.science_flambda)
+        src = point_source_spectra(optics, plan, sp.science_flambda, nz)
     elif plan.kind == "extended":
-        src = extended_spectra(optics, plan)
+        src = extended_spectra(optics, plan, nz=nz)
     else:
         raise ValueError(f"unknown exposure kind {plan.kind!r}")
     return {"total": sky + src, "sky": sky, "source": src}
@@ -425,11 +501,15 @@ def write_guider(out_night: Path, plans: list[ExposurePlan], seed: int) -> list[
     return records
 
 
-def write_standard(folder: Path, name: str) -> Path:
-    """Reference spectrum of the standard: wavelength (A) and AB magnitude, 2 A steps."""
+def write_standard(folder: Path, name: str, nz: nuisance.Nuisances | None = None) -> Path:
+    """Reference spectrum of the standard: wavelength (A) and AB magnitude, 2 A point samples
+    on the default night; with ``nz`` its step, sampling and stellar lines."""
     folder.mkdir(parents=True, exist_ok=True)
-    wave = np.arange(3500.0, 10700.0, 2.0)
-    mag = sp.flambda_to_ab(sp.standard_flambda(name, wave), wave)
+    nz = nz or nuisance.Nuisances()
+    wave, flam = sp.tabulate_reference(
+        lambda w: sp.standard_flambda(name, w, strong_lines=nz.stellar_lines), 3500.0, 10700.0,
+        nz.reference_step, nz.reference_binned)
+    mag = sp.flambda_to_ab(flam, wave)
     path = folder / standard_filename(name)
     np.savetxt(path, np.column_stack([wave, mag]), fmt="%.2f %.4f",
                header=f"{name}: simulated reference spectrum; wavelength (A, air), AB mag")
@@ -459,12 +539,22 @@ Written by `panacea-lrs2 simulate`; every array is in the oriented, stitched cha
   uint8, 1 where a cosmic ray was added) and, for on-sky exposures, `SKY` and `SOURCE`
   (280 x 2064, expected electrons per column of each fiber, noise free, fiber throughput
   included). Calibration light follows from the channel truth.
+* `night.json` also holds `nuisances`: what a randomized night drew (PSF family `psf_model`,
+  `psf_beta` at 5000 A and its change `psf_beta_slope` per unit of lambda/5000 A - 1, seeing
+  range, ellipticity, source margin from the IFU edge, the standard's strong lines and its
+  reference tabulation step and sampling, water vapour `pwv_mm` and `o2_scale` of the
+  telluric absorption, dichroic `edge_width` and `edge_inset` in A); every exposure carries
+  its own PSF parameters (psf_model, psf_beta, psf_beta_slope, psf_angle, ellipticity).
+  `RESPONSE` of the channel truth includes the dichroic edges.
+* `spectra/telluric.txt` (randomized nights with absorption): the true telluric
+  transmission at airmass 1.22 on a 0.1 A grid, before the line spread.
 * `spectra/<kind>.txt`: the true F_lambda (erg/s/cm^2/A, before the line spread) of the
   standard and the science point source on a 0.5 A grid.
 """
 
 
-def _write_channel_truth(folder: Path, optics: ChannelOptics) -> None:
+def _write_channel_truth(folder: Path, optics: ChannelOptics,
+                         nz: nuisance.Nuisances | None = None) -> None:
     ch = optics.channel
     grid = ch.grid
     hdus = [fits.PrimaryHDU()]
@@ -493,7 +583,8 @@ def _write_channel_truth(folder: Path, optics: ChannelOptics) -> None:
                             name="PIXELFLAT")
     pix.header["BUNIT"] = ("1e-4", "pixel flat minus 1, in units of 1e-4")
     hdus.append(pix)
-    hdus.append(fits.ImageHDU(np.stack([grid, sp.response(ch, grid)]), name="RESPONSE"))
+    hdus.append(fits.ImageHDU(np.stack([grid, channel_response(ch, grid, nz)]),
+                              name="RESPONSE"))
     fits.HDUList(hdus).writeto(folder / f"channel_{ch.name}.fits", overwrite=True)
 
 
@@ -502,11 +593,12 @@ def _simulate_channel(cfg: NightConfig, name: str, staging: Path, truth: Path) -
     ch = inst.get_channel(name)
     ci = list(inst.channels()).index(name)
     o = build_optics(ch, cfg.date)
-    _write_channel_truth(truth, o)
+    nz = nuisance.draw(cfg.seed, cfg.date, cfg.randomize)
+    _write_channel_truth(truth, o, nz)
     nfiles = 0
     for p in plan_night(cfg):
         rng = np.random.default_rng([cfg.seed, int(cfg.date), p.obsid, p.exp, ci])
-        comps = expected_spectra(o, p, rng)
+        comps = expected_spectra(o, p, rng, nz)
         if p.kind == "bias":
             image = np.zeros((2 * o.nrow_amp, o.ncol))
         else:
@@ -564,11 +656,13 @@ def simulate_night(cfg: NightConfig, out: str | Path, workers: int | None = None
     nfiles = sum(counts)
     _pack_tarballs(staging, night_dir, cfg.compress)
     guider = write_guider(out / cfg.date, plans, cfg.seed)
-    std_path = write_standard(out / "standards", cfg.standard) if cfg.standard else None
-    _write_spectra_truth(truth / "spectra", cfg)
+    nz = nuisance.draw(cfg.seed, cfg.date, cfg.randomize)
+    std_path = write_standard(out / "standards", cfg.standard, nz) if cfg.standard else None
+    _write_spectra_truth(truth / "spectra", cfg, nz)
     (truth / "README.md").write_text(TRUTH_README.format(date=cfg.date))
     summary = {
         "config": asdict(cfg),
+        "nuisances": nz.as_dict(),
         "exposures": [asdict(p) for p in plans],
         "guider": guider,
         "standard_file": str(std_path) if std_path else None,
@@ -592,12 +686,21 @@ def _write_exposure_truth(folder: Path, p: ExposurePlan, ch: inst.Channel, comps
                                overwrite=True)
 
 
-def _write_spectra_truth(folder: Path, cfg: NightConfig) -> None:
+def _write_spectra_truth(folder: Path, cfg: NightConfig,
+                         nz: nuisance.Nuisances | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    nz = nz or nuisance.Nuisances()
     wave = np.arange(3500.0, 10700.0, 0.5)
     np.savetxt(folder / "science.txt", np.column_stack([wave, sp.science_flambda(wave)]),
                header="wavelength (A, air), F_lambda (erg/s/cm2/A)")
     if cfg.standard:
         np.savetxt(folder / "standard.txt",
-                   np.column_stack([wave, sp.standard_flambda(cfg.standard, wave)]),
+                   np.column_stack([wave, sp.standard_flambda(cfg.standard, wave,
+                                                               strong_lines=nz.stellar_lines)]),
                    header=f"{cfg.standard}: wavelength (A, air), F_lambda (erg/s/cm2/A)")
+    if nz.pwv_mm > 0 or nz.o2_scale > 0:
+        fine = np.arange(3500.0, 10700.0, 0.1)
+        trans = sp.telluric_transmission(fine, nz.pwv_mm, nz.o2_scale, 1.22)
+        np.savetxt(folder / "telluric.txt", np.column_stack([fine, trans]), fmt="%.2f %.5f",
+                   header="wavelength (A, air), telluric transmission at airmass 1.22 "
+                          "(before the line spread)")

@@ -31,18 +31,35 @@ def flambda_to_ab(flam: np.ndarray, wave: np.ndarray) -> np.ndarray:
     return -2.5 * np.log10(fnu) - 48.6
 
 
-def efficiency(channel: inst.Channel, wave: np.ndarray) -> np.ndarray:
-    """Total efficiency (electrons per photon at the top of the atmosphere) of a channel."""
+def efficiency(channel: inst.Channel, wave: np.ndarray, edges: tuple[float, float] = (0.0, 0.0)
+               ) -> np.ndarray:
+    """Total efficiency (electrons per photon at the top of the atmosphere) of a channel.
+
+    ``edges`` = (width, inset) in Angstrom adds steep dichroic edges: logistic cut-offs of
+    that width whose half points lie ``inset`` inside both ends of the channel (width 0:
+    none, the default night).
+    """
     lo, hi = channel.wave_lo, channel.wave_hi
-    u = (np.asarray(wave) - lo) / (hi - lo)
+    wave = np.asarray(wave)
+    u = (wave - lo) / (hi - lo)
     shape = np.exp(-(((u - 0.5) / 0.62) ** 4)) * (1 + 0.08 * np.sin(2 * np.pi * (u + 0.1)))
-    extinction = 10 ** (-0.4 * 1.22 * (0.012 + 0.0085 * (np.asarray(wave) / 1e4) ** -4))
-    return PEAK_EFFICIENCY[channel.name] * shape * extinction
+    extinction = 10 ** (-0.4 * 1.22 * (0.012 + 0.0085 * (wave / 1e4) ** -4))
+    out = PEAK_EFFICIENCY[channel.name] * shape * extinction
+    width, inset = edges
+    if width > 0:
+        blue = 0.5 * (1 + np.tanh((wave - (lo + inset)) / (2 * width)))
+        red = 0.5 * (1 + np.tanh(((hi - inset) - wave) / (2 * width)))
+        out = out * blue * red
+    return out
 
 
-def response(channel: inst.Channel, wave: np.ndarray) -> np.ndarray:
-    """Channel response (erg per electron): F_lambda = e-/s/Angstrom/cm^2 x response."""
-    return H_CGS * C_ANGSTROM / np.asarray(wave) / efficiency(channel, wave)
+def response(channel: inst.Channel, wave: np.ndarray, edges: tuple[float, float] = (0.0, 0.0)
+             ) -> np.ndarray:
+    """Channel response (erg per electron): F_lambda = e-/s/Angstrom/cm^2 x response.
+
+    ``edges`` as in :func:`efficiency`.
+    """
+    return H_CGS * C_ANGSTROM / np.asarray(wave) / efficiency(channel, wave, edges)
 
 
 def _absorption(wave: np.ndarray, centres, depths, widths) -> np.ndarray:
@@ -100,13 +117,45 @@ def ldls_photons(wave: np.ndarray) -> np.ndarray:
     return (wave / 5000.0) ** -1.2 * (1 + 0.05 * np.sin(wave / 900.0))
 
 
-def standard_flambda(name: str, wave: np.ndarray, v_mag: float = 11.5) -> np.ndarray:
-    """A hot-star spectrum (40,000 K with Balmer and Paschen absorption) for a standard."""
+#: Strong lines of a standard star with ``strong_lines``: centre (air A), central depth and
+#: Lorentzian half width (A). Balmer H-alpha to H12, Ca II H and K, Mg b, Na D, the Ca
+#: triplet and Paschen P9-P20. Written for the simulator; the pipeline keeps its own list.
+STRONG_STELLAR_LINES = [
+    (6562.8, 0.60, 14.0), (4861.3, 0.62, 13.0), (4340.5, 0.62, 12.0), (4101.7, 0.62, 11.0),
+    (3970.1, 0.60, 10.0), (3889.1, 0.58, 8.0), (3835.4, 0.55, 6.5), (3797.9, 0.52, 5.5),
+    (3770.6, 0.48, 4.5), (3750.2, 0.44, 4.0),
+    (3933.7, 0.55, 1.6), (3968.5, 0.45, 1.6),
+    (5167.3, 0.30, 0.9), (5172.7, 0.35, 0.9), (5183.6, 0.38, 0.9),
+    (5890.0, 0.45, 0.8), (5895.9, 0.40, 0.8),
+    (8498.0, 0.35, 1.4), (8542.1, 0.45, 1.8), (8662.1, 0.42, 1.7),
+    (8598.4, 0.25, 4.0), (8665.0, 0.25, 4.0), (8750.5, 0.28, 4.5), (8862.8, 0.30, 5.0),
+    (9014.9, 0.32, 5.5), (9229.0, 0.34, 6.0), (9545.9, 0.36, 7.0), (10049.4, 0.38, 8.0),
+]
+
+
+def _lorentzian_absorption(wave: np.ndarray, lines) -> np.ndarray:
+    """Multiplicative spectrum of Lorentzian absorption lines (centre, depth, half width)."""
+    out = np.ones_like(np.asarray(wave, float))
+    for c, d, g in lines:
+        out *= 1 - d / (1 + ((wave - c) / g) ** 2)
+    return out
+
+
+def standard_flambda(name: str, wave: np.ndarray, v_mag: float = 11.5,
+                     strong_lines: bool = False) -> np.ndarray:
+    """A hot-star spectrum (40,000 K with Balmer and Paschen absorption) for a standard.
+
+    ``strong_lines`` replaces the mild default lines with the deep, broad ones of
+    :data:`STRONG_STELLAR_LINES` (a white-dwarf or A-type standard).
+    """
     f = planck_lambda(wave, 40000.0)
-    balmer = [3835.4, 3889.1, 3970.1, 4101.7, 4340.5, 4861.3, 6562.8]
-    paschen = [8665.0, 8750.5, 8862.8, 9014.9, 9229.0, 9545.9, 10049.4]
-    f = f * _absorption(wave, balmer, [0.3] * 7, [9.0] * 7)
-    f = f * _absorption(wave, paschen, [0.15] * 7, [6.0] * 7)
+    if strong_lines:
+        f = f * _lorentzian_absorption(wave, STRONG_STELLAR_LINES)
+    else:
+        balmer = [3835.4, 3889.1, 3970.1, 4101.7, 4340.5, 4861.3, 6562.8]
+        paschen = [8665.0, 8750.5, 8862.8, 9014.9, 9229.0, 9545.9, 10049.4]
+        f = f * _absorption(wave, balmer, [0.3] * 7, [9.0] * 7)
+        f = f * _absorption(wave, paschen, [0.15] * 7, [6.0] * 7)
     # normalised analytically at 5500 A (no absorption line there), whatever range ``wave``
     # covers: every channel's spectrum is then the same star
     norm = ab_to_flambda(v_mag, 5500.0) / planck_lambda(np.array(5500.0), 40000.0)
@@ -165,3 +214,59 @@ def refraction_offsets(wave: np.ndarray, ref_wave: float, parangle_deg: float,
     r = 206264.806 * (n - n0) * np.tan(z)
     pa = np.deg2rad(parangle_deg)
     return r * np.sin(pa), r * np.cos(pa)
+
+
+def tabulate_reference(flam_fn, lo: float, hi: float, step: float, binned: bool
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """A reference spectrum tabulated as real ones are: every ``step`` Angstrom from ``lo``,
+    either the value at the point or the mean over the ``step``-wide bin around it (from a
+    0.05 A sampling of ``flam_fn``)."""
+    wave = np.arange(lo, hi, step)
+    if not binned:
+        return wave, flam_fn(wave)
+    n = max(int(round(step / 0.05)), 1)
+    sub = (np.arange(n) + 0.5) / n - 0.5
+    fine = wave[:, None] + sub[None, :] * step
+    return wave, flam_fn(fine.ravel()).reshape(fine.shape).mean(axis=1)
+
+
+#: Telluric absorption bands: (first, last wavelength in air A, peak optical depth at
+#: airmass 1 for the reference column, molecule). H2O depths are for 5 mm of water vapour.
+TELLURIC_BANDS = [
+    (6864.0, 6935.0, 0.9, "O2"), (7590.0, 7700.0, 2.5, "O2"), (6275.0, 6310.0, 0.15, "O2"),
+    (5880.0, 6000.0, 0.04, "H2O"), (6470.0, 6600.0, 0.05, "H2O"), (6940.0, 7050.0, 0.08, "H2O"),
+    (7160.0, 7350.0, 0.35, "H2O"), (8120.0, 8340.0, 0.3, "H2O"), (8930.0, 9250.0, 0.45, "H2O"),
+    (9300.0, 9700.0, 0.9, "H2O"), (10800.0, 11000.0, 0.3, "H2O"),
+]
+
+
+def telluric_transmission(wave: np.ndarray, pwv_mm: float, o2_scale: float,
+                          airmass: float) -> np.ndarray:
+    """Telluric transmission exp(-airmass * tau) on ``wave`` (A), tau from a forest of narrow
+    lines (sigma 0.3-0.8 A, ~1.2 A apart) under a smooth envelope in every band of
+    :data:`TELLURIC_BANDS`; H2O scales with the water column ``pwv_mm``, O2 with
+    ``o2_scale``. Both 0 give a transmission of 1."""
+    wave = np.asarray(wave, float)
+    tau = np.zeros_like(wave)
+    rng = np.random.default_rng(20181108)  # the molecular line list: fixed, like physics
+    for lo, hi, depth, mol in TELLURIC_BANDS:
+        scale = o2_scale if mol == "O2" else pwv_mm / 5.0
+        nline = int((hi - lo) / 1.2)
+        centres = np.sort(rng.uniform(lo, hi, nline))
+        sig = rng.uniform(0.3, 0.8, nline)
+        strength = rng.uniform(0.3, 1.0, nline)
+        if scale <= 0:
+            continue
+        sel = (wave > lo - 5) & (wave < hi + 5)
+        if not sel.any():
+            continue
+        w = wave[sel]
+        u = (w - lo) / (hi - lo)
+        # a band head at the blue end for O2, a rounded envelope for H2O
+        env = np.exp(-2.0 * u) if mol == "O2" else np.sin(np.pi * np.clip(u, 0, 1)) ** 0.7
+        lines = np.zeros_like(w)
+        for c, s_, a in zip(centres, sig, strength):
+            near = np.abs(w - c) < 5 * s_
+            lines[near] += a * np.exp(-0.5 * ((w[near] - c) / s_) ** 2)
+        tau[sel] += depth * scale * env * lines * 2.0
+    return np.exp(-airmass * tau)
