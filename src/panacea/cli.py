@@ -25,6 +25,15 @@ def _date(text: str) -> str:
     return text
 
 
+def _cubes(text: str) -> tuple[str, ...]:
+    from .exposure_products import parse_cubes
+
+    try:
+        return parse_cubes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def reduce_parser() -> argparse.ArgumentParser:
     """Parser of the classic reduction call."""
     p = argparse.ArgumentParser(
@@ -66,6 +75,9 @@ def reduce_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-default-response", action="store_true",
                    help="without a standard or --response-dir, leave spectra in "
                         "electron/s/cm2/Angstrom instead of using the bundled response")
+    p.add_argument("--cubes", type=_cubes, default="skysub",
+                   help="cubes to write: none, all, or a comma-separated list of obs, sky, "
+                        "skysub (default skysub)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"panacea-lrs2 {__version__}")
     return p

@@ -27,7 +27,7 @@ from .calbundle import (
 from .calibration import CalibrationOptions, StageTimer, calibrate_channel, plan_calibration
 from .errors import PanaceaError
 from .inventory import format_inventory
-from .exposure_products import FluxScale, Written, write_exposure_products
+from .exposure_products import DEFAULT_CUBES, FluxScale, Written, write_exposure_products
 from .joined import CHANNEL_ORDER, combine_exposures, join_channels, write_joined
 from .products import product_folder
 from .science import ChannelCalibration, ExposureResult, ScienceOptions, reduce_exposure
@@ -79,7 +79,8 @@ def guider(cache: dict, night, exposure) -> fluxcal.GuiderConditions:
 def write_exposure(night, exposure, cal: ChannelCalibration, root: Path,
                    options: ScienceOptions, response: tuple[np.ndarray | None, str],
                    conditions: dict, timer: StageTimer | None = None,
-                   result: ExposureResult | None = None, cubes: bool = True) -> Written:
+                   result: ExposureResult | None = None,
+                   cubes: tuple[str, ...] | bool = DEFAULT_CUBES) -> Written:
     """Reduce one exposure of one channel (unless ``result`` is given) and write its
     products, flux calibrated with ``response`` (response, label) and the guider."""
     timer = timer if timer is not None else StageTimer()
@@ -252,7 +253,8 @@ def reduce_night(args: argparse.Namespace) -> int:
                 continue
             try:
                 written = write_exposure(night, exposure, cal, root, sci_options, response,
-                                         conditions, result=results.get(exposure.name))
+                                         conditions, result=results.get(exposure.name),
+                                         cubes=getattr(args, "cubes", DEFAULT_CUBES))
                 nwritten += 1
             except PanaceaError as err:
                 log.error("%s %s: skipped: %s", exposure.name, channel.name, err)
