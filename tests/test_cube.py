@@ -292,8 +292,8 @@ def test_written_cube_wcs_round_trip(tmp_path, ra0, dec0, parangle):
         assert prim["OBJECT"] == "target" and prim["CUBEKIND"] == "skysub"
         assert "BZERO" not in prim and "PANVER" in prim
         assert "COMMENT" not in prim and "HISTORY" not in prim
-        # quantised within a fraction of the noise, errors to 2.4e-4 relative
-        np.testing.assert_allclose(hdul["ERROR"].data, cube.error, rtol=2.5e-4)
+        # quantised within a fraction of the noise, errors within 0.5 %
+        np.testing.assert_allclose(hdul["ERROR"].data, cube.error, rtol=5e-3)
         ok = np.isfinite(cube.data)
         assert np.array_equal(np.isfinite(data), ok)
         assert np.all(np.abs(data[ok] - cube.data[ok]) <= 0.1 * cube.error[ok])

@@ -363,9 +363,9 @@ def write_cube(path: str | Path, cube: Cube, pointing=None, *, header: fits.Head
 
     The primary HDU holds the header only (the cards of ``header``, e.g. the multi header,
     except data-layout and WCS cards; provenance); extension 1 (``DATA``) the cube and
-    extension 2 (``ERROR``) its 1-sigma error, both tile compressed one plane per tile:
-    the cube in steps of 1/NOISE_Q of each plane's noise, the error rounded to
-    RELATIVE_BITS significant bits (see :data:`panacea.products.COMPRESSIONS`).
+    extension 2 (``ERROR``) its 1-sigma error, both tile compressed in tiles of
+    NOISE_PLANES planes, in steps of 1/NOISE_Q of each tile's pixel-to-pixel noise (see
+    :data:`panacea.products.COMPRESSIONS` and docs/products.md).
     ``fits.getdata(path)`` returns the cube. ``pointing`` as in :func:`cube_wcs_cards`.
     The file appears atomically, with checksums.
     """
@@ -398,7 +398,7 @@ def write_cube(path: str | Path, cube: Cube, pointing=None, *, header: fits.Head
             h.append(card, end=True)
     stamp(h, options)
     hdus = [prim]
-    planes = [("DATA", cube.data, "noise")] + ([("ERROR", cube.error, "relative")]
+    planes = [("DATA", cube.data, "noise")] + ([("ERROR", cube.error, "noise")]
                                                if with_error else [])
     for name, data, storage in planes:
         hdu = compressed_hdu(np.asarray(data, np.float32), storage)

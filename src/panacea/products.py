@@ -76,11 +76,14 @@ COMPRESSIONS = {
     "unity": "RICE_1, dithered steps of UNITY_STEP (1e-4) for flats near 1: "
              "|change| <= 5e-5",
     "trace": "RICE_1, steps of TRACE_STEP (1e-3 px): |change| <= 5e-4 px",
-    "noise": "RICE_1 per row (one fiber, or one cube plane), dithered steps of 1/NOISE_Q "
-             "(1/16) of the pixel-to-pixel noise sigma_row cfitsio measures in that row (a "
-             "median): |change| <= sigma_row / 32, RMS sigma_row / 55",
-    "relative": "float32 rounded to RELATIVE_BITS significant bits, then GZIP_2: "
-                "|change| <= 2**-(RELATIVE_BITS + 1) |value|",
+    "sigma": "RICE_1, dithered steps of SIGMA_FRACTION (1/16) of the 1st percentile of the "
+             "product's errors (card QSTEP): |change| <= sigma / 32 for 99 % of the pixels, "
+             "RMS <= sigma / 55",
+    "error": "errors themselves, RICE_1, dithered steps of ERROR_FRACTION (1/1024) of their "
+             "1st percentile (card QSTEP): relative change <= 5e-4 for 99 % of the pixels",
+    "noise": "RICE_1, tiles of NOISE_PLANES cube planes, dithered steps of 1/NOISE_Q (1/16) "
+             "of the pixel-to-pixel noise cfitsio measures in each tile: |change| <= "
+             "sigma_tile / 32",
     "reference": "not stored here: an empty extension whose header names the file and "
                  "extension holding the data (CALFILE, CALEXT)",
 }
@@ -97,12 +100,18 @@ TRACE_STEP = 1e-3
 #: Quantisation step (Angstrom) of wavelength images: below half the float32 spacing of any
 #: LRS2 wavelength (>= 2.4e-4 A above 2048 A), so the stored values are exact.
 WAVELENGTH_STEP = 1e-4
-#: Steps per noise sigma of "noise" compressed spectra and cubes (cfitsio quantize_level).
+#: Steps per noise sigma of "noise" compressed cubes (cfitsio quantize_level).
 NOISE_Q = 16.0
-#: Significant bits kept by "relative" compression (errors): 2.4e-4 relative at most.
-RELATIVE_BITS = 11
-#: Rows per compression tile of frame images.
-TILE_ROWS = 32
+#: Cube planes per "noise" compression tile.
+NOISE_PLANES = 64
+#: Step of "sigma" compressed spectra, in units of the 1st percentile of the errors.
+SIGMA_FRACTION = 1.0 / 16.0
+#: Step of "error" compressed errors, in units of their 1st percentile.
+ERROR_FRACTION = 1.0 / 1024.0
+#: Extension holding the errors that set the steps of "sigma" and "error" extensions.
+ERROR_EXTENSION = "error_spectra"
+#: Rows per compression tile of 2-D images (larger tiles write faster; 128 rows: -25 %).
+TILE_ROWS = 128
 
 #: The per-fiber science product ``multi_{date}_{obsid7}_exp{NN}_{channel}.fits``.
 #: Version 2: ``adr`` is 3 x n (was n x 3), extensions 6 and 7 are always filled, ``bigw``
@@ -111,11 +120,11 @@ MULTI_LAYOUT = Layout("multi", 2, "MULTIVER", (
     Extension("observed_spectra", "flux-calibrated object+sky per fiber on the grid",
               FLUX_UNIT, "float32", "280 x 2064"),
     Extension("sky_spectra", "sky model per fiber on the grid", FLUX_UNIT,
-              "float32", "280 x 2064", "noise"),
+              "float32", "280 x 2064", "sigma"),
     Extension("skysub_spectra", "sky-subtracted spectra per fiber on the grid",
-              FLUX_UNIT, "float32", "280 x 2064", "noise"),
+              FLUX_UNIT, "float32", "280 x 2064", "sigma"),
     Extension("error_spectra", "1-sigma error per fiber; 0 marks a bad pixel",
-              FLUX_UNIT, "float32", "280 x 2064", "relative"),
+              FLUX_UNIT, "float32", "280 x 2064", "error"),
     Extension("collapsed_image", "sky-subtracted image over the collapse window",
               FLUX_UNIT, "float32", "ny x nx"),
     Extension("fiber_positions", "IFU x, IFU y, focal x, focal y, RA, Dec", "arcsec / deg",
@@ -135,7 +144,7 @@ MULTI_LAYOUT = Layout("multi", 2, "MULTIVER", (
     Extension("cosmics", "1 where a cosmic ray was found", "", "uint8", "nrow x ncol",
               "lossless"),
     Extension("unrectified_spectra", "extracted spectra on native pixels", "electron",
-              "float32", "280 x ncol", "noise"),
+              "float32", "280 x ncol", "frame"),
 ))
 
 #: What a reading tool may rely on in ``multi_*`` files (LRS2Multi opens them by position):
@@ -152,20 +161,30 @@ CONTRACT_CARDS = ("OBJECT", "EXPTIME", "DATE", "QRA", "QDEC", "QOBJECT", "QPROG"
                   "MILLUM", "THROUGHP")
 
 
-def _rounded(data: np.ndarray, bits: int) -> np.ndarray:
-    """float32 copy of ``data`` rounded to ``bits`` significant mantissa bits."""
-    out = np.array(data, dtype=np.float32)
-    ints = out.view(np.uint32)
-    drop = 23 - bits
-    finite = np.isfinite(out)
-    rounded = (ints + np.uint32(1 << (drop - 1))) & np.uint32((0xFFFFFFFF << drop) & 0xFFFFFFFF)
-    ints[finite] = rounded[finite]
-    return out
+def error_floor(error: np.ndarray) -> float | None:
+    """The 1st percentile of the positive, finite values of ``error`` (None if there are
+    none): the error scale that sets the quantisation steps of "sigma"/"error" storage."""
+    e = np.asarray(error, float)
+    e = e[np.isfinite(e) & (e > 0)]
+    return float(np.percentile(e, 1)) if e.size else None
 
 
-def compressed_hdu(data: np.ndarray, kind: str) -> fits.CompImageHDU:
-    """A tile-compressed image HDU (read back transparently by astropy and cfitsio)."""
+def compressed_hdu(data: np.ndarray, kind: str, floor: float | None = None
+                   ) -> fits.CompImageHDU:
+    """A tile-compressed image HDU (read back transparently by astropy and cfitsio).
+
+    ``kind`` is one of :data:`COMPRESSIONS`; "sigma" and "error" need ``floor``, the error
+    scale from :func:`error_floor` (without one they are stored as "noise")."""
     integer = np.issubdtype(data.dtype, np.integer)
+    if kind in ("sigma", "error"):
+        if floor is None or not floor > 0:
+            kind = "noise"
+        else:
+            step = floor * (SIGMA_FRACTION if kind == "sigma" else ERROR_FRACTION)
+            hdu = fits.CompImageHDU(data, compression_type="RICE_1", quantize_level=-step,
+                                    quantize_method=1, dither_seed=1, tile_shape=_tile(data))
+            hdu.header["QSTEP"] = (step, "quantisation step of the stored values")
+            return hdu
     if kind == "lossless" and integer:
         return fits.CompImageHDU(data, compression_type="RICE_1", tile_shape=_tile(data))
     if integer:
@@ -182,12 +201,10 @@ def compressed_hdu(data: np.ndarray, kind: str) -> fits.CompImageHDU:
                                  quantize_level=-WAVELENGTH_STEP, quantize_method=-1,
                                  tile_shape=_tile(data))
     if kind == "noise":
+        tile = (min(NOISE_PLANES, data.shape[0]),) + data.shape[1:] if data.ndim == 3 \
+            else _tile(data)
         return fits.CompImageHDU(data, compression_type="RICE_1", quantize_level=NOISE_Q,
-                                 quantize_method=2, dither_seed=1,
-                                 tile_shape=(1,) + data.shape[1:])
-    if kind == "relative":
-        return fits.CompImageHDU(_rounded(data, RELATIVE_BITS), compression_type="GZIP_2",
-                                 quantize_level=0.0, tile_shape=_tile(data))
+                                 quantize_method=2, dither_seed=1, tile_shape=tile)
     if kind == "float":
         return fits.CompImageHDU(data, compression_type="GZIP_2", quantize_level=0.0,
                                  tile_shape=_tile(data))
@@ -230,6 +247,8 @@ def write_product(layout: Layout, arrays: dict[str, np.ndarray | None], path: st
     if unknown:
         raise ValueError(f"arrays not in the {layout.kind} layout: {sorted(unknown)}")
     header = header if header is not None else fits.Header()
+    err = arrays.get(ERROR_EXTENSION)
+    floor = error_floor(err) if err is not None else None
     hdus = []
     for i, ext in enumerate(layout.extensions):
         data = arrays.get(ext.name)
@@ -238,7 +257,7 @@ def write_product(layout: Layout, arrays: dict[str, np.ndarray | None], path: st
         if i == 0:
             hdu = fits.PrimaryHDU(data)
         elif ext.compression and ext.compression != "reference" and data is not None:
-            hdu = compressed_hdu(data, ext.compression)
+            hdu = compressed_hdu(data, ext.compression, floor)
         else:
             hdu = fits.ImageHDU(None if ext.compression == "reference" else data)
         hdu.name = ext.name.upper()
