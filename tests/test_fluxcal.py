@@ -149,6 +149,12 @@ def test_guider_conditions_simulated_night(sim_night):
     truth = sim_night.night_truth()
     night = NightIndex(sim_night.baseraw, sim_night.date)
     exposures = {(e.obsid, e.exp): e for e in night.exposures(ftype="sci")}
+    # the simulator writes guider frames as real ones are
+    with fits.open(io.BytesIO(night.read_bytes(night.guider_files()[0]))) as hdul:
+        assert len(hdul) == 2 and hdul[1].data.shape == (32, 32)
+        assert {"GUIDLOOP", "MJD", "TRANSPAR"} <= set(hdul[1].header)
+        assert not {"GUIDLOOP", "TRANSPAR"} & set(hdul[0].header)
+        assert {"RHO_STRT", "THE_STRT", "PHI_STRT", "X_STRT", "Y_STRT"} <= set(hdul[0].header)
     checked = 0
     for plan in truth["exposures"]:
         if plan["kind"] not in ("standard", "science"):

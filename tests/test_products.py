@@ -118,3 +118,19 @@ def test_queue_cards_are_derived_from_the_raw_cards_and_say_so():
     raw["QRA"], raw["QOBJECT"] = ("01:00:00.00", "queue"), "HIIregion"
     h = complete_header(raw)  # cards a frame carries are kept as they are
     assert h["QRA"] == "01:00:00.00" and h["QOBJECT"] == "HIIregion"
+
+
+def test_cubes_option():
+    from panacea.cli import reduce_parser
+    from panacea.exposure_products import DEFAULT_CUBES, parse_cubes
+
+    assert parse_cubes("none") == () and parse_cubes("all") == ("obs", "sky", "skysub")
+    assert parse_cubes("skysub, obs") == ("obs", "skysub")
+    with pytest.raises(ValueError, match="'skysubb'"):
+        parse_cubes("skysubb")
+    args = reduce_parser().parse_args(["-d", "20181108"])
+    assert args.cubes == DEFAULT_CUBES == ("skysub",)
+    assert reduce_parser().parse_args(["-d", "20181108", "--cubes", "none"]).cubes == ()
+    with pytest.raises(SystemExit) as exc:
+        reduce_parser().parse_args(["-d", "20181108", "--cubes", "everything"])
+    assert exc.value.code == 2
