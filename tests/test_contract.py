@@ -124,7 +124,8 @@ def test_every_product_carries_the_queue_cards(reduced, sim_night):
     folder = reduced / "HET18-2-100"
     names = [multi_name(sim_night.date, 12, 1, "orange"),
              f"spectrum_{sim_night.date}_0000012_exp01_orange.fits",
-             f"{sim_night.date}_0000012_exp01_orange_skysub_cube.fits"]
+             f"{sim_night.date}_0000012_exp01_orange_skysub_cube.fits",
+             f"joined_{sim_night.date}_0000012.fits"]
     for name in names:
         header = fits.getheader(folder / name)
         assert {"COMMENT", "HISTORY"}.isdisjoint(header.keys()), name
