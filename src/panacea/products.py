@@ -182,7 +182,7 @@ def compressed_hdu(data: np.ndarray, kind: str, floor: float | None = None
         else:
             step = floor * (SIGMA_FRACTION if kind == "sigma" else ERROR_FRACTION)
             hdu = fits.CompImageHDU(data, compression_type="RICE_1", quantize_level=-step,
-                                    quantize_method=1, dither_seed=1, tile_shape=_tile(data))
+                                    quantize_method=2, dither_seed=1, tile_shape=_tile(data))
             hdu.header["QSTEP"] = (step, "quantisation step of the stored values")
             return hdu
     if kind == "lossless" and integer:
@@ -192,7 +192,7 @@ def compressed_hdu(data: np.ndarray, kind: str, floor: float | None = None
     steps = {"frame": FRAME_STEP, "master": MASTER_STEP, "unity": UNITY_STEP}
     if kind in steps:
         return fits.CompImageHDU(data, compression_type="RICE_1", quantize_level=-steps[kind],
-                                 quantize_method=1, dither_seed=1, tile_shape=_tile(data))
+                                 quantize_method=2, dither_seed=1, tile_shape=_tile(data))
     if kind == "trace":
         return fits.CompImageHDU(data, compression_type="RICE_1", quantize_level=-TRACE_STEP,
                                  quantize_method=-1, tile_shape=_tile(data))
