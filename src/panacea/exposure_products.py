@@ -144,7 +144,8 @@ def multi_arrays(result: ExposureResult, scale: FluxScale, cal, pointing=None
                  ) -> tuple[dict[str, np.ndarray], fits.Header, dict[str, str]]:
     """Arrays of ``multi_*.fits`` in physical units, its header and unit overrides.
 
-    ``pointing`` is (RA, Dec, PARANGLE) of the IFU (:func:`header_pointing`), or None."""
+    ``pointing`` is (RA, Dec, PARANGLE) of the IFU (:func:`header_pointing`), or None.
+    ``cal`` is not read any more: ``bigw`` is stored in the calibration bundle only."""
     sf = result.frame
     grid = sf.channel.grid
     f = scale.factor(grid.size)[None, :]

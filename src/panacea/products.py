@@ -1,8 +1,11 @@
 """Product data model: declared FITS layouts, where products go, writing and checked reading.
 
 Every product is a list of named extensions in a fixed order (downstream tools such as
-LRS2Multi open them by *position*), each with a unit and a dtype. A layout carries a version
+LRS2Multi open them by *position*), each with a unit, a dtype and a storage kind
+(:data:`COMPRESSIONS`, each with the largest change it may make). A layout carries a version
 that is written into the primary header and checked when the file is read back.
+:data:`MULTI_CONTRACT` and :data:`CONTRACT_CARDS` state what a positional reader may rely on
+(docs/products.md; ``tests/test_contract.py`` reads products as such a tool does).
 """
 
 from __future__ import annotations
