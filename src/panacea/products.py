@@ -84,9 +84,9 @@ COMPRESSIONS = {
              "RMS <= sigma / 55",
     "error": "errors themselves, RICE_1, dithered steps of ERROR_FRACTION (1/1024) of their "
              "1st percentile (card QSTEP): relative change <= 5e-4 for 99 % of the pixels",
-    "noise": "RICE_1, tiles of NOISE_PLANES cube planes, dithered steps of 1/NOISE_Q (1/16) "
+    "noise": "RICE_1, tiles of NOISE_PLANES cube planes, dithered steps of 1/NOISE_Q (1/32) "
              "of the pixel-to-pixel noise cfitsio measures in each tile: |change| <= "
-             "sigma_tile / 32",
+             "sigma_tile / 64",
     "reference": "not stored here: an empty extension whose header names the file and "
                  "extension holding the data (CALFILE, CALEXT)",
 }
@@ -104,7 +104,7 @@ TRACE_STEP = 1e-3
 #: LRS2 wavelength (>= 2.4e-4 A above 2048 A), so the stored values are exact.
 WAVELENGTH_STEP = 1e-4
 #: Steps per noise sigma of "noise" compressed cubes (cfitsio quantize_level).
-NOISE_Q = 16.0
+NOISE_Q = 32.0
 #: Cube planes per "noise" compression tile.
 NOISE_PLANES = 64
 #: Step of "sigma" compressed spectra, in units of the 1st percentile of the errors.
