@@ -65,8 +65,8 @@ def measure(raw: Path, reduced: Path, date: str) -> tuple[list, list]:
                                head["SOURCEY"] - plan.source_xy[1] - tdy[0])
             true_fwhm = plan.seeing * (ref / 5000.0) ** -0.2
             # refraction track relative to the reference wavelength
-            adx, ady = dar_offsets(plan, adr[:, 0])
-            track_err = np.max(np.hypot(adr[:, 1] - (adx - tdx[0]), adr[:, 2] - (ady - tdy[0])))
+            adx, ady = dar_offsets(plan, adr[0])
+            track_err = np.max(np.hypot(adr[1] - (adx - tdx[0]), adr[2] - (ady - tdy[0])))
             flam = _true_flambda(raw, date, plan.kind, wave)
             good = (spec[3] > 0) & ~sky_line_mask(spec[2][None, :], 1.05)
             good[:EDGE] = good[-EDGE:] = False

@@ -282,14 +282,22 @@ def test_written_cube_wcs_round_trip(tmp_path, ra0, dec0, parangle):
     path = write_cube(tmp_path / "c.fits", cube, (ra0, dec0, parangle), header=raw,
                       kind="skysub", options={"cube": True})
     with fits.open(path, checksum=True) as hdul:
-        hdr = hdul[0].header
-        data = hdul[0].data
-        assert data.dtype == np.dtype(">f4") and data.shape == cube.data.shape
+        prim, hdr = hdul[0].header, hdul["DATA"].header
+        data = hdul["DATA"].data
+        assert hdul[0].data is None and hdul.index_of("DATA") == 1
+        assert data.dtype.kind == "f" and data.itemsize == 4 and data.shape == cube.data.shape
         assert hdul["ERROR"].data.shape == cube.data.shape
         assert hdr["NAXIS3"] == 30 and hdr["CTYPE3"] == "AWAV"
         assert hdr["CUNIT3"] == "Angstrom" and hdr["BUNIT"] == "erg / (s cm2 Angstrom)"
-        assert hdr["OBJECT"] == "target" and hdr["CUBEKIND"] == "skysub"
-        assert "BZERO" not in hdr and "PANVER" in hdr
+        assert prim["OBJECT"] == "target" and prim["CUBEKIND"] == "skysub"
+        assert "BZERO" not in prim and "PANVER" in prim
+        assert "COMMENT" not in prim and "HISTORY" not in prim
+        # quantised within a fraction of the noise, errors within 0.5 %
+        np.testing.assert_allclose(hdul["ERROR"].data, cube.error, rtol=5e-3)
+        ok = np.isfinite(cube.data)
+        assert np.array_equal(np.isfinite(data), ok)
+        assert np.all(np.abs(data[ok] - cube.data[ok]) <= 0.1 * cube.error[ok])
+        assert np.array_equal(fits.getdata(path), data, equal_nan=True)
         assert hdr["CDELT3"] == pytest.approx(cube.wave[1] - cube.wave[0])
         w = WCS(hdr)
         we = WCS(hdul["ERROR"].header)
@@ -321,9 +329,9 @@ def test_cube_without_pointing_has_ifu_axes(tmp_path):
     cube = _small_cube(nw=5)
     path = write_cube(tmp_path / "c.fits", cube, None, unit="electron / s", with_error=False)
     with fits.open(path) as hdul:
-        assert len(hdul) == 1
-        w = WCS(hdul[0].header)
-        assert hdul[0].header["BUNIT"] == "electron / s"
+        assert len(hdul) == 2
+        w = WCS(hdul[1].header)
+        assert hdul[0].header["BUNIT"] == hdul[1].header["BUNIT"] == "electron / s"
     x, y, lam = w.wcs_pix2world(np.array([[0.0, 0.0, 2.0]]), 0)[0]
     assert x == pytest.approx(cube.x[0]) and y == pytest.approx(cube.y[0])
     assert lam == pytest.approx(cube.wave[2] * 1e-10)  # wcslib works in SI

@@ -24,22 +24,45 @@ STANDARD = "FEIGE_34"
 # --------------------------------------------------------------------------- guider
 
 
-def frame_bytes(cards: dict) -> bytes:
-    """A small guider FITS file with the given header cards."""
-    hdu = fits.PrimaryHDU(np.zeros((4, 4), np.uint16))
-    for key, value in cards.items():
-        hdu.header[key] = value
+def frame_bytes(cards: dict, layout: str = "single") -> bytes:
+    """A small guider FITS file with the given header cards: all in one HDU ("single"), or
+    as real frames are ("real"): the image in extension 1 whose header holds GUIDLOOP, MJD
+    and TRANSPAR, the tracker cards in the primary header."""
+    image = np.zeros((4, 4), np.uint16)
+    if layout == "single":
+        hdus = [fits.PrimaryHDU(image, header=fits.Header(cards))]
+    else:
+        ext = {k: v for k, v in cards.items() if k in fluxcal.GUIDER_IMAGE_CARDS}
+        prim = {k: v for k, v in cards.items() if k not in ext}
+        hdus = [fits.PrimaryHDU(header=fits.Header(prim)),
+                fits.ImageHDU(image, header=fits.Header(ext))]
     buf = io.BytesIO()
-    hdu.writeto(buf)
+    fits.HDUList(hdus).writeto(buf)
     return buf.getvalue()
+
+
+def test_guider_cards_are_read_from_where_real_frames_keep_them():
+    """Extension 1 for GUIDLOOP/MJD/TRANSPAR, the primary header for the tracker cards;
+    a card only in the other HDU is still found."""
+    buf = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(header=fits.Header({"X_STRT": 1.5, "TRANSPAR": 0.2,
+                                                      "PHI_STRT": 10.0})),
+                  fits.ImageHDU(np.zeros((4, 4)), header=fits.Header(
+                      {"TRANSPAR": 0.93, "GUIDLOOP": "ACTIVE", "X_STRT": 9.9,
+                       "Y_STRT": -0.4}))]).writeto(buf)
+    h = fluxcal.guider_header(buf.getvalue())
+    assert (h["TRANSPAR"], h["GUIDLOOP"], h["X_STRT"], h["Y_STRT"], h["PHI_STRT"]) == (
+        0.93, "ACTIVE", 1.5, -0.4, 10.0)
+    with pytest.raises(fluxcal.ArchiveError, match="gc1 frame: cannot read"):
+        fluxcal.guider_header(b"garbage" * 500, "gc1 frame")
 
 
 def stamp(t: dt.datetime) -> str:
     return t.strftime("%Y%m%dT%H%M%S") + f".{t.microsecond // 100000}"
 
 
-@pytest.fixture()
-def guided_night(tmp_path, fakeraw):
+@pytest.fixture(params=["single", "real"])
+def guided_night(request, tmp_path, fakeraw):
     """A night with loose guider frames of known values around a 120 s exposure at 03:00.
 
     gc1 and gc2 every 20 s from 02:59:00 to 03:03:00; ACQUIRE outside the exposure with
@@ -63,7 +86,8 @@ def guided_night(tmp_path, fakeraw):
                 expected_t.append(cards["TRANSPAR"])
             if inside:
                 xy.append((cards["X_STRT"], cards["Y_STRT"]))
-            (folder / f"{stamp(t)}_{cam}_sci.fits").write_bytes(frame_bytes(cards))
+            (folder / f"{stamp(t)}_{cam}_sci.fits").write_bytes(frame_bytes(cards,
+                                                                            request.param))
     bad = tmp_path / DATE / "gc2" / f"{stamp(start + dt.timedelta(seconds=30))}_gc2_sci.fits"
     bad.write_bytes(b"not a FITS file at all" * 10)
     x, y = np.array(xy).T
@@ -125,6 +149,12 @@ def test_guider_conditions_simulated_night(sim_night):
     truth = sim_night.night_truth()
     night = NightIndex(sim_night.baseraw, sim_night.date)
     exposures = {(e.obsid, e.exp): e for e in night.exposures(ftype="sci")}
+    # the simulator writes guider frames as real ones are
+    with fits.open(io.BytesIO(night.read_bytes(night.guider_files()[0]))) as hdul:
+        assert len(hdul) == 2 and hdul[1].data.shape == (32, 32)
+        assert {"GUIDLOOP", "MJD", "TRANSPAR"} <= set(hdul[1].header)
+        assert not {"GUIDLOOP", "TRANSPAR"} & set(hdul[0].header)
+        assert {"RHO_STRT", "THE_STRT", "PHI_STRT", "X_STRT", "Y_STRT"} <= set(hdul[0].header)
     checked = 0
     for plan in truth["exposures"]:
         if plan["kind"] not in ("standard", "science"):

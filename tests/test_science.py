@@ -65,8 +65,8 @@ def test_cubes_and_joined_spectrum(reduced, sim_night):
 
     folder = reduced / "HET18-2-100"
     with fits.open(folder / f"{sim_night.date}_0000012_exp01_orange_skysub_cube.fits") as hdul:
-        cube = hdul[0].data
-        wcs = WCS(hdul[0].header)
+        cube = hdul["DATA"].data
+        wcs = WCS(hdul["DATA"].header)
         assert cube.shape[0] == 2064 and wcs.naxis == 3
         world = wcs.pixel_to_world(10, 10, 100)
         assert world[1].to("Angstrom").value == pytest.approx(

@@ -13,6 +13,7 @@ from panacea.archive import Archive
 from panacea.ccd import read_channel
 from panacea.cli import main
 from panacea.extract import boxcar
+from panacea.fluxcal import guider_header
 from panacea.inventory import format_inventory
 from panacea.simulate import NightConfig, simulate_night
 from panacea.simulate import night as simnight
@@ -52,7 +53,7 @@ def test_night_layout_and_inventory(sim_night):
     assert ref.shape[1] == 2 and np.all(np.diff(ref[:, 0]) > 0)
     guiders = night.guider_files()
     assert {g.camera for g in guiders} == {"gc1", "gc2"}
-    h = night.read_header(guiders[0])
+    h = guider_header(night.read_bytes(guiders[0]))  # the real two-HDU layout
     assert {"GUIDLOOP", "TRANSPAR", "X_STRT", "Y_STRT", "PHI_STRT", "MJD"} <= set(h)
 
 

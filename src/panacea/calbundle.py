@@ -20,7 +20,8 @@ from astropy.utils.exceptions import AstropyUserWarning
 from . import __version__
 from .products import Extension, Layout, ProductError, read_product, write_product
 
-LAYOUT_VERSION = 1
+#: Version 2: large extensions tile compressed (``Extension.compression``).
+LAYOUT_VERSION = 2
 #: Bytes hashed at each end of a raw file by :func:`file_digest`.
 HASH_BLOCK = 1 << 16
 
@@ -28,35 +29,35 @@ HASH_BLOCK = 1 << 16
 #: Extensions of the calibration bundle, in file order (index = HDU number).
 CAL_EXTENSIONS: tuple[Extension, ...] = (
     Extension("wavelength", "wavelength of each fiber at each column", "Angstrom", "float64",
-              "280 x ncol"),
+              "280 x ncol", "float"),
     Extension("trace", "stitched-frame row of each fiber at each column", "pixel", "float64",
-              "280 x ncol"),
+              "280 x ncol", "float"),
     Extension("flat", "fiber-to-fiber throughput of each fiber at each column", "", "float32",
-              "280 x ncol"),
+              "280 x ncol", "unity"),
     Extension("bigw", "wavelength of every pixel of the stitched frame", "Angstrom",
-              "float32", "nrow x ncol"),
+              "float32", "nrow x ncol", "wavelength"),
     Extension("masterbias", "master bias after overscan subtraction", "electron", "float32",
-              "nrow x ncol"),
+              "nrow x ncol", "master"),
     Extension("xypos", "IFU x, y of each fiber", "arcsec", "float32", "280 x 2"),
     Extension("dead", "1 for a dead fiber", "", "uint8", "280"),
     Extension("arcspec", "extracted master arc (all lamps) per fiber", "electron", "float32",
-              "280 x ncol"),
+              "280 x ncol", "master"),
     Extension("twispec", "extracted master twilight per fiber", "electron", "float32",
-              "280 x ncol"),
+              "280 x ncol", "master"),
     Extension("flatspec", "extracted master internal flat per fiber", "electron", "float32",
-              "280 x ncol"),
+              "280 x ncol", "master"),
     Extension("bigf", "fiber-to-fiber throughput of every pixel", "", "float32",
-              "nrow x ncol"),
+              "nrow x ncol", "unity"),
     Extension("masterarc", "master arc frame (all lamps)", "electron", "float32",
-              "nrow x ncol"),
+              "nrow x ncol", "master"),
     Extension("masterflat", "master twilight (or internal flat) frame", "electron", "float32",
-              "nrow x ncol"),
+              "nrow x ncol", "master"),
     Extension("response", "wavelength and response on the channel grid", "erg / electron",
               "float64", "2 x 2064"),
     # ---- Panacea additions
-    Extension("pixelflat", "pixel-to-pixel flat", "", "float32", "nrow x ncol"),
+    Extension("pixelflat", "pixel-to-pixel flat", "", "float32", "nrow x ncol", "unity"),
     Extension("profile", "empirical cross-dispersion profile model", "", "float32",
-              "model-defined"),
+              "model-defined", "float"),
     Extension("rdnoise", "read noise measured per amplifier", "electron", "float64", "namp"),
     Extension("wavefit", "arc lines used: wavelength, lamp code, fibers used, rms", "",
               "float64", "nline x 4"),

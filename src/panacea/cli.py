@@ -73,6 +73,9 @@ def reduce_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-default-response", action="store_true",
                    help="without a standard or --response-dir, leave spectra in "
                         "electron/s/cm2/Angstrom instead of using the bundled response")
+    p.add_argument("--cubes", default=None,
+                   help="cubes to write: none, all, or a comma-separated list of obs, sky, "
+                        "skysub (default from the configuration: skysub)")
     add_ops_options(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"panacea-lrs2 {__version__}")

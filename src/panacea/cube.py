@@ -50,6 +50,7 @@ from . import astrometry
 from .instrument import LENSLET_PITCH, get_channel
 from .fluxcal import FLUX_UNIT
 from .io_utils import write_fits_atomic
+from .products import compressed_hdu
 from .provenance import stamp
 
 #: Spaxel size of the cubes (arcsec).
@@ -68,6 +69,8 @@ MARGIN = LENSLET_PITCH
 OFFSET_TOL = 0.02
 #: Sky area of one fiber (arcsec^2): the cell of the IFU lattice.
 FIBER_AREA = LENSLET_PITCH**2
+#: Cube layout version (card CUBEVER): 2 since the cube moved to compressed extension 1.
+CUBE_VERSION = 2
 #: Cube kinds, as in the file names.
 CUBE_KINDS = ("obs", "sky", "skysub")
 #: Header cards never copied from the input header into a cube: data layout and WCS.
@@ -356,19 +359,23 @@ def cube_wcs_cards(cube: Cube, pointing=None) -> fits.Header:
 def write_cube(path: str | Path, cube: Cube, pointing=None, *, header: fits.Header | None = None,
                unit: str = FLUX_UNIT, kind: str = "obs", options: dict | None = None,
                with_error: bool = True) -> Path:
-    """Write ``cube`` as a float32 FITS image (NAXIS3 = wavelength) with a 3-D WCS.
+    """Write ``cube`` as float32 FITS images (NAXIS3 = wavelength) with a 3-D WCS.
 
-    Extension 0 holds the cube, extension 1 (``ERROR``) its 1-sigma error. ``pointing`` as in
-    :func:`cube_wcs_cards`; ``header`` cards (e.g. the raw or multi header) are copied except
-    data-layout and WCS cards. The file appears atomically, with provenance and checksums.
+    The primary HDU holds the header only (the cards of ``header``, e.g. the multi header,
+    except data-layout and WCS cards; provenance); extension 1 (``DATA``) the cube and
+    extension 2 (``ERROR``) its 1-sigma error, both tile compressed in tiles of
+    NOISE_PLANES planes, in steps of 1/NOISE_Q of each tile's pixel-to-pixel noise (see
+    :data:`panacea.products.COMPRESSIONS` and docs/products.md).
+    ``fits.getdata(path)`` returns the cube. ``pointing`` as in :func:`cube_wcs_cards`.
+    The file appears atomically, with checksums.
     """
     if kind not in CUBE_KINDS:
         raise ValueError(f"cube kind must be one of {', '.join(CUBE_KINDS)}, not {kind!r}")
     wcs_cards = cube_wcs_cards(cube, pointing)
-    prim = fits.PrimaryHDU(np.asarray(cube.data, np.float32))
+    prim = fits.PrimaryHDU()
     h = prim.header
-    h.extend(wcs_cards.cards)
     h["BUNIT"] = (unit, "per spaxel" if cube.per_spaxel else "per fiber area (FIBAREA)")
+    h["CUBEVER"] = (CUBE_VERSION, "cube layout: 0 header, 1 DATA, 2 ERROR")
     h["CUBEKIND"] = (kind, "obs, sky or skysub")
     h["SPAXSCL"] = (cube.pitch, "spaxel size (arcsec)")
     h["FIBAREA"] = (FIBER_AREA, "sky area of one fiber (arcsec2)")
@@ -391,9 +398,13 @@ def write_cube(path: str | Path, cube: Cube, pointing=None, *, header: fits.Head
             h.append(card, end=True)
     stamp(h, options)
     hdus = [prim]
-    if with_error:
-        ehdu = fits.ImageHDU(np.asarray(cube.error, np.float32), name="ERROR")
-        ehdu.header.extend(wcs_cards.cards)
-        ehdu.header["BUNIT"] = unit
-        hdus.append(ehdu)
+    planes = [("DATA", cube.data, "noise")] + ([("ERROR", cube.error, "noise")]
+                                               if with_error else [])
+    for name, data, storage in planes:
+        hdu = compressed_hdu(np.asarray(data, np.float32), storage)
+        hdu.name = name
+        hdu.header.extend(wcs_cards.cards)
+        hdu.header["BUNIT"] = (unit, h.comments["BUNIT"])
+        hdu.header["STORAGE"] = (storage, "how stored: see docs/products.md")
+        hdus.append(hdu)
     return write_fits_atomic(fits.HDUList(hdus), path)

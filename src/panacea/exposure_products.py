@@ -18,10 +18,23 @@ from astropy.io import fits
 
 from . import instrument
 from .astrometry import fiber_sky_positions, header_pointing
-from .cube import build_cube, cube_name, write_cube
-from .fluxcal import (FLUX_UNIT, MIN_TELLURIC, RATE_UNIT, GuiderConditions,
-                      telluric_correction)
-from .products import Extension, Layout, MULTI_LAYOUT, multi_name, write_product
+from .cube import CUBE_KINDS, build_cube, cube_name, write_cube
+from .fluxcal import (
+    FLUX_UNIT,
+    MIN_TELLURIC,
+    RATE_UNIT,
+    GuiderConditions,
+    telluric_correction,
+)
+from .products import (
+    MULTI_LAYOUT,
+    Extension,
+    Layout,
+    complete_header,
+    multi_name,
+    write_product,
+)
+from .refraction import refraction_track
 from .science import ExposureResult
 
 log = logging.getLogger(__name__)
@@ -92,13 +105,15 @@ def spectrum_rows(result: ExposureResult, scale: FluxScale) -> np.ndarray | None
 
 
 def _header(result: ExposureResult, scale: FluxScale) -> fits.Header:
-    h = result.header.copy()
+    h = complete_header(result.header)
     c = scale.conditions
     h["FLUXCAL"] = (scale.calibrated, "spectra flux calibrated" if scale.calibrated
                     else "no response: electron/s/cm2/Angstrom")
     h["RESPSRC"] = (scale.response_source[:60], "response used")
     h["MILLUM"] = (round(c.area_cm2, 1), f"illuminated area (cm2), {c.area_source}")
     h["THROUGHP"] = (round(c.transparency, 4), f"transparency, {c.transparency_source}")
+    h["TRANSSRC"] = (c.transparency_source, "where THROUGHP came from")
+    h["AREASRC"] = (c.area_source, "where MILLUM came from")
     h["NGUIDE"] = (c.n_frames, "guider frames used")
     if scale.telluric is not None and scale.response is not None:
         div = scale.telluric_divisor(scale.response.size)
@@ -128,6 +143,7 @@ def _header(result: ExposureResult, scale: FluxScale) -> fits.Header:
             h["DARMEAS"] = (round(float(np.ptp(np.hypot(*src.measured_track))), 3),
                             "measured refraction across the channel (arcsec)")
     else:
+        h["SRCFOUND"] = (False, "no source: no spectrum_ product, model refraction")
         h["HISTORY"] = "no source detected: no spectrum_ product"
     return h
 
@@ -145,11 +161,32 @@ def _psf_cards(h: fits.Header, src) -> None:
         h["PSFNTRY"] = (len(src.choice.tried), "PSF profiles compared")
 
 
+#: Points of the ``adr`` table (extension 7) along the grid.
+ADR_POINTS = 52
+
+
+def adr_table(grid: np.ndarray, track: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The refraction table of extension 7: rows wavelength (A), x and y offset (arcsec) at
+    ``ADR_POINTS`` grid points from the first to the last."""
+    idx = np.unique(np.linspace(0, grid.size - 1, ADR_POINTS).round().astype(int))
+    return np.vstack([grid[idx], np.asarray(track[0])[idx], np.asarray(track[1])[idx]])
+
+
+def model_track(result: ExposureResult) -> tuple[tuple[np.ndarray, np.ndarray], float]:
+    """The model refraction track of an exposure without a source (from its header's
+    PARANGLE and weather), zero at the channel's central wavelength; and that wavelength."""
+    grid = result.frame.channel.grid
+    ref = float(grid[grid.size // 2])
+    parangle = float(result.header.get("PARANGLE", 0.0) or 0.0)
+    return refraction_track(grid, ref, parangle, result.weather), ref
+
+
 def multi_arrays(result: ExposureResult, scale: FluxScale, cal, pointing=None
                  ) -> tuple[dict[str, np.ndarray], fits.Header, dict[str, str]]:
     """Arrays of ``multi_*.fits`` in physical units, its header and unit overrides.
 
-    ``pointing`` is (RA, Dec, PARANGLE) of the IFU (:func:`header_pointing`), or None."""
+    ``pointing`` is (RA, Dec, PARANGLE) of the IFU (:func:`header_pointing`), or None.
+    ``cal`` is not read any more: ``bigw`` is stored in the calibration bundle only."""
     sf = result.frame
     grid = sf.channel.grid
     f = scale.factor(grid.size)[None, :]
@@ -165,7 +202,7 @@ def multi_arrays(result: ExposureResult, scale: FluxScale, cal, pointing=None
     src = result.source
     arrays = {
         "observed_spectra": obs, "sky_spectra": sky, "skysub_spectra": obs - sky,
-        "error_spectra": err, "fiber_positions": positions, "bigw": cal.bigw,
+        "error_spectra": err, "fiber_positions": positions,
         "image": sf.image, "flattened_image": sf.flattened, "trace": sf.trace,
         "cosmics": sf.cosmics, "unrectified_spectra": sf.flux,
     }
@@ -179,35 +216,67 @@ def multi_arrays(result: ExposureResult, scale: FluxScale, cal, pointing=None
         image = build_cube(values[:, None], ok[:, None], xy, np.array([det.wave]))
         arrays["collapsed_image"] = image.data[0]
         arrays["extracted_spectrum"] = spectrum_rows(result, scale)
-        track = src.track
-        step = max(grid.size // 40, 1)
-        arrays["adr"] = np.column_stack([grid[::step], track[0][::step], track[1][::step]])
+        arrays["adr"] = adr_table(grid, src.track)
+    else:  # extensions 6 and 7 are always filled: grid, zeros, response; the model track
+        rows = np.zeros((6, grid.size))
+        rows[0] = grid
+        if scale.response is not None:
+            rows[5] = scale.response
+        arrays["extracted_spectrum"] = rows
+        track, ref = model_track(result)
+        arrays["adr"] = adr_table(grid, track)
+        header["DARREF"] = (round(ref, 1), "wavelength where the adr offsets are 0 (A)")
     units = dict.fromkeys(("observed_spectra", "sky_spectra", "skysub_spectra",
                            "error_spectra", "collapsed_image"), scale.unit)
     units["unrectified_spectra"] = "electron"
     return arrays, header, units
 
 
+#: Cubes written by default (``--cubes``).
+DEFAULT_CUBES = ("skysub",)
+
+
+def parse_cubes(text: str) -> tuple[str, ...]:
+    """The ``--cubes`` value: comma-separated kinds of ``obs``, ``sky``, ``skysub``, or
+    ``all`` or ``none``. Raises ValueError naming the bad word."""
+    words = [w.strip().lower() for w in text.split(",") if w.strip()]
+    if words == ["none"]:
+        return ()
+    if words == ["all"]:
+        return CUBE_KINDS
+    bad = [w for w in words if w not in CUBE_KINDS]
+    if bad or not words:
+        raise ValueError(f"--cubes {text!r}: expected none, all or a comma-separated list of "
+                         f"{', '.join(CUBE_KINDS)}")
+    return tuple(k for k in CUBE_KINDS if k in words)
+
+
 def write_exposure_products(result: ExposureResult, scale: FluxScale, cal, folder: Path,
-                            options: dict, cubes: bool = True) -> Written:
-    """Write ``multi``, ``spectrum`` (with a source) and the three cubes of one exposure."""
+                            options: dict, cubes: tuple[str, ...] | bool = DEFAULT_CUBES
+                            ) -> Written:
+    """Write ``multi``, ``spectrum`` (with a source) and the cubes of one exposure.
+
+    ``cubes`` lists the kinds of cube to write (of ``obs``, ``sky``, ``skysub``); True
+    means all three and False or ``()`` none."""
     e, ch = result.frame.exposure, result.frame.channel
     pointing = header_pointing(result.header)
     arrays, header, units = multi_arrays(result, scale, cal, pointing)
     paths = [write_product(MULTI_LAYOUT, arrays, folder / multi_name(e.date, e.obsid, e.exp,
                                                                       ch.name),
                            header, options=options, units=units)]
-    rows = arrays.get("extracted_spectrum")
+    rows = arrays["extracted_spectrum"] if result.source is not None else None
     if rows is not None:
         name = f"spectrum_{e.date}_{e.obsid:07d}_exp{e.exp:02d}_{ch.name}.fits"
         paths.append(write_product(SPECTRUM_LAYOUT, {"spectrum": rows}, folder / name, header,
                                    options=options, units={"spectrum": scale.unit}))
-    if cubes:
-        paths += _write_cubes(result, arrays, header, scale, folder, options, pointing)
+    kinds = CUBE_KINDS if cubes is True else tuple(cubes or ())
+    if kinds:
+        paths += _write_cubes(result, arrays, header, scale, folder, options, pointing, kinds)
     return Written(paths, rows, scale.unit, header)
 
 
-def _write_cubes(result, arrays, header, scale, folder, options, pointing) -> list[Path]:
+def _write_cubes(result, arrays, header, scale, folder, options, pointing, kinds
+                 ) -> list[Path]:
     e, ch = result.frame.exposure, result.frame.channel
     xy = instrument.fiber_positions()
     src = result.source
@@ -218,6 +287,8 @@ def _write_cubes(result, arrays, header, scale, folder, options, pointing) -> li
     out = []
     for kind, data in (("obs", arrays["observed_spectra"]), ("sky", arrays["sky_spectra"]),
                        ("skysub", arrays["skysub_spectra"])):
+        if kind not in kinds:
+            continue
         cube = build_cube(data, err, xy, ch.grid, offsets=offsets)
         out.append(write_cube(folder / cube_name(e.date, e.obsid, e.exp, ch.name, kind), cube,
                               pointing, header=header, unit=scale.unit, kind=kind,

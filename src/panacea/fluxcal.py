@@ -34,6 +34,7 @@ and ``response`` (erg per electron) the channel's response at HET's fixed elevat
 from __future__ import annotations
 
 import datetime as dt
+import io
 import itertools
 import logging
 import math
@@ -130,13 +131,45 @@ def _frames_in_window(night: NightIndex, start: dt.datetime, stop: dt.datetime,
     return [g for g in night.guider_files() if start - pad <= _utc(g.time) <= stop + pad]
 
 
+#: Guider cards real frames keep in extension 1's header (the image HDU); the tracker
+#: cards (X_STRT, Y_STRT, PHI_STRT, RHO_STRT, THE_STRT) are in the primary header.
+GUIDER_IMAGE_CARDS = ("GUIDLOOP", "MJD", "TRANSPAR")
+GUIDER_TRACKER_CARDS = ("X_STRT", "Y_STRT", "PHI_STRT", "RHO_STRT", "THE_STRT")
+
+
+def guider_header(data: bytes, location: str = "guider frame") -> fits.Header:
+    """The guider cards of one frame, each from where real frames keep it.
+
+    Real frames hold the image in extension 1, with GUIDLOOP, MJD and TRANSPAR in that
+    extension's header and the tracker cards in the primary header; a single-HDU frame has
+    all of them in its primary header. A card missing from its usual HDU is taken from the
+    other one. Raises ArchiveError naming ``location`` when the bytes are not FITS."""
+    try:
+        with fits.open(io.BytesIO(data), lazy_load_hdus=False) as hdul:
+            headers = [h.header.copy() for h in hdul[:2]]
+    except (OSError, ValueError, IndexError) as exc:
+        raise ArchiveError(f"{location}: cannot read guider FITS headers ({exc})") from exc
+    prim = headers[0]
+    image = headers[1] if len(headers) > 1 else prim
+    out = fits.Header()
+    for keys, first, second in ((GUIDER_IMAGE_CARDS, image, prim),
+                                (GUIDER_TRACKER_CARDS, prim, image)):
+        for key in keys:
+            for h in (first, second):
+                if key in h:
+                    out[key] = (h[key], h.comments[key])
+                    break
+    return out
+
+
 def _read_guider_headers(night: NightIndex, frames: list[GuiderFile]
                          ) -> tuple[list[fits.Header], list[str]]:
-    """Headers of the frames that can be read, and the locations of those that cannot."""
+    """Guider cards (:func:`guider_header`) of the frames that can be read, and the
+    locations of those that cannot."""
     headers, bad = [], []
     for frame in frames:
         try:
-            headers.append(night.read_header(frame))
+            headers.append(guider_header(night.read_bytes(frame), frame.location))
         except ArchiveError as exc:
             log.warning("guider frame %s unreadable, ignored: %s", frame.location, exc)
             bad.append(frame.location)

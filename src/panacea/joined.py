@@ -106,11 +106,13 @@ def write_joined(path: str | Path, joined: dict, unit: str, header: fits.Header 
     table = fits.BinTableHDU.from_columns(cols, name="SPECTRUM")
     prim = fits.PrimaryHDU()
     if header is not None:
-        for key in ("OBJECT", "QPROG", "DATE-OBS", "TRAJRA", "TRAJDEC", "OBSID"):
+        for key in ("OBJECT", "QPROG", "DATE-OBS", "TRAJRA", "TRAJDEC", "OBSID", "DATE", "QRA",
+                    "QDEC", "QOBJECT"):
             if key in header:
                 prim.header[key] = header[key]
     for name, scale in joined["scales"].items():
         prim.header[f"SCL_{name.upper()[:4]}"] = (round(scale, 5), f"scale applied to {name}")
-    prim.header["COMMENT"] = "channel: 0 uv, 1 orange, 2 red, 3 farred; air wavelengths"
+    # free text in the table's header, never the primary's (tools copy primary cards)
+    table.header["COMMENT"] = "channel: 0 uv, 1 orange, 2 red, 3 farred; air wavelengths"
     stamp(prim.header, options)
     return write_fits_atomic(fits.HDUList([prim, table]), path)

@@ -30,7 +30,13 @@ from .calibration import CalibrationOptions, StageTimer, calibrate_channel, plan
 from .errors import NoDataError, PanaceaError
 from .inventory import format_inventory
 from .io_utils import header_number
-from .exposure_products import SPECTRUM_LAYOUT, FluxScale, Written, write_exposure_products
+from .exposure_products import (
+    DEFAULT_CUBES,
+    SPECTRUM_LAYOUT,
+    FluxScale,
+    Written,
+    write_exposure_products,
+)
 from .joined import CHANNEL_ORDER, combine_exposures, join_channels, write_joined
 from .products import product_folder
 from .science import ChannelCalibration, ExposureResult, ScienceOptions, reduce_exposure
@@ -93,8 +99,8 @@ def guider(cache: dict, night, exposure) -> fluxcal.GuiderConditions:
 def write_exposure(night, exposure, cal: ChannelCalibration, root: Path,
                    options: ScienceOptions, response: tuple,
                    conditions: dict, timer: StageTimer | None = None,
-                   result: ExposureResult | None = None, cubes: bool = True,
-                   tag: str = "") -> Written:
+                   result: ExposureResult | None = None,
+                   cubes: tuple[str, ...] | bool = DEFAULT_CUBES, tag: str = "") -> Written:
     """Reduce one exposure of one channel (unless ``result`` is given) and write its
     products, flux calibrated with ``response`` (response, label) and the guider."""
     timer = timer if timer is not None else StageTimer()

@@ -1,23 +1,31 @@
 """Product data model: declared FITS layouts, where products go, writing and checked reading.
 
 Every product is a list of named extensions in a fixed order (downstream tools such as
-LRS2Multi open them by *position*), each with a unit and a dtype. A layout carries a version
+LRS2Multi open them by *position*), each with a unit, a dtype and a storage kind
+(:data:`COMPRESSIONS`, each with the largest change it may make). A layout carries a version
 that is written into the primary header and checked when the file is read back.
+:data:`MULTI_CONTRACT` and :data:`CONTRACT_CARDS` state what a positional reader may rely on
+(docs/products.md; ``tests/test_contract.py`` reads products as such a tool does).
 """
 
 from __future__ import annotations
 
-import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import astropy.units as u
 import numpy as np
+from astropy.coordinates import Angle
 from astropy.io import fits
+from astropy.time import Time
 
 from .errors import PanaceaError
 from .fluxcal import FLUX_UNIT
 from .io_utils import write_fits_atomic
 from .provenance import stamp
+
+log = logging.getLogger(__name__)
 
 
 #: Cards of a raw header that describe its own data layout and must not be copied.
@@ -31,16 +39,17 @@ class ProductError(PanaceaError):
 
 @dataclass(frozen=True)
 class Extension:
-    """One declared extension: name, meaning, unit, dtype, shape rule."""
+    """One declared extension: name, meaning, unit, dtype, shape rule and storage.
+
+    ``compression`` is one of :data:`COMPRESSIONS` (None: a plain image); the error each
+    kind may add is stated there and in docs/products.md.
+    """
 
     name: str
     description: str
     unit: str
     dtype: str
     shape: str  # human-readable shape, e.g. "280 x ncol"
-    #: FITS tile compression: None; "lossless" (RICE_1, integer images);
-    #: "wavelength" (RICE_1 at a step below float32 precision: exact); "noise" (RICE_1 with
-    #: floats quantised in steps of NOISE_STEP electrons, invisible next to the noise)
     compression: str | None = None
 
 
@@ -58,95 +67,160 @@ class Layout:
         return tuple(e.name for e in self.extensions)
 
 
+#: Storage kinds of an extension and the largest change each makes to a value.
+COMPRESSIONS = {
+    "lossless": "integers or masks, RICE_1: exact",
+    "float": "floats, GZIP_2 with byte shuffling: exact",
+    "wavelength": "HCOMPRESS_1 of the values in steps of WAVELENGTH_STEP (1e-4 A), below "
+                  "half the float32 spacing of an LRS2 wavelength: exact for float32",
+    "frame": "RICE_1, dithered steps of FRAME_STEP (0.5 e-): |change| <= 0.25 e-, RMS "
+             "0.14 e- (5 % of a 3 e- read noise in quadrature: +0.1 % variance)",
+    "master": "RICE_1, dithered steps of MASTER_STEP (0.25 e-): |change| <= 0.125 e-",
+    "unity": "RICE_1, dithered steps of UNITY_STEP (1e-4) for flats near 1: "
+             "|change| <= 5e-5",
+    "trace": "RICE_1, steps of TRACE_STEP (1e-3 px): |change| <= 5e-4 px",
+    "sigma": "RICE_1, dithered steps of SIGMA_FRACTION (1/16) of the 1st percentile of the "
+             "product's errors (card QSTEP): |change| <= sigma / 32 for 99 % of the pixels, "
+             "RMS <= sigma / 55",
+    "error": "errors themselves, RICE_1, dithered steps of ERROR_FRACTION (1/1024) of their "
+             "1st percentile (card QSTEP): relative change <= 5e-4 for 99 % of the pixels",
+    "noise": "RICE_1, tiles of NOISE_PLANES cube planes, dithered steps of 1/NOISE_Q (1/32) "
+             "of the pixel-to-pixel noise cfitsio measures in each tile: |change| <= "
+             "sigma_tile / 64",
+    "reference": "not stored here: an empty extension whose header names the file and "
+                 "extension holding the data (CALFILE, CALEXT)",
+}
+
+#: Quantisation step (electrons) of science frame images (``image``, ``flattened_image``):
+#: 1/6 of a 3 e- read noise; the sky and the source only add noise.
+FRAME_STEP = 0.5
+#: Quantisation step (electrons) of master calibration frames in the bundle.
+MASTER_STEP = 0.25
+#: Quantisation step of dimensionless flats near 1 (pixel flat, fiber-to-fiber image).
+UNITY_STEP = 1e-4
+#: Quantisation step (pixel) of traces.
+TRACE_STEP = 1e-3
+#: Quantisation step (Angstrom) of wavelength images: below half the float32 spacing of any
+#: LRS2 wavelength (>= 2.4e-4 A above 2048 A), so the stored values are exact.
+WAVELENGTH_STEP = 1e-4
+#: Steps per noise sigma of "noise" compressed cubes (cfitsio quantize_level).
+NOISE_Q = 32.0
+#: Cube planes per "noise" compression tile.
+NOISE_PLANES = 64
+#: Step of "sigma" compressed spectra, in units of the 1st percentile of the errors.
+SIGMA_FRACTION = 1.0 / 16.0
+#: Step of "error" compressed errors, in units of their 1st percentile.
+ERROR_FRACTION = 1.0 / 1024.0
+#: Extension holding the errors that set the steps of "sigma" and "error" extensions.
+ERROR_EXTENSION = "error_spectra"
+#: Rows per compression tile of 2-D images (larger tiles write faster; 128 rows: -25 %).
+TILE_ROWS = 128
+
 #: The per-fiber science product ``multi_{date}_{obsid7}_exp{NN}_{channel}.fits``.
-MULTI_LAYOUT = Layout("multi", 1, "MULTIVER", (
+#: Version 2: ``adr`` is 3 x n (was n x 3), extensions 6 and 7 are always filled, ``bigw``
+#: is a reference to the calibration bundle, spectra and frames are tile compressed.
+MULTI_LAYOUT = Layout("multi", 2, "MULTIVER", (
     Extension("observed_spectra", "flux-calibrated object+sky per fiber on the grid",
               FLUX_UNIT, "float32", "280 x 2064"),
     Extension("sky_spectra", "sky model per fiber on the grid", FLUX_UNIT,
-              "float32", "280 x 2064"),
+              "float32", "280 x 2064", "sigma"),
     Extension("skysub_spectra", "sky-subtracted spectra per fiber on the grid",
-              FLUX_UNIT, "float32", "280 x 2064"),
+              FLUX_UNIT, "float32", "280 x 2064", "sigma"),
     Extension("error_spectra", "1-sigma error per fiber; 0 marks a bad pixel",
-              FLUX_UNIT, "float32", "280 x 2064"),
+              FLUX_UNIT, "float32", "280 x 2064", "error"),
     Extension("collapsed_image", "sky-subtracted image over the collapse window",
               FLUX_UNIT, "float32", "ny x nx"),
     Extension("fiber_positions", "IFU x, IFU y, focal x, focal y, RA, Dec", "arcsec / deg",
               "float64", "280 x 6"),
     Extension("extracted_spectrum", "wavelength, F_lambda, sky, error, sky error, response",
               "mixed", "float64", "6 x 2064"),
-    Extension("adr", "wavelength, x offset, y offset of the refraction track",
-              "Angstrom / arcsec", "float64", "n x 3"),
-    Extension("bigw", "wavelength of every CCD pixel", "Angstrom", "float32", "nrow x ncol",
-              "wavelength"),
+    Extension("adr", "rows: wavelength, x offset, y offset of the refraction track",
+              "Angstrom / arcsec", "float64", "3 x n"),
+    Extension("bigw", "wavelength of every CCD pixel (in the calibration bundle)",
+              "Angstrom", "float32", "nrow x ncol", "reference"),
     Extension("image", "bias-subtracted 2-D frame", "electron", "float32", "nrow x ncol",
-              "noise"),
+              "frame"),
     Extension("flattened_image", "bias-subtracted frame divided by the pixel flat",
-              "electron", "float32", "nrow x ncol", "noise"),
+              "electron", "float32", "nrow x ncol", "frame"),
     Extension("trace", "stitched-frame row of each fiber at each column", "pixel", "float32",
-              "280 x ncol"),
+              "280 x ncol", "trace"),
     Extension("cosmics", "1 where a cosmic ray was found", "", "uint8", "nrow x ncol",
               "lossless"),
     Extension("unrectified_spectra", "extracted spectra on native pixels", "electron",
-              "float32", "280 x ncol"),
+              "float32", "280 x ncol", "frame"),
 ))
 
+#: What a reading tool may rely on in ``multi_*`` files (LRS2Multi opens them by position):
+#: extension number -> (name, shape; "n" is any length).
+MULTI_CONTRACT = {
+    0: ("observed_spectra", (280, 2064)),
+    3: ("error_spectra", (280, 2064)),  # 0 marks a bad pixel
+    5: ("fiber_positions", (280, 6)),  # IFU x, y in columns 0, 1; RA, Dec in 4, 5
+    6: ("extracted_spectrum", (6, 2064)),  # row 0 wavelength, last row response
+    7: ("adr", (3, "n")),  # rows wavelength, x, y (arcsec)
+}
+#: Primary cards every ``multi``, ``spectrum`` and cube file carries (with the raw cards).
+CONTRACT_CARDS = ("OBJECT", "EXPTIME", "DATE", "QRA", "QDEC", "QOBJECT", "QPROG", "PARANGLE",
+                  "MILLUM", "THROUGHP")
 
-#: Quantisation step (electrons) of frame images stored with "noise" compression: 1/12 of
-#: a 3 e- read noise, an added error of 0.07 e- RMS.
-NOISE_STEP = 0.25
-#: Quantisation step (Angstrom) of wavelength images: below half the float32 spacing of any
-#: LRS2 wavelength (>= 2.4e-4 A above 2048 A), so the stored values are exact.
-WAVELENGTH_STEP = 1e-4
-#: Rows per compression tile.
-TILE_ROWS = 32
+
+def error_floor(error: np.ndarray) -> float | None:
+    """The 1st percentile of the positive, finite values of ``error`` (None if there are
+    none): the error scale that sets the quantisation steps of "sigma"/"error" storage."""
+    e = np.asarray(error, float)
+    e = e[np.isfinite(e) & (e > 0)]
+    return float(np.percentile(e, 1)) if e.size else None
 
 
-def _compressed(data: np.ndarray, kind: str) -> fits.CompImageHDU:
-    """A tile-compressed image HDU (read back transparently by astropy and cfitsio)."""
-    tile = (min(TILE_ROWS, data.shape[0]), data.shape[1])
-    if kind == "noise":
-        return fits.CompImageHDU(data, compression_type="RICE_1", quantize_level=-NOISE_STEP,
-                                 quantize_method=1, dither_seed=1, tile_shape=tile)
+def compressed_hdu(data: np.ndarray, kind: str, floor: float | None = None
+                   ) -> fits.CompImageHDU:
+    """A tile-compressed image HDU (read back transparently by astropy and cfitsio).
+
+    ``kind`` is one of :data:`COMPRESSIONS`; "sigma" and "error" need ``floor``, the error
+    scale from :func:`error_floor` (without one they are stored as "noise")."""
+    integer = np.issubdtype(data.dtype, np.integer)
+    if kind in ("sigma", "error"):
+        if floor is None or not floor > 0:
+            kind = "noise"
+        else:
+            step = floor * (SIGMA_FRACTION if kind == "sigma" else ERROR_FRACTION)
+            hdu = fits.CompImageHDU(data, compression_type="RICE_1", quantize_level=-step,
+                                    quantize_method=2, dither_seed=1, tile_shape=_tile(data))
+            hdu.header["QSTEP"] = (step, "quantisation step of the stored values")
+            return hdu
+    if kind == "lossless" and integer:
+        return fits.CompImageHDU(data, compression_type="RICE_1", tile_shape=_tile(data))
+    if integer:
+        raise ValueError(f"no {kind!r} compression for {data.dtype} images")
+    steps = {"frame": FRAME_STEP, "master": MASTER_STEP, "unity": UNITY_STEP}
+    if kind in steps:
+        return fits.CompImageHDU(data, compression_type="RICE_1", quantize_level=-steps[kind],
+                                 quantize_method=2, dither_seed=1, tile_shape=_tile(data))
+    if kind == "trace":
+        return fits.CompImageHDU(data, compression_type="RICE_1", quantize_level=-TRACE_STEP,
+                                 quantize_method=-1, tile_shape=_tile(data))
     if kind == "wavelength":
-        return fits.CompImageHDU(data, compression_type="RICE_1",
+        return fits.CompImageHDU(data, compression_type="HCOMPRESS_1", hcomp_scale=0,
                                  quantize_level=-WAVELENGTH_STEP, quantize_method=-1,
-                                 tile_shape=tile)
-    if kind == "lossless" and np.issubdtype(data.dtype, np.integer):
-        return fits.CompImageHDU(data, compression_type="RICE_1", tile_shape=tile)
-    raise ValueError(f"no {kind!r} compression for {data.dtype} images")
+                                 tile_shape=_tile(data))
+    if kind == "noise":
+        tile = (min(NOISE_PLANES, data.shape[0]),) + data.shape[1:] if data.ndim == 3 \
+            else _tile(data)
+        return fits.CompImageHDU(data, compression_type="RICE_1", quantize_level=NOISE_Q,
+                                 quantize_method=2, dither_seed=1, tile_shape=tile)
+    if kind == "float":
+        return fits.CompImageHDU(data, compression_type="GZIP_2", quantize_level=0.0,
+                                 tile_shape=_tile(data))
+    raise ValueError(f"unknown compression {kind!r}")
 
 
-#: Compressed extensions of frozen arrays (see :func:`_frozen`), as FITS bytes by array:
-#: the calibration's wavelength image is the same in every exposure of a channel, and
-#: compressing it takes ~50 ms of the ~0.25 s a ``multi`` file takes to write.
-_FROZEN_HDUS: dict = {}
-_FROZEN_CACHE_SIZE = 4
-
-
-def _frozen(data: np.ndarray) -> bool:
-    """True when neither ``data`` nor any array it views can be written to."""
-    a = data
-    while isinstance(a, np.ndarray):
-        if a.flags.writeable:
-            return False
-        a = a.base
-    return a is None
-
-
-def _compressed_hdu(data: np.ndarray, kind: str) -> fits.CompImageHDU | fits.BinTableHDU:
-    """:func:`_compressed`, compressed once per frozen array: later calls copy the stored
-    tile table (a binary table with ZIMAGE = T, which readers open as the image)."""
-    if not _frozen(data):
-        return _compressed(data, kind)
-    key = (id(data), kind)
-    entry = _FROZEN_HDUS.get(key)
-    if entry is None or entry[0] is not data:
-        buf = io.BytesIO()
-        fits.HDUList([fits.PrimaryHDU(), _compressed(data, kind)]).writeto(buf)
-        while len(_FROZEN_HDUS) >= _FROZEN_CACHE_SIZE:
-            _FROZEN_HDUS.pop(next(iter(_FROZEN_HDUS)))
-        _FROZEN_HDUS[key] = entry = (data, buf.getvalue())  # holds data: id stays unique
-    return fits.open(io.BytesIO(entry[1]), disable_image_compression=True)[1]
+def _tile(data: np.ndarray) -> tuple[int, ...]:
+    """Tiles of TILE_ROWS rows (of one plane for a cube)."""
+    if data.ndim == 1:
+        return (data.shape[0],)
+    if data.ndim == 2:
+        return (min(TILE_ROWS, data.shape[0]), data.shape[1])
+    return (1,) * (data.ndim - 2) + data.shape[-2:]
 
 
 def multi_name(date: str, obsid: int, exp: int, channel: str) -> str:
@@ -169,10 +243,15 @@ def write_product(layout: Layout, arrays: dict[str, np.ndarray | None], path: st
     checksums, BUNIT on every extension and provenance in the primary header.
 
     ``units`` overrides the declared unit of some extensions (e.g. spectra that are not yet
-    flux calibrated)."""
+    flux calibrated). The primary header holds no free text (LRS2Multi copies its cards one
+    by one and stops at COMMENT or HISTORY): the description of extension 0 and the COMMENT
+    and HISTORY cards of ``header`` go to extension 1 (dropped from one-HDU products)."""
     unknown = set(arrays) - set(layout.names)
     if unknown:
         raise ValueError(f"arrays not in the {layout.kind} layout: {sorted(unknown)}")
+    header = header if header is not None else fits.Header()
+    err = arrays.get(ERROR_EXTENSION)
+    floor = error_floor(err) if err is not None else None
     hdus = []
     for i, ext in enumerate(layout.extensions):
         data = arrays.get(ext.name)
@@ -180,22 +259,35 @@ def write_product(layout: Layout, arrays: dict[str, np.ndarray | None], path: st
             data = np.asarray(data, dtype=ext.dtype)
         if i == 0:
             hdu = fits.PrimaryHDU(data)
-        elif ext.compression and data is not None:
-            hdu = _compressed_hdu(data, ext.compression)
+        elif ext.compression and ext.compression != "reference" and data is not None:
+            hdu = compressed_hdu(data, ext.compression, floor)
         else:
-            hdu = fits.ImageHDU(data)
+            hdu = fits.ImageHDU(None if ext.compression == "reference" else data)
         hdu.name = ext.name.upper()
         hdu.header["EXTNAME"] = ext.name
         hdu.header["BUNIT"] = (units or {}).get(ext.name, ext.unit)
-        hdu.header["COMMENT"] = ext.description
+        if ext.compression:
+            hdu.header["STORAGE"] = (ext.compression, "how stored: see docs/products.md")
+        if ext.compression == "reference":
+            hdu.header["CALFILE"] = (str(header.get("CALFILE", ""))[:50],
+                                     "file holding this extension's data")
+            hdu.header["CALEXT"] = (ext.name, "extension of CALFILE holding the data")
+        if i > 0:
+            hdu.header["COMMENT"] = ext.description
         hdus.append(hdu)
     prim = hdus[0].header
-    if header is not None:
-        for card in header.cards:
-            key = card.keyword
-            if key in prim or key in _STRUCTURAL or key.startswith("NAXIS"):
-                continue
-            prim.append(card, end=True)
+    for card in header.cards:
+        key = card.keyword
+        if key in ("COMMENT", "HISTORY"):
+            if len(hdus) > 1:
+                hdus[1].header.append(card, end=True)
+            continue
+        if key in prim or key in _STRUCTURAL or key.startswith("NAXIS"):
+            continue
+        prim.append(card, end=True)
+    if len(hdus) > 1:
+        hdus[1].header["HISTORY"] = f"extension 0 ({layout.extensions[0].name}): "
+        hdus[1].header["HISTORY"] = layout.extensions[0].description
     prim[layout.version_card] = (layout.version, f"{layout.kind} layout version")
     stamp(prim, options)
     return write_fits_atomic(fits.HDUList(hdus), path)
@@ -220,3 +312,57 @@ def read_product(layout: Layout, path: str | Path) -> tuple[dict[str, np.ndarray
                                f"{layout.names}")
         arrays = {n: np.asarray(h.data) for n, h in zip(names, hdul) if h.data is not None}
         return arrays, prim.copy()
+
+
+def _sexagesimal(value, unit) -> str | None:
+    """A card value (degrees, or a sexagesimal string in ``unit``) as a sexagesimal string
+    (hours for RA, degrees with sign for Dec); None when it is not an angle."""
+    try:
+        if isinstance(value, str) and ":" in value:
+            angle = Angle(value.strip(), unit=unit)
+        else:
+            angle = Angle(float(value), unit=u.deg)
+    except (TypeError, ValueError):
+        return None
+    if not np.isfinite(angle.deg):
+        return None
+    if unit is u.hourangle:
+        return angle.wrap_at(360 * u.deg).to_string(unit=u.hourangle, sep=":", precision=2,
+                                                    pad=True)
+    return angle.to_string(unit=u.deg, sep=":", precision=1, pad=True, alwayssign=True)
+
+
+def complete_header(header: fits.Header) -> fits.Header:
+    """A copy of a raw header with the queue cards real LRS2 frames carry (QRA, QDEC,
+    QOBJECT, DATE), derived where the frame lacks them, each derived card saying
+    "derived from ..." in its comment.
+
+    QRA/QDEC come from RA/DEC, else TRAJRA/TRAJDEC (degrees or sexagesimal); QOBJECT from
+    OBJECT; DATE (ISO date-time of the exposure start) from DATE-OBS and UT. A card that
+    cannot be derived is left out (and logged)."""
+    h = header.copy()
+    for key, sources, unit in (("QRA", ("RA", "TRAJRA"), u.hourangle),
+                               ("QDEC", ("DEC", "TRAJDEC"), u.deg)):
+        if key in h:
+            continue
+        for src in sources:
+            value = _sexagesimal(h[src], unit) if src in h else None
+            if value is not None:
+                h[key] = (value, f"derived from {src}")
+                break
+        else:
+            log.debug("no %s and nothing to derive it from", key)
+    if "QOBJECT" not in h and "OBJECT" in h:
+        h["QOBJECT"] = (str(h["OBJECT"]), "derived from OBJECT")
+    if "DATE" not in h and "DATE-OBS" in h:
+        date = str(h["DATE-OBS"]).strip()
+        if "T" not in date and "UT" in h:
+            date = f"{date}T{str(h['UT']).strip()}"
+        try:
+            iso = Time(date, format="isot" if "T" in date else "iso", scale="utc").isot
+        except ValueError:
+            log.warning("DATE-OBS/UT %r is not a date: no DATE card", date)
+        else:
+            h["DATE"] = (iso[:21], "derived from DATE-OBS and UT" if "UT" in h
+                         else "derived from DATE-OBS")
+    return h

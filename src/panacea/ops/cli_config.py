@@ -66,6 +66,8 @@ def settings_from_args(args: argparse.Namespace) -> dict:
         cli["science"]["correct_ftf"] = True
     if args.central_wave is not None:
         cli["science"]["central_wave"] = float(args.central_wave)
+    if getattr(args, "cubes", None) is not None:
+        cli["science"]["cubes"] = args.cubes
     if args.wavelength_bin is not None:
         cli["science"]["wavelength_bin"] = float(args.wavelength_bin)
     kinds = list(settings["science"]["kinds"])

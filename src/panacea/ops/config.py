@@ -190,8 +190,8 @@ class RunConfig:
         Wait for another run's lock instead of exiting with code 3.
     night_log : bool
         Also log to ``{output}/NIGHTS/{date}/panacea_{date}.log``.
-    cubes : bool
-        Write the data cubes.
+    cubes : tuple of str
+        Kinds of data cube to write (of ``obs``, ``sky``, ``skysub``; empty: none).
     settings : dict
         The effective configuration (for ``config`` and the provenance).
     config_hash : str
@@ -212,7 +212,7 @@ class RunConfig:
     force: bool = False
     wait: bool = False
     night_log: bool = True
-    cubes: bool = True
+    cubes: tuple[str, ...] = ("skysub",)
     settings: dict = field(default_factory=dict)
     config_hash: str = ""
     calibration_hash: str = ""
@@ -248,11 +248,22 @@ def build(settings: dict, dates: tuple[str, ...], channels: tuple[str, ...],
         executor=ExecutorSettings(engine=ex["engine"], jobs=jobs, scheduler=ex["scheduler"],
                                   slurm=dict(ex["slurm"])),
         night_log=settings["logging"]["night_log"],
+        cubes=_cubes(sci["cubes"]),
         settings=settings,
         config_hash=config_hash(settings),
         calibration_hash=config_hash(settings, ("calibration",)),
     )
     return _replace(run, overrides)
+
+
+def _cubes(text: str) -> tuple[str, ...]:
+    """The ``science.cubes`` setting as kinds of cube (ConfigError naming the key)."""
+    from ..exposure_products import parse_cubes
+
+    try:
+        return parse_cubes(text)
+    except ValueError as err:
+        raise ConfigError(f"science.cubes: {err}") from None
 
 
 def _replace(run: RunConfig, overrides: dict) -> RunConfig:

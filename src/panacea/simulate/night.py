@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import astropy.units as u
+from astropy.coordinates import SkyCoord
 from astropy.io import fits
 from astropy.time import Time
 
@@ -421,6 +423,7 @@ def raw_header(plan: ExposurePlan, optics: ChannelOptics, amp_index: int) -> fit
     h["IMAGETYP"] = plan.ftype
     h["DATE-OBS"] = t.strftime("%Y-%m-%d")
     h["UT"] = t.strftime("%H:%M:%S.%f")[:12]
+    h["DATE"] = (t.strftime("%Y-%m-%dT%H:%M:%S.%f")[:21], "exposure start (UTC)")
     h["MJD"] = (round(Time(t).mjd, 6), "modified Julian date at start")
     h["EXPTIME"] = (plan.exptime, "seconds")
     h["DARKTIME"] = (plan.exptime + 1.3, "seconds")
@@ -449,6 +452,13 @@ def raw_header(plan: ExposurePlan, optics: ChannelOptics, amp_index: int) -> fit
         h["PARANGLE"] = (round(plan.parangle, 3), "parallactic angle (deg)")
         h["TRAJRA"] = (plan.ra, "trajectory RA of the IFU (deg)")
         h["TRAJDEC"] = (plan.dec, "trajectory Dec of the IFU (deg)")
+        target = SkyCoord(plan.ra * u.deg, plan.dec * u.deg)
+        h["QRA"] = (target.ra.to_string(unit=u.hourangle, sep=":", precision=2, pad=True),
+                    "queue target RA")
+        h["QDEC"] = (target.dec.to_string(sep=":", precision=1, pad=True, alwayssign=True),
+                     "queue target Dec")
+        h["QOBJECT"] = (plan.object.removesuffix(f"_{plan.source_slot}_E")
+                        if plan.source_slot else plan.object, "queue object name")
         h["AMBTEMP"] = (round(plan.temperature, 2), "ambient temperature (C)")
         h["BAROMPRE"] = (round(plan.pressure, 2), "barometric pressure (mbar)")
         h["HUMIDITY"] = (round(plan.humidity, 1), "relative humidity (%)")
@@ -459,7 +469,11 @@ def raw_header(plan: ExposurePlan, optics: ChannelOptics, amp_index: int) -> fit
 
 
 def write_guider(out_night: Path, plans: list[ExposurePlan], seed: int) -> list[dict]:
-    """Guider tarballs gc1/gc2: frames every 15 s through each on-sky exposure."""
+    """Guider tarballs gc1/gc2: frames every 15 s through each on-sky exposure.
+
+    Each frame is laid out as real ones are: the tracker cards (RHO_STRT, THE_STRT,
+    PHI_STRT, X_STRT, Y_STRT) in the primary header, the image in extension 1 whose header
+    holds GUIDLOOP, MJD and TRANSPAR."""
     rng = np.random.default_rng([seed, 4242])
     records = []
     for cam in ("gc1", "gc2"):
@@ -479,18 +493,28 @@ def write_guider(out_night: Path, plans: list[ExposurePlan], seed: int) -> list[
                     transp = p.transparency + rng.normal(0, 0.01)
                     if rng.uniform() < 0.05:
                         transp = float(rng.choice([0.0, 1.6, 3.2]))  # glitches, not trusted
+                    prim = fits.Header()
+                    prim["DATE-OBS"] = t.strftime("%Y-%m-%d")
+                    prim["UT"] = t.strftime("%H:%M:%S.%f")[:12]
+                    x, y = x0 + frac * (x1 - x0), y0 + frac * (y1 - y0)
+                    prim["X_STRT"] = (round(x, 4), "tracker x at start (m)")
+                    prim["Y_STRT"] = (round(y, 4), "tracker y at start (m)")
+                    prim["RHO_STRT"] = (round(float(np.hypot(x, y)), 4),
+                                        "tracker radius at start (m)")
+                    prim["THE_STRT"] = (round(float(np.degrees(np.arctan2(y, x))), 4),
+                                        "tracker angle at start (deg)")
+                    prim["PHI_STRT"] = (round(f0 + frac * (f1 - f0), 4),
+                                        "tracker rotation at start (deg)")
                     h = fits.Header()
-                    h["DATE-OBS"] = t.strftime("%Y-%m-%d")
-                    h["UT"] = t.strftime("%H:%M:%S.%f")[:12]
-                    h["MJD"] = round(Time(t).mjd, 7)
-                    h["GUIDLOOP"] = "ACTIVE" if active else "ACQUIRE"
-                    h["TRANSPAR"] = round(float(transp), 4)
-                    h["X_STRT"] = round(x0 + frac * (x1 - x0), 4)
-                    h["Y_STRT"] = round(y0 + frac * (y1 - y0), 4)
-                    h["PHI_STRT"] = round(f0 + frac * (f1 - f0), 4)
+                    h["MJD"] = (round(Time(t).mjd, 7), "modified Julian date")
+                    h["GUIDLOOP"] = ("ACTIVE" if active else "ACQUIRE", "guide loop state")
+                    h["TRANSPAR"] = (round(float(transp), 4), "sky transparency")
                     img = rng.poisson(300, (32, 32)).astype(np.uint16)
                     name = t.strftime("%Y%m%dT%H%M%S") + f".{t.microsecond // 100000}"
-                    data = fits_bytes(img, h)
+                    buf = io.BytesIO()
+                    fits.HDUList([fits.PrimaryHDU(header=prim),
+                                  fits.ImageHDU(img, header=h)]).writeto(buf)
+                    data = buf.getvalue()
                     info = tarfile.TarInfo(f"{name}_{cam}_sci.fits")
                     info.size = len(data)
                     info.mtime = t.timestamp()
