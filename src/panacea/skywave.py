@@ -1,0 +1,319 @@
+"""Wavelength refinement of one science exposure from its own night-sky lines.
+
+The arcs fix each fiber's wavelength solution once per night; the spectrograph then flexes
+between the arcs and a science exposure, moving every line by up to a pixel or so. The
+night sky carries its own reference: OH bands in red and farred, [O I] 5577/6300/6364,
+Na D and the city's Hg lines. For each listed sky line that no comparable neighbour blends,
+the sky fibers' extracted spectra are stacked around the column the arc solution predicts
+(each fiber at its own sub-pixel phase), and one Gaussian fitted to the stack gives the
+line's offset. The offsets of all lines give a shift (and, with enough lines spread over
+the detector, a linear stretch) in columns with an uncertainty; the fibers' wavelengths are
+then re-evaluated at the shifted columns. Where too few lines are seen, a cross-correlation
+of the stacked sky with a template of all listed lines in the channel is tried; when that
+fails too, nothing is corrected (method ``none``): never worse than the arcs alone.
+
+All functions take and return arrays; columns and shifts are in pixels of the stitched
+channel frame, wavelengths in air Angstrom.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import curve_fit
+
+from . import instrument
+
+log = logging.getLogger(__name__)
+
+#: Half width (px) of the window stacked around each line.
+HALF_WINDOW = 9
+#: Columns on each side of a line (beyond +-CORE px) that set its local continuum.
+CORE = 5.5
+#: A line is used when no other listed line of at least this fraction of its strength lies
+#: within BLEND_FWHM line-spread widths of it.
+BLEND_FRACTION = 0.15
+BLEND_FWHM = 2.2
+#: Smallest signal-to-noise of a line's stacked amplitude for it to count.
+MIN_LINE_SNR = 8.0
+#: Largest shift (px) searched for and accepted.
+MAX_SHIFT = 2.5
+#: Fewest lines, and smallest spread of their columns (fraction of the detector), for a stretch.
+MIN_LINES_STRETCH = 5
+MIN_SPREAD_STRETCH = 0.4
+#: Largest 1-sigma error (px) of an accepted shift.
+MAX_ERROR = 0.15
+#: Fraction of the live fibers, the faintest, used as sky fibers.
+SKY_FIBER_FRACTION = 0.7
+
+
+@dataclass(frozen=True)
+class SkyShift:
+    """The sky's offset from the arc solution in one exposure and channel.
+
+    Attributes
+    ----------
+    shift : float
+        Offset (px) of the sky lines from the columns the arcs predict, at the detector's
+        centre column; positive when the lines sit at larger columns.
+    stretch : float
+        Additional offset (px) at the last column (minus the same at the first), linear.
+    error : float
+        1-sigma uncertainty of ``shift`` (px).
+    nlines : int
+        Sky lines used (0 for ``xcorr`` and ``none``).
+    method : str
+        ``lines``, ``xcorr`` or ``none`` (not measured: no correction).
+    line_waves, line_cols, line_shifts, line_errors : ndarray
+        Per-line wavelength (A), mean predicted column, measured offset and error (px).
+    """
+
+    shift: float = 0.0
+    stretch: float = 0.0
+    error: float = 0.0
+    nlines: int = 0
+    method: str = "none"
+    line_waves: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    line_cols: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    line_shifts: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    line_errors: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def offsets(self, ncol: int) -> np.ndarray:
+        """Column offset (px) of the sky from the arc solution at every column."""
+        return self.shift + self.stretch * _norm_col(ncol)
+
+
+def _norm_col(ncol: int) -> np.ndarray:
+    c = np.arange(ncol, dtype=float)
+    return (c - (ncol - 1) / 2) / ((ncol - 1) / 2)
+
+
+def usable_lines(wave: np.ndarray, lsf_fwhm: float = instrument.LSF_FWHM_PIX
+                 ) -> list[tuple[float, float]]:
+    """Listed sky lines (wavelength A, strength) inside the solution ``wave`` (280, ncol)
+    with no listed neighbour of comparable strength within :data:`BLEND_FWHM` widths."""
+    ref = np.nanmedian(wave, axis=0)
+    disp = float(np.median(np.abs(np.diff(ref))))
+    lo, hi = np.nanmin(ref) + HALF_WINDOW * disp, np.nanmax(ref) - HALF_WINDOW * disp
+    lines = instrument.sky_lines()
+    w = np.array([ln.wavelength for ln in lines])
+    s = np.array([ln.strength for ln in lines])
+    out = []
+    for wi, si in zip(w, s):
+        if not lo < wi < hi:
+            continue
+        near = (np.abs(w - wi) < BLEND_FWHM * lsf_fwhm * disp) & (w != wi)
+        if np.any(s[near] >= BLEND_FRACTION * si):
+            continue
+        out.append((float(wi), float(si)))
+    return out
+
+
+def sky_fibers(flux: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """The faintest :data:`SKY_FIBER_FRACTION` of the usable fibers (by median flux): a
+    source's fibers stay out of the stack."""
+    level = np.where(usable, np.nanmedian(flux, axis=1), np.inf)
+    n = max(int(SKY_FIBER_FRACTION * usable.sum()), 1)
+    keep = np.zeros(flux.shape[0], bool)
+    keep[np.argsort(level)[:n]] = True
+    return keep & usable
+
+
+def _gauss(x, amp, mu, sig, base):
+    return amp * np.exp(-0.5 * ((x - mu) / sig) ** 2) + base
+
+
+def _stack(flux, variance, wave, fibers, wavelength):
+    """Offsets from the predicted column and continuum-subtracted, per-fiber normalised
+    values of every sky fiber around one line; ``None`` when the line is off the detector."""
+    ncol = flux.shape[1]
+    cols = np.arange(ncol, dtype=float)
+    xs, ys, ws, pred = [], [], [], []
+    for k in np.nonzero(fibers)[0]:
+        wk = wave[k]
+        if not (wk[0] < wavelength < wk[-1]):
+            continue
+        p = float(np.interp(wavelength, wk, cols))
+        c = np.arange(int(round(p)) - HALF_WINDOW, int(round(p)) + HALF_WINDOW + 1)
+        if c[0] < 0 or c[-1] >= ncol:
+            continue
+        f, v = flux[k, c], variance[k, c]
+        if not (np.all(np.isfinite(f)) and np.all(v > 0)):
+            continue
+        x = c - p
+        side = np.abs(x) > CORE
+        a, b = np.polyfit(x[side], f[side], 1)
+        line = f - (a * x + b)
+        norm = line[np.abs(x) <= CORE].sum()
+        if norm <= 0:
+            continue
+        xs.append(x)
+        ys.append(line / norm)
+        ws.append(norm**2 / v)
+        pred.append(p)
+    if len(xs) < 3:
+        return None
+    return (np.concatenate(xs), np.concatenate(ys), np.concatenate(ws), float(np.mean(pred)))
+
+
+def _fit_line(x, y, w, lsf_fwhm):
+    """Gaussian fit to a stack: (offset, error, signal-to-noise) or ``None``."""
+    sig0 = lsf_fwhm / 2.3548
+    # start from the centroid of the core (robust to a shift of up to MAX_SHIFT)
+    core = np.abs(x) <= CORE
+    mu0 = float(np.clip(np.sum(x[core] * y[core]) / max(np.sum(y[core]), 1e-12), -2, 2))
+    try:
+        p, cov = curve_fit(_gauss, x, y, p0=(1 / (np.sqrt(2 * np.pi) * sig0), mu0, sig0, 0.0),
+                           sigma=1 / np.sqrt(w), absolute_sigma=False, maxfev=2000)
+    except (RuntimeError, ValueError):
+        return None
+    err = np.sqrt(np.diag(cov))
+    if not np.all(np.isfinite(err)):
+        return None
+    amp, mu, sig, _ = p
+    if not (0.5 * sig0 < abs(sig) < 2.0 * sig0) or abs(mu) > MAX_SHIFT or amp <= 0:
+        return None
+    return float(mu), float(err[1]), float(amp / err[0])
+
+
+def _combine(cols, shifts, errors, ncol):
+    """Weighted shift (and stretch, where the lines allow) with 3-sigma clipping:
+    (shift, stretch, error, kept)."""
+    x = (np.asarray(cols) - (ncol - 1) / 2) / ((ncol - 1) / 2)
+    s, e = np.asarray(shifts), np.asarray(errors)
+    keep = np.ones(s.size, bool)
+    for _ in range(3):
+        n = int(keep.sum())
+        spread = np.ptp(x[keep]) / 2 if n > 1 else 0.0
+        linear = n >= MIN_LINES_STRETCH and spread >= MIN_SPREAD_STRETCH
+        design = np.column_stack([np.ones(n), x[keep]]) if linear else np.ones((n, 1))
+        wt = 1 / e[keep]
+        coef, *_ = np.linalg.lstsq(design * wt[:, None], s[keep] * wt, rcond=None)
+        model = coef[0] + (coef[1] * x if linear else 0.0)
+        resid = (s - model) / e
+        dof = max(n - design.shape[1], 1)
+        chi2 = float(np.sum(resid[keep] ** 2)) / dof
+        scale = max(chi2, 1.0)
+        new = np.abs(resid) < 3 * np.sqrt(scale) + 0.0
+        if n <= 2 or np.array_equal(new, keep) or new.sum() < max(2, n // 2):
+            break
+        keep = new
+    cov = np.linalg.inv((design * wt[:, None]).T @ (design * wt[:, None])) * scale
+    return float(coef[0]), float(coef[1]) if linear else 0.0, float(np.sqrt(cov[0, 0])), keep
+
+
+def measure_sky_shift(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
+                      usable: np.ndarray, lsf_fwhm: float = instrument.LSF_FWHM_PIX
+                      ) -> SkyShift:
+    """Offset of an exposure's sky lines from the arc solution.
+
+    Parameters
+    ----------
+    flux, variance : ndarray (280, ncol)
+        Extracted spectra (electrons per column) and their variance of the exposure.
+    wave : ndarray (280, ncol)
+        The arc solution (air Angstrom at each fiber's pixel centres).
+    usable : ndarray of bool (280,)
+        Live fibers that may serve as sky.
+    lsf_fwhm : float
+        Line-spread FWHM (px).
+
+    Returns
+    -------
+    SkyShift
+        Method ``lines`` when at least one line is measured well, else ``xcorr`` when the
+        template cross-correlation finds a clear peak, else ``none`` (zero shift).
+    """
+    ncol = flux.shape[1]
+    fibers = sky_fibers(flux, usable)
+    found = []
+    for wl, _ in usable_lines(wave, lsf_fwhm):
+        st = _stack(flux, variance, wave, fibers, wl)
+        if st is None:
+            continue
+        x, y, w, pc = st
+        fit = _fit_line(x, y, w, lsf_fwhm)
+        if fit is None or fit[2] < MIN_LINE_SNR:
+            continue
+        found.append((wl, pc, fit[0], fit[1]))
+    if found:
+        wl, pc, sh, er = (np.array(v) for v in zip(*found))
+        er = np.maximum(er, 1e-3)
+        shift, stretch, error, keep = _combine(pc, sh, er, ncol)
+        if error <= MAX_ERROR and abs(shift) <= MAX_SHIFT:
+            return SkyShift(shift, stretch, error, int(keep.sum()), "lines", wl, pc, sh, er)
+        log.info("sky lines give shift %.3f +- %.3f px: not trusted", shift, error)
+    xc = xcorr_shift(flux, wave, fibers, lsf_fwhm)
+    if xc is not None:
+        return SkyShift(xc[0], 0.0, xc[1], 0, "xcorr")
+    return SkyShift()
+
+
+def _mean_sky(flux, wave, fibers):
+    """The sky fibers' spectra, each normalised by its median, averaged on the median
+    fiber's wavelengths (arc solution), with a 51-px running median taken out."""
+    from scipy.ndimage import median_filter
+
+    ref = np.nanmedian(wave[fibers], axis=0)
+    stack = []
+    for k in np.nonzero(fibers)[0]:
+        f = flux[k] / max(float(np.nanmedian(flux[k])), 1e-12)
+        stack.append(np.interp(ref, wave[k], f))
+    mean = np.nanmean(np.array(stack), axis=0)
+    return ref, mean - median_filter(mean, 51, mode="nearest")
+
+
+def xcorr_shift(flux: np.ndarray, wave: np.ndarray, fibers: np.ndarray,
+                lsf_fwhm: float = instrument.LSF_FWHM_PIX) -> tuple[float, float] | None:
+    """Shift (px) and its error from the cross-correlation of the stacked sky (continuum
+    removed) with a template of all listed sky lines at their rough strengths; ``None``
+    without a clear peak (no listed line in the channel, or the sky is too faint)."""
+    if fibers.sum() < 3:
+        return None
+    ref, sky = _mean_sky(flux, wave, fibers)
+    cols = np.arange(ref.size, dtype=float)
+    sig = lsf_fwhm / 2.3548
+    lines = [ln for ln in instrument.sky_lines() if ref[0] < ln.wavelength < ref[-1]]
+    if not lines:
+        return None
+    pos = np.interp([ln.wavelength for ln in lines], ref, cols)
+    amp = np.array([ln.strength for ln in lines])
+    lags = np.arange(-MAX_SHIFT, MAX_SHIFT + 1e-9, 0.1)
+    inner = slice(30, ref.size - 30)
+    noise = 1.4826 * np.median(np.abs(sky[inner] - np.median(sky[inner])))
+    corr = np.empty(lags.size)
+    for i, lag in enumerate(lags):
+        t = (amp[None, :] * np.exp(-0.5 * ((cols[:, None] - pos[None, :] - lag) / sig) ** 2)
+             ).sum(axis=1)
+        t -= t[inner].mean()
+        corr[i] = np.dot(sky[inner], t[inner]) / max(np.linalg.norm(t[inner]), 1e-12)
+    j = int(np.argmax(corr))
+    if j in (0, lags.size - 1) or corr[j] < 10 * noise:
+        return None
+    a, b, c = corr[j - 1], corr[j], corr[j + 1]
+    den = a - 2 * b + c
+    frac = 0.5 * (a - c) / den if den < 0 else 0.0
+    shift = float(lags[j] + 0.1 * frac)
+    # curvature of the correlation against its noise: the width of the peak over its S/N
+    error = float(sig / max(corr[j] / noise, 1.0))
+    return shift, error
+
+
+def apply_shift(wave: np.ndarray, result: SkyShift) -> np.ndarray:
+    """Every fiber's wavelengths after the sky's offset: the arc solution evaluated at
+    ``column - offset`` (linear extrapolation beyond the detector's ends)."""
+    if result.method == "none":
+        return wave
+    ncol = wave.shape[1]
+    cols = np.arange(ncol, dtype=float)
+    at = cols - result.offsets(ncol)
+    out = np.empty_like(wave)
+    for k in range(wave.shape[0]):
+        wk = wave[k]
+        out[k] = np.interp(at, cols, wk)
+        lo, hi = at < 0, at > ncol - 1
+        out[k, lo] = wk[0] + (at[lo]) * (wk[1] - wk[0])
+        out[k, hi] = wk[-1] + (at[hi] - (ncol - 1)) * (wk[-1] - wk[-2])
+    return out
