@@ -36,6 +36,9 @@ CORE = 5.5
 #: within BLEND_FWHM line-spread widths of it.
 BLEND_FRACTION = 0.15
 BLEND_FWHM = 2.2
+#: Columns within this many line-spread widths of a weaker or farther listed neighbour are
+#: left out of a line's stack.
+NEIGHBOUR_FWHM = 1.5
 #: Smallest signal-to-noise of a line's stacked amplitude for it to count.
 MIN_LINE_SNR = 8.0
 #: Largest shift (px) searched for and accepted.
@@ -91,9 +94,11 @@ def _norm_col(ncol: int) -> np.ndarray:
 
 
 def usable_lines(wave: np.ndarray, lsf_fwhm: float = instrument.LSF_FWHM_PIX
-                 ) -> list[tuple[float, float]]:
-    """Listed sky lines (wavelength A, strength) inside the solution ``wave`` (280, ncol)
-    with no listed neighbour of comparable strength within :data:`BLEND_FWHM` widths."""
+                 ) -> list[tuple[float, np.ndarray]]:
+    """Listed sky lines inside the solution ``wave`` (280, ncol) with no listed neighbour of
+    comparable strength within :data:`BLEND_FWHM` widths: (wavelength A, wavelengths of the
+    other listed lines near enough to reach the stacking window, whose columns are masked).
+    """
     ref = np.nanmedian(wave, axis=0)
     disp = float(np.median(np.abs(np.diff(ref))))
     lo, hi = np.nanmin(ref) + HALF_WINDOW * disp, np.nanmax(ref) - HALF_WINDOW * disp
@@ -107,7 +112,8 @@ def usable_lines(wave: np.ndarray, lsf_fwhm: float = instrument.LSF_FWHM_PIX
         near = (np.abs(w - wi) < BLEND_FWHM * lsf_fwhm * disp) & (w != wi)
         if np.any(s[near] >= BLEND_FRACTION * si):
             continue
-        out.append((float(wi), float(si)))
+        reach = (np.abs(w - wi) < (HALF_WINDOW + NEIGHBOUR_FWHM * lsf_fwhm) * disp) & (w != wi)
+        out.append((float(wi), w[reach]))
     return out
 
 
@@ -125,7 +131,7 @@ def _gauss(x, amp, mu, sig, base):
     return amp * np.exp(-0.5 * ((x - mu) / sig) ** 2) + base
 
 
-def _stack(flux, variance, wave, fibers, wavelength):
+def _stack(flux, variance, wave, fibers, wavelength, neighbours=(), lsf_fwhm=4.3):
     """Offsets from the predicted column and continuum-subtracted, per-fiber normalised
     values of every sky fiber around one line; ``None`` when the line is off the detector."""
     ncol = flux.shape[1]
@@ -143,15 +149,21 @@ def _stack(flux, variance, wave, fibers, wavelength):
         if not (np.all(np.isfinite(f)) and np.all(v > 0)):
             continue
         x = c - p
-        side = np.abs(x) > CORE
-        a, b = np.polyfit(x[side], f[side], 1)
-        line = f - (a * x + b)
+        free = np.ones(x.size, bool)
+        for wn in neighbours:
+            free &= np.abs(c - np.interp(wn, wk, cols)) > NEIGHBOUR_FWHM * lsf_fwhm
+        side = (np.abs(x) > CORE) & free
+        if side.sum() < 2:
+            continue
+        both = (x[side] > 0).any() and (x[side] < 0).any()
+        coef = np.polyfit(x[side], f[side], 1 if both else 0)
+        line = f - np.polyval(coef, x)
         norm = line[np.abs(x) <= CORE].sum()
         if norm <= 0:
             continue
-        xs.append(x)
-        ys.append(line / norm)
-        ws.append(norm**2 / v)
+        xs.append(x[free])
+        ys.append(line[free] / norm)
+        ws.append(norm**2 / v[free])
         pred.append(p)
     if len(xs) < 3:
         return None
@@ -229,8 +241,8 @@ def measure_sky_shift(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
     ncol = flux.shape[1]
     fibers = sky_fibers(flux, usable)
     found = []
-    for wl, _ in usable_lines(wave, lsf_fwhm):
-        st = _stack(flux, variance, wave, fibers, wl)
+    for wl, near in usable_lines(wave, lsf_fwhm):
+        st = _stack(flux, variance, wave, fibers, wl, near, lsf_fwhm)
         if st is None:
             continue
         x, y, w, pc = st
