@@ -108,9 +108,11 @@ EDGE_WEIGHT = 2.0
 MIN_SPAN = 0.5
 WARN_GAP = 0.4
 
-#: Degrees across fibers tried by the cross-validation, and the largest wavelength degree.
-CV_DEG_Y = (2, 4, 6)
+#: Largest wavelength degree the cross-validation may choose. (The degree across fibers is
+#: not cross-validated: the held-out score averages a line over the fibers and cannot see it.)
 CV_MAX_DEG_X = 9
+#: Relative excess of the held-out RMS over the best model's that a simpler model may have.
+CV_TOLERANCE = 0.05
 
 #: Numeric codes of the lamps in :meth:`WavelengthSolution.line_table`.
 LAMP_CODES = {"hg": 0, "cd": 1, "fear": 2}
@@ -753,14 +755,16 @@ def _worst_line(resid: np.ndarray, err: np.ndarray, used: np.ndarray, x: np.ndar
 
 
 def _choose_model(col: np.ndarray, err: np.ndarray, used: np.ndarray, x: np.ndarray,
-                  y: np.ndarray, max_deg_x: int, clip: float) -> dict:
+                  y: np.ndarray, max_deg_x: int, clip: float,
+                  deg_ys: Sequence[int] = (4,)) -> dict:
     """Degrees (in wavelength, across fibers) chosen by leave-one-line-out cross-validation.
 
     For every candidate ``(deg_x, deg_y)`` with ``deg_x`` in 1..``max_deg_x`` and ``deg_y`` in
-    :data:`CV_DEG_Y`, each used line is held out in turn, the model fitted to the others
+    ``deg_ys``, each used line is held out in turn, the model fitted to the others
     (with the per-fiber zero-points) and the held-out line's mean residual over its fibers
     recorded. The score is the RMS of these residuals (px); the chosen model is the simplest
-    (fewest terms) whose score is within one standard error of the best.
+    (fewest terms) whose score is within :data:`CV_TOLERANCE` of the best (a standard-error
+    rule let a single discrepant line excuse far too simple a model).
 
     Returns
     -------
@@ -771,10 +775,11 @@ def _choose_model(col: np.ndarray, err: np.ndarray, used: np.ndarray, x: np.ndar
     lines = np.nonzero(used.any(axis=0))[0]
     max_deg_x = int(min(max_deg_x, lines.size - 3))
     if max_deg_x < 1 or lines.size < 5:
-        return {"deg_x": max(max_deg_x, 1), "deg_y": 4, "method": "cap", "cv_rms": np.nan,
+        return {"deg_x": max(max_deg_x, 1), "deg_y": deg_ys[0], "method": "cap",
+                "cv_rms": np.nan,
                 "scores": {}}
-    scores, spread = {}, {}
-    for dy in CV_DEG_Y:
+    scores = {}
+    for dy in deg_ys:
         for dx in range(1, max_deg_x + 1):
             r = []
             for line in lines:
@@ -785,11 +790,9 @@ def _choose_model(col: np.ndarray, err: np.ndarray, used: np.ndarray, x: np.ndar
                 fib = used[:, line] & np.isfinite(pred)
                 w = 1 / (err[fib, line] ** 2 + CENTROID_FLOOR**2)
                 r.append(float(np.sum(w * (col[fib, line] - pred[fib])) / np.sum(w)))
-            r2 = np.square(r)
-            scores[(dx, dy)] = float(np.sqrt(r2.mean()))
-            spread[(dx, dy)] = float(r2.std() / np.sqrt(r2.size) / (2 * scores[(dx, dy)]))
+            scores[(dx, dy)] = float(np.sqrt(np.mean(np.square(r))))
     best = min(scores, key=scores.get)
-    ok = [k for k in scores if scores[k] <= scores[best] + spread[best]]
+    ok = [k for k in scores if scores[k] <= (1 + CV_TOLERANCE) * scores[best]]
     dx, dy = min(ok, key=lambda k: (k[0] * (k[1] + 1), k[0], k[1]))
     log.debug("wavelength model by cross-validation: degree %d x %d (held-out RMS %.4f px; "
               "best %s %.4f px)", dx, dy, scores[(dx, dy)], best, scores[best])
@@ -850,8 +853,7 @@ def solve_wavelength(
         cross-validated up to the larger of this and :data:`CV_MAX_DEG_X`, under the same gap
         rule.
     deg_y : int
-        Legendre degree across fibers of each wavelength term (with ``choose``: one of
-        :data:`CV_DEG_Y`, cross-validated).
+        Legendre degree across fibers of each wavelength term.
     clip : float
         Rejection threshold of single centroids, in units of the normalised residual scale.
     min_lines : int
@@ -944,7 +946,7 @@ def solve_wavelength(
         status[worst] = "rejected"
     if choose:
         cap = _degree(max(deg_x, CV_MAX_DEG_X), guess[used.any(axis=0)], ncol)
-        choice = _choose_model(fits.mu, fits.mu_err, used, x, y, cap, clip)
+        choice = _choose_model(fits.mu, fits.mu_err, used, x, y, cap, clip, (deg_y,))
         deg, deg_y = choice["deg_x"], choice["deg_y"]
         coeffs, offset, used, res = _fit_2d(fits.mu, fits.mu_err, valid, x, y, deg, deg_y,
                                             clip)
@@ -1071,8 +1073,9 @@ def _measure(spectra: np.ndarray, variance: np.ndarray, saturated: np.ndarray,
 
 def _blend_flags(fits: _Fits, core: _Fits, candidate: np.ndarray, column: np.ndarray
                  ) -> np.ndarray:
-    """Lines whose profile shows a blend: core and full-window centroids disagree, or the
-    line is wider than the trend of the other lines.
+    """Lines whose profile shows a blend: core and full-window centroids disagree (more than
+    they do for the typical line: an asymmetric line spread moves them apart in every line),
+    or the line is wider than the trend of the other lines.
 
     Parameters
     ----------
@@ -1090,6 +1093,9 @@ def _blend_flags(fits: _Fits, core: _Fits, candidate: np.ndarray, column: np.nda
     both = fits.ok & core.ok
     shift = np.where(both, fits.mu - core.mu, np.nan)
     diff = _nanmedian(shift, axis=0)
+    typical = diff[candidate & np.isfinite(diff)]
+    if typical.size >= 3:
+        diff = diff - float(np.median(typical))
     stderr = _robust_std(shift, axis=0) / np.sqrt(np.maximum(both.sum(axis=0), 1))
     shifted = candidate & (np.abs(diff) > np.maximum(4 * stderr, BLEND_SHIFT))
     width = _nanmedian(fits.sigma, axis=0)
