@@ -76,7 +76,7 @@ def test_flexure_taken_out(optics, name, shift, stretch):
 
 def test_no_lines_never_worse(optics):
     o = optics("orange")
-    flux, var, flexed = _observe(o, 0.5, 0.0, lines=False)
+    flux, var, _ = _observe(o, 0.5, 0.0, lines=False)
     result = measure_sky_shift(flux, var, o.wave, ~o.dead)
     assert result.method == "none"
     assert result.shift == 0.0 and result.nlines == 0

@@ -22,6 +22,7 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.ndimage import median_filter
 from scipy.optimize import curve_fit
 
 from . import instrument
@@ -266,8 +267,6 @@ def measure_sky_shift(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
 def _mean_sky(flux, wave, fibers):
     """The sky fibers' spectra, each normalised by its median, averaged on the median
     fiber's wavelengths (arc solution), with a 51-px running median taken out."""
-    from scipy.ndimage import median_filter
-
     ref = np.nanmedian(wave[fibers], axis=0)
     stack = []
     for k in np.nonzero(fibers)[0]:
