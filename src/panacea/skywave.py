@@ -132,43 +132,57 @@ def _gauss(x, amp, mu, sig, base):
     return amp * np.exp(-0.5 * ((x - mu) / sig) ** 2) + base
 
 
+def _columns_of(wave: np.ndarray, wavelength: float) -> np.ndarray:
+    """Column (px) of ``wavelength`` in every fiber's solution (NaN outside it)."""
+    ncol = wave.shape[1]
+    i = np.clip((wave < wavelength).sum(axis=1), 1, ncol - 1)
+    rows = np.arange(wave.shape[0])
+    w0, w1 = wave[rows, i - 1], wave[rows, i]
+    col = i - 1 + (wavelength - w0) / (w1 - w0)
+    inside = (wave[:, 0] < wavelength) & (wave[:, -1] > wavelength)
+    return np.where(inside, col, np.nan)
+
+
 def _stack(flux, variance, wave, fibers, wavelength, neighbours=(), lsf_fwhm=4.3):
     """Offsets from the predicted column and continuum-subtracted, per-fiber normalised
-    values of every sky fiber around one line; ``None`` when the line is off the detector."""
+    values of every sky fiber around one line; ``None`` when too few fibers see it."""
     ncol = flux.shape[1]
-    cols = np.arange(ncol, dtype=float)
-    xs, ys, ws, pred = [], [], [], []
-    for k in np.nonzero(fibers)[0]:
-        wk = wave[k]
-        if not (wk[0] < wavelength < wk[-1]):
-            continue
-        p = float(np.interp(wavelength, wk, cols))
-        c = np.arange(int(round(p)) - HALF_WINDOW, int(round(p)) + HALF_WINDOW + 1)
-        if c[0] < 0 or c[-1] >= ncol:
-            continue
-        f, v = flux[k, c], variance[k, c]
-        if not (np.all(np.isfinite(f)) and np.all(v > 0)):
-            continue
-        x = c - p
-        free = np.ones(x.size, bool)
-        for wn in neighbours:
-            free &= np.abs(c - np.interp(wn, wk, cols)) > NEIGHBOUR_FWHM * lsf_fwhm
-        side = (np.abs(x) > CORE) & free
-        if side.sum() < 2:
-            continue
-        both = (x[side] > 0).any() and (x[side] < 0).any()
-        coef = np.polyfit(x[side], f[side], 1 if both else 0)
-        line = f - np.polyval(coef, x)
-        norm = line[np.abs(x) <= CORE].sum()
-        if norm <= 0:
-            continue
-        xs.append(x[free])
-        ys.append(line[free] / norm)
-        ws.append(norm**2 / v[free])
-        pred.append(p)
-    if len(xs) < 3:
+    k = np.nonzero(fibers)[0]
+    p = _columns_of(wave[k], wavelength)
+    start = np.round(np.nan_to_num(p, nan=-1e6)).astype(int) - HALF_WINDOW
+    ok = np.isfinite(p) & (start >= 0) & (start + 2 * HALF_WINDOW < ncol)
+    k, p, start = k[ok], p[ok], start[ok]
+    if k.size < 3:
         return None
-    return (np.concatenate(xs), np.concatenate(ys), np.concatenate(ws), float(np.mean(pred)))
+    c = start[:, None] + np.arange(2 * HALF_WINDOW + 1)[None, :]
+    f, v = flux[k[:, None], c], variance[k[:, None], c]
+    x = c - p[:, None]
+    free = np.isfinite(f) & (v > 0)
+    for wn in neighbours:
+        pn = _columns_of(wave[k], wn)
+        free &= ~(np.abs(c - pn[:, None]) <= NEIGHBOUR_FWHM * lsf_fwhm)
+    side = (np.abs(x) > CORE) & free
+    # straight line through the side columns of each fiber (a constant where one side is
+    # masked), by the normal equations
+    both = (side & (x > 0)).any(axis=1) & (side & (x < 0)).any(axis=1)
+    n = side.sum(axis=1)
+    sx, sxx = (side * x).sum(axis=1), (side * x * x).sum(axis=1)
+    fz = np.where(side, f, 0.0)
+    sf, sxf = fz.sum(axis=1), (fz * x).sum(axis=1)
+    det = n * sxx - sx**2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = np.where(both & (det > 0), (n * sxf - sx * sf) / det, 0.0)
+        icpt = np.where(both & (det > 0), (sf - slope * sx) / n, sf / n)
+    line = f - (icpt[:, None] + slope[:, None] * x)
+    core = (np.abs(x) <= CORE) & free
+    norm = np.where(core, line, 0.0).sum(axis=1)
+    good = (n >= 2) & (norm > 0) & ~((np.abs(x) <= CORE) & ~free).any(axis=1)
+    if good.sum() < 3:
+        return None
+    sel = free & good[:, None]
+    y = line / np.where(good, norm, 1.0)[:, None]
+    w = (norm**2)[:, None] / np.where(sel, v, 1.0)
+    return x[sel], y[sel], w[sel], float(np.mean(p[good]))
 
 
 def _fit_line(x, y, w, lsf_fwhm):
