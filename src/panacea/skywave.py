@@ -47,6 +47,11 @@ MAX_SHIFT = 2.5
 #: Fewest lines, and smallest spread of their columns (fraction of the detector), for a stretch.
 MIN_LINES_STRETCH = 5
 MIN_SPREAD_STRETCH = 0.4
+#: Fewest lines and smallest spread for a curved (up to MAX_DEGREE) offset: with dozens of
+#: lines (red, farred) the sky also takes out the arc solution's low-order errors.
+MIN_LINES_CURVE = 12
+MIN_SPREAD_CURVE = 0.6
+MAX_DEGREE = 3
 #: Largest 1-sigma error (px) of an accepted shift.
 MAX_ERROR = 0.15
 #: Fraction of the live fibers, the faintest, used as sky fibers.
@@ -63,7 +68,7 @@ class SkyShift:
         Offset (px) of the sky lines from the columns the arcs predict, at the detector's
         centre column; positive when the lines sit at larger columns.
     stretch : float
-        Additional offset (px) at the last column (minus the same at the first), linear.
+        Half the offset (px) at the last column minus that at the first.
     error : float
         1-sigma uncertainty of ``shift`` (px).
     nlines : int
@@ -83,9 +88,14 @@ class SkyShift:
     line_cols: np.ndarray = field(default_factory=lambda: np.zeros(0))
     line_shifts: np.ndarray = field(default_factory=lambda: np.zeros(0))
     line_errors: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: Legendre coefficients (px) of the offset over the columns (x = -1..1); empty: the
+    #: linear ``shift + stretch * x``
+    coeffs: tuple = ()
 
     def offsets(self, ncol: int) -> np.ndarray:
         """Column offset (px) of the sky from the arc solution at every column."""
+        if self.coeffs:
+            return np.polynomial.legendre.legval(_norm_col(ncol), self.coeffs)
         return self.shift + self.stretch * _norm_col(ncol)
 
 
@@ -205,30 +215,54 @@ def _fit_line(x, y, w, lsf_fwhm):
     return float(mu), float(err[1]), float(amp / err[0])
 
 
+def _wls(x, s, e, deg):
+    """Weighted Legendre fit: coefficients, covariance (unscaled), leverages."""
+    v = np.polynomial.legendre.legvander(x, deg) / e[:, None]
+    cov = np.linalg.pinv(v.T @ v)
+    coef = cov @ (v.T @ (s / e))
+    h = np.einsum("li,ij,lj->l", v, cov, v)
+    return coef, cov, h
+
+
+def _max_degree(x):
+    """Largest Legendre degree of the offsets that the lines at ``x`` support."""
+    n = x.size
+    spread = np.ptp(x) / 2 if n > 1 else 0.0
+    if n < MIN_LINES_STRETCH or spread < MIN_SPREAD_STRETCH:
+        return 0
+    if n < MIN_LINES_CURVE or spread < MIN_SPREAD_CURVE:
+        return 1
+    return MAX_DEGREE
+
+
 def _combine(cols, shifts, errors, ncol):
-    """Weighted shift (and stretch, where the lines allow) with 3-sigma clipping:
-    (shift, stretch, error, kept)."""
+    """Weighted Legendre fit of the lines' offsets over the detector with 3-sigma clipping;
+    the degree (up to what the lines support, :func:`_max_degree`) is the simplest whose
+    leave-one-out RMS is within 5 % of the best. Returns (coefficients, error of the
+    offset at the centre column, kept)."""
     x = (np.asarray(cols) - (ncol - 1) / 2) / ((ncol - 1) / 2)
-    s, e = np.asarray(shifts), np.asarray(errors)
+    s, e = np.asarray(shifts, float), np.asarray(errors, float)
     keep = np.ones(s.size, bool)
     for _ in range(3):
+        top = _max_degree(x[keep])
+        loo = {}
+        for deg in range(top + 1):
+            coef, _, h = _wls(x[keep], s[keep], e[keep], deg)
+            r = (s[keep] - np.polynomial.legendre.legval(x[keep], coef)) / e[keep]
+            loo[deg] = float(np.sqrt(np.mean((r / np.clip(1 - h, 1e-3, None)) ** 2)))
+        best = min(loo.values())
+        deg = min(d for d in loo if loo[d] <= 1.05 * best) if top > 1 else top
+        coef, cov, _ = _wls(x[keep], s[keep], e[keep], deg)
+        resid = (s - np.polynomial.legendre.legval(x, coef)) / e
         n = int(keep.sum())
-        spread = np.ptp(x[keep]) / 2 if n > 1 else 0.0
-        linear = n >= MIN_LINES_STRETCH and spread >= MIN_SPREAD_STRETCH
-        design = np.column_stack([np.ones(n), x[keep]]) if linear else np.ones((n, 1))
-        wt = 1 / e[keep]
-        coef, *_ = np.linalg.lstsq(design * wt[:, None], s[keep] * wt, rcond=None)
-        model = coef[0] + (coef[1] * x if linear else 0.0)
-        resid = (s - model) / e
-        dof = max(n - design.shape[1], 1)
-        chi2 = float(np.sum(resid[keep] ** 2)) / dof
+        chi2 = float(np.sum(resid[keep] ** 2)) / max(n - deg - 1, 1)
         scale = max(chi2, 1.0)
-        new = np.abs(resid) < 3 * np.sqrt(scale) + 0.0
+        new = np.abs(resid) < 3 * np.sqrt(scale)
         if n <= 2 or np.array_equal(new, keep) or new.sum() < max(2, n // 2):
             break
         keep = new
-    cov = np.linalg.inv((design * wt[:, None]).T @ (design * wt[:, None])) * scale
-    return float(coef[0]), float(coef[1]) if linear else 0.0, float(np.sqrt(cov[0, 0])), keep
+    v0 = np.polynomial.legendre.legvander(np.zeros(1), deg)[0]
+    return coef, float(np.sqrt(v0 @ cov @ v0 * scale)), keep
 
 
 def measure_sky_shift(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
@@ -268,9 +302,13 @@ def measure_sky_shift(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
     if found:
         wl, pc, sh, er = (np.array(v) for v in zip(*found))
         er = np.maximum(er, 1e-3)
-        shift, stretch, error, keep = _combine(pc, sh, er, ncol)
+        coef, error, keep = _combine(pc, sh, er, ncol)
+        leg = np.polynomial.legendre
+        shift = float(leg.legval(0.0, coef))
+        stretch = float(leg.legval(1.0, coef) - leg.legval(-1.0, coef)) / 2
         if error <= MAX_ERROR and abs(shift) <= MAX_SHIFT:
-            return SkyShift(shift, stretch, error, int(keep.sum()), "lines", wl, pc, sh, er)
+            return SkyShift(shift, stretch, error, int(keep.sum()), "lines", wl, pc, sh, er,
+                            tuple(float(c) for c in coef))
         log.info("sky lines give shift %.3f +- %.3f px: not trusted", shift, error)
     xc = xcorr_shift(flux, wave, fibers, lsf_fwhm)
     if xc is not None:
