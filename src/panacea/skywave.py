@@ -7,8 +7,8 @@ Na D and the city's Hg lines. For each listed sky line that no comparable neighb
 the sky fibers' extracted spectra are stacked around the column the arc solution predicts
 (each fiber at its own sub-pixel phase), and one Gaussian fitted to the stack gives the
 line's offset. The offsets of all lines give a shift (and, with enough lines spread over
-the detector, a stretch and up to a cubic curve) in columns with an uncertainty; the fibers' wavelengths are
-then re-evaluated at the shifted columns. Where too few lines are seen, a cross-correlation
+the detector, a stretch and up to a cubic curve) in columns with an uncertainty; the
+fibers' wavelengths are then re-evaluated at the shifted columns. Where too few lines are seen, a cross-correlation
 of the stacked sky with a template of all listed lines in the channel is tried; when that
 fails too, nothing is corrected (method ``none``): never worse than the arcs alone.
 
@@ -138,6 +138,17 @@ def sky_fibers(flux: np.ndarray, usable: np.ndarray) -> np.ndarray:
     return keep & usable
 
 
+def _levels(flux: np.ndarray, fibers: np.ndarray) -> np.ndarray:
+    """Relative level of each fiber (median over its columns, over the sky fibers' median;
+    1 where that is not positive): the fibers' throughputs, nearly free of noise."""
+    med = np.nanmedian(flux, axis=1)
+    ref = float(np.nanmedian(med[fibers])) if fibers.any() else 0.0
+    if not ref > 0:
+        return np.ones(flux.shape[0])
+    rel = med / ref
+    return np.where(np.isfinite(rel) & (rel > 0.2), rel, 1.0)
+
+
 def _gauss(x, amp, mu, sig, base):
     return amp * np.exp(-0.5 * ((x - mu) / sig) ** 2) + base
 
@@ -153,9 +164,12 @@ def _columns_of(wave: np.ndarray, wavelength: float) -> np.ndarray:
     return np.where(inside, col, np.nan)
 
 
-def _stack(flux, variance, wave, fibers, wavelength, neighbours=(), lsf_fwhm=4.3):
-    """Offsets from the predicted column and continuum-subtracted, per-fiber normalised
-    values of every sky fiber around one line; ``None`` when too few fibers see it."""
+def _stack(flux, variance, wave, fibers, wavelength, neighbours=(), lsf_fwhm=4.3,
+           level=None):
+    """Offsets from the predicted column and continuum-subtracted values of every sky fiber
+    around one line, each fiber divided by its ``level`` (a throughput proxy from the whole
+    spectrum: a scale from the line's own noisy pixels would weight upward noise near the
+    predicted column and pull the fit towards it); ``None`` when too few fibers see it."""
     ncol = flux.shape[1]
     k = np.nonzero(fibers)[0]
     p = _columns_of(wave[k], wavelength)
@@ -185,13 +199,13 @@ def _stack(flux, variance, wave, fibers, wavelength, neighbours=(), lsf_fwhm=4.3
         icpt = np.where(both & (det > 0), (sf - slope * sx) / n, sf / n)
     line = f - (icpt[:, None] + slope[:, None] * x)
     core = (np.abs(x) <= CORE) & free
-    norm = np.where(core, line, 0.0).sum(axis=1)
-    good = (n >= 2) & (norm > 0) & ~((np.abs(x) <= CORE) & ~free).any(axis=1)
-    if good.sum() < 3:
+    scale = np.ones(k.size) if level is None else level[k]
+    good = (n >= 2) & (scale > 0) & ~((np.abs(x) <= CORE) & ~free).any(axis=1)
+    if good.sum() < 3 or np.sum(np.where(core & good[:, None], line, 0.0)) <= 0:
         return None
     sel = free & good[:, None]
-    y = line / np.where(good, norm, 1.0)[:, None]
-    w = (norm**2)[:, None] / np.where(sel, v, 1.0)
+    y = line / np.where(good, scale, 1.0)[:, None]
+    w = (scale**2)[:, None] / np.where(sel, v, 1.0)
     return x[sel], y[sel], w[sel], float(np.mean(p[good]))
 
 
@@ -289,9 +303,10 @@ def measure_sky_shift(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
     """
     ncol = flux.shape[1]
     fibers = sky_fibers(flux, usable)
+    level = _levels(flux, fibers)
     found = []
     for wl, near in usable_lines(wave, lsf_fwhm):
-        st = _stack(flux, variance, wave, fibers, wl, near, lsf_fwhm)
+        st = _stack(flux, variance, wave, fibers, wl, near, lsf_fwhm, level)
         if st is None:
             continue
         x, y, w, pc = st
