@@ -8,9 +8,10 @@ the sky fibers' extracted spectra are stacked around the column the arc solution
 (each fiber at its own sub-pixel phase), and one Gaussian fitted to the stack gives the
 line's offset. The offsets of all lines give a shift (and, with enough lines spread over
 the detector, a stretch and up to a cubic curve) in columns with an uncertainty; the
-fibers' wavelengths are then re-evaluated at the shifted columns. Where too few lines are seen, a cross-correlation
-of the stacked sky with a template of all listed lines in the channel is tried; when that
-fails too, nothing is corrected (method ``none``): never worse than the arcs alone.
+fibers' wavelengths are then re-evaluated at the shifted columns. Where too few lines are
+seen, a cross-correlation of the stacked sky with a template of all listed lines in the
+channel is tried; when that fails too, nothing is corrected (method ``none``): never worse
+than the arcs alone.
 
 All functions take and return arrays; columns and shifts are in pixels of the stitched
 channel frame, wavelengths in air Angstrom.
