@@ -20,11 +20,12 @@ channel frame, wavelengths in air Angstrom.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.ndimage import median_filter
-from scipy.optimize import curve_fit
+from scipy.optimize import OptimizeWarning, curve_fit
 
 from . import instrument
 
@@ -217,8 +218,11 @@ def _fit_line(x, y, w, lsf_fwhm):
     core = np.abs(x) <= CORE
     mu0 = float(np.clip(np.sum(x[core] * y[core]) / max(np.sum(y[core]), 1e-12), -2, 2))
     try:
-        p, cov = curve_fit(_gauss, x, y, p0=(1 / (np.sqrt(2 * np.pi) * sig0), mu0, sig0, 0.0),
-                           sigma=1 / np.sqrt(w), absolute_sigma=False, maxfev=2000)
+        with warnings.catch_warnings():  # an unusable covariance is caught below
+            warnings.simplefilter("ignore", OptimizeWarning)
+            p, cov = curve_fit(_gauss, x, y, p0=(1 / (np.sqrt(2 * np.pi) * sig0), mu0, sig0,
+                                                 0.0),
+                               sigma=1 / np.sqrt(w), absolute_sigma=False, maxfev=2000)
     except (RuntimeError, ValueError):
         return None
     err = np.sqrt(np.diag(cov))
