@@ -334,6 +334,10 @@ def calibrate_channel(
         "NFLAT": len(plan.flat),
         "LAMPS": ",".join(sorted(arcs)),
         "WAVERMS": float(np.nanmedian(wsol.rms)),
+        "WDEGX": int(wsol.choice["deg_x"]) if wsol.choice else -1,
+        "WDEGY": int(wsol.choice["deg_y"]) if wsol.choice else -1,
+        "WMODEL": str(wsol.choice["method"]) if wsol.choice else "fixed",
+        "WCVRMS": _finite(wsol.choice.get("cv_rms") if wsol.choice else None),
         "TRACERMS": float(np.nanmedian(tsol.rms)),
         "HALFWID": float(profile.half_width),
         "AMPROWS": int(profile.amp_rows),
@@ -345,3 +349,8 @@ def calibrate_channel(
              ", ".join(f"{k} {v:.2f}" for k, v in timer.seconds.items()))
     return CalibrationBundle(date=date, channel=ch.name, arrays=arrays, inputs=plan.inputs,
                              meta=meta)
+
+
+def _finite(value: float | None) -> float:
+    """A header-safe number: -1 for a missing or non-finite value."""
+    return float(value) if value is not None and np.isfinite(value) else -1.0

@@ -31,6 +31,7 @@ from .profile import FiberProfile
 from .rectify import rectify
 from .refraction import Weather, header_weather
 from .sky import SkyModel, sky_model
+from .skywave import SkyShift, apply_shift, measure_sky_shift
 from .source import Source, analyse
 from .trace import TraceError, TraceSolution, measure_shift
 
@@ -143,6 +144,8 @@ class ScienceFrame:
     sky: SkyModel
     ftf: np.ndarray  # (280, ncol) fiber-to-fiber used (re-derived with correct_ftf)
     timer: StageTimer
+    wave: np.ndarray | None = None  # (280, ncol) wavelengths after the sky's refinement
+    wshift: SkyShift | None = None  # the sky's offset from the arc solution
 
 
 def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration,
@@ -213,21 +216,28 @@ def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration
     timer.add("extract", t0)
 
     t0 = time.perf_counter()
+    wshift = measure_sky_shift(flux, np.where(frac < 0.5, 0.0, fvar), cal.wave, ~cal.dead)
+    wave = apply_shift(cal.wave, wshift)
+    timer.add("skywave", t0)
+
+    t0 = time.perf_counter()
     sky, ftf = _sky(flux, fvar, ext.read_variance, frac, cal, options, header,
-                    exposure.name)
+                    exposure.name, wave=wave)
     timer.add("sky", t0)
     return ScienceFrame(exposure=exposure, channel=ch, exptime=float(exptime), header=header,
                         image=bias_sub, flattened=image, pixel_variance=variance,
                         pixel_mask=pixel_mask, cosmics=cosmics, shift=float(shift),
                         trace=trace, flux=flux, variance=fvar,
                         read_variance=ext.read_variance, frac=frac, sky=sky, ftf=ftf,
-                        timer=timer)
+                        timer=timer, wave=wave, wshift=wshift)
 
 
 def _sky(flux, fvar, read_var, frac, cal, options, header, name, sky_fibers=None,
-         n_iter: int = 4, object_light=None, start=None) -> tuple[SkyModel, np.ndarray]:
-    """Sky model of a frame and the fiber-to-fiber to use with it."""
-    sky = sky_model(flux, fvar, cal.wave, cal.ftf, cal.dead,
+         n_iter: int = 4, object_light=None, start=None, wave=None
+         ) -> tuple[SkyModel, np.ndarray]:
+    """Sky model of a frame and the fiber-to-fiber to use with it (on the wavelengths
+    ``wave``, default the calibration's)."""
+    sky = sky_model(flux, fvar, cal.wave if wave is None else wave, cal.ftf, cal.dead,
                     positions=instrument.fiber_positions(), mask=frac < 0.5,
                     method=options.sky_method, sky_fibers=sky_fibers, n_iter=n_iter,
                     read_variance=read_var, object_light=object_light, start=start)
@@ -259,7 +269,7 @@ def refit_sky(sf: ScienceFrame, cal: ChannelCalibration, object_light: np.ndarra
     # fewer rounds (pixel clipping and weights only)
     sky, ftf = _sky(sf.flux, sf.variance, sf.read_variance, sf.frac, cal, options, sf.header,
                     sf.exposure.name, sky_fibers=use, n_iter=REFIT_ROUNDS,
-                    object_light=object_light, start=sf.sky.sky)
+                    object_light=object_light, start=sf.sky.sky, wave=sf.wave)
     sf.timer.add("sky", t0)
     return replace(sf, sky=sky, ftf=ftf)
 
@@ -271,7 +281,8 @@ def rectified(sf: ScienceFrame, cal: ChannelCalibration
     live = ~cal.dead
     ftf = np.where(live[:, None] & (sf.ftf > 0), sf.ftf, 1.0)
     nvar = np.where(sf.frac < 0.5, 0, sf.variance) / ftf**2  # 0 marks a bad native pixel
-    obs, obs_var, sky = rectify(sf.flux / ftf, nvar, cal.wave, sf.channel.grid,
+    wave = cal.wave if sf.wave is None else sf.wave
+    obs, obs_var, sky = rectify(sf.flux / ftf, nvar, wave, sf.channel.grid,
                                 also=(sf.sky.sky / ftf,))
     good = (obs_var > 0) & live[:, None]
     scale = 1.0 / sf.exptime
@@ -354,6 +365,12 @@ def reduce_exposure(night: NightIndex, exposure: Exposure, cal: ChannelCalibrati
     header = sf.header
     header["EXPSHIFT"] = (round(sf.shift, 4), "trace shift of this frame (px)")
     header["NCOSMIC"] = (int(sf.cosmics.sum()), "pixels flagged as cosmic rays")
+    ws = sf.wshift or SkyShift()
+    header["WSHIFT"] = (round(ws.shift, 4), "sky-line shift from the arc solution (px)")
+    header["WSHIFTE"] = (round(ws.error, 4), "1-sigma error of WSHIFT (px)")
+    header["WSHIFTN"] = (ws.nlines, "sky lines used for WSHIFT")
+    header["WSHIFTM"] = (ws.method, "WSHIFT method: lines, xcorr or none")
+    header["WSTRETCH"] = (round(ws.stretch, 4), "sky-line stretch, px at the ends")
     header["SKYMETH"] = (options.sky_method, "sky model")
     header["SKYCHI2"] = (round(float(sf.sky.chi2_dof_sky), 3), "chi2/dof of sky fibers")
     header["NSKYFIB"] = (int(sf.sky.sky_fibers.sum()), "fibers used for the sky")

@@ -30,8 +30,10 @@ The solution maps (fiber, column) of the stitched, oriented channel frame to air
    zero-point ``z_k`` per fiber. Weighted least squares (centroid errors with a floor of
    :data:`CENTROID_FLOOR` px) with iterative clipping of single measurements and
    leave-one-out rejection of whole lines whose fiber-averaged position disagrees with the
-   others. The degree ``n`` is lowered when the lines leave large gaps (see
-   :func:`_degree`).
+   others. The degrees are chosen by the data: ``n`` (up to a cap that large gaps without
+   lines lower, see :func:`_degree`) and ``m`` by leave-one-line-out cross-validation of
+   the lines' fiber-averaged positions (:func:`_choose_model`): the simplest model whose
+   held-out error is within one standard error of the best one.
 6. **Evaluation.** The model is inverted by Newton's method at every column of every fiber;
    fibers without lines (dead) take interpolated zero-points.
 
@@ -105,6 +107,14 @@ EDGE_WEIGHT = 2.0
 #: without a warning.
 MIN_SPAN = 0.5
 WARN_GAP = 0.4
+
+#: Largest wavelength degree the cross-validation may choose. (The degree across fibers is
+#: not cross-validated: the held-out score averages a line over the fibers and cannot see it.)
+CV_MAX_DEG_X = 9
+#: Relative excess of the held-out RMS over the best model's that a simpler model may have.
+CV_TOLERANCE = 0.05
+#: Fibers used by the cross-validation: every this many.
+CV_FIBER_STEP = 4
 
 #: Numeric codes of the lamps in :meth:`WavelengthSolution.line_table`.
 LAMP_CODES = {"hg": 0, "cd": 1, "fear": 2}
@@ -203,6 +213,9 @@ class WavelengthSolution:
     fiber_offset: np.ndarray
     wave_range: tuple[float, float]
     unmeasured: np.ndarray
+    #: how the model was chosen: degrees, the cross-validated RMS (px) of each tried
+    #: (deg_x, deg_y) and the lines held out
+    choice: dict | None = None
 
     @property
     def dispersion(self) -> np.ndarray:
@@ -743,6 +756,56 @@ def _worst_line(resid: np.ndarray, err: np.ndarray, used: np.ndarray, x: np.ndar
     return int(np.argmax(np.where(bad, loo, -1.0)))
 
 
+def _choose_model(col: np.ndarray, err: np.ndarray, used: np.ndarray, x: np.ndarray,
+                  y: np.ndarray, max_deg_x: int, clip: float,
+                  deg_ys: Sequence[int] = (4,)) -> dict:
+    """Degrees (in wavelength, across fibers) chosen by leave-one-line-out cross-validation.
+
+    For every candidate ``(deg_x, deg_y)`` with ``deg_x`` in 1..``max_deg_x`` and ``deg_y`` in
+    ``deg_ys``, each used line is held out in turn, the model fitted to the others (with the
+    per-fiber zero-points, on every :data:`CV_FIBER_STEP`-th fiber) and the held-out line's
+    mean residual over its fibers recorded. (A leverage shortcut from one fit per degree
+    missed the swings of high degrees beyond the outermost lines.) The score is the RMS of
+    these residuals (px); the chosen model is the simplest (fewest terms) whose score is
+    within :data:`CV_TOLERANCE` of the best (a standard-error rule let a single discrepant
+    line excuse far too simple a model).
+
+    Returns
+    -------
+    dict
+        ``deg_x``, ``deg_y``, ``cv_rms`` (px, of the chosen model), ``scores`` {(deg_x,
+        deg_y): rms}, ``method`` ``"cv"`` (``"cap"`` when too few lines to hold any out).
+    """
+    lines = np.nonzero(used.any(axis=0))[0]
+    max_deg_x = int(min(max_deg_x, lines.size - 3))
+    if max_deg_x < 1 or lines.size < 5:
+        return {"deg_x": max(max_deg_x, 1), "deg_y": deg_ys[0], "method": "cap",
+                "cv_rms": np.nan,
+                "scores": {}}
+    scores = {}
+    # every CV_FIBER_STEP-th fiber: the score averages over fibers, the cost scales with them
+    c, e, use, yy = (a[::CV_FIBER_STEP] for a in (col, err, used, y))
+    for dy in deg_ys:
+        for dx in range(1, max_deg_x + 1):
+            r = []
+            for line in lines:
+                v = use.copy()
+                v[:, line] = False
+                coef, off, _, _ = _fit_2d(c, e, v, x, yy, dx, dy, clip, iterations=2)
+                pred = _design(x[line:line + 1], yy, dx, dy)[:, 0, :] @ coef.ravel() + off
+                fib = use[:, line] & np.isfinite(pred)
+                w = 1 / (e[fib, line] ** 2 + CENTROID_FLOOR**2)
+                r.append(float(np.sum(w * (c[fib, line] - pred[fib])) / np.sum(w)))
+            scores[(dx, dy)] = float(np.sqrt(np.mean(np.square(r))))
+    best = min(scores, key=scores.get)
+    ok = [k for k in scores if scores[k] <= (1 + CV_TOLERANCE) * scores[best]]
+    dx, dy = min(ok, key=lambda k: (k[0] * (k[1] + 1), k[0], k[1]))
+    log.debug("wavelength model by cross-validation: degree %d x %d (held-out RMS %.4f px; "
+              "best %s %.4f px)", dx, dy, scores[(dx, dy)], best, scores[best])
+    return {"deg_x": dx, "deg_y": dy, "method": "cv", "cv_rms": scores[(dx, dy)],
+            "scores": scores}
+
+
 def _invert(coeffs: np.ndarray, offset: np.ndarray, wave_range: tuple[float, float],
             ncol: int, iterations: int = 4) -> np.ndarray:
     """Wavelength (Angstrom) at every pixel centre of every fiber by Newton's method."""
@@ -773,6 +836,7 @@ def solve_wavelength(
     clip: float = 4.0,
     min_lines: int = 6,
     lines: Sequence[instrument.ArcLine] | None = None,
+    choose: bool = True,
 ) -> WavelengthSolution:
     """Identify arc lines and fit the 2-D wavelength solution of one channel.
 
@@ -790,8 +854,10 @@ def solve_wavelength(
     dead : ndarray of bool (nfiber,), optional
         Dead fibers; their zero-points are interpolated from their neighbours.
     deg_x : int
-        Largest Legendre degree in wavelength of the column model (lowered when the lines
-        are few or leave large gaps).
+        Legendre degree in wavelength of the column model used to screen the lines (lowered
+        when the lines are few or leave large gaps); with ``choose`` the final degree is
+        cross-validated up to the larger of this and :data:`CV_MAX_DEG_X`, under the same gap
+        rule.
     deg_y : int
         Legendre degree across fibers of each wavelength term.
     clip : float
@@ -800,6 +866,8 @@ def solve_wavelength(
         Fewest usable lines accepted.
     lines : sequence of ArcLine, optional
         Line list to use instead of the bundled table.
+    choose : bool
+        Choose the degrees by cross-validation (:func:`_choose_model`).
 
     Returns
     -------
@@ -882,6 +950,14 @@ def solve_wavelength(
         if worst is None:
             break
         status[worst] = "rejected"
+    if choose:
+        cap = _degree(max(deg_x, CV_MAX_DEG_X), guess[used.any(axis=0)], ncol)
+        choice = _choose_model(fits.mu, fits.mu_err, used, x, y, cap, clip, (deg_y,))
+        deg, deg_y = choice["deg_x"], choice["deg_y"]
+        coeffs, offset, used, res = _fit_2d(fits.mu, fits.mu_err, valid, x, y, deg, deg_y,
+                                            clip)
+    else:
+        choice = {"deg_x": deg, "deg_y": deg_y, "method": "fixed"}
     status[candidate & ~used.any(axis=0)] = "rejected"
     status[used.any(axis=0)] = "used"
     _check_coverage(ch.name, guess[status == "used"], ncol, status)
@@ -915,7 +991,8 @@ def solve_wavelength(
              deg_y, float(_nanmedian(rms_pix)), float(_nanmedian(rms_ang)), int(have.sum()))
     return WavelengthSolution(
         channel=ch.name, wave=wave, rms_pix=rms_pix, rms_angstrom=rms_ang, lines=line_fits,
-        coeffs=coeffs, fiber_offset=offset, wave_range=wave_range, unmeasured=~have)
+        coeffs=coeffs, fiber_offset=offset, wave_range=wave_range, unmeasured=~have,
+        choice=choice)
 
 
 def _identify(spectra: np.ndarray, saturated: np.ndarray, live: np.ndarray,
@@ -1002,8 +1079,9 @@ def _measure(spectra: np.ndarray, variance: np.ndarray, saturated: np.ndarray,
 
 def _blend_flags(fits: _Fits, core: _Fits, candidate: np.ndarray, column: np.ndarray
                  ) -> np.ndarray:
-    """Lines whose profile shows a blend: core and full-window centroids disagree, or the
-    line is wider than the trend of the other lines.
+    """Lines whose profile shows a blend: core and full-window centroids disagree (more than
+    they do for the typical line: an asymmetric line spread moves them apart in every line),
+    or the line is wider than the trend of the other lines.
 
     Parameters
     ----------
@@ -1021,6 +1099,9 @@ def _blend_flags(fits: _Fits, core: _Fits, candidate: np.ndarray, column: np.nda
     both = fits.ok & core.ok
     shift = np.where(both, fits.mu - core.mu, np.nan)
     diff = _nanmedian(shift, axis=0)
+    typical = diff[candidate & np.isfinite(diff)]
+    if typical.size >= 3:
+        diff = diff - float(np.median(typical))
     stderr = _robust_std(shift, axis=0) / np.sqrt(np.maximum(both.sum(axis=0), 1))
     shifted = candidate & (np.abs(diff) > np.maximum(4 * stderr, BLEND_SHIFT))
     width = _nanmedian(fits.sigma, axis=0)

@@ -68,16 +68,18 @@ def amp_raw(
     electrons: np.ndarray,
     rng: np.random.Generator,
     overscan_cols: int = inst.AMP_OVERSCAN_COLS,
+    ampname: str | None = None,
 ) -> np.ndarray:
     """Raw uint16 amp frame (rows x data+overscan columns) from noisy electrons of that amp.
 
     ``electrons`` is the amp's part of the oriented stitched frame (already with Poisson noise
-    and cosmic rays).
+    and cosmic rays). ``ampname`` is the header AMPNAME (default: the amp code); ``LR`` and
+    ``UL`` read the columns in reverse order.
     """
     amp = optics.channel.amps[amp_index]
     gain = optics.gain[amp_index]
     rn_adu = optics.rdnoise[amp_index] / gain
-    data = inst.deorient(electrons, amp, amp) / gain
+    data = inst.deorient(electrons, amp, ampname or amp) / gain
     drift = rng.normal(0, 0.8) + np.cumsum(rng.normal(0, 0.03, data.shape[0]))
     raw = np.empty((data.shape[0], data.shape[1] + overscan_cols), np.float32)
     raw[:, : data.shape[1]] = data + bias_structure(optics, amp_index)
@@ -94,6 +96,7 @@ def expose(
     rng: np.random.Generator,
     exptime: float,
     with_cosmics: bool = True,
+    ampnames: tuple[str, str] | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Noisy raw frames of both amps from expected electrons on the stitched frame.
 
@@ -111,7 +114,9 @@ def expose(
     cr = cosmic_rays(rng, counts.shape, exptime) if with_cosmics else np.zeros_like(counts)
     counts += cr
     ny = optics.nrow_amp
-    raws = [amp_raw(optics, i, counts[i * ny : (i + 1) * ny], rng) for i in range(2)]
+    names = ampnames or optics.channel.amps
+    raws = [amp_raw(optics, i, counts[i * ny : (i + 1) * ny], rng, ampname=names[i])
+            for i in range(2)]
     return raws, cr > 0
 
 

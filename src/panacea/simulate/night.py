@@ -40,6 +40,7 @@ from .optics import (
     channel_seed,
     continuum_to_pixels,
     lines_to_pixels,
+    scattered_light,
 )
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,8 @@ class ExposurePlan:
     trace_shift: float = 0.0
     level: float = 1.0
     tracker: list = field(default_factory=list)  # [(x_m, y_m, phi_deg)] at start, end
+    #: spectral flexure against the arcs per channel: (shift px, stretch px), randomized nights
+    flexure: dict = field(default_factory=dict)
 
     @property
     def time(self) -> dt.datetime:
@@ -195,6 +198,7 @@ def plan_night(cfg: NightConfig) -> list[ExposurePlan]:
         t = at(4.5)
         plans.append(observed(13, 1, "NGC1234_HII", cfg.science_exptime, t, "extended",
                               program=cfg.program, source_xy=(-1.8, 0.9), ra=60.1, dec=20.2))
+    _draw_flexure(cfg, plans)
     return plans
 
 
@@ -213,6 +217,15 @@ def _source_anywhere(rng, margin: float) -> tuple[float, float]:
         else:
             y = ymax if side == 2 else -ymax
     return x, y
+
+
+def _draw_flexure(cfg: NightConfig, plans: list[ExposurePlan]) -> None:
+    """Spectral flexure of every on-sky exposure of a randomized night (nothing otherwise)."""
+    nuis = nuisance.draw(cfg.seed, cfg.date, cfg.randomize)
+    for p in plans:
+        if p.tracker and nuis.flexure:
+            p.flexure = {c: nuisance.flexure(nuis, cfg.seed, cfg.date, p.obsid, p.exp, c)
+                         for c in inst.channels()}
 
 
 # ----------------------------------------------------------------------------- light
@@ -344,17 +357,36 @@ def extended_spectra(optics: ChannelOptics, plan: ExposurePlan, z: float = 0.005
     return out * optics.fiber_throughput
 
 
-def lamp_lines(optics: ChannelOptics, lamp: str) -> tuple[np.ndarray, np.ndarray]:
-    """Lines of one lamp in a channel: listed lines plus a few weak unlisted ones (blends)."""
+def lamp_lines(optics: ChannelOptics, lamp: str,
+               nuis: nuisance.Nuisances | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Lines of one lamp in a channel: listed lines plus a few weak unlisted ones (blends).
+
+    A randomized night (``nuis``) leaves out some listed lines (never the brightest), adds
+    more and brighter unlisted ones and blends a few listed lines with a close neighbour.
+    """
     ch = optics.channel
     listed = [a for a in inst.arc_lines(ch.name) if a.lamp == lamp]
     w = [a.wavelength for a in listed]
     s = [a.strength for a in listed]
     rng = np.random.default_rng(channel_seed(f"unlisted-{ch.name}-{lamp}"))
-    if listed:
+    if listed and (nuis is None or not nuis.randomized):
         nextra = 5
         w += list(rng.uniform(ch.wave_lo, ch.wave_hi, nextra))
         s += list(rng.uniform(0.002, 0.012, nextra) * max(s))
+    elif listed:
+        rng = np.random.default_rng([channel_seed(f"arcs-{ch.name}-{lamp}"),
+                                     int(round(1e6 * nuis.ripple_period))])
+        top = float(max(s))
+        order = np.argsort(s)[:-1]  # the brightest stays
+        drop = set(rng.permutation(order)[: nuis.arc_missing].tolist()) if order.size else set()
+        w = [x for i, x in enumerate(w) if i not in drop]
+        s = [x for i, x in enumerate(s) if i not in drop]
+        disp = np.abs(np.gradient(optics.wave[inst.NFIBERS // 2])).mean()  # A per px
+        for i in rng.permutation(len(w))[: nuis.arc_blends]:
+            w.append(w[i] + rng.choice([-1, 1]) * rng.uniform(1.0, 2.5) * disp)
+            s.append(s[i] * rng.uniform(0.05, 0.3))
+        w += list(rng.uniform(ch.wave_lo, ch.wave_hi, nuis.arc_unlisted))
+        s += list(rng.uniform(0.002, 0.03, nuis.arc_unlisted) * top)
     return np.array(w), np.array(s)
 
 
@@ -385,7 +417,7 @@ def expected_spectra(optics: ChannelOptics, plan: ExposurePlan, rng,
         s = continuum_to_pixels(optics, wf, lamp * 150.0 * plan.exptime)
         return {"total": s * illum[:, None] * optics.fiber_throughput}
     if plan.kind == "arc":
-        w, s = lamp_lines(optics, plan.lamp)
+        w, s = lamp_lines(optics, plan.lamp, nz)
         if w.size == 0:
             return {"total": zeros}
         e = s * ARC_SCALE[ch.name] * plan.exptime
@@ -572,6 +604,12 @@ Written by `panacea-lrs2 simulate`; every array is in the oriented, stitched cha
   `RESPONSE` of the channel truth includes the dichroic edges.
 * `spectra/telluric.txt` (randomized nights with absorption): the true telluric
   transmission at airmass 1.22 on a 0.1 A grid, before the line spread.
+* Randomized nights (`simulate --randomize`) also draw, in `nuisances` (ranges documented in `panacea.simulate.nuisance`: wavelength ripples and low-order
+  change, which are inside `WAVELENGTH`; line-spread scale and asymmetry; arc lines missing,
+  unlisted and blended; AMPNAME convention; scattered light) and, per on-sky exposure,
+  `flexure` {{channel: [shift px, stretch px]}}. Such an exposure's truth file then also holds
+  `WAVELENGTH` (280 x 2064, the exposure's own wavelengths after flexure) and header cards
+  WSHIFT/WSTRETCH; `WAVELENGTH` of the channel truth stays the arcs' (calibration) one.
 * `spectra/<kind>.txt`: the true F_lambda (erg/s/cm^2/A, before the line spread) of the
   standard and the science point source on a 0.5 A grid.
 """
@@ -616,27 +654,41 @@ def _simulate_channel(cfg: NightConfig, name: str, staging: Path, truth: Path) -
     """Render every exposure of one channel into raw FITS files under ``staging``."""
     ch = inst.get_channel(name)
     ci = list(inst.channels()).index(name)
-    o = build_optics(ch, cfg.date)
     nz = nuisance.draw(cfg.seed, cfg.date, cfg.randomize)
-    _write_channel_truth(truth, o, nz)
+    o_night = build_optics(ch, cfg.date, nuis=nz)
+    _write_channel_truth(truth, o_night, nz)
+    ampnames = _ampnames(ch, nz)
     nfiles = 0
     for p in plan_night(cfg):
         rng = np.random.default_rng([cfg.seed, int(cfg.date), p.obsid, p.exp, ci])
+        o = o_night.with_flexure(*p.flexure.get(name, (0.0, 0.0)))
         comps = expected_spectra(o, p, rng, nz)
         if p.kind == "bias":
             image = np.zeros((2 * o.nrow_amp, o.ncol))
         else:
-            image = o.render(comps["total"], shift=p.trace_shift) * o.pixel_flat
-        raws, cosmic = expose(o, image, rng, p.exptime, with_cosmics=p.exptime > 0)
+            image = o.render(comps["total"], shift=p.trace_shift)
+            image += scattered_light(image, nuis.scatter_frac, nuis.scatter_sigma)
+            image *= o.pixel_flat
+        raws, cosmic = expose(o, image, rng, p.exptime, with_cosmics=p.exptime > 0,
+                              ampnames=ampnames)
         member_dir = staging / f"lrs2{p.obsid:07d}" / f"exp{p.exp:02d}" / "lrs2"
         member_dir.mkdir(parents=True, exist_ok=True)
         for ai, raw in enumerate(raws):
             fname = f"{p.stamp}_{ch.ifuslot}{ch.amps[ai]}_{p.ftype}.fits"
-            (member_dir / fname).write_bytes(fits_bytes(raw, raw_header(p, o, ai)))
+            header = raw_header(p, o, ai)
+            header["AMPNAME"] = ampnames[ai]
+            (member_dir / fname).write_bytes(fits_bytes(raw, header))
             nfiles += 1
         if p.kind != "bias":
-            _write_exposure_truth(truth, p, ch, comps, cosmic)
+            _write_exposure_truth(truth, p, ch, comps, cosmic, o if o is not o_night else None)
     return nfiles
+
+
+def _ampnames(ch: inst.Channel, nuis: nuisance.Nuisances) -> tuple[str, str]:
+    """Header AMPNAME of the channel's two amps: the amp codes, or (randomized nights that
+    draw the other convention) ``LR``/``UL`` for LL/LU, whose raw columns are reversed."""
+    flip = {"LL": "LR", "LU": "UL"} if nuis.ampname_flip else {}
+    return tuple(flip.get(a, a) for a in ch.amps)
 
 
 def _pack_tarballs(staging: Path, night_dir: Path, compress: bool) -> None:
@@ -699,8 +751,13 @@ def simulate_night(cfg: NightConfig, out: str | Path, workers: int | None = None
 
 
 def _write_exposure_truth(folder: Path, p: ExposurePlan, ch: inst.Channel, comps: dict,
-                          cosmic: np.ndarray) -> None:
+                          cosmic: np.ndarray, flexed: ChannelOptics | None = None) -> None:
     hdus = [fits.PrimaryHDU()]
+    if flexed is not None:  # spectral flexure: this exposure's own wavelengths
+        shift, stretch = p.flexure[ch.name]
+        hdus[0].header["WSHIFT"] = (shift, "true flexure shift against the arcs (px)")
+        hdus[0].header["WSTRETCH"] = (stretch, "true flexure stretch, px at the ends")
+        hdus.append(fits.ImageHDU(flexed.wave, name="WAVELENGTH"))
     # calibration light follows from the channel truth; on-sky exposures keep their parts
     for key in ("sky", "source"):
         if key in comps:

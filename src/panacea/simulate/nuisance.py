@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from zlib import crc32
+
 import numpy as np
 
 
@@ -22,6 +24,36 @@ class Nuisances:
     randomized: bool = False
 
     # ---- wavelength solution, line spread, detector conventions --------------------
+    #: non-polynomial ripple of every fiber's solution: amplitude (px, 0.05-0.2) and period
+    #: (px, 150-600); a second, weaker ripple (amplitude 0.3-0.6 of the first, period
+    #: 150-600 px) beats with it
+    ripple_amp: float = 0.0
+    ripple_period: float = 1400.0
+    ripple2_frac: float = 0.0
+    ripple2_period: float = 400.0
+    #: low-order change of the night's solution: Legendre coefficients P1..P3 of a column
+    #: offset (px, each within +-2) common to all fibers
+    lowo_coeffs: tuple = (0.0, 0.0, 0.0)
+    #: line-spread FWHM scale (0.9-1.1) and asymmetry: the fraction (0-0.15) of each line's
+    #: light in a second Gaussian 0.35 FWHM to the red or blue (sign drawn), 0.8 times as wide
+    lsf_scale: float = 1.0
+    lsf_asym: float = 0.0
+    #: arcs: listed lines missing (0-2 per channel and lamp, never the brightest), unlisted
+    #: lines (5-20 per lamp, up to 3 % of the brightest) and blends (1-3 per lamp: a line
+    #: 1-2.5 px from a listed one with 5-30 % of its strength)
+    arc_missing: int = 0
+    arc_unlisted: int = 5
+    arc_blends: int = 0
+    #: spectral flexure of on-sky exposures against the arcs: per-exposure shift (px, within
+    #: +-1) and stretch (px at the channel ends, within +-0.15), drawn by :func:`flexure`
+    flexure: bool = False
+    #: AMPNAME convention: False writes the amp code, True writes ``LR``/``UL`` for the amps
+    #: LL/LU (whose raw columns are then reversed), as some real frames do
+    ampname_flip: bool = False
+    #: scattered light: a smooth halo (Gaussian, sigma 60-150 px) holding this fraction
+    #: (0.2-1.5 %) of the frame's light
+    scatter_frac: float = 0.0
+    scatter_sigma: float = 100.0
 
     # ---- point-spread function, sources, standards, atmosphere -----------------------
     #: PSF family of the night's on-sky exposures: "moffat" (beta 3.5 on a default night)
@@ -68,6 +100,20 @@ def draw(seed: int, date: str, randomize: bool) -> Nuisances:
     fields: dict = {"randomized": True}
 
     # ---- wavelength solution, line spread, detector conventions --------------------
+    fields["ripple_amp"] = float(rng.uniform(0.05, 0.2))
+    fields["ripple_period"] = float(rng.uniform(150.0, 600.0))
+    fields["ripple2_frac"] = float(rng.uniform(0.3, 0.6))
+    fields["ripple2_period"] = float(rng.uniform(150.0, 600.0))
+    fields["lowo_coeffs"] = tuple(float(c) for c in rng.uniform(-2.0, 2.0, 3))
+    fields["lsf_scale"] = float(rng.uniform(0.9, 1.1))
+    fields["lsf_asym"] = float(rng.uniform(0.0, 0.15) * rng.choice([-1.0, 1.0]))
+    fields["arc_missing"] = int(rng.integers(0, 3))
+    fields["arc_unlisted"] = int(rng.integers(5, 21))
+    fields["arc_blends"] = int(rng.integers(1, 4))
+    fields["flexure"] = True
+    fields["ampname_flip"] = bool(rng.uniform() < 0.5)
+    fields["scatter_frac"] = float(rng.uniform(0.002, 0.015))
+    fields["scatter_sigma"] = float(rng.uniform(60.0, 150.0))
 
     # ---- point-spread function, sources, standards, atmosphere -----------------------
     # a separate stream, so that the wavelength draws above may change without moving these
@@ -91,3 +137,28 @@ def draw(seed: int, date: str, randomize: bool) -> Nuisances:
 
     del rng
     return Nuisances(**fields)
+
+
+#: Largest spectral flexure shift (px) and stretch (px at the channel ends) of an exposure.
+MAX_FLEXURE_SHIFT = 1.0
+MAX_FLEXURE_STRETCH = 0.15
+
+
+def flexure(nuis: Nuisances, seed: int, date: str, obsid: int, exp: int,
+            channel: str) -> tuple[float, float]:
+    """Spectral flexure of one on-sky exposure and channel against the night's arcs.
+
+    Returns
+    -------
+    shift : float
+        Column offset (px) of the exposure's lines from where the arcs put them, uniform in
+        +-:data:`MAX_FLEXURE_SHIFT`; 0 when ``nuis.flexure`` is off.
+    stretch : float
+        Additional offset (px) at the red end, minus the same at the blue end (linear in
+        the column), uniform in +-:data:`MAX_FLEXURE_STRETCH`.
+    """
+    if not nuis.flexure:
+        return 0.0, 0.0
+    rng = np.random.default_rng([seed, int(date), obsid, exp, crc32(channel.encode()), 77])
+    return (float(rng.uniform(-MAX_FLEXURE_SHIFT, MAX_FLEXURE_SHIFT)),
+            float(rng.uniform(-MAX_FLEXURE_STRETCH, MAX_FLEXURE_STRETCH)))

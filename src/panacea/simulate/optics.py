@@ -14,13 +14,15 @@ across fibers and columns and a small non-polynomial ripple.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from zlib import crc32
 
 import numpy as np
+from scipy import ndimage
 from scipy.special import erf
 
 from .. import instrument as inst
+from .nuisance import Nuisances
 
 #: Rows on each side of a trace over which the cross-dispersion profile is rendered.
 PROFILE_HALF_ROWS = 9
@@ -34,6 +36,9 @@ SHEET_OFFSET = {"uv": -16.0, "orange": 7.0, "red": -9.0, "farred": 11.0}
 DEAD_FIBERS = {"uv": (), "orange": (), "red": (), "farred": (52, 117)}
 #: Period (px) of the small non-polynomial ripple in the wavelength solutions.
 RIPPLE_PERIOD = 1400.0
+#: Offset (in FWHM) and relative width of the second Gaussian of an asymmetric line spread.
+ASYM_OFFSET = 0.35
+ASYM_WIDTH = 0.8
 #: RMS of the pixel-to-pixel quantum-efficiency variations.
 PIXEL_FLAT_RMS = 0.01
 #: First-fiber row and mean fiber pitch (px) of each channel's amps.
@@ -76,6 +81,10 @@ class ChannelOptics:
     header_rdnoise: np.ndarray  # (2,) read noise written in headers
     pedestal: np.ndarray  # (2,) bias level ADU
     bad_columns: list = field(default_factory=list)  # (amp index, raw column) hot columns
+    #: line-spread asymmetry: signed fraction of a line's light in a shifted second Gaussian
+    lsf_asym: float = 0.0
+    #: scale of the line-spread width of a randomized night (1 by default)
+    lsf_scale: float = 1.0
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -89,6 +98,16 @@ class ChannelOptics:
         return self.cache["pixflat"]
 
     # ------------------------------------------------------------------ wavelength
+    def with_flexure(self, shift: float, stretch: float) -> ChannelOptics:
+        """The same optics with every line moved by ``shift + stretch * x`` columns (px),
+        ``x`` running from -1 at the first column to +1 at the last (spectral flexure of an
+        exposure against the arcs). Shares this object's cache (profiles, pixel flat)."""
+        if shift == 0.0 and stretch == 0.0:
+            return self
+        delta = self.delta + shift + stretch * _norm_col(self.ncol)[None, :]
+        wave = self.base_wavelength(np.arange(self.ncol)[None, :] - delta)
+        return replace(self, delta=delta, wave=wave, cache=self.cache)
+
     def base_wavelength(self, u: np.ndarray) -> np.ndarray:
         """Base solution: wavelength (Angstrom) at base column ``u``."""
         return np.polynomial.polynomial.polyval(u, self.base_coeffs)
@@ -187,8 +206,26 @@ def _smooth_fiber_field(rng: np.random.Generator, nfib: int, amplitude: float) -
     return np.polynomial.legendre.legval(x, coeffs)
 
 
-def build_optics(channel: inst.Channel, date: str, binning: tuple[int, int] = (1, 1)):
-    """Build the true optical model of ``channel`` on night ``date`` (YYYYMMDD)."""
+def _night_distortion(nuis: Nuisances, kn: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Column offsets (px, (280, ncol)) a randomized night adds to every fiber's solution:
+    two beating ripples whose phase drifts across the fibers and a low-order change."""
+    xc = _norm_col(cols.size)
+    phase = 0.9 * kn[:, None]
+    ripple = nuis.ripple_amp * (
+        np.sin(2 * np.pi * cols[None, :] / nuis.ripple_period + phase)
+        + nuis.ripple2_frac * np.sin(2 * np.pi * cols[None, :] / nuis.ripple2_period
+                                     + 1.7 - phase))
+    low = np.polynomial.legendre.legval(xc, (0.0, *nuis.lowo_coeffs))
+    return ripple + low[None, :]
+
+
+def build_optics(channel: inst.Channel, date: str, binning: tuple[int, int] = (1, 1),
+                 nuis: Nuisances | None = None):
+    """Build the true optical model of ``channel`` on night ``date`` (YYYYMMDD).
+
+    ``nuis`` (a randomized night's draws) adds its distortions and line-spread changes; the
+    default night (``None`` or not randomized) is unchanged by it.
+    """
     if binning != (1, 1):
         raise ValueError("the simulator writes unbinned frames only")
     rng_inst = np.random.default_rng(channel_seed("instrument-" + channel.name))
@@ -224,6 +261,10 @@ def build_optics(channel: inst.Channel, date: str, binning: tuple[int, int] = (1
         + ripple_amp[:, None]
         * np.sin(2 * np.pi * cols[None, :] / RIPPLE_PERIOD + ripple_phase[:, None])
     )
+    lsf_scale, lsf_asym = 1.0, 0.0
+    if nuis is not None and nuis.randomized:
+        delta = delta + _night_distortion(nuis, kn, cols)
+        lsf_scale, lsf_asym = nuis.lsf_scale, nuis.lsf_asym
     wave = np.polynomial.polynomial.polyval(cols[None, :] - delta, base)
 
     # --- traces: irregular pitch, curvature, tilt, night shift
@@ -244,7 +285,7 @@ def build_optics(channel: inst.Channel, date: str, binning: tuple[int, int] = (1
     )
 
     sigma = 1.20 + 0.10 * xc[None, :] ** 2 + 0.06 * kn[:, None] + 0.03 * xc[None, :] * kn[:, None]
-    lsf_fwhm = inst.LSF_FWHM_PIX * (
+    lsf_fwhm = lsf_scale * inst.LSF_FWHM_PIX * (
         1 + 0.035 * _smooth_fiber_field(rng_inst, nfib, 1.0)[:, None] + 0.04 * xc[None, :] ** 2
     )
 
@@ -278,7 +319,23 @@ def build_optics(channel: inst.Channel, date: str, binning: tuple[int, int] = (1
         header_rdnoise=header_rdnoise,
         pedestal=pedestal,
         bad_columns=bad_columns,
+        lsf_asym=lsf_asym,
+        lsf_scale=lsf_scale,
     )
+
+
+def scattered_light(image: np.ndarray, fraction: float, sigma: float) -> np.ndarray:
+    """A smooth halo holding ``fraction`` of the light of ``image`` (electrons), spread by a
+    Gaussian of ``sigma`` px (computed on 8 x 8 blocks and interpolated back)."""
+    if fraction <= 0:
+        return np.zeros_like(image)
+    b = 8
+    ny, nx = image.shape
+    small = image[: ny // b * b, : nx // b * b].reshape(ny // b, b, nx // b, b).sum(axis=(1, 3))
+    halo = ndimage.gaussian_filter(small, sigma / b, mode="constant")
+    big = ndimage.zoom(halo, (ny / halo.shape[0], nx / halo.shape[1]), order=1)
+    big = np.clip(big, 0, None)
+    return big * (fraction * image.sum() / max(big.sum(), 1e-30))
 
 
 def _gauss_pixel_integral(cols: np.ndarray, centre: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -322,7 +379,14 @@ def lines_to_pixels(
             continue
         colc = np.clip(cols, 0, optics.ncol - 1)
         fwhm = optics.lsf_fwhm[kk, colc]
-        prof = _gauss_pixel_integral(cols, c[:, None], fwhm / 2.3548)
+        f = abs(optics.lsf_asym)
+        if f > 0:  # a second Gaussian off to one side; the light's centroid stays at c
+            d = np.sign(optics.lsf_asym) * ASYM_OFFSET * fwhm
+            prof = ((1 - f) * _gauss_pixel_integral(cols, c[:, None] - f * d, fwhm / 2.3548)
+                    + f * _gauss_pixel_integral(cols, c[:, None] + (1 - f) * d,
+                                                ASYM_WIDTH * fwhm / 2.3548))
+        else:
+            prof = _gauss_pixel_integral(cols, c[:, None], fwhm / 2.3548)
         vals = np.where(inside, prof * fluxes[:, i : i + 1], 0.0)
         np.add.at(out, (np.broadcast_to(kk, cols.shape)[inside], cols[inside]), vals[inside])
     return out
@@ -354,7 +418,7 @@ def continuum_to_pixels(
     lam = optics.base_wavelength(u)
     dlam_du = np.gradient(lam, u)
     f_u = np.interp(lam, wave_fine, photons_per_angstrom) * dlam_du  # electrons per unit u
-    sig = inst.LSF_FWHM_PIX / 2.3548 / step
+    sig = optics.lsf_scale * inst.LSF_FWHM_PIX / 2.3548 / step
     x = np.arange(-int(5 * sig), int(5 * sig) + 1)
     kernel = np.exp(-0.5 * (x / sig) ** 2)
     kernel /= kernel.sum()

@@ -1,0 +1,402 @@
+"""Wavelength refinement of one science exposure from its own night-sky lines.
+
+The arcs fix each fiber's wavelength solution once per night; the spectrograph then flexes
+between the arcs and a science exposure, moving every line by up to a pixel or so. The
+night sky carries its own reference: OH bands in red and farred, [O I] 5577/6300/6364,
+Na D and the city's Hg lines. For each listed sky line that no comparable neighbour blends,
+the sky fibers' extracted spectra are stacked around the column the arc solution predicts
+(each fiber at its own sub-pixel phase), and one Gaussian fitted to the stack gives the
+line's offset. The offsets of all lines give a shift (and, with enough lines spread over
+the detector, a stretch and up to a cubic curve) in columns with an uncertainty; the
+fibers' wavelengths are then re-evaluated at the shifted columns. Where too few lines are
+seen, a cross-correlation of the stacked sky with a template of all listed lines in the
+channel is tried; when that fails too, nothing is corrected (method ``none``): never worse
+than the arcs alone.
+
+All functions take and return arrays; columns and shifts are in pixels of the stitched
+channel frame, wavelengths in air Angstrom.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.ndimage import median_filter
+from scipy.optimize import OptimizeWarning, curve_fit
+
+from . import instrument
+
+log = logging.getLogger(__name__)
+
+#: Half width (px) of the window stacked around each line.
+HALF_WINDOW = 9
+#: Columns on each side of a line (beyond +-CORE px) that set its local continuum.
+CORE = 5.5
+#: A line is used when no other listed line of at least this fraction of its strength lies
+#: within BLEND_FWHM line-spread widths of it.
+BLEND_FRACTION = 0.15
+BLEND_FWHM = 2.2
+#: Columns within this many line-spread widths of a weaker or farther listed neighbour are
+#: left out of a line's stack.
+NEIGHBOUR_FWHM = 1.5
+#: Smallest signal-to-noise of a line's stacked amplitude for it to count.
+MIN_LINE_SNR = 8.0
+#: Largest shift (px) searched for and accepted.
+MAX_SHIFT = 2.5
+#: Fewest lines, and smallest spread of their columns (fraction of the detector), for a stretch.
+MIN_LINES_STRETCH = 5
+MIN_SPREAD_STRETCH = 0.4
+#: Fewest lines and smallest spread for a curved (up to MAX_DEGREE) offset: with dozens of
+#: lines (red, farred) the sky also takes out the arc solution's low-order errors.
+MIN_LINES_CURVE = 12
+MIN_SPREAD_CURVE = 0.6
+MAX_DEGREE = 3
+#: Largest 1-sigma error (px) of an accepted shift.
+MAX_ERROR = 0.15
+#: Fraction of the live fibers, the faintest, used as sky fibers.
+SKY_FIBER_FRACTION = 0.7
+
+
+@dataclass(frozen=True)
+class SkyShift:
+    """The sky's offset from the arc solution in one exposure and channel.
+
+    Attributes
+    ----------
+    shift : float
+        Offset (px) of the sky lines from the columns the arcs predict, at the detector's
+        centre column; positive when the lines sit at larger columns.
+    stretch : float
+        Half the offset (px) at the last column minus that at the first.
+    error : float
+        1-sigma uncertainty of ``shift`` (px).
+    nlines : int
+        Sky lines used (0 for ``xcorr`` and ``none``).
+    method : str
+        ``lines``, ``xcorr`` or ``none`` (not measured: no correction).
+    line_waves, line_cols, line_shifts, line_errors : ndarray
+        Per-line wavelength (A), mean predicted column, measured offset and error (px).
+    """
+
+    shift: float = 0.0
+    stretch: float = 0.0
+    error: float = 0.0
+    nlines: int = 0
+    method: str = "none"
+    line_waves: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    line_cols: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    line_shifts: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    line_errors: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: Legendre coefficients (px) of the offset over the columns (x = -1..1); empty: the
+    #: linear ``shift + stretch * x``
+    coeffs: tuple = ()
+
+    def offsets(self, ncol: int) -> np.ndarray:
+        """Column offset (px) of the sky from the arc solution at every column."""
+        if self.coeffs:
+            return np.polynomial.legendre.legval(_norm_col(ncol), self.coeffs)
+        return self.shift + self.stretch * _norm_col(ncol)
+
+
+def _norm_col(ncol: int) -> np.ndarray:
+    c = np.arange(ncol, dtype=float)
+    return (c - (ncol - 1) / 2) / ((ncol - 1) / 2)
+
+
+def usable_lines(wave: np.ndarray, lsf_fwhm: float = instrument.LSF_FWHM_PIX
+                 ) -> list[tuple[float, np.ndarray]]:
+    """Listed sky lines inside the solution ``wave`` (280, ncol) with no listed neighbour of
+    comparable strength within :data:`BLEND_FWHM` widths: (wavelength A, wavelengths of the
+    other listed lines near enough to reach the stacking window, whose columns are masked).
+    """
+    ref = np.nanmedian(wave, axis=0)
+    disp = float(np.median(np.abs(np.diff(ref))))
+    lo, hi = np.nanmin(ref) + HALF_WINDOW * disp, np.nanmax(ref) - HALF_WINDOW * disp
+    lines = instrument.sky_lines()
+    w = np.array([ln.wavelength for ln in lines])
+    s = np.array([ln.strength for ln in lines])
+    out = []
+    for wi, si in zip(w, s):
+        if not lo < wi < hi:
+            continue
+        near = (np.abs(w - wi) < BLEND_FWHM * lsf_fwhm * disp) & (w != wi)
+        if np.any(s[near] >= BLEND_FRACTION * si):
+            continue
+        reach = (np.abs(w - wi) < (HALF_WINDOW + NEIGHBOUR_FWHM * lsf_fwhm) * disp) & (w != wi)
+        out.append((float(wi), w[reach]))
+    return out
+
+
+def sky_fibers(flux: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """The faintest :data:`SKY_FIBER_FRACTION` of the usable fibers (by median flux): a
+    source's fibers stay out of the stack."""
+    level = np.where(usable, np.nanmedian(flux, axis=1), np.inf)
+    n = max(int(SKY_FIBER_FRACTION * usable.sum()), 1)
+    keep = np.zeros(flux.shape[0], bool)
+    keep[np.argsort(level)[:n]] = True
+    return keep & usable
+
+
+def _levels(flux: np.ndarray, fibers: np.ndarray) -> np.ndarray:
+    """Relative level of each fiber (median over its columns, over the sky fibers' median;
+    1 where that is not positive): the fibers' throughputs, nearly free of noise."""
+    med = np.nanmedian(flux, axis=1)
+    ref = float(np.nanmedian(med[fibers])) if fibers.any() else 0.0
+    if not ref > 0:
+        return np.ones(flux.shape[0])
+    rel = med / ref
+    return np.where(np.isfinite(rel) & (rel > 0.2), rel, 1.0)
+
+
+def _gauss(x, amp, mu, sig, base):
+    return amp * np.exp(-0.5 * ((x - mu) / sig) ** 2) + base
+
+
+def _columns_of(wave: np.ndarray, wavelength: float) -> np.ndarray:
+    """Column (px) of ``wavelength`` in every fiber's solution (NaN outside it)."""
+    ncol = wave.shape[1]
+    i = np.clip((wave < wavelength).sum(axis=1), 1, ncol - 1)
+    rows = np.arange(wave.shape[0])
+    w0, w1 = wave[rows, i - 1], wave[rows, i]
+    col = i - 1 + (wavelength - w0) / (w1 - w0)
+    inside = (wave[:, 0] < wavelength) & (wave[:, -1] > wavelength)
+    return np.where(inside, col, np.nan)
+
+
+def _stack(flux, variance, wave, fibers, wavelength, neighbours=(), lsf_fwhm=4.3,
+           level=None):
+    """Offsets from the predicted column and continuum-subtracted values of every sky fiber
+    around one line, each fiber divided by its ``level`` (a throughput proxy from the whole
+    spectrum: a scale from the line's own noisy pixels would weight upward noise near the
+    predicted column and pull the fit towards it); ``None`` when too few fibers see it."""
+    ncol = flux.shape[1]
+    k = np.nonzero(fibers)[0]
+    p = _columns_of(wave[k], wavelength)
+    start = np.round(np.nan_to_num(p, nan=-1e6)).astype(int) - HALF_WINDOW
+    ok = np.isfinite(p) & (start >= 0) & (start + 2 * HALF_WINDOW < ncol)
+    k, p, start = k[ok], p[ok], start[ok]
+    if k.size < 3:
+        return None
+    c = start[:, None] + np.arange(2 * HALF_WINDOW + 1)[None, :]
+    f, v = flux[k[:, None], c], variance[k[:, None], c]
+    x = c - p[:, None]
+    free = np.isfinite(f) & (v > 0)
+    for wn in neighbours:
+        pn = _columns_of(wave[k], wn)
+        free &= ~(np.abs(c - pn[:, None]) <= NEIGHBOUR_FWHM * lsf_fwhm)
+    side = (np.abs(x) > CORE) & free
+    # straight line through the side columns of each fiber (a constant where one side is
+    # masked), by the normal equations
+    both = (side & (x > 0)).any(axis=1) & (side & (x < 0)).any(axis=1)
+    n = side.sum(axis=1)
+    sx, sxx = (side * x).sum(axis=1), (side * x * x).sum(axis=1)
+    fz = np.where(side, f, 0.0)
+    sf, sxf = fz.sum(axis=1), (fz * x).sum(axis=1)
+    det = n * sxx - sx**2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = np.where(both & (det > 0), (n * sxf - sx * sf) / det, 0.0)
+        icpt = np.where(both & (det > 0), (sf - slope * sx) / n, sf / n)
+    line = f - (icpt[:, None] + slope[:, None] * x)
+    core = (np.abs(x) <= CORE) & free
+    scale = np.ones(k.size) if level is None else level[k]
+    good = (n >= 2) & (scale > 0) & ~((np.abs(x) <= CORE) & ~free).any(axis=1)
+    if good.sum() < 3 or np.sum(np.where(core & good[:, None], line, 0.0)) <= 0:
+        return None
+    sel = free & good[:, None]
+    y = line / np.where(good, scale, 1.0)[:, None]
+    w = (scale**2)[:, None] / np.where(sel, v, 1.0)
+    return x[sel], y[sel], w[sel], float(np.mean(p[good]))
+
+
+def _fit_line(x, y, w, lsf_fwhm):
+    """Gaussian fit to a stack: (offset, error, signal-to-noise) or ``None``."""
+    sig0 = lsf_fwhm / 2.3548
+    # start from the centroid of the core (robust to a shift of up to MAX_SHIFT)
+    core = np.abs(x) <= CORE
+    mu0 = float(np.clip(np.sum(x[core] * y[core]) / max(np.sum(y[core]), 1e-12), -2, 2))
+    try:
+        with warnings.catch_warnings():  # an unusable covariance is caught below
+            warnings.simplefilter("ignore", OptimizeWarning)
+            p, cov = curve_fit(_gauss, x, y, p0=(1 / (np.sqrt(2 * np.pi) * sig0), mu0, sig0,
+                                                 0.0),
+                               sigma=1 / np.sqrt(w), absolute_sigma=False, maxfev=2000)
+    except (RuntimeError, ValueError):
+        return None
+    err = np.sqrt(np.diag(cov))
+    if not np.all(np.isfinite(err)):
+        return None
+    amp, mu, sig, _ = p
+    if not (0.5 * sig0 < abs(sig) < 2.0 * sig0) or abs(mu) > MAX_SHIFT or amp <= 0:
+        return None
+    return float(mu), float(err[1]), float(amp / err[0])
+
+
+def _wls(x, s, e, deg):
+    """Weighted Legendre fit: coefficients, covariance (unscaled), leverages."""
+    v = np.polynomial.legendre.legvander(x, deg) / e[:, None]
+    cov = np.linalg.pinv(v.T @ v)
+    coef = cov @ (v.T @ (s / e))
+    h = np.einsum("li,ij,lj->l", v, cov, v)
+    return coef, cov, h
+
+
+def _max_degree(x):
+    """Largest Legendre degree of the offsets that the lines at ``x`` support."""
+    n = x.size
+    spread = np.ptp(x) / 2 if n > 1 else 0.0
+    if n < MIN_LINES_STRETCH or spread < MIN_SPREAD_STRETCH:
+        return 0
+    if n < MIN_LINES_CURVE or spread < MIN_SPREAD_CURVE:
+        return 1
+    return MAX_DEGREE
+
+
+def _combine(cols, shifts, errors, ncol):
+    """Weighted Legendre fit of the lines' offsets over the detector with 3-sigma clipping;
+    the degree (up to what the lines support, :func:`_max_degree`) is the simplest whose
+    leave-one-out RMS is within 5 % of the best. Returns (coefficients, error of the
+    offset at the centre column, kept)."""
+    x = (np.asarray(cols) - (ncol - 1) / 2) / ((ncol - 1) / 2)
+    s, e = np.asarray(shifts, float), np.asarray(errors, float)
+    keep = np.ones(s.size, bool)
+    for _ in range(3):
+        top = _max_degree(x[keep])
+        loo = {}
+        for deg in range(top + 1):
+            coef, _, h = _wls(x[keep], s[keep], e[keep], deg)
+            r = (s[keep] - np.polynomial.legendre.legval(x[keep], coef)) / e[keep]
+            loo[deg] = float(np.sqrt(np.mean((r / np.clip(1 - h, 1e-3, None)) ** 2)))
+        best = min(loo.values())
+        deg = min(d for d in loo if loo[d] <= 1.05 * best) if top > 1 else top
+        coef, cov, _ = _wls(x[keep], s[keep], e[keep], deg)
+        resid = (s - np.polynomial.legendre.legval(x, coef)) / e
+        n = int(keep.sum())
+        chi2 = float(np.sum(resid[keep] ** 2)) / max(n - deg - 1, 1)
+        scale = max(chi2, 1.0)
+        new = np.abs(resid) < 3 * np.sqrt(scale)
+        if n <= 2 or np.array_equal(new, keep) or new.sum() < max(2, n // 2):
+            break
+        keep = new
+    v0 = np.polynomial.legendre.legvander(np.zeros(1), deg)[0]
+    return coef, float(np.sqrt(v0 @ cov @ v0 * scale)), keep
+
+
+def measure_sky_shift(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
+                      usable: np.ndarray, lsf_fwhm: float = instrument.LSF_FWHM_PIX
+                      ) -> SkyShift:
+    """Offset of an exposure's sky lines from the arc solution.
+
+    Parameters
+    ----------
+    flux, variance : ndarray (280, ncol)
+        Extracted spectra (electrons per column) and their variance of the exposure.
+    wave : ndarray (280, ncol)
+        The arc solution (air Angstrom at each fiber's pixel centres).
+    usable : ndarray of bool (280,)
+        Live fibers that may serve as sky.
+    lsf_fwhm : float
+        Line-spread FWHM (px).
+
+    Returns
+    -------
+    SkyShift
+        Method ``lines`` when at least one line is measured well, else ``xcorr`` when the
+        template cross-correlation finds a clear peak, else ``none`` (zero shift).
+    """
+    ncol = flux.shape[1]
+    fibers = sky_fibers(flux, usable)
+    level = _levels(flux, fibers)
+    found = []
+    for wl, near in usable_lines(wave, lsf_fwhm):
+        st = _stack(flux, variance, wave, fibers, wl, near, lsf_fwhm, level)
+        if st is None:
+            continue
+        x, y, w, pc = st
+        fit = _fit_line(x, y, w, lsf_fwhm)
+        if fit is None or fit[2] < MIN_LINE_SNR:
+            continue
+        found.append((wl, pc, fit[0], fit[1]))
+    if found:
+        wl, pc, sh, er = (np.array(v) for v in zip(*found))
+        er = np.maximum(er, 1e-3)
+        coef, error, keep = _combine(pc, sh, er, ncol)
+        leg = np.polynomial.legendre
+        shift = float(leg.legval(0.0, coef))
+        stretch = float(leg.legval(1.0, coef) - leg.legval(-1.0, coef)) / 2
+        if error <= MAX_ERROR and abs(shift) <= MAX_SHIFT:
+            return SkyShift(shift, stretch, error, int(keep.sum()), "lines", wl, pc, sh, er,
+                            tuple(float(c) for c in coef))
+        log.info("sky lines give shift %.3f +- %.3f px: not trusted", shift, error)
+    xc = xcorr_shift(flux, wave, fibers, lsf_fwhm)
+    if xc is not None:
+        return SkyShift(xc[0], 0.0, xc[1], 0, "xcorr")
+    return SkyShift()
+
+
+def _mean_sky(flux, wave, fibers):
+    """The sky fibers' spectra, each normalised by its median, averaged on the median
+    fiber's wavelengths (arc solution), with a 51-px running median taken out."""
+    ref = np.nanmedian(wave[fibers], axis=0)
+    stack = []
+    for k in np.nonzero(fibers)[0]:
+        f = flux[k] / max(float(np.nanmedian(flux[k])), 1e-12)
+        stack.append(np.interp(ref, wave[k], f))
+    mean = np.nanmean(np.array(stack), axis=0)
+    return ref, mean - median_filter(mean, 51, mode="nearest")
+
+
+def xcorr_shift(flux: np.ndarray, wave: np.ndarray, fibers: np.ndarray,
+                lsf_fwhm: float = instrument.LSF_FWHM_PIX) -> tuple[float, float] | None:
+    """Shift (px) and its error from the cross-correlation of the stacked sky (continuum
+    removed) with a template of all listed sky lines at their rough strengths; ``None``
+    without a clear peak (no listed line in the channel, or the sky is too faint)."""
+    if fibers.sum() < 3:
+        return None
+    ref, sky = _mean_sky(flux, wave, fibers)
+    cols = np.arange(ref.size, dtype=float)
+    sig = lsf_fwhm / 2.3548
+    lines = [ln for ln in instrument.sky_lines() if ref[0] < ln.wavelength < ref[-1]]
+    if not lines:
+        return None
+    pos = np.interp([ln.wavelength for ln in lines], ref, cols)
+    amp = np.array([ln.strength for ln in lines])
+    lags = np.arange(-MAX_SHIFT, MAX_SHIFT + 1e-9, 0.1)
+    inner = slice(30, ref.size - 30)
+    noise = 1.4826 * np.median(np.abs(sky[inner] - np.median(sky[inner])))
+    corr = np.empty(lags.size)
+    for i, lag in enumerate(lags):
+        t = (amp[None, :] * np.exp(-0.5 * ((cols[:, None] - pos[None, :] - lag) / sig) ** 2)
+             ).sum(axis=1)
+        t -= t[inner].mean()
+        corr[i] = np.dot(sky[inner], t[inner]) / max(np.linalg.norm(t[inner]), 1e-12)
+    j = int(np.argmax(corr))
+    if j in (0, lags.size - 1) or corr[j] < 10 * noise:
+        return None
+    a, b, c = corr[j - 1], corr[j], corr[j + 1]
+    den = a - 2 * b + c
+    frac = 0.5 * (a - c) / den if den < 0 else 0.0
+    shift = float(lags[j] + 0.1 * frac)
+    # curvature of the correlation against its noise: the width of the peak over its S/N
+    error = float(sig / max(corr[j] / noise, 1.0))
+    return shift, error
+
+
+def apply_shift(wave: np.ndarray, result: SkyShift) -> np.ndarray:
+    """Every fiber's wavelengths after the sky's offset: the arc solution evaluated at
+    ``column - offset`` (linear extrapolation beyond the detector's ends)."""
+    if result.method == "none":
+        return wave
+    ncol = wave.shape[1]
+    cols = np.arange(ncol, dtype=float)
+    at = cols - result.offsets(ncol)
+    out = np.empty_like(wave)
+    for k in range(wave.shape[0]):
+        wk = wave[k]
+        out[k] = np.interp(at, cols, wk)
+        lo, hi = at < 0, at > ncol - 1
+        out[k, lo] = wk[0] + (at[lo]) * (wk[1] - wk[0])
+        out[k, hi] = wk[-1] + (at[hi] - (ncol - 1)) * (wk[-1] - wk[-2])
+    return out

@@ -1,0 +1,109 @@
+"""Wavelength refinement from the sky (panacea.skywave) against simulator truth.
+
+The sky of an exposure is rendered by the simulator with a known spectral flexure against
+the night's arcs; the refinement, given the arcs' (true) solution, must take it out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from panacea import instrument
+from panacea.simulate.night import ExposurePlan, sky_spectra
+from panacea.simulate.optics import build_optics
+from panacea.skywave import apply_shift, measure_sky_shift
+
+DATE = "20181108"
+#: Issue 12's targets for the zero point after refinement (px), median-night ones except uv:
+#: a dark 900 s uv sky holds two Hg lines of ~50 e per fiber over ~12 e/px of continuum, so
+#: the photon noise alone is ~0.035 px there; uv is held to the worst-night target.
+TARGET = {"uv": 0.08, "orange": 0.04, "red": 0.02, "farred": 0.02}
+READ_NOISE = 3.0
+
+
+@pytest.fixture(scope="module")
+def optics():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = build_optics(instrument.get_channel(name), DATE)
+        return cache[name]
+    return get
+
+
+def _observe(optics, shift, stretch, exptime=900.0, seed=3, lines=True):
+    """Noisy sky spectra (electrons per column) of every fiber seen through flexure."""
+    flexed = optics.with_flexure(shift, stretch)
+    plan = ExposurePlan(12, 1, "sci", "sky", exptime, "2018-11-08T03:00:00", "science",
+                        tracker=[(0, 0, 0), (1, 0, 1)])
+    rng = np.random.default_rng(seed)
+    if lines:
+        expected = sky_spectra(flexed, plan, rng)
+    else:  # a smooth continuum alone: nothing to measure a shift on
+        expected = np.full((instrument.NFIBERS, optics.ncol), 200.0) * flexed.fiber_throughput
+    var = np.clip(expected, 0, None) + READ_NOISE**2
+    flux = rng.poisson(np.clip(expected, 0, None)) + rng.normal(0, READ_NOISE, expected.shape)
+    return flux, var, flexed
+
+
+def _zero_point(wave, true_wave, optics):
+    """Median (over live fibers and all but 50 columns at each end) wavelength error in px."""
+    disp = np.gradient(true_wave, axis=1)
+    d = ((wave - true_wave) / disp)[~optics.dead][:, 50:-50]
+    return float(np.median(d))
+
+
+@pytest.mark.parametrize("name", ["uv", "orange", "red", "farred"])
+@pytest.mark.parametrize("shift,stretch", [(0.6, 0.05), (-0.8, -0.1)])
+def test_flexure_taken_out(optics, name, shift, stretch):
+    o = optics(name)
+    flux, var, flexed = _observe(o, shift, stretch)
+    before = _zero_point(o.wave, flexed.wave, o)
+    assert abs(before - shift) < 0.05  # the simulated flexure is there
+    result = measure_sky_shift(flux, var, o.wave, ~o.dead)
+    assert result.method == "lines"
+    after = _zero_point(apply_shift(o.wave, result), flexed.wave, o)
+    assert abs(after) <= TARGET[name], (name, before, after, result)
+    # the error is honest: the residual within 4 sigma (and sigma small enough to matter)
+    assert abs(result.shift - shift) < 4 * result.error + 0.01
+    assert result.error < TARGET[name]  # precise enough to meet the target
+    if name in ("red", "farred"):  # dozens of OH lines: the stretch is measured too
+        assert result.nlines >= 15
+        assert abs(result.stretch - stretch) < 0.04
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_short_exposure_not_pulled_to_the_arcs(optics, seed):
+    """A 180 s red sky: faint lines must not bias the shift towards the arcs' prediction
+    (per-fiber scales from the lines' own pixels did: -0.38 px came out as -0.355)."""
+    o = optics("red")
+    flux, var, flexed = _observe(o, -0.38, 0.03, exptime=180.0, seed=seed)
+    result = measure_sky_shift(flux, var, o.wave, ~o.dead)
+    assert result.method == "lines"
+    assert abs(_zero_point(apply_shift(o.wave, result), flexed.wave, o)) <= 0.04
+
+
+def test_no_lines_never_worse(optics):
+    o = optics("orange")
+    flux, var, _ = _observe(o, 0.5, 0.0, lines=False)
+    result = measure_sky_shift(flux, var, o.wave, ~o.dead)
+    assert result.method == "none"
+    assert result.shift == 0.0 and result.nlines == 0
+    np.testing.assert_array_equal(apply_shift(o.wave, result), o.wave)
+
+
+def test_faint_sky_is_not_trusted(optics):
+    """A 5-second exposure: whatever is measured carries an error that covers the truth,
+    or nothing is corrected."""
+    o = optics("uv")
+    flux, var, flexed = _observe(o, -0.7, 0.0, exptime=5.0)
+    result = measure_sky_shift(flux, var, o.wave, ~o.dead)
+    before = abs(_zero_point(o.wave, flexed.wave, o))
+    after = abs(_zero_point(apply_shift(o.wave, result), flexed.wave, o))
+    if result.method == "none":
+        assert after == before
+    else:
+        assert abs(result.shift + 0.7) < 4 * result.error + 0.01
+        assert after < before
