@@ -604,10 +604,11 @@ Written by `panacea-lrs2 simulate`; every array is in the oriented, stitched cha
   `RESPONSE` of the channel truth includes the dichroic edges.
 * `spectra/telluric.txt` (randomized nights with absorption): the true telluric
   transmission at airmass 1.22 on a 0.1 A grid, before the line spread.
-* Randomized nights (`simulate --randomize`) also draw, in `nuisances` (ranges documented in `panacea.simulate.nuisance`: wavelength ripples and low-order
-  change, which are inside `WAVELENGTH`; line-spread scale and asymmetry; arc lines missing,
-  unlisted and blended; AMPNAME convention; scattered light) and, per on-sky exposure,
-  `flexure` {{channel: [shift px, stretch px]}}. Such an exposure's truth file then also holds
+* Randomized nights also draw, in `nuisances` (ranges documented in
+  `panacea.simulate.nuisance`): wavelength ripples and low-order change, which are inside
+  `WAVELENGTH`; line-spread scale and asymmetry; arc lines missing, unlisted and blended;
+  AMPNAME convention; scattered light; and, per on-sky exposure, `flexure`
+  {{channel: [shift px, stretch px]}}. Such an exposure's truth file then also holds
   `WAVELENGTH` (280 x 2064, the exposure's own wavelengths after flexure) and header cards
   WSHIFT/WSTRETCH; `WAVELENGTH` of the channel truth stays the arcs' (calibration) one.
 * `spectra/<kind>.txt`: the true F_lambda (erg/s/cm^2/A, before the line spread) of the
@@ -667,7 +668,7 @@ def _simulate_channel(cfg: NightConfig, name: str, staging: Path, truth: Path) -
             image = np.zeros((2 * o.nrow_amp, o.ncol))
         else:
             image = o.render(comps["total"], shift=p.trace_shift)
-            image += scattered_light(image, nuis.scatter_frac, nuis.scatter_sigma)
+            image += scattered_light(image, nz.scatter_frac, nz.scatter_sigma)
             image *= o.pixel_flat
         raws, cosmic = expose(o, image, rng, p.exptime, with_cosmics=p.exptime > 0,
                               ampnames=ampnames)
