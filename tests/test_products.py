@@ -123,17 +123,22 @@ def test_queue_cards_are_derived_from_the_raw_cards_and_say_so():
     assert h["QRA"] == "01:00:00.00" and h["QOBJECT"] == "HIIregion"
 
 
-def test_cubes_option():
+def test_cubes_option(tmp_path):
     from panacea.cli import reduce_parser
+    from panacea.ops.cli_config import run_config_from_args
+    from panacea.ops.config import ConfigError
     from panacea.exposure_products import DEFAULT_CUBES, parse_cubes
 
     assert parse_cubes("none") == () and parse_cubes("all") == ("obs", "sky", "skysub")
     assert parse_cubes("skysub, obs") == ("obs", "skysub")
     with pytest.raises(ValueError, match="'skysubb'"):
         parse_cubes("skysubb")
-    args = reduce_parser().parse_args(["-d", "20181108"])
-    assert args.cubes == DEFAULT_CUBES == ("skysub",)
-    assert reduce_parser().parse_args(["-d", "20181108", "--cubes", "none"]).cubes == ()
-    with pytest.raises(SystemExit) as exc:
-        reduce_parser().parse_args(["-d", "20181108", "--cubes", "everything"])
-    assert exc.value.code == 2
+    def run(*extra):
+        parser = reduce_parser()
+        args = parser.parse_args(["-d", "20181108", "--output", str(tmp_path), *extra])
+        return run_config_from_args(args, parser)
+
+    assert run().cubes == DEFAULT_CUBES == ("skysub",)  # the bundled configuration's
+    assert run("--cubes", "none").cubes == ()
+    with pytest.raises(ConfigError, match="science.cubes: .*'everything'"):
+        run("--cubes", "everything")

@@ -81,7 +81,9 @@ def calibration_for(
     bundle.fprint = fingerprint
     write_bundle(bundle, path)
     log.info("%s %s: wrote %s", date, channel.name, path)
-    return bundle
+    # the science uses the bundle as stored (some extensions are quantised within stated
+    # bounds), so a first run and a rerun that reuses the bundle give the same products
+    return read_bundle(path)
 
 
 def guider(cache: dict, night, exposure) -> fluxcal.GuiderConditions:

@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+from scipy.ndimage import median_filter
 import yaml
 from astropy.io import fits
 from astropy.stats import mad_std
@@ -299,23 +300,31 @@ def line_residual(sub: np.ndarray, sky: np.ndarray, good: np.ndarray, use: np.nd
                   ) -> tuple[float, float]:
     """Sky-line flux left after subtraction, as a fraction of the sky-line flux.
 
-    Each fiber's continuum (median of its continuum bins) is taken off both the residual and
-    the sky first, so that a star's wings or a continuum offset do not count as line
-    residual. Returns the fraction and its 1-sigma noise (from ``err``); NaN without sky
-    fibers or sky lines.
+    The continuum under the lines (a running median over the continuum bins of the summed
+    sky fibers, interpolated across each line) is taken off both the residual and the sky
+    first, so that a star's wings, whose level changes along the channel, or a continuum
+    offset do not count as line residual. Returns the fraction and its 1-sigma noise (from
+    ``err``); NaN without sky fibers or sky lines.
     """
     if not (use.any() and lines.any() and cont.any()):
         return np.nan, np.nan
-    s = np.where(good, sub, np.nan)[use]
-    k = np.where(good, sky, np.nan)[use]
-    s = s[:, lines] - nanmedian(s[:, cont], axis=1)[:, None]
-    k = k[:, lines] - nanmedian(k[:, cont], axis=1)[:, None]
+    s = _minus_local_continuum(np.nansum(np.where(good, sub, 0.0)[use], axis=0), cont)[lines]
+    k = _minus_local_continuum(np.nansum(np.where(good, sky, 0.0)[use], axis=0), cont)[lines]
     total = np.nansum(k)
     if not total > 0:
         return np.nan, np.nan
     noise = np.nan if err is None else float(
         np.sqrt(np.sum(np.where(good, err, 0.0)[use][:, lines] ** 2)) / total)
     return float(np.nansum(s) / total), noise
+
+
+def _minus_local_continuum(spectrum: np.ndarray, cont: np.ndarray, window: int = 51
+                           ) -> np.ndarray:
+    """``spectrum`` less its local continuum: a ``window``-bin running median over the
+    continuum bins, interpolated across the bins between them."""
+    idx = np.flatnonzero(cont)
+    level = median_filter(spectrum[idx], size=min(window, idx.size), mode="nearest")
+    return spectrum - np.interp(np.arange(spectrum.size), idx, level)
 
 
 def exposure_metrics(path: str | Path) -> tuple[ExposureQA, dict]:
