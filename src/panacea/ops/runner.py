@@ -227,4 +227,23 @@ def _inline_task(run: RunConfig, archive, date: str, channel: str) -> tuple[list
     summary = NightSummary(date, run.output)
     with Ledger(ledger_path(run.output), run.config_hash) as ledger:
         joins = pipeline.reduce_channel(run, archive, date, channel, summary, ledger)
+    if summary.counts().get("written") or not (night_folder(run.output, date)
+                                               / "report.html").exists():
+        _channel_report(run.output, date, channel)
     return summary.outcomes, joins
+
+
+def _channel_report(root: Path, date: str, channel: str) -> None:
+    """The channel's part of the night report (metrics fragment and plots), drawn here in
+    the task that reduced it so the channels' plots run in parallel; kept as it is when its
+    products did not change (and the runner calls it only when the channel wrote something
+    or the night has no report yet, as for the night's report). A failure is logged, never
+    fatal: the night report redoes the channel."""
+    if importlib.util.find_spec("matplotlib") is None:  # _night_report says what to do
+        return
+    from ..qa.channel_report import write_channel_qa
+
+    try:
+        write_channel_qa(root, date, channel)
+    except (OSError, ValueError, KeyError) as err:
+        log.error("night %s %s: QA of the channel failed: %s", date, channel, err)
