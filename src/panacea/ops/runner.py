@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import pipeline
 from ..io_utils import remove_stale_parts
 from .config import RunConfig
-from .executors import DaskEngine, Inline, make_engine
+from .executors import DaskEngine, Inline, LocalPool, make_engine
 from .ledger import Ledger, raw_stamp
 from .lock import LockHeld, NightLock
 from .summary import EXIT_INTERNAL, EXIT_LOCKED, EXIT_USAGE, NightSummary, Outcome, night_folder
@@ -119,6 +119,8 @@ class _Night:
                                                   self.date, ch))
                 self.progress.channel_done(self.date, ch)
         else:
+            if isinstance(engine, LocalPool):
+                _preload_qa()  # forked local workers inherit the plotting modules
             self.futures = [engine.submit(channel_task, self.run, self.date, ch)
                             for ch in self.run.channels]
 
@@ -231,6 +233,17 @@ def _inline_task(run: RunConfig, archive, date: str, channel: str) -> tuple[list
                                                / "report.html").exists():
         _channel_report(run.output, date, channel)
     return summary.outcomes, joins
+
+
+def _preload_qa() -> None:
+    """Import matplotlib and the QA modules here, before the local pool forks, so that
+    each worker does not import them again (~1 s of CPU each) for its channel's plots."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    from ..qa import channel_report  # noqa: F401  (and through it the metrics, plots)
+    from ..qa.plots import _pyplot
+
+    _pyplot()
 
 
 def _channel_report(root: Path, date: str, channel: str) -> None:

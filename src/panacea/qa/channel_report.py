@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -183,6 +184,7 @@ def write_channel_qa(output_root: str | Path, date: str, channel: str,
         bundle), ``channel_figs`` (PNG names in ``qa/``), ``exposures`` (``qa`` and ``figs``
         per exposure), ``inputs`` and ``key``; ``reused`` tells whether it was kept.
     """
+    t0, c0 = time.perf_counter(), time.process_time()
     folder = night_dir(output_root, date) / "qa"
     folder.mkdir(parents=True, exist_ok=True)
     path = fragment_path(output_root, date, channel)
@@ -214,6 +216,10 @@ def write_channel_qa(output_root: str | Path, date: str, channel: str,
         doc["exposures"].append({"qa": asdict(qa), "figs": [f.name for f in figs]})
     _write_fragment(doc, path)
     doc["reused"] = False
+    nfig = len(doc["channel_figs"]) + sum(len(e["figs"]) for e in doc["exposures"])
+    log.info("night %s %s: QA of the channel, %d exposures, %d plots in %.1f s (CPU %.1f s)",
+             date, channel, len(doc["exposures"]), nfig, time.perf_counter() - t0,
+             time.process_time() - c0)
     return doc
 
 
