@@ -222,3 +222,31 @@ def test_report_command_rebuilds(damaged_night, tmp_path):
     assert report.exists() and table.stat().st_size > 0
     assert main(["report", "-d", DATE, "--output", str(tmp_path / "nowhere")]) == 2
     assert main(["report", "-d", "20181109", "--output", str(out)]) == 2  # no products
+
+
+def test_report_reuses_up_to_date_channel_fragments(damaged_night):
+    """The channel tasks left one fragment per channel; the night report reuses them (no
+    plot redrawn) and recomputes only the channel whose product changed, to the same
+    metrics; a missing fragment is rebuilt."""
+    import os
+
+    from panacea.qa.channel_report import fragment_path
+    from panacea.qa.report import write_night_report
+
+    out, _ = damaged_night
+    night = out / "NIGHTS" / DATE
+    frags = {ch: fragment_path(out, DATE, ch) for ch in ("uv", "orange", "red", "farred")}
+    assert all(p.exists() for p in frags.values())
+    before = json.loads((night / "metrics.json").read_text())
+    stamp = {p: p.stat().st_mtime_ns for p in (night / "qa").glob("*.png")}
+    write_night_report(out, DATE)
+    joined = {p for p in stamp if p.name.startswith("joined_")}
+    assert all(p.stat().st_mtime_ns == t for p, t in stamp.items() if p not in joined)
+    multi = next(out.glob(f"*/multi_{DATE}_*_exp01_red.fits"))
+    os.utime(multi, ns=(multi.stat().st_atime_ns, multi.stat().st_mtime_ns + 10**9))
+    frags["uv"].unlink()
+    old = {ch: p.stat().st_mtime_ns if p.exists() else None for ch, p in frags.items()}
+    write_night_report(out, DATE)
+    changed = {ch for ch, p in frags.items() if p.stat().st_mtime_ns != old[ch]}
+    assert changed == {"uv", "red"}
+    assert json.loads((night / "metrics.json").read_text()) == before
