@@ -3,6 +3,8 @@
 :func:`write_night_report` writes, under ``{output}/NIGHTS/{date}/``: ``metrics.json``,
 ``qa/*.png``, ``report.html`` (calibrations per channel and every exposure) and one page
 ``obs_{obsid7}.html`` per observation; then ``{output}/NIGHTS/index.html`` over all nights.
+The per-channel metrics and plots come from :mod:`panacea.qa.channel_report` (drawn by the
+channel tasks, reused here when up to date); only the joined spectra are drawn here.
 The pages are plain HTML with an inline style sheet: no scripts, web fonts or remote files,
 so they open offline from a laptop or a web server alike.
 """
