@@ -222,3 +222,34 @@ def test_report_command_rebuilds(damaged_night, tmp_path):
     assert report.exists() and table.stat().st_size > 0
     assert main(["report", "-d", DATE, "--output", str(tmp_path / "nowhere")]) == 2
     assert main(["report", "-d", "20181109", "--output", str(out)]) == 2  # no products
+
+
+def test_report_reuses_up_to_date_channel_fragments(damaged_night):
+    """The channel task left its channel's fragment; the night report reuses it (no plot
+    redrawn), recomputes it to the same metrics when a product changed, and rebuilds it
+    when it is missing."""
+    import os
+
+    from panacea.qa.channel_report import fragment_path
+    from panacea.qa.report import write_night_report
+
+    out, _ = damaged_night
+    night = out / "NIGHTS" / DATE
+    frag = fragment_path(out, DATE, "orange")  # the damaged night is orange only
+    assert frag.exists()
+    before = json.loads((night / "metrics.json").read_text())
+    stamp = {p: p.stat().st_mtime_ns for p in (night / "qa").glob("*.png")
+             if not p.name.startswith("joined_")}
+    t0 = frag.stat().st_mtime_ns
+    write_night_report(out, DATE)
+    assert frag.stat().st_mtime_ns == t0
+    assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())
+    multi = next(out.glob(f"*/multi_{DATE}_*_exp01_orange.fits"))
+    os.utime(multi, ns=(multi.stat().st_atime_ns, multi.stat().st_mtime_ns + 10**9))
+    write_night_report(out, DATE)
+    assert frag.stat().st_mtime_ns != t0
+    assert json.loads((night / "metrics.json").read_text()) == before
+    frag.unlink()
+    write_night_report(out, DATE)
+    assert frag.exists()
+    assert json.loads((night / "metrics.json").read_text()) == before

@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import pipeline
 from ..io_utils import remove_stale_parts
 from .config import RunConfig
-from .executors import DaskEngine, Inline, make_engine
+from .executors import DaskEngine, Inline, LocalPool, make_engine
 from .ledger import Ledger, raw_stamp
 from .lock import LockHeld, NightLock
 from .summary import EXIT_INTERNAL, EXIT_LOCKED, EXIT_USAGE, NightSummary, Outcome, night_folder
@@ -119,6 +119,8 @@ class _Night:
                                                   self.date, ch))
                 self.progress.channel_done(self.date, ch)
         else:
+            if isinstance(engine, LocalPool):
+                _preload_qa()  # forked local workers inherit the plotting modules
             self.futures = [engine.submit(channel_task, self.run, self.date, ch)
                             for ch in self.run.channels]
 
@@ -227,4 +229,34 @@ def _inline_task(run: RunConfig, archive, date: str, channel: str) -> tuple[list
     summary = NightSummary(date, run.output)
     with Ledger(ledger_path(run.output), run.config_hash) as ledger:
         joins = pipeline.reduce_channel(run, archive, date, channel, summary, ledger)
+    if summary.counts().get("written") or not (night_folder(run.output, date)
+                                               / "report.html").exists():
+        _channel_report(run.output, date, channel)
     return summary.outcomes, joins
+
+
+def _preload_qa() -> None:
+    """Import matplotlib and the QA modules here, before the local pool forks, so that
+    each worker does not import them again (~1 s of CPU each) for its channel's plots."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    from ..qa import channel_report  # noqa: F401  (and through it the metrics, plots)
+    from ..qa.plots import _pyplot
+
+    _pyplot()
+
+
+def _channel_report(root: Path, date: str, channel: str) -> None:
+    """The channel's part of the night report (metrics fragment and plots), drawn here in
+    the task that reduced it so the channels' plots run in parallel; kept as it is when its
+    products did not change (and the runner calls it only when the channel wrote something
+    or the night has no report yet, as for the night's report). A failure is logged, never
+    fatal: the night report redoes the channel."""
+    if importlib.util.find_spec("matplotlib") is None:  # _night_report says what to do
+        return
+    from ..qa.channel_report import write_channel_qa
+
+    try:
+        write_channel_qa(root, date, channel)
+    except (OSError, ValueError, KeyError) as err:
+        log.error("night %s %s: QA of the channel failed: %s", date, channel, err)

@@ -143,11 +143,25 @@ def _no_ticks():
     return NullLocator()
 
 
+def _log_y(ax) -> None:
+    """A log y axis with plain-text decade labels ("1e-04"): the default mathtext labels
+    cost ~0.07 s a figure to parse, the minor ticks ~0.1 s to lay out."""
+    from matplotlib.ticker import LogFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(_no_ticks())
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=True))
+
+
 def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` atomically (a ``.{name}.part`` file renamed) and close it."""
     plt = _pyplot()
-    fig.savefig(path, dpi=_DPI, pil_kwargs={"compress_level": 1})
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.part")
+    fig.savefig(tmp, format="png", dpi=_DPI, pil_kwargs={"compress_level": 1})
     plt.close(fig)
-    return Path(path)
+    tmp.replace(path)
+    return path
 
 
 @cache
@@ -310,8 +324,7 @@ def plot_sky_residuals(grid: np.ndarray, sub: np.ndarray, sky: np.ndarray, err: 
     x = np.linspace(-6, 6, 200)
     b.plot(x, np.exp(-x**2 / 2) / np.sqrt(2 * np.pi), color="tab:green", lw=0.8,
            label="N(0,1)")
-    b.set_yscale("log")
-    b.yaxis.set_minor_locator(_no_ticks())  # log minor ticks cost ~0.1 s to lay out
+    _log_y(b)
     b.set_ylim(1e-4, 1)
     b.set_xlabel("chi")
     b.set_title("chi: all (black), sky lines (red), N(0,1) (green)", fontsize=7)
@@ -367,8 +380,7 @@ def plot_response(grid: np.ndarray, curves: dict[str, np.ndarray],
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2), gridspec_kw=_MARGINS2)
     for label, r in curves.items():
         a.plot(grid, r, lw=0.8, label=label)
-    a.set_yscale("log")
-    a.yaxis.set_minor_locator(_no_ticks())
+    _log_y(a)
     a.set_xlabel("wavelength (Angstrom)")
     a.set_ylabel("response (erg / e-)")
     a.legend(fontsize=7)

@@ -3,6 +3,8 @@
 :func:`write_night_report` writes, under ``{output}/NIGHTS/{date}/``: ``metrics.json``,
 ``qa/*.png``, ``report.html`` (calibrations per channel and every exposure) and one page
 ``obs_{obsid7}.html`` per observation; then ``{output}/NIGHTS/index.html`` over all nights.
+The per-channel metrics and plots come from :mod:`panacea.qa.channel_report` (drawn by the
+channel tasks, reused here when up to date); only the joined spectra are drawn here.
 The pages are plain HTML with an inline style sheet: no scripts, web fonts or remote files,
 so they open offline from a laptop or a web server alike.
 """
@@ -20,15 +22,14 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from .. import __version__, instrument
-from ..fluxcal import default_response, read_response
+from .. import __version__
 from . import plots
+from .channel_report import channel_qa_from, exposures_from, write_channel_qa
 from .metrics import (
+    _MULTI,
     ChannelQA,
     ExposureQA,
     Metric,
-    channel_metrics,
-    exposure_metrics,
     find_products,
     night_dir,
     night_json,
@@ -111,52 +112,6 @@ def _link(path: str | Path | None, base: Path) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def _channel_plots(qa: ChannelQA, arrays: dict, date: str, folder: Path,
-                   standard: np.ndarray | None) -> list[Path]:
-    ch = qa.channel
-    out = [
-        plots.plot_trace_overlay(arrays["flat_cut"], arrays["trace"], arrays["dead"],
-                                 folder / f"trace_{ch}.png",
-                                 f"{date} {ch}: traces on the master flat (first amp)"),
-        plots.plot_wave_residuals(arrays["column"], arrays["resid"], arrays["lines"],
-                                  folder / f"wave_{ch}.png",
-                                  f"{date} {ch}: arc-line residuals"),
-        plots.plot_ftf_map(arrays["level"], arrays["dead"], folder / f"ftf_{ch}.png",
-                           f"{date} {ch}: fiber-to-fiber"),
-    ]
-    grid = instrument.get_channel(ch).grid
-    curves = {}
-    if qa.response is not None:
-        try:
-            curves["this night"] = read_response(qa.response, grid)
-        except (OSError, ValueError) as err:
-            log.warning("%s: unreadable response (%s)", qa.response, err)
-    bundled = default_response(ch, grid)
-    if bundled is not None:
-        curves["bundled default"] = bundled
-    if curves:
-        out.append(plots.plot_response(grid, curves, standard, folder / f"response_{ch}.png",
-                                       f"{date} {ch}: response"))
-    return out
-
-
-def _exposure_plots(qa: ExposureQA, arrays: dict, date: str, folder: Path) -> list[Path]:
-    tag = f"{date} obs {qa.obsid} exp{qa.exp:02d} {qa.channel} {qa.object}"
-    out = [
-        plots.plot_sky_residuals(arrays["grid"], arrays["sub"], arrays["sky"], arrays["err"],
-                                 arrays["use"], arrays["chi"], arrays["lines"],
-                                 folder / f"sky_{qa.key}.png", f"{tag}: sky residual"),
-        plots.plot_collapsed(arrays["collapsed"], arrays["header"],
-                             folder / f"ifu_{qa.key}.png",
-                             f"obs {qa.obsid} exp{qa.exp:02d} {qa.channel}:"),
-    ]
-    if arrays["spec"] is not None and "SOURCEX" in arrays["header"]:
-        unit = str(arrays["header"].get("BUNIT", ""))
-        out.append(plots.plot_spectrum(arrays["spec"], folder / f"spec_{qa.key}.png", unit,
-                                       f"{tag}: extracted spectrum"))
-    return out
-
-
 def _joined_plot(path: Path, folder: Path, title: str) -> Path | None:
     try:
         with fits.open(path) as hdul:
@@ -171,15 +126,6 @@ def _joined_plot(path: Path, folder: Path, title: str) -> Path | None:
 
 
 # --------------------------------------------------------------------------- pages
-
-
-def _standard_spectrum(exposures: list[tuple[ExposureQA, dict]], channel: str
-                       ) -> np.ndarray | None:
-    for qa, arrays in exposures:
-        if (qa.channel == channel and arrays["spec"] is not None
-                and instrument.match_standard(qa.object) is not None):
-            return arrays["spec"]
-    return None
 
 
 def _observation_page(obsid: int, items: list[tuple[ExposureQA, list[Path]]],
@@ -267,8 +213,20 @@ def _write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def write_night_report(output_root: str | Path, date: str) -> Path:
+def _channel_order(bundles: dict, multis: list[Path]) -> list[str]:
+    names = set(bundles)
+    names.update(m.group(4) for p in multis if (m := _MULTI.search(p.name)))
+    order = {n: i for i, n in enumerate(("uv", "orange", "red", "farred"))}
+    return sorted(names, key=lambda n: (order.get(n, 9), n))
+
+
+def write_night_report(output_root: str | Path, date: str, reuse: bool = True) -> Path:
     """Metrics, plots and HTML pages of one night from the products under ``output_root``.
+
+    The per-channel part (metrics and plots of the calibrations and exposures) comes from
+    the fragments ``qa/metrics_{channel}.json`` that the channel tasks wrote, when they are
+    up to date (:mod:`panacea.qa.channel_report`); missing or stale ones are recomputed
+    here. Only the joined spectra, ``metrics.json`` and the pages are always redrawn.
 
     Parameters
     ----------
@@ -276,6 +234,8 @@ def write_night_report(output_root: str | Path, date: str) -> Path:
         The product tree (``--output``).
     date : str
         Night, ``YYYYMMDD``.
+    reuse : bool
+        Reuse up-to-date channel fragments (False recomputes every channel).
 
     Returns
     -------
@@ -287,24 +247,20 @@ def write_night_report(output_root: str | Path, date: str) -> Path:
     figdir = base / "qa"
     figdir.mkdir(parents=True, exist_ok=True)
     bundles, multis = find_products(output_root, date)
-    exposures: list[tuple[ExposureQA, dict]] = []
-    for path in multis:
-        try:
-            exposures.append(exposure_metrics(path))
-        except (OSError, KeyError, ValueError) as err:
-            log.warning("%s: left out of the report (%s)", path, err)
-    channels = []
-    for name, path in bundles.items():
-        try:
-            qa, arrays = channel_metrics(path, name)
-        except (OSError, KeyError, ValueError) as err:
-            log.warning("%s: left out of the report (%s)", path, err)
-            continue
-        figs = _channel_plots(qa, arrays, date, figdir, _standard_spectrum(exposures, name))
-        channels.append((qa, figs))
+    channels: list[tuple[ChannelQA, list[Path]]] = []
+    done: list[tuple[ExposureQA, list[Path]]] = []
+    reused = []
+    for name in _channel_order(bundles, multis):
+        doc = write_channel_qa(output_root, date, name, reuse=reuse)
+        if doc["reused"]:
+            reused.append(name)
+        qa = channel_qa_from(doc)
+        if qa is not None:
+            channels.append((qa, [figdir / n for n in doc["channel_figs"]]))
+        done += [(e, [figdir / n for n in item["figs"]])
+                 for e, item in zip(exposures_from(doc), doc["exposures"])]
     order = {n: i for i, n in enumerate(("uv", "orange", "red", "farred"))}
-    exposures.sort(key=lambda e: (e[0].obsid, e[0].exp, order.get(e[0].channel, 9)))
-    done = [(qa, _exposure_plots(qa, arrays, date, figdir)) for qa, arrays in exposures]
+    done.sort(key=lambda e: (e[0].obsid, e[0].exp, order.get(e[0].channel, 9)))
     doc = night_json(date, [c for c, _ in channels], [e for e, _ in done])
     write_json(doc, base / "metrics.json")
     by_obs: dict[int, list] = defaultdict(list)
@@ -322,6 +278,7 @@ def write_night_report(output_root: str | Path, date: str) -> Path:
     _write_text(report, _night_page(date, channels, done, doc["status"], base,
                                     time.perf_counter() - t0))
     write_index(output_root)
-    log.info("night %s: QA report %s (%s; %d channels, %d exposure-channels, %.1f s)", date,
-             report, doc["status"], len(channels), len(done), time.perf_counter() - t0)
+    log.info("night %s: QA report %s (%s; %d channels, %d exposure-channels, %.1f s; "
+             "channel fragments reused: %s)", date, report, doc["status"], len(channels),
+             len(done), time.perf_counter() - t0, ",".join(reused) or "none")
     return report
