@@ -371,6 +371,8 @@ def reduce_exposure(night: NightIndex, exposure: Exposure, cal: ChannelCalibrati
     header["WSHIFTN"] = (ws.nlines, "sky lines used for WSHIFT")
     header["WSHIFTM"] = (ws.method, "WSHIFT method: lines, xcorr or none")
     header["WSTRETCH"] = (round(ws.stretch, 4), "sky-line stretch, px at the ends")
+    for i, c in enumerate(ws.coeffs):  # the full offset curve, for readers of the product
+        header[f"WSLEG{i}"] = (round(float(c), 5), f"sky offset Legendre coefficient {i} (px)")
     header["SKYMETH"] = (options.sky_method, "sky model")
     header["SKYCHI2"] = (round(float(sf.sky.chi2_dof_sky), 3), "chi2/dof of sky fibers")
     header["NSKYFIB"] = (int(sf.sky.sky_fibers.sum()), "fibers used for the sky")
