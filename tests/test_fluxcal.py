@@ -17,6 +17,8 @@ from panacea.errors import PanaceaError
 from panacea.simulate import night as simnight
 from panacea.simulate import spectra as sp
 
+from lsf import binned_through_lsf
+
 DATE = "20181108"
 STANDARD = "FEIGE_34"
 
@@ -222,23 +224,8 @@ def observed_rate(ch: inst.Channel, plan: simnight.ExposurePlan) -> np.ndarray:
     wide = np.arange(3500.0, 10700.0, step_f)  # the reference's normalisation range
     wf = np.arange(ch.wave_lo - 60, ch.wave_hi + 60, step_f)
     f = np.interp(wf, wide, sp.standard_flambda(STANDARD, wide))
-    disp = np.interp(wf, [ch.wave_lo, ch.wave_hi], [ch.disp_lo, ch.disp_hi])
-    sig = np.sqrt((inst.LSF_FWHM_PIX / 2.3548 * disp) ** 2 + disp**2 / 12)
-    half = int(6 * sig.max() / step_f)
-    pad = np.pad(f, half, mode="edge")
-    offsets = np.arange(-half, half + 1)
-    conv = np.empty_like(f)
-    for i0 in range(0, wf.size, 4000):
-        rows = np.arange(i0, min(i0 + 4000, wf.size))
-        kern = np.exp(-0.5 * (offsets[None] * step_f / sig[rows, None]) ** 2)
-        kern /= kern.sum(axis=1, keepdims=True)
-        conv[rows] = (pad[rows[:, None] + half + offsets[None]] * kern).sum(axis=1)
-    grid = ch.grid
-    step = grid[1] - grid[0]
-    cum = np.r_[0.0, np.cumsum(conv) * step_f]
-    binned = np.diff(np.interp(np.r_[grid - step / 2, grid[-1] + step / 2],
-                               np.r_[wf - step_f / 2, wf[-1] + step_f / 2], cum)) / step
-    return simnight.photons_per_angstrom(ch, grid, binned, plan) / plan.exptime
+    binned = binned_through_lsf(ch, wf, f)
+    return simnight.photons_per_angstrom(ch, ch.grid, binned, plan) / plan.exptime
 
 
 @pytest.fixture(scope="module")
