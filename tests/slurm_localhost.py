@@ -16,25 +16,16 @@ import subprocess
 import time
 from pathlib import Path
 
+from debian import apt_install
+
 PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
 
 def install() -> str | None:
     """Install the packages if a daemon is missing; the reason it cannot be done, or None."""
-    if all(shutil.which(d) or Path(f"/usr/sbin/{d}").exists() for d in DAEMONS):
-        return None
-    if os.geteuid() != 0:
-        return "slurm-wlm and munge are not installed and the tests do not run as root"
-    if shutil.which("apt-get") is None:
-        return "slurm-wlm and munge are not installed and there is no apt-get"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-q"],
-                ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            return f"{' '.join(cmd)} failed: {done.stderr.strip()[-300:]}"
-    return None
+    return apt_install(PACKAGES, lambda: all(shutil.which(d) or Path(f"/usr/sbin/{d}").exists()
+                                             for d in DAEMONS))
 
 
 class LocalSlurm:

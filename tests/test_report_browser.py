@@ -7,12 +7,11 @@ the metric tables are present and coloured, and the console is clean; saves scre
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from debian import apt_install
 
 OUTPUT = Path(__file__).parent / "output"
 PACKAGES = ("chromium", "chromium-driver")
@@ -24,19 +23,7 @@ def _browser_binaries() -> tuple[str | None, str | None]:
 
 def _install_chromium() -> str | None:
     """Install Debian's chromium and its driver when missing; a reason when impossible."""
-    if all(_browser_binaries()):
-        return None
-    if not shutil.which("apt-get"):
-        return "chromium is not installed and this system has no apt-get"
-    if os.geteuid() != 0:
-        return "chromium is not installed and apt-get needs root"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if run.returncode != 0:
-            return f"{' '.join(cmd)} failed: {run.stderr.strip()[-300:]}"
-    return None if all(_browser_binaries()) else "chromium still missing after apt-get"
+    return apt_install(PACKAGES, lambda: all(_browser_binaries()))
 
 
 @pytest.fixture(scope="module")
