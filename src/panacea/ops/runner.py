@@ -175,11 +175,16 @@ class _Night:
         return code
 
 
+def _report_due(root: Path, date: str, summary: NightSummary) -> bool:
+    """The QA report is (re)drawn when this run wrote something or the night has none."""
+    return bool(summary.counts().get("written")) or not (
+        night_folder(root, date) / "report.html").exists()
+
+
 def _night_report(root: Path, date: str, summary: NightSummary) -> None:
     """The night's QA report from its products, rebuilt when this run wrote anything or it
     is missing (a failure is logged, never fatal: the products are already safe)."""
-    page = night_folder(root, date) / "report.html"
-    if page.exists() and not summary.counts().get("written"):
+    if not _report_due(root, date, summary):
         return
     if importlib.util.find_spec("matplotlib") is None:  # the optional "plot" extra
         log.warning("night %s: no QA report without matplotlib (pip install "
@@ -229,8 +234,7 @@ def _inline_task(run: RunConfig, archive, date: str, channel: str) -> tuple[list
     summary = NightSummary(date, run.output)
     with Ledger(ledger_path(run.output), run.config_hash) as ledger:
         joins = pipeline.reduce_channel(run, archive, date, channel, summary, ledger)
-    if summary.counts().get("written") or not (night_folder(run.output, date)
-                                               / "report.html").exists():
+    if _report_due(run.output, date, summary):
         _channel_report(run.output, date, channel)
     return summary.outcomes, joins
 
