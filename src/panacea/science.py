@@ -70,6 +70,15 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     return out
 
 
+def _finite_or_zero(value) -> float:
+    """``value`` as a float, 0.0 when missing or not finite."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return v if np.isfinite(v) else 0.0
+
+
 @dataclass
 class ChannelCalibration:
     """What the science reduction needs from a calibration bundle."""
@@ -86,6 +95,9 @@ class ChannelCalibration:
     profile: FiberProfile
     bigw: np.ndarray
     source: str
+    #: scatter (px) of the arc lines about the wavelength solution (bundle WAVERMS): the
+    #: floor of a sky line's offset error in :func:`panacea.skywave.measure_sky_shift`
+    arc_rms: float = 0.0
 
     @classmethod
     def from_bundle(cls, bundle: CalibrationBundle, source: str = "") -> ChannelCalibration:
@@ -105,7 +117,8 @@ class ChannelCalibration:
                    bias_variance=np.broadcast_to(bias_var, b["masterbias"].shape),
                    read_variance=(rn[amp] ** 2)[:, None],
                    pixelflat=b["pixelflat"].astype(np.float32), profile=profile,
-                   bigw=_read_only(b["bigw"]), source=source)
+                   bigw=_read_only(b["bigw"]), source=source,
+                   arc_rms=_finite_or_zero(b.meta.get("WAVERMS")))
 
     @cached_property
     def noise_floor(self) -> np.ndarray:
@@ -216,7 +229,8 @@ def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration
     timer.add("extract", t0)
 
     t0 = time.perf_counter()
-    wshift = measure_sky_shift(flux, np.where(frac < 0.5, 0.0, fvar), cal.wave, ~cal.dead)
+    wshift = measure_sky_shift(flux, np.where(frac < 0.5, 0.0, fvar), cal.wave, ~cal.dead,
+                               arc_rms=cal.arc_rms)
     wave = apply_shift(cal.wave, wshift)
     timer.add("skywave", t0)
 
@@ -370,6 +384,9 @@ def reduce_exposure(night: NightIndex, exposure: Exposure, cal: ChannelCalibrati
     header["WSHIFTE"] = (round(ws.error, 4), "1-sigma error of WSHIFT (px)")
     header["WSHIFTN"] = (ws.nlines, "sky lines used for WSHIFT")
     header["WSHIFTM"] = (ws.method, "WSHIFT method: lines, xcorr or none")
+    if ws.rejected:  # measured, but within its noise: not applied (never worse)
+        header["WSHIFTE"] = (round(ws.rejected[1], 4), "1-sigma error of WSHIFTU (px)")
+        header["WSHIFTU"] = (round(ws.rejected[0], 4), "sky shift measured, not applied (px)")
     header["WSTRETCH"] = (round(ws.stretch, 4), "sky-line stretch, px at the ends")
     for i, c in enumerate(ws.coeffs):  # the full offset curve, for readers of the product
         header[f"WSLEG{i}"] = (round(float(c), 5), f"sky offset Legendre coefficient {i} (px)")

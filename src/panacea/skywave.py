@@ -9,8 +9,10 @@ the sky fibers' extracted spectra are stacked around the column the arc solution
 line's offset. The offsets of all lines give a shift (and, with enough lines spread over
 the detector, a stretch and up to a cubic curve) in columns with an uncertainty; the
 fibers' wavelengths are then re-evaluated at the shifted columns. Where too few lines are
-seen, a cross-correlation of the stacked sky with a template of all listed lines in the
-channel is tried; when that fails too, nothing is corrected (method ``none``): never worse
+seen, a template fit of the stacked sky with Gaussians at all listed lines of the
+channel (one common shift) is tried. An offset is applied only when it is significant against
+its error (the error includes the arc solution's own scatter); otherwise nothing is
+corrected (method ``none``, the measurement kept in ``rejected``): never worse
 than the arcs alone.
 
 All functions take and return arrays; columns and shifts are in pixels of the stitched
@@ -55,7 +57,11 @@ MIN_LINES_CURVE = 12
 MIN_SPREAD_CURVE = 0.6
 MAX_DEGREE = 3
 #: Largest 1-sigma error (px) of an accepted shift.
-MAX_ERROR = 0.15
+MAX_ERROR = 0.3
+#: An offset is applied only when its largest value over the detector is at least this many
+#: times its error: a correction within its own noise could leave the wavelengths worse
+#: than the arcs alone (the "never worse" rule).
+MIN_SIGNIFICANCE = 3.0
 #: Fraction of the live fibers, the faintest, used as sky fibers.
 SKY_FIBER_FRACTION = 0.7
 
@@ -76,7 +82,8 @@ class SkyShift:
     nlines : int
         Sky lines used (0 for ``xcorr`` and ``none``).
     method : str
-        ``lines``, ``xcorr`` or ``none`` (not measured: no correction).
+        ``lines`` (lines fitted one by one), ``xcorr`` (template fit of all lines together)
+        or ``none`` (not measured, or not trusted: no correction).
     line_waves, line_cols, line_shifts, line_errors : ndarray
         Per-line wavelength (A), mean predicted column, measured offset and error (px).
     """
@@ -93,6 +100,9 @@ class SkyShift:
     #: Legendre coefficients (px) of the offset over the columns (x = -1..1); empty: the
     #: linear ``shift + stretch * x``
     coeffs: tuple = ()
+    #: a measurement that was not applied (method ``none``): (shift px, error px, method);
+    #: empty when nothing was measured
+    rejected: tuple = ()
 
     def offsets(self, ncol: int) -> np.ndarray:
         """Column offset (px) of the sky from the arc solution at every column."""
@@ -285,8 +295,8 @@ def _combine(cols, shifts, errors, ncol):
 
 
 def measure_sky_shift(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
-                      usable: np.ndarray, lsf_fwhm: float = instrument.LSF_FWHM_PIX
-                      ) -> SkyShift:
+                      usable: np.ndarray, lsf_fwhm: float = instrument.LSF_FWHM_PIX,
+                      arc_rms: float = 0.0) -> SkyShift:
     """Offset of an exposure's sky lines from the arc solution.
 
     Parameters
@@ -299,12 +309,22 @@ def measure_sky_shift(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
         Live fibers that may serve as sky.
     lsf_fwhm : float
         Line-spread FWHM (px).
+    arc_rms : float
+        Scatter (px) of the arc lines about the arc solution (the bundle's WAVERMS): a sky
+        line's offset carries the solution's own local error at its column, so this is added
+        in quadrature to every line's error (and to the template fit's, over the number of
+        lines it holds).
 
     Returns
     -------
     SkyShift
-        Method ``lines`` when at least one line is measured well, else ``xcorr`` when the
-        template cross-correlation finds a clear peak, else ``none`` (zero shift).
+        Method ``lines`` when the lines measured one by one give a trusted offset, else
+        ``xcorr`` when the template fit of all lines does; ``none`` (zero shift, nothing
+        corrected) when neither is trusted. Trusted means an error of at most
+        :data:`MAX_ERROR` and an offset significant against it (largest offset over the
+        detector at least :data:`MIN_SIGNIFICANCE` errors): a correction no larger than its
+        own noise could make the wavelengths worse. A rejected measurement is kept in
+        ``rejected`` (shift, error, method).
     """
     ncol = flux.shape[1]
     fibers = sky_fibers(flux, usable)
@@ -319,68 +339,140 @@ def measure_sky_shift(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
         if fit is None or fit[2] < MIN_LINE_SNR:
             continue
         found.append((wl, pc, fit[0], fit[1]))
+    rejected: tuple = ()
     if found:
         wl, pc, sh, er = (np.array(v) for v in zip(*found))
-        er = np.maximum(er, 1e-3)
+        er = np.sqrt(np.maximum(er, 1e-3) ** 2 + arc_rms**2)
         coef, error, keep = _combine(pc, sh, er, ncol)
         leg = np.polynomial.legendre
         shift = float(leg.legval(0.0, coef))
         stretch = float(leg.legval(1.0, coef) - leg.legval(-1.0, coef)) / 2
-        if error <= MAX_ERROR and abs(shift) <= MAX_SHIFT:
-            return SkyShift(shift, stretch, error, int(keep.sum()), "lines", wl, pc, sh, er,
-                            tuple(float(c) for c in coef))
+        result = SkyShift(shift, stretch, error, int(keep.sum()), "lines", wl, pc, sh, er,
+                          tuple(float(c) for c in coef))
+        if _trusted(result, ncol):
+            return result
         log.info("sky lines give shift %.3f +- %.3f px: not trusted", shift, error)
-    xc = xcorr_shift(flux, wave, fibers, lsf_fwhm)
+        rejected = (shift, error, "lines")
+    # the template fit assumes one shift for every line: when enough lines were measured
+    # one by one and disagree (not trusted), it would only hide that disagreement
+    xc = (xcorr_shift(flux, wave, fibers, lsf_fwhm, variance)
+          if len(found) < MIN_LINES_STRETCH else None)
     if xc is not None:
-        return SkyShift(xc[0], 0.0, xc[1], 0, "xcorr")
-    return SkyShift()
+        nl = max(len(usable_lines(wave, lsf_fwhm)), 1)
+        result = SkyShift(xc[0], 0.0, float(np.hypot(xc[1], arc_rms / np.sqrt(nl))), 0,
+                          "xcorr")
+        if _trusted(result, ncol):
+            return result
+        log.info("sky template fit gives shift %.3f +- %.3f px: not trusted", result.shift,
+                 result.error)
+        if not rejected or result.error < rejected[1]:
+            rejected = (result.shift, result.error, "xcorr")
+    return SkyShift(rejected=rejected)
 
 
-def _mean_sky(flux, wave, fibers):
-    """The sky fibers' spectra, each normalised by its median, averaged on the median
-    fiber's wavelengths (arc solution), with a 51-px running median taken out."""
+def _trusted(result: SkyShift, ncol: int) -> bool:
+    """Whether an offset is precise (error at most :data:`MAX_ERROR`) and significant (its
+    largest value over the detector at least :data:`MIN_SIGNIFICANCE` errors) enough to
+    apply: otherwise, on average, it would add more error than it takes out."""
+    if not (np.isfinite(result.error) and result.error <= MAX_ERROR):
+        return False
+    if abs(result.shift) > MAX_SHIFT:
+        return False
+    return float(np.max(np.abs(result.offsets(ncol)))) >= MIN_SIGNIFICANCE * result.error
+
+
+def _mean_sky(flux, variance, wave, fibers, level=None):
+    """The sky fibers' spectra averaged on the median fiber's wavelengths (arc solution), each
+    divided by its throughput ``level`` (:func:`_levels`) with equal weight, a 51-px running
+    median taken out; with the variance of that mean. A fiber's own median is not used as its
+    scale: in a faint sky it is read noise, and dividing by it amplifies the noise."""
     ref = np.nanmedian(wave[fibers], axis=0)
-    stack = []
-    for k in np.nonzero(fibers)[0]:
-        f = flux[k] / max(float(np.nanmedian(flux[k])), 1e-12)
-        stack.append(np.interp(ref, wave[k], f))
-    mean = np.nanmean(np.array(stack), axis=0)
-    return ref, mean - median_filter(mean, 51, mode="nearest")
+    idx = np.nonzero(fibers)[0]
+    lev = np.ones(flux.shape[0]) if level is None else level
+    total = np.zeros(ref.size)
+    var = np.zeros(ref.size)
+    for k in idx:
+        total += np.interp(ref, wave[k], np.nan_to_num(flux[k])) / lev[k]
+        var += np.interp(ref, wave[k], np.nan_to_num(variance[k], nan=0.0)) / lev[k] ** 2
+    mean, var = total / idx.size, var / idx.size**2
+    return ref, mean - median_filter(mean, 51, mode="nearest"), var
 
 
 def xcorr_shift(flux: np.ndarray, wave: np.ndarray, fibers: np.ndarray,
-                lsf_fwhm: float = instrument.LSF_FWHM_PIX) -> tuple[float, float] | None:
-    """Shift (px) and its error from the cross-correlation of the stacked sky (continuum
-    removed) with a template of all listed sky lines at their rough strengths; ``None``
-    without a clear peak (no listed line in the channel, or the sky is too faint)."""
+                lsf_fwhm: float = instrument.LSF_FWHM_PIX,
+                variance: np.ndarray | None = None) -> tuple[float, float] | None:
+    """Shift (px) and its 1-sigma error from a template fit to the stacked sky.
+
+    The sky fibers' mean spectrum (continuum removed) is fitted, at trial shifts every
+    0.05 px over +-:data:`MAX_SHIFT`, by Gaussians of the line-spread width at every listed
+    sky line of the channel, each with a free amplitude (linear least squares, weighted by
+    the mean's variance, on the columns within :data:`HALF_WINDOW` of a line). The shift is
+    the chi-square minimum (a parabola through its neighbours) and its error the shift that
+    raises chi-square by one, scaled by the reduced chi-square when above one: all lines
+    together, also those too faint to fit one by one.
+
+    Parameters
+    ----------
+    flux : ndarray (280, ncol)
+        Extracted spectra (electrons per column).
+    wave : ndarray (280, ncol)
+        The arc solution (air Angstrom).
+    fibers : ndarray of bool (280,)
+        Sky fibers.
+    lsf_fwhm : float
+        Line-spread FWHM (px).
+    variance : ndarray (280, ncol), optional
+        Variance of ``flux`` (electrons^2); without it, Poisson plus 3 e read noise per
+        column is assumed.
+
+    Returns
+    -------
+    tuple of float or None
+        (shift, error) in px; ``None`` when no listed line is in the channel, the fit finds
+        no line at 5 sigma, or the minimum sits at the edge of the search.
+    """
     if fibers.sum() < 3:
         return None
-    ref, sky = _mean_sky(flux, wave, fibers)
-    cols = np.arange(ref.size, dtype=float)
+    if variance is None:
+        variance = np.clip(flux, 0, None) + 9.0
+    level = _levels(flux, fibers)
+    ref, sky, var = _mean_sky(flux, variance, wave, fibers, level)
+    ncol = ref.size
+    cols = np.arange(ncol, dtype=float)
     sig = lsf_fwhm / 2.3548
-    lines = [ln for ln in instrument.sky_lines() if ref[0] < ln.wavelength < ref[-1]]
-    if not lines:
+    lw = np.array([ln.wavelength for ln in instrument.sky_lines()])
+    lw = lw[(lw > ref[0]) & (lw < ref[-1])]
+    if lw.size == 0:
         return None
-    pos = np.interp([ln.wavelength for ln in lines], ref, cols)
-    amp = np.array([ln.strength for ln in lines])
-    lags = np.arange(-MAX_SHIFT, MAX_SHIFT + 1e-9, 0.1)
-    inner = slice(30, ref.size - 30)
-    noise = 1.4826 * np.median(np.abs(sky[inner] - np.median(sky[inner])))
-    corr = np.empty(lags.size)
+    pos = np.interp(lw, ref, cols)
+    near = np.abs(cols[:, None] - pos[None, :]).min(axis=1) <= HALF_WINDOW
+    near &= (cols > 30) & (cols < ncol - 30) & (var > 0) & np.isfinite(sky)
+    if near.sum() < 10:
+        return None
+    y, w = sky[near], 1.0 / var[near]
+    lags = np.arange(-MAX_SHIFT, MAX_SHIFT + 1e-9, 0.05)
+    chi2 = np.empty(lags.size)
     for i, lag in enumerate(lags):
-        t = (amp[None, :] * np.exp(-0.5 * ((cols[:, None] - pos[None, :] - lag) / sig) ** 2)
-             ).sum(axis=1)
-        t -= t[inner].mean()
-        corr[i] = np.dot(sky[inner], t[inner]) / max(np.linalg.norm(t[inner]), 1e-12)
-    j = int(np.argmax(corr))
-    if j in (0, lags.size - 1) or corr[j] < 10 * noise:
+        g = np.exp(-0.5 * ((cols[near, None] - pos[None, :] - lag) / sig) ** 2)
+        g = g[:, g.max(axis=0) > 0.5]  # lines whose peak falls on a used column
+        if g.shape[1] == 0:
+            chi2[i] = np.sum(w * y**2)
+            continue
+        sw = np.sqrt(w)
+        amp, *_ = np.linalg.lstsq(g * sw[:, None], y * sw, rcond=None)
+        chi2[i] = float(np.sum(w * (y - g @ amp) ** 2))
+    j = int(np.argmin(chi2))
+    chi0 = float(np.sum(w * y**2))
+    if j in (0, lags.size - 1) or chi0 - chi2[j] < 25.0:
         return None
-    a, b, c = corr[j - 1], corr[j], corr[j + 1]
-    den = a - 2 * b + c
-    frac = 0.5 * (a - c) / den if den < 0 else 0.0
-    shift = float(lags[j] + 0.1 * frac)
-    # curvature of the correlation against its noise: the width of the peak over its S/N
-    error = float(sig / max(corr[j] / noise, 1.0))
+    a, b, c = chi2[j - 1], chi2[j], chi2[j + 1]
+    curv = (a - 2 * b + c) / 0.05**2  # d2chi2/dlag2
+    if not curv > 0:
+        return None
+    frac = 0.5 * (a - c) / (a - 2 * b + c)
+    shift = float(lags[j] + 0.05 * frac)
+    red = max(b / max(int(near.sum()) - lw.size - 1, 1), 1.0)
+    error = float(np.sqrt(2.0 / curv * red))
     return shift, error
 
 
