@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.ndimage import median_filter
-from scipy.optimize import OptimizeWarning, curve_fit
+from scipy.optimize import OptimizeWarning, curve_fit, least_squares
 
 from . import instrument
 
@@ -253,6 +253,11 @@ def _wls(x, s, e, deg):
     return coef, cov, h
 
 
+def _whitened(coef, x, s, e):
+    """Residuals of offsets ``s`` (errors ``e``) from the Legendre curve ``coef``, in sigmas."""
+    return (s - np.polynomial.legendre.legval(x, coef)) / e
+
+
 def _max_degree(x):
     """Largest Legendre degree of the offsets that the lines at ``x`` support."""
     n = x.size
@@ -265,7 +270,8 @@ def _max_degree(x):
 
 
 def _combine(cols, shifts, errors, ncol):
-    """Weighted Legendre fit of the lines' offsets over the detector with 3-sigma clipping;
+    """Weighted Legendre fit of the lines' offsets over the detector with 3-sigma clipping
+    (sigma from the median absolute residual);
     the degree (up to what the lines support, :func:`_max_degree`) is the simplest whose
     leave-one-out RMS is within 5 % of the best. Returns (coefficients, error of the
     offset at the centre column, kept)."""
@@ -286,7 +292,18 @@ def _combine(cols, shifts, errors, ncol):
         n = int(keep.sum())
         chi2 = float(np.sum(resid[keep] ** 2)) / max(n - deg - 1, 1)
         scale = max(chi2, 1.0)
-        new = np.abs(resid) < 3 * np.sqrt(scale)
+        # clipped on the residuals from a robust (Cauchy-loss) fit against their median
+        # absolute value: a least-squares fit and a chi-square that hold the outlier itself
+        # (a sky line on a standard star's Halpha wing, a misfit) would hide it
+        if n > deg + 2:
+            xk, sk, ek = x[keep], s[keep], e[keep]
+            rob = least_squares(_whitened, coef, args=(xk, sk, ek), loss="cauchy",
+                                f_scale=1.0).x
+            rres = _whitened(rob, x, s, e)
+            spread = 1.4826 * float(np.median(np.abs(rres[keep])))
+            new = np.abs(rres) < 3 * max(spread, 1.0)
+        else:
+            new = np.abs(resid) < 3 * np.sqrt(scale)
         if n <= 2 or np.array_equal(new, keep) or new.sum() < max(2, n // 2):
             break
         keep = new
