@@ -74,6 +74,13 @@ END_ZONE = 120.0
 #: Telluric transmissions below this are not corrected (the science pixel is left as it is
 #: and the correction there is flagged by TELLMIN).
 MIN_TELLURIC = 0.03
+#: Inside the band of saturated O2 lines (``saturates`` in ``data/telluric_bands.csv``: O2
+#: A), a transmission measured on the standard below this is flagged as saturated: it is
+#: written as 0 (below :data:`MIN_TELLURIC`, so science pixels there are left uncorrected
+#: and counted in TELLSKIP). The band's unresolved lines do not scale as T**airmass (the
+#: O2 A core corrected from airmass 1.22 to 1.6: +13 to +55 %) and its steep edges turn
+#: 0.1 px of wavelength error into -8 %.
+SATURATED_BELOW = 0.5
 #: Stellar lines blueward of this (A) are crowded (H-epsilon to H13, Ca H and K): their
 #: masks are narrowed to the cores, so that the high Balmer series is not one gap.
 CROWDED_BELOW = 4000.0
@@ -380,6 +387,13 @@ def telluric_bands() -> list[Band]:
     """Telluric O2 and H2O absorption bands (``data/telluric_bands.csv``)."""
     return [Band(r["name"], float(r["lo"]), float(r["hi"]), "telluric")
             for r in _read_table("telluric_bands.csv")]
+
+
+def saturating_bands() -> list[Band]:
+    """The telluric bands of saturated, unresolved O2 lines (``saturates`` = 1 in
+    ``data/telluric_bands.csv``), where a deep transmission is flagged, not corrected."""
+    return [Band(r["name"], float(r["lo"]), float(r["hi"]), "telluric")
+            for r in _read_table("telluric_bands.csv") if r.get("saturates", "0") == "1"]
 
 
 def reference_step(ref_wave: np.ndarray) -> float:
@@ -732,6 +746,8 @@ def derive_response(
             in_tell |= (grid >= b.lo) & (grid <= b.hi)
     sel = in_tell & measurable
     tell[sel] = np.clip(response[sel] / ratio[sel], 0.0, 1.5)
+    sat = sel & _in_bands(grid, [(b.lo, b.hi) for b in saturating_bands()], 0.0)
+    tell[sat & (tell < SATURATED_BELOW)] = 0.0  # flagged: not corrected in the science
     log.info("response %.0f-%.0f A: %d pixels fitted, %d clipped (%d stellar lines and %d "
              "telluric bands masked, reference step %.1f A), rms %.2f%%", grid[0], grid[-1],
              int(used.sum()), n_clipped, sum(b.kind == "stellar" for b in masked),
@@ -757,6 +773,9 @@ def response_cards(fit: ResponseFit) -> dict:
         "REFSAMP": (fit.sampling, "reference read as point samples or bin means"),
         "RESPRMS": (round(fit.rms, 5), "fractional rms of the fit"),
     }
+    if fit.telluric is not None:
+        cards["TELLSAT"] = (int(np.sum(fit.telluric < MIN_TELLURIC)),
+                            "telluric pixels flagged saturated (uncorrected)")
     for i, b in enumerate(fit.masked[:99]):
         what = "in the response" if b.kind == "telluric-end" else "masked"
         cards[f"MASK{i + 1:02d}"] = (f"{b.name} {b.lo:.0f}-{b.hi:.0f}", f"{what} ({b.kind})")
@@ -769,7 +788,8 @@ def write_response(path: str | Path, wave: np.ndarray, response: np.ndarray,
 
     ``header`` adds cards (key -> value or (value, comment)), e.g. the channel and the
     standard it came from (and :func:`response_cards`). ``telluric`` (N values) is written
-    as an image extension TELLURIC: the transmission measured on the standard.
+    as an image extension TELLURIC: the transmission measured on the standard (0 where
+    flagged saturated, :data:`SATURATED_BELOW`).
     """
     wave, response = np.asarray(wave, float), np.asarray(response, float)
     if wave.ndim != 1 or wave.shape != response.shape:
