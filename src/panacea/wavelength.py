@@ -47,6 +47,7 @@ import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 from numpy.polynomial import legendre as leg
@@ -72,6 +73,8 @@ MAX_STRETCH = 0.02
 MAX_FIBER_SHIFT = 20
 
 # centroids
+#: Floor (px) of the centroid errors in the smooth model of the first-pass offsets.
+SMOOTH_FLOOR = 0.05
 #: Half-widths (px) of the line-fit window and of the core window of the blend test.
 FIT_HALF_WIDTH = 7
 CORE_HALF_WIDTH = 4
@@ -107,6 +110,9 @@ EDGE_WEIGHT = 2.0
 #: without a warning.
 MIN_SPAN = 0.5
 WARN_GAP = 0.4
+#: Largest median fiber RMS (px) of the used lines accepted (the randomized nights' ripples
+#: leave 0.05-0.16 px; a model that misses lines by more is refused).
+MAX_FIT_RMS = 0.3
 
 #: Largest wavelength degree the cross-validation may choose. (The degree across fibers is
 #: not cross-validated: the held-out score averages a line over the fibers and cannot see it.)
@@ -624,14 +630,22 @@ def _robust_polyfit(x: np.ndarray, y: np.ndarray, deg: int, clip: float = 1.0,
 
 def _smooth_offsets(offset: np.ndarray, weight: np.ndarray, column: np.ndarray, ncol: int,
                     clip: float = 1.0) -> np.ndarray:
-    """Robust low-order 2-D polynomial of per-fiber line offsets (px) in (fiber, column).
+    """Per-line offset plus a robust low-order 2-D polynomial of how it changes across fibers.
+
+    Each line's offset is its own fiber median (so that the shape of the offsets along the
+    columns is not forced on the lines: a low-order polynomial there once pulled the lines at
+    one end of a channel away by px, and they were lost); lines measured in no fiber take
+    the value interpolated between their neighbours. What remains, the change of the offsets
+    across fibers, is a Legendre polynomial of degree 4 in fiber and up to 2 in column,
+    fitted with the weights floored at :data:`SMOOTH_FLOOR` px.
 
     Parameters
     ----------
     offset, weight : ndarray (nfib, nline)
-        Offsets from the global positions (NaN where unmeasured) and their weights.
+        Offsets from the global positions (px, NaN where unmeasured) and their weights
+        (px^-2).
     column : ndarray (nline,)
-        Global column of each line.
+        Global column of each line (px).
     ncol : int
         Columns of the detector.
     clip : float
@@ -640,25 +654,36 @@ def _smooth_offsets(offset: np.ndarray, weight: np.ndarray, column: np.ndarray, 
     Returns
     -------
     ndarray (nfib, nline)
-        Smooth offsets at every fiber and line.
+        Smooth offsets (px) at every fiber and line.
     """
     nfib = offset.shape[0]
+    valid = np.isfinite(offset) & (weight > 0)
+    line_med = _nanmedian(np.where(valid, offset, np.nan), axis=0)
+    have = np.isfinite(line_med)
+    if not have.any():
+        return np.zeros_like(offset)
+    order = np.argsort(column[have])
+    base = np.where(have, line_med,
+                    np.interp(column, column[have][order], line_med[have][order]))
+    resid = offset - base[None, :]
     y = _norm_fiber(np.arange(nfib), nfib)
     x = np.clip(_norm(column, (0.0, ncol - 1.0)), -1.2, 1.2)
-    deg_x = 2 if np.ptp(column) > 0.25 * ncol else 0
+    deg_x = 2 if np.ptp(column[have]) > 0.25 * ncol else 0
     design = (leg.legvander(y, 4)[:, None, :, None] * leg.legvander(x, deg_x)[None, :, None, :]
               ).reshape(nfib, column.size, -1)
-    valid = np.isfinite(offset) & (weight > 0)
-    good = valid
+    w = np.where(valid, 1.0 / (1.0 / np.maximum(weight, 1e-300) + SMOOTH_FLOOR**2), 0.0)
+    good = valid & (np.abs(np.nan_to_num(resid)) < clip)
     coef = np.zeros(design.shape[-1])
     for _ in range(5):
-        sw = np.sqrt(weight[good])
-        coef = np.linalg.lstsq(design[good] * sw[:, None], offset[good] * sw, rcond=None)[0]
-        new = valid & (np.abs(offset - design @ coef) < clip)
-        if new.sum() < design.shape[-1] or np.array_equal(new, good):
+        if good.sum() < design.shape[-1]:
+            break
+        sw = np.sqrt(w[good])
+        coef = np.linalg.lstsq(design[good] * sw[:, None], resid[good] * sw, rcond=None)[0]
+        new = valid & (np.abs(np.nan_to_num(resid - design @ coef, nan=np.inf)) < clip)
+        if np.array_equal(new, good):
             break
         good = new
-    return design @ coef
+    return base[None, :] + design @ coef
 
 
 # --------------------------------------------------------------------------- 2-D model
@@ -985,6 +1010,7 @@ def solve_wavelength(
         status=status.astype(str))
     nlamp = ", ".join(f"{lp} {int(((status == 'used') & (lamp_of == lp)).sum())}"
                       for lp in lamps)
+    _check_fit(ch.name, rms_pix, status, (deg, deg_y))
     log.info("%s: wavelength solution from %d of %d lines (%s; %s), degree %d x %d, median "
              "fiber RMS %.4f px = %.4f A over %d fibers", ch.name,
              int((status == "used").sum()), wl.size, nlamp, _status_summary(status), deg,
@@ -1144,8 +1170,23 @@ def _degree(deg_x: int, columns: np.ndarray, ncol: int) -> int:
     return int(max(1, min(deg_x, columns.size - 2, np.floor(GAP_DEGREE / gap))))
 
 
+def _coverage_gaps(columns: np.ndarray, ncol: int) -> list[tuple[float, float]]:
+    """Stretches of the detector without lines, (first, last) column (px): the two ends
+    beyond the outermost lines and the gaps between neighbouring lines, ordered as
+    :func:`_largest_gap` ranks them (ends count ``EDGE_WEIGHT + 1`` times their length)."""
+    c = np.sort(np.asarray(columns, float))
+    ends = [(0.0, float(c[0])), (float(c[-1]), ncol - 1.0)]
+    inner = [(float(a), float(b)) for a, b in pairwise(c)]
+    ranked = [(EDGE_WEIGHT + 1) * (b - a) for a, b in ends] + [b - a for a, b in inner]
+    return [(ends + inner)[i] for i in np.argsort(ranked)[::-1]]
+
+
 def _check_coverage(name: str, columns: np.ndarray, ncol: int, status: np.ndarray) -> None:
-    """Raise when the used lines span too little of the detector; warn on large gaps."""
+    """Raise when the used lines span too little of the detector; warn on large gaps.
+
+    The warning follows the rule of :func:`_degree` (ends weighted ``EDGE_WEIGHT + 1``
+    times, the weighted figure may exceed 100 %) but reports the real stretch without lines.
+    """
     span = np.ptp(columns) / ncol
     if span < MIN_SPAN:
         raise WavelengthError(f"{name}: the usable arc lines span only {100 * span:.0f}% of "
@@ -1153,9 +1194,26 @@ def _check_coverage(name: str, columns: np.ndarray, ncol: int, status: np.ndarra
                               f"{_status_summary(status)}")
     gap = _largest_gap(columns, ncol)
     if gap > WARN_GAP:
-        log.warning("%s: the arc lines leave %.0f%% of the detector without lines (ends "
-                    "weighted %g x); the solution there is interpolated or extrapolated and "
-                    "may be off by more than 0.1 px", name, 100 * gap, EDGE_WEIGHT + 1)
+        lo, hi = _coverage_gaps(columns, ncol)[0]
+        where = ("beyond the last line" if hi >= ncol - 1 else
+                 "before the first line" if lo <= 0 else "between two lines")
+        log.warning("%s: columns %.0f to %.0f (%.0f%% of the detector, %s) hold no arc line; "
+                    "the solution there is %s and may be off by more than 0.1 px", name,
+                    lo, hi, 100 * (hi - lo) / ncol, where,
+                    "interpolated" if where == "between two lines" else "extrapolated")
+
+
+def _check_fit(name: str, rms_pix: np.ndarray, status: np.ndarray, deg: tuple[int, int]
+               ) -> None:
+    """Refuse a solution whose lines the model cannot follow (median fiber RMS above
+    :data:`MAX_FIT_RMS` px): wrong identifications, blends or too rigid a model."""
+    med = float(_nanmedian(rms_pix))
+    if not np.isfinite(med) or med > MAX_FIT_RMS:
+        raise WavelengthError(
+            f"{name}: the wavelength model (degree {deg[0]} x {deg[1]}) leaves a median fiber "
+            f"RMS of {med:.3f} px on the arc lines (at most {MAX_FIT_RMS} px accepted): lines "
+            f"misidentified or blended, or too few to constrain it; line status: "
+            f"{_status_summary(status)}")
 
 
 def _status_summary(status: np.ndarray) -> str:
