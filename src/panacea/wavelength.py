@@ -34,7 +34,13 @@ The solution maps (fiber, column) of the stitched, oriented channel frame to air
    lines lower, see :func:`_degree`) and ``m`` by leave-one-line-out cross-validation of
    the lines' fiber-averaged positions (:func:`_choose_model`): the simplest model whose
    held-out error is within one standard error of the best one.
-6. **Evaluation.** The model is inverted by Newton's method at every column of every fiber;
+6. **Line residuals.** The model's residuals at each used line, smoothed across fibers, are
+   interpolated between the lines (monotone cubic) and added to the model when predicting
+   every line from the others does better than the polynomial alone
+   (:func:`_line_residuals`): this follows the part of a non-polynomial distortion (ripples
+   of a few hundred px) that the lines sample. A model whose median fiber RMS exceeds
+   :data:`MAX_FIT_RMS` is refused.
+7. **Evaluation.** The model is inverted by Newton's method at every column of every fiber;
    fibers without lines (dead) take interpolated zero-points.
 
 No file I/O happens here: the arrays come from :mod:`panacea.extract` (see
@@ -52,6 +58,7 @@ from itertools import pairwise
 import numpy as np
 from numpy.polynomial import legendre as leg
 from scipy.fft import irfft, next_fast_len, rfft
+from scipy.interpolate import PchipInterpolator
 from scipy.ndimage import gaussian_filter1d, median_filter
 from scipy.special import erf
 
@@ -122,6 +129,11 @@ CV_TOLERANCE = 0.05
 #: Fibers used by the cross-validation: every this many.
 CV_FIBER_STEP = 4
 
+#: Line-residual interpolation (:func:`_line_residuals`): fewest used lines, and the
+#: fraction by which its held-out RMS must beat the polynomial's residuals to be applied.
+INTERP_MIN_LINES = 6
+INTERP_GAIN = 0.0
+
 #: Numeric codes of the lamps in :meth:`WavelengthSolution.line_table`.
 LAMP_CODES = {"hg": 0, "cd": 1, "fear": 2}
 
@@ -186,7 +198,9 @@ class WavelengthSolution:
     The model gives the column of wavelength ``lambda`` in fiber ``k`` as
     ``fiber_offset[k] + sum_{i=1..deg_x} sum_{j=0..deg_y} coeffs[i-1, j] P_i(x) P_j(y)`` with
     ``x = (2 lambda - wave_lo - wave_hi) / (wave_hi - wave_lo)`` (``wave_range``) and
-    ``y = (2 k - nfiber + 1) / (nfiber - 1)``; :attr:`wave` is its inverse at pixel centres.
+    ``y = (2 k - nfiber + 1) / (nfiber - 1)``, plus, when the held-out lines chose it, the
+    polynomial's residuals at the lines interpolated between them (:attr:`line_x`,
+    :attr:`line_resid`); :attr:`wave` is its inverse at pixel centres.
 
     Attributes
     ----------
@@ -222,6 +236,11 @@ class WavelengthSolution:
     #: how the model was chosen: degrees, the cross-validated RMS (px) of each tried
     #: (deg_x, deg_y) and the lines held out
     choice: dict | None = None
+    #: normalised wavelengths x of the used lines (sorted) and the residual of the polynomial
+    #: model at them in every fiber (px, (nfiber, nline)), interpolated between the lines and
+    #: added to the model (:func:`_line_residuals`); None when the data did not choose it
+    line_x: np.ndarray | None = None
+    line_resid: np.ndarray | None = None
 
     @property
     def dispersion(self) -> np.ndarray:
@@ -268,7 +287,12 @@ class WavelengthSolution:
         k = np.arange(nfib) if fibers is None else np.asarray(fibers)
         lam = np.atleast_1d(np.asarray(wavelength, float))
         b = _fiber_coeffs(self.coeffs, self.fiber_offset[k], _norm_fiber(k, nfib))
-        return leg.legval(_norm(lam[None, :], self.wave_range), b[..., None], tensor=False)
+        x = _norm(lam[None, :], self.wave_range)
+        col = leg.legval(x, b[..., None], tensor=False)
+        if self.line_x is not None and self.line_resid is not None:
+            col = col + _interp_residuals(self.line_x, self.line_resid[k],
+                                          np.broadcast_to(x, col.shape))
+        return col
 
 
 # --------------------------------------------------------------------------- helpers
@@ -848,6 +872,81 @@ def _invert(coeffs: np.ndarray, offset: np.ndarray, wave_range: tuple[float, flo
     return 0.5 * (x * (hi - lo) + lo + hi)
 
 
+def _fiber_rms(res: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """RMS (px) of the used residuals of each fiber (NaN without used lines)."""
+    n = used.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sqrt((np.where(used, res, 0.0) ** 2).sum(axis=1) / n)
+
+
+def _interp_residuals(line_x: np.ndarray, line_resid: np.ndarray, xq: np.ndarray
+                      ) -> np.ndarray:
+    """Line residuals (px) interpolated at ``xq`` (nfib, n): a monotone cubic (PCHIP)
+    between the lines of each fiber, the outermost line's value beyond them."""
+    xc = np.clip(xq, line_x[0], line_x[-1])
+    out = np.empty(xq.shape)
+    for k in range(xq.shape[0]):
+        out[k] = PchipInterpolator(line_x, line_resid[k])(xc[k])
+    return out
+
+
+def _line_residuals(res: np.ndarray, err: np.ndarray, used: np.ndarray, x: np.ndarray,
+                    y: np.ndarray, deg_y: int
+                    ) -> tuple[np.ndarray | None, np.ndarray | None, tuple[float, float]]:
+    """The polynomial model's residuals at the lines, to be interpolated between them, when
+    the held-out lines show that this follows what the polynomial misses (ripples).
+
+    Each used line's residuals are smoothed across fibers with a Legendre polynomial of
+    degree ``deg_y`` (the ripple's phase drifts with fiber). Each line in turn is then
+    predicted from the others (:func:`_interp_residuals`); the interpolation is kept when
+    the RMS of these held-out errors is below ``1 - INTERP_GAIN`` times the RMS of the
+    residuals themselves (what the polynomial alone leaves at the lines).
+
+    Returns
+    -------
+    line_x : ndarray (nline,) or None
+        Sorted normalised wavelengths of the lines (None: not chosen).
+    line_resid : ndarray (nfib, nline) or None
+        Fiber-smoothed residuals (px).
+    cv : tuple of float
+        RMS (px) over lines and fibers of the residuals and of the held-out errors.
+    """
+    lines = np.nonzero(used.any(axis=0))[0]
+    if lines.size < INTERP_MIN_LINES:
+        return None, None, (np.nan, np.nan)
+    lines = lines[np.argsort(x[lines])]
+    vy = leg.legvander(y, deg_y)
+    smooth = np.zeros((y.size, lines.size))
+    for j, line in enumerate(lines):
+        m = used[:, line]
+        d = int(min(deg_y, max(m.sum() - 2, 0)))
+        sw = 1.0 / np.sqrt(err[m, line] ** 2 + CENTROID_FLOOR**2)
+        coef = np.linalg.lstsq(vy[m, :d + 1] * sw[:, None], res[m, line] * sw, rcond=None)[0]
+        smooth[:, j] = vy[:, :d + 1] @ coef
+    xl = x[lines]
+    held = np.empty_like(smooth)
+    for j in range(lines.size):
+        keep = np.arange(lines.size) != j
+        held[:, j] = smooth[:, j] - _interp_residuals(
+            xl[keep], smooth[:, keep], np.full((y.size, 1), xl[j]))[:, 0]
+    rms = (float(np.sqrt(np.mean(smooth**2))), float(np.sqrt(np.mean(held**2))))
+    if not rms[1] < (1 - INTERP_GAIN) * rms[0]:
+        return None, None, rms
+    return xl, smooth, rms
+
+
+def _apply_residuals(wave: np.ndarray, wave_range: tuple[float, float], line_x: np.ndarray,
+                     line_resid: np.ndarray, iterations: int = 2) -> np.ndarray:
+    """Wavelengths (Angstrom) of the polynomial model ``wave`` moved so that the column
+    model includes the interpolated line residuals (px): ``lambda = lambda_poly - r(lambda)
+    * dispersion``, iterated."""
+    disp = np.gradient(wave, axis=1)
+    out = wave
+    for _ in range(iterations):
+        out = wave - _interp_residuals(line_x, line_resid, _norm(out, wave_range)) * disp
+    return out
+
+
 # --------------------------------------------------------------------------- solver
 
 
@@ -994,6 +1093,18 @@ def solve_wavelength(
     kfib = np.arange(nfib)
     offset = np.where(have, offset, np.interp(kfib, kfib[have], offset[have]))
     wave = _invert(coeffs, offset, wave_range, ncol)
+    _check_fit(ch.name, _fiber_rms(res, used), status, (deg, deg_y))
+
+    # ---- residuals of the lines, interpolated between them where held-out lines say so
+    line_x, line_resid, gain = _line_residuals(res, fits.mu_err, used, x, y, deg_y)
+    choice = {**choice, "interp": line_x is not None, "interp_cv": gain}
+    if line_x is not None:
+        choice["method"] = f"{choice['method']}+lines"
+        wave = _apply_residuals(wave, wave_range, line_x, line_resid)
+        res = np.where(used, res, np.nan) - _interp_residuals(
+            line_x, line_resid, np.broadcast_to(x, res.shape))
+        log.info("%s: line residuals interpolated between the %d lines (held-out RMS %.4f "
+                 "px instead of %.4f px)", ch.name, line_x.size, gain[1], gain[0])
 
     # ---- diagnostics
     nused = used.sum(axis=1)
@@ -1010,7 +1121,6 @@ def solve_wavelength(
         status=status.astype(str))
     nlamp = ", ".join(f"{lp} {int(((status == 'used') & (lamp_of == lp)).sum())}"
                       for lp in lamps)
-    _check_fit(ch.name, rms_pix, status, (deg, deg_y))
     log.info("%s: wavelength solution from %d of %d lines (%s; %s), degree %d x %d, median "
              "fiber RMS %.4f px = %.4f A over %d fibers", ch.name,
              int((status == "used").sum()), wl.size, nlamp, _status_summary(status), deg,
@@ -1018,7 +1128,7 @@ def solve_wavelength(
     return WavelengthSolution(
         channel=ch.name, wave=wave, rms_pix=rms_pix, rms_angstrom=rms_ang, lines=line_fits,
         coeffs=coeffs, fiber_offset=offset, wave_range=wave_range, unmeasured=~have,
-        choice=choice)
+        choice=choice, line_x=line_x, line_resid=line_resid)
 
 
 def _identify(spectra: np.ndarray, saturated: np.ndarray, live: np.ndarray,
