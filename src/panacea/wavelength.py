@@ -1243,10 +1243,14 @@ def _blend_flags(fits: _Fits, core: _Fits, candidate: np.ndarray, column: np.nda
     width = _nanmedian(fits.sigma, axis=0)
     ok = candidate & np.isfinite(width) & ~shifted
     wide = np.zeros_like(candidate)
-    if ok.sum() >= 4:
-        trend, _ = _robust_polyfit(column[ok], width[ok], 2 if ok.sum() >= 6 else 0,
-                                   clip=0.05)
-        wide = candidate & (width > trend(column) * (1 + BLEND_WIDTH))
+    if ok.sum() >= 5:
+        # each line against the trend of the others: where lines are sparse, a blended line
+        # would otherwise pull the trend up to itself
+        for i in np.nonzero(candidate & np.isfinite(width))[0]:
+            others = ok & (np.arange(ok.size) != i)
+            trend, _ = _robust_polyfit(column[others], width[others],
+                                       2 if others.sum() >= 6 else 0, clip=0.05)
+            wide[i] = width[i] > trend(column[i]) * (1 + BLEND_WIDTH)
     return shifted | wide
 
 
