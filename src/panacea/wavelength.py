@@ -34,7 +34,13 @@ The solution maps (fiber, column) of the stitched, oriented channel frame to air
    lines lower, see :func:`_degree`) and ``m`` by leave-one-line-out cross-validation of
    the lines' fiber-averaged positions (:func:`_choose_model`): the simplest model whose
    held-out error is within one standard error of the best one.
-6. **Evaluation.** The model is inverted by Newton's method at every column of every fiber;
+6. **Line residuals.** The model's residuals at each used line, smoothed across fibers, are
+   interpolated between the lines (monotone cubic) and added to the model when predicting
+   every line from the others does better than the polynomial alone
+   (:func:`_line_residuals`): this follows the part of a non-polynomial distortion (ripples
+   of a few hundred px) that the lines sample. A model whose median fiber RMS exceeds
+   :data:`MAX_FIT_RMS` is refused.
+7. **Evaluation.** The model is inverted by Newton's method at every column of every fiber;
    fibers without lines (dead) take interpolated zero-points.
 
 No file I/O happens here: the arrays come from :mod:`panacea.extract` (see
@@ -47,10 +53,12 @@ import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 from numpy.polynomial import legendre as leg
 from scipy.fft import irfft, next_fast_len, rfft
+from scipy.interpolate import PchipInterpolator
 from scipy.ndimage import gaussian_filter1d, median_filter
 from scipy.special import erf
 
@@ -72,6 +80,8 @@ MAX_STRETCH = 0.02
 MAX_FIBER_SHIFT = 20
 
 # centroids
+#: Floor (px) of the centroid errors in the smooth model of the first-pass offsets.
+SMOOTH_FLOOR = 0.05
 #: Half-widths (px) of the line-fit window and of the core window of the blend test.
 FIT_HALF_WIDTH = 7
 CORE_HALF_WIDTH = 4
@@ -107,6 +117,9 @@ EDGE_WEIGHT = 2.0
 #: without a warning.
 MIN_SPAN = 0.5
 WARN_GAP = 0.4
+#: Largest median fiber RMS (px) of the used lines accepted (the randomized nights' ripples
+#: leave 0.05-0.16 px; a model that misses lines by more is refused).
+MAX_FIT_RMS = 0.3
 
 #: Largest wavelength degree the cross-validation may choose. (The degree across fibers is
 #: not cross-validated: the held-out score averages a line over the fibers and cannot see it.)
@@ -115,6 +128,11 @@ CV_MAX_DEG_X = 9
 CV_TOLERANCE = 0.05
 #: Fibers used by the cross-validation: every this many.
 CV_FIBER_STEP = 4
+
+#: Line-residual interpolation (:func:`_line_residuals`): fewest used lines, and the
+#: fraction by which its held-out RMS must beat the polynomial's residuals to be applied.
+INTERP_MIN_LINES = 6
+INTERP_GAIN = 0.0
 
 #: Numeric codes of the lamps in :meth:`WavelengthSolution.line_table`.
 LAMP_CODES = {"hg": 0, "cd": 1, "fear": 2}
@@ -180,7 +198,9 @@ class WavelengthSolution:
     The model gives the column of wavelength ``lambda`` in fiber ``k`` as
     ``fiber_offset[k] + sum_{i=1..deg_x} sum_{j=0..deg_y} coeffs[i-1, j] P_i(x) P_j(y)`` with
     ``x = (2 lambda - wave_lo - wave_hi) / (wave_hi - wave_lo)`` (``wave_range``) and
-    ``y = (2 k - nfiber + 1) / (nfiber - 1)``; :attr:`wave` is its inverse at pixel centres.
+    ``y = (2 k - nfiber + 1) / (nfiber - 1)``, plus, when the held-out lines chose it, the
+    polynomial's residuals at the lines interpolated between them (:attr:`line_x`,
+    :attr:`line_resid`); :attr:`wave` is its inverse at pixel centres.
 
     Attributes
     ----------
@@ -216,6 +236,11 @@ class WavelengthSolution:
     #: how the model was chosen: degrees, the cross-validated RMS (px) of each tried
     #: (deg_x, deg_y) and the lines held out
     choice: dict | None = None
+    #: normalised wavelengths x of the used lines (sorted) and the residual of the polynomial
+    #: model at them in every fiber (px, (nfiber, nline)), interpolated between the lines and
+    #: added to the model (:func:`_line_residuals`); None when the data did not choose it
+    line_x: np.ndarray | None = None
+    line_resid: np.ndarray | None = None
 
     @property
     def dispersion(self) -> np.ndarray:
@@ -262,7 +287,12 @@ class WavelengthSolution:
         k = np.arange(nfib) if fibers is None else np.asarray(fibers)
         lam = np.atleast_1d(np.asarray(wavelength, float))
         b = _fiber_coeffs(self.coeffs, self.fiber_offset[k], _norm_fiber(k, nfib))
-        return leg.legval(_norm(lam[None, :], self.wave_range), b[..., None], tensor=False)
+        x = _norm(lam[None, :], self.wave_range)
+        col = leg.legval(x, b[..., None], tensor=False)
+        if self.line_x is not None and self.line_resid is not None:
+            col = col + _interp_residuals(self.line_x, self.line_resid[k],
+                                          np.broadcast_to(x, col.shape))
+        return col
 
 
 # --------------------------------------------------------------------------- helpers
@@ -624,14 +654,22 @@ def _robust_polyfit(x: np.ndarray, y: np.ndarray, deg: int, clip: float = 1.0,
 
 def _smooth_offsets(offset: np.ndarray, weight: np.ndarray, column: np.ndarray, ncol: int,
                     clip: float = 1.0) -> np.ndarray:
-    """Robust low-order 2-D polynomial of per-fiber line offsets (px) in (fiber, column).
+    """Per-line offset plus a robust low-order 2-D polynomial of how it changes across fibers.
+
+    Each line's offset is its own fiber median (so that the shape of the offsets along the
+    columns is not forced on the lines: a low-order polynomial there once pulled the lines at
+    one end of a channel away by px, and they were lost); lines measured in no fiber take
+    the value interpolated between their neighbours. What remains, the change of the offsets
+    across fibers, is a Legendre polynomial of degree 4 in fiber and up to 2 in column,
+    fitted with the weights floored at :data:`SMOOTH_FLOOR` px.
 
     Parameters
     ----------
     offset, weight : ndarray (nfib, nline)
-        Offsets from the global positions (NaN where unmeasured) and their weights.
+        Offsets from the global positions (px, NaN where unmeasured) and their weights
+        (px^-2).
     column : ndarray (nline,)
-        Global column of each line.
+        Global column of each line (px).
     ncol : int
         Columns of the detector.
     clip : float
@@ -640,25 +678,36 @@ def _smooth_offsets(offset: np.ndarray, weight: np.ndarray, column: np.ndarray, 
     Returns
     -------
     ndarray (nfib, nline)
-        Smooth offsets at every fiber and line.
+        Smooth offsets (px) at every fiber and line.
     """
     nfib = offset.shape[0]
+    valid = np.isfinite(offset) & (weight > 0)
+    line_med = _nanmedian(np.where(valid, offset, np.nan), axis=0)
+    have = np.isfinite(line_med)
+    if not have.any():
+        return np.zeros_like(offset)
+    order = np.argsort(column[have])
+    base = np.where(have, line_med,
+                    np.interp(column, column[have][order], line_med[have][order]))
+    resid = offset - base[None, :]
     y = _norm_fiber(np.arange(nfib), nfib)
     x = np.clip(_norm(column, (0.0, ncol - 1.0)), -1.2, 1.2)
-    deg_x = 2 if np.ptp(column) > 0.25 * ncol else 0
+    deg_x = 2 if np.ptp(column[have]) > 0.25 * ncol else 0
     design = (leg.legvander(y, 4)[:, None, :, None] * leg.legvander(x, deg_x)[None, :, None, :]
               ).reshape(nfib, column.size, -1)
-    valid = np.isfinite(offset) & (weight > 0)
-    good = valid
+    w = np.where(valid, 1.0 / (1.0 / np.maximum(weight, 1e-300) + SMOOTH_FLOOR**2), 0.0)
+    good = valid & (np.abs(np.nan_to_num(resid)) < clip)
     coef = np.zeros(design.shape[-1])
     for _ in range(5):
-        sw = np.sqrt(weight[good])
-        coef = np.linalg.lstsq(design[good] * sw[:, None], offset[good] * sw, rcond=None)[0]
-        new = valid & (np.abs(offset - design @ coef) < clip)
-        if new.sum() < design.shape[-1] or np.array_equal(new, good):
+        if good.sum() < design.shape[-1]:
+            break
+        sw = np.sqrt(w[good])
+        coef = np.linalg.lstsq(design[good] * sw[:, None], resid[good] * sw, rcond=None)[0]
+        new = valid & (np.abs(np.nan_to_num(resid - design @ coef, nan=np.inf)) < clip)
+        if np.array_equal(new, good):
             break
         good = new
-    return design @ coef
+    return base[None, :] + design @ coef
 
 
 # --------------------------------------------------------------------------- 2-D model
@@ -823,6 +872,81 @@ def _invert(coeffs: np.ndarray, offset: np.ndarray, wave_range: tuple[float, flo
     return 0.5 * (x * (hi - lo) + lo + hi)
 
 
+def _fiber_rms(res: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """RMS (px) of the used residuals of each fiber (NaN without used lines)."""
+    n = used.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sqrt((np.where(used, res, 0.0) ** 2).sum(axis=1) / n)
+
+
+def _interp_residuals(line_x: np.ndarray, line_resid: np.ndarray, xq: np.ndarray
+                      ) -> np.ndarray:
+    """Line residuals (px) interpolated at ``xq`` (nfib, n): a monotone cubic (PCHIP)
+    between the lines of each fiber, the outermost line's value beyond them."""
+    xc = np.clip(xq, line_x[0], line_x[-1])
+    out = np.empty(xq.shape)
+    for k in range(xq.shape[0]):
+        out[k] = PchipInterpolator(line_x, line_resid[k])(xc[k])
+    return out
+
+
+def _line_residuals(res: np.ndarray, err: np.ndarray, used: np.ndarray, x: np.ndarray,
+                    y: np.ndarray, deg_y: int
+                    ) -> tuple[np.ndarray | None, np.ndarray | None, tuple[float, float]]:
+    """The polynomial model's residuals at the lines, to be interpolated between them, when
+    the held-out lines show that this follows what the polynomial misses (ripples).
+
+    Each used line's residuals are smoothed across fibers with a Legendre polynomial of
+    degree ``deg_y`` (the ripple's phase drifts with fiber). Each line in turn is then
+    predicted from the others (:func:`_interp_residuals`); the interpolation is kept when
+    the RMS of these held-out errors is below ``1 - INTERP_GAIN`` times the RMS of the
+    residuals themselves (what the polynomial alone leaves at the lines).
+
+    Returns
+    -------
+    line_x : ndarray (nline,) or None
+        Sorted normalised wavelengths of the lines (None: not chosen).
+    line_resid : ndarray (nfib, nline) or None
+        Fiber-smoothed residuals (px).
+    cv : tuple of float
+        RMS (px) over lines and fibers of the residuals and of the held-out errors.
+    """
+    lines = np.nonzero(used.any(axis=0))[0]
+    if lines.size < INTERP_MIN_LINES:
+        return None, None, (np.nan, np.nan)
+    lines = lines[np.argsort(x[lines])]
+    vy = leg.legvander(y, deg_y)
+    smooth = np.zeros((y.size, lines.size))
+    for j, line in enumerate(lines):
+        m = used[:, line]
+        d = int(min(deg_y, max(m.sum() - 2, 0)))
+        sw = 1.0 / np.sqrt(err[m, line] ** 2 + CENTROID_FLOOR**2)
+        coef = np.linalg.lstsq(vy[m, :d + 1] * sw[:, None], res[m, line] * sw, rcond=None)[0]
+        smooth[:, j] = vy[:, :d + 1] @ coef
+    xl = x[lines]
+    held = np.empty_like(smooth)
+    for j in range(lines.size):
+        keep = np.arange(lines.size) != j
+        held[:, j] = smooth[:, j] - _interp_residuals(
+            xl[keep], smooth[:, keep], np.full((y.size, 1), xl[j]))[:, 0]
+    rms = (float(np.sqrt(np.mean(smooth**2))), float(np.sqrt(np.mean(held**2))))
+    if not rms[1] < (1 - INTERP_GAIN) * rms[0]:
+        return None, None, rms
+    return xl, smooth, rms
+
+
+def _apply_residuals(wave: np.ndarray, wave_range: tuple[float, float], line_x: np.ndarray,
+                     line_resid: np.ndarray, iterations: int = 2) -> np.ndarray:
+    """Wavelengths (Angstrom) of the polynomial model ``wave`` moved so that the column
+    model includes the interpolated line residuals (px): ``lambda = lambda_poly - r(lambda)
+    * dispersion``, iterated."""
+    disp = np.gradient(wave, axis=1)
+    out = wave
+    for _ in range(iterations):
+        out = wave - _interp_residuals(line_x, line_resid, _norm(out, wave_range)) * disp
+    return out
+
+
 # --------------------------------------------------------------------------- solver
 
 
@@ -969,6 +1093,18 @@ def solve_wavelength(
     kfib = np.arange(nfib)
     offset = np.where(have, offset, np.interp(kfib, kfib[have], offset[have]))
     wave = _invert(coeffs, offset, wave_range, ncol)
+    _check_fit(ch.name, _fiber_rms(res, used), status, (deg, deg_y))
+
+    # ---- residuals of the lines, interpolated between them where held-out lines say so
+    line_x, line_resid, gain = _line_residuals(res, fits.mu_err, used, x, y, deg_y)
+    choice = {**choice, "interp": line_x is not None, "interp_cv": gain}
+    if line_x is not None:
+        choice["method"] = f"{choice['method']}+lines"
+        wave = _apply_residuals(wave, wave_range, line_x, line_resid)
+        res = np.where(used, res, np.nan) - _interp_residuals(
+            line_x, line_resid, np.broadcast_to(x, res.shape))
+        log.info("%s: line residuals interpolated between the %d lines (held-out RMS %.4f "
+                 "px instead of %.4f px)", ch.name, line_x.size, gain[1], gain[0])
 
     # ---- diagnostics
     nused = used.sum(axis=1)
@@ -992,7 +1128,7 @@ def solve_wavelength(
     return WavelengthSolution(
         channel=ch.name, wave=wave, rms_pix=rms_pix, rms_angstrom=rms_ang, lines=line_fits,
         coeffs=coeffs, fiber_offset=offset, wave_range=wave_range, unmeasured=~have,
-        choice=choice)
+        choice=choice, line_x=line_x, line_resid=line_resid)
 
 
 def _identify(spectra: np.ndarray, saturated: np.ndarray, live: np.ndarray,
@@ -1107,10 +1243,14 @@ def _blend_flags(fits: _Fits, core: _Fits, candidate: np.ndarray, column: np.nda
     width = _nanmedian(fits.sigma, axis=0)
     ok = candidate & np.isfinite(width) & ~shifted
     wide = np.zeros_like(candidate)
-    if ok.sum() >= 4:
-        trend, _ = _robust_polyfit(column[ok], width[ok], 2 if ok.sum() >= 6 else 0,
-                                   clip=0.05)
-        wide = candidate & (width > trend(column) * (1 + BLEND_WIDTH))
+    if ok.sum() >= 5:
+        # each line against the trend of the others: where lines are sparse, a blended line
+        # would otherwise pull the trend up to itself
+        for i in np.nonzero(candidate & np.isfinite(width))[0]:
+            others = ok & (np.arange(ok.size) != i)
+            trend, _ = _robust_polyfit(column[others], width[others],
+                                       2 if others.sum() >= 6 else 0, clip=0.05)
+            wide[i] = width[i] > trend(column[i]) * (1 + BLEND_WIDTH)
     return shifted | wide
 
 
@@ -1144,8 +1284,23 @@ def _degree(deg_x: int, columns: np.ndarray, ncol: int) -> int:
     return int(max(1, min(deg_x, columns.size - 2, np.floor(GAP_DEGREE / gap))))
 
 
+def _coverage_gaps(columns: np.ndarray, ncol: int) -> list[tuple[float, float]]:
+    """Stretches of the detector without lines, (first, last) column (px): the two ends
+    beyond the outermost lines and the gaps between neighbouring lines, ordered as
+    :func:`_largest_gap` ranks them (ends count ``EDGE_WEIGHT + 1`` times their length)."""
+    c = np.sort(np.asarray(columns, float))
+    ends = [(0.0, float(c[0])), (float(c[-1]), ncol - 1.0)]
+    inner = [(float(a), float(b)) for a, b in pairwise(c)]
+    ranked = [(EDGE_WEIGHT + 1) * (b - a) for a, b in ends] + [b - a for a, b in inner]
+    return [(ends + inner)[i] for i in np.argsort(ranked)[::-1]]
+
+
 def _check_coverage(name: str, columns: np.ndarray, ncol: int, status: np.ndarray) -> None:
-    """Raise when the used lines span too little of the detector; warn on large gaps."""
+    """Raise when the used lines span too little of the detector; warn on large gaps.
+
+    The warning follows the rule of :func:`_degree` (ends weighted ``EDGE_WEIGHT + 1``
+    times, the weighted figure may exceed 100 %) but reports the real stretch without lines.
+    """
     span = np.ptp(columns) / ncol
     if span < MIN_SPAN:
         raise WavelengthError(f"{name}: the usable arc lines span only {100 * span:.0f}% of "
@@ -1153,9 +1308,26 @@ def _check_coverage(name: str, columns: np.ndarray, ncol: int, status: np.ndarra
                               f"{_status_summary(status)}")
     gap = _largest_gap(columns, ncol)
     if gap > WARN_GAP:
-        log.warning("%s: the arc lines leave %.0f%% of the detector without lines (ends "
-                    "weighted %g x); the solution there is interpolated or extrapolated and "
-                    "may be off by more than 0.1 px", name, 100 * gap, EDGE_WEIGHT + 1)
+        lo, hi = _coverage_gaps(columns, ncol)[0]
+        where = ("beyond the last line" if hi >= ncol - 1 else
+                 "before the first line" if lo <= 0 else "between two lines")
+        log.warning("%s: columns %.0f to %.0f (%.0f%% of the detector, %s) hold no arc line; "
+                    "the solution there is %s and may be off by more than 0.1 px", name,
+                    lo, hi, 100 * (hi - lo) / ncol, where,
+                    "interpolated" if where == "between two lines" else "extrapolated")
+
+
+def _check_fit(name: str, rms_pix: np.ndarray, status: np.ndarray, deg: tuple[int, int]
+               ) -> None:
+    """Refuse a solution whose lines the model cannot follow (median fiber RMS above
+    :data:`MAX_FIT_RMS` px): wrong identifications, blends or too rigid a model."""
+    med = float(_nanmedian(rms_pix))
+    if not np.isfinite(med) or med > MAX_FIT_RMS:
+        raise WavelengthError(
+            f"{name}: the wavelength model (degree {deg[0]} x {deg[1]}) leaves a median fiber "
+            f"RMS of {med:.3f} px on the arc lines (at most {MAX_FIT_RMS} px accepted): lines "
+            f"misidentified or blended, or too few to constrain it; line status: "
+            f"{_status_summary(status)}")
 
 
 def _status_summary(status: np.ndarray) -> str:
