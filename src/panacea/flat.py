@@ -616,32 +616,37 @@ def pixel_flat(
         ok &= np.isfinite(shape) & (shape > 0)
         shape[~ok] = 1.0
     else:
-        shape = np.ones((nrow, ncol))
+        shape = None  # the source is flat: divisions by 1 left out (exactly the same)
     valid = ok.copy()  # pixels with data, near a fiber or not
     ok &= _near_traces(trace[live], nrow, half_width)
-    data = np.empty((nrow, ncol))
-    excess = np.empty((nrow, ncol))
+
+    def band(rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray | float]:
+        """Data and its excess variance (both divided by the source) of a band, and the
+        source."""
+        img = image[rows].astype(float)
+        sh = 1.0 if shape is None else shape[rows]
+        okb = ok[rows]
+        data = np.where(okb, img / sh, 0.0)
+        # noise from the model, not the data (a pixel's own fluctuation must not set its
+        # weight or its selection): read-noise part of the variance plus the model's counts
+        excess = np.where(okb, np.clip(variance[rows].astype(float) - np.maximum(img, 0.0),
+                                       0.0, None), 0.0) / sh**2
+        return data, excess, sh
+
     model = np.empty((nrow, ncol))
     use = np.empty((nrow, ncol), bool)
     for rows in bands:
-        img = image[rows].astype(float)
-        sh = shape[rows]
-        okb = ok[rows]
-        data[rows] = np.where(okb, img / sh, 0.0)
-        # noise from the model, not the data (a pixel's own fluctuation must not set its
-        # weight or its selection): read-noise part of the variance plus the model's counts
-        excess[rows] = np.where(okb, np.clip(variance[rows].astype(float) - np.maximum(img, 0.0),
-                                             0.0, None), 0.0) / sh**2
+        data, excess, sh = band(rows)
         # first guess: medians of short blocks of each row (robust to cosmic rays), where a
         # block has enough good pixels, else a running mean; outliers from it (generously: 5 %
         # pixel-to-pixel scatter allowed) start out rejected; then clipped running quadratics
-        denom = uniform_filter1d(okb.astype(float), window, axis=1, mode="nearest")
-        m = uniform_filter1d(data[rows], window, axis=1, mode="nearest") / np.maximum(denom,
-                                                                                        1e-3)
-        robust = _block_median(np.where(valid[rows], img / sh, 0.0), valid[rows])
+        denom = uniform_filter1d(ok[rows].astype(float), window, axis=1, mode="nearest")
+        m = uniform_filter1d(data, window, axis=1, mode="nearest") / np.maximum(denom, 1e-3)
+        robust = _block_median(np.where(valid[rows], image[rows].astype(float) / sh, 0.0),
+                               valid[rows])
         m = np.where(np.isfinite(robust), robust, m)
-        var = excess[rows] + np.maximum(m, 0.0) / sh
-        use[rows] = okb & (np.abs(data[rows] - m) <= nsigma * np.sqrt(var + (0.05 * m) ** 2))
+        var = excess + np.maximum(m, 0.0) / sh
+        use[rows] = ok[rows] & (np.abs(data - m) <= nsigma * np.sqrt(var + (0.05 * m) ** 2))
         model[rows] = m
     del valid
     centre = _savgol_centre_weight(window)
@@ -652,16 +657,17 @@ def pixel_flat(
     for _ in range(niter):
         rel_bright, noise2_bright = [], []
         for rows in bands:
-            filled = np.where(use[rows], data[rows], model[rows])
+            data, excess, sh = band(rows)
+            filled = np.where(use[rows], data, model[rows])
             smooth = savgol_filter(filled, window, 2, axis=1, mode="interp")
             # leave each pixel out of its own model, so its deviation is not diluted
             m = np.where(use[rows], (smooth - centre * filled) / (1.0 - centre), smooth)
             model[rows] = smooth
             litb = ok[rows] & (m > 0)
             safe = np.where(litb, m, 1.0)
-            var = excess[rows] + np.maximum(m, 0.0) / shape[rows]
+            var = excess + np.maximum(m, 0.0) / sh
             brightb = litb & (m * m >= min_snr**2 * var)
-            relb = np.where(litb, data[rows] / safe - 1.0, 0.0)
+            relb = np.where(litb, data / safe - 1.0, 0.0)
             noise2b = np.where(litb, var / safe**2, np.inf)
             rel_bright.append(relb[brightb])
             noise2_bright.append(noise2b[brightb])
@@ -675,7 +681,7 @@ def pixel_flat(
             limit = nsigma * np.sqrt(noise2[rows] + qe_rms**2)
             # faint pixels too: a cosmic ray must not stay
             use[rows] = lit[rows] & (np.abs(rel[rows]) <= limit)
-    del data, excess, model, shape
+    del model
     for rows in bands:
         limit = nsigma * np.sqrt(noise2[rows] + qe_rms**2)
         keep = bright[rows] & (rel[rows] <= limit)  # high outliers (cosmic rays) unmeasured
