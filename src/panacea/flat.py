@@ -58,6 +58,8 @@ MIN_SNR = 10.0
 MIN_THROUGHPUT = 0.3
 #: Cubic B-splines throughout.
 _DEGREE = 3
+#: Rows of the frame the pixel flat works on at once (memory only).
+PIXEL_FLAT_BAND_ROWS = 128
 #: Relative weight of the second-difference penalty that keeps splines defined where a
 #: breakpoint interval holds (almost) no data.
 _PENALTY = 1e-6
@@ -585,8 +587,8 @@ def pixel_flat(
         Inconsistent shapes, an even or too short ``window``, ``source`` without ``wave``,
         or no pixel with enough light.
     """
-    image = np.asarray(image, dtype=float)
-    variance = np.asarray(variance, dtype=float)
+    image = np.asarray(image)
+    variance = np.asarray(variance)
     trace = np.asarray(trace, dtype=float)
     nrow, ncol = image.shape
     if variance.shape != image.shape:
@@ -596,62 +598,104 @@ def pixel_flat(
     if window % 2 != 1 or window < 5 or window > ncol:
         raise ValueError(f"window must be odd and between 5 and {ncol}, not {window}")
     live = np.ones(trace.shape[0], bool) if dead is None else ~np.asarray(dead, dtype=bool)
+    # Every step but the pixel-to-pixel rms works along rows, so the frame is processed in
+    # bands of rows (float64 working arrays of a band, not of the frame); the rms is
+    # gathered from all bands in row order, so the result does not depend on the bands.
+    bands = [slice(r, min(r + PIXEL_FLAT_BAND_ROWS, nrow))
+             for r in range(0, nrow, PIXEL_FLAT_BAND_ROWS)]
 
     ok = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
     if mask is not None:
         ok &= ~np.asarray(mask, dtype=bool)
-    shape = np.ones_like(image)
     if source is not None:
         if wave is None:
             raise ValueError("pixel_flat needs wave to divide by a source spectrum")
         bigw = pixel_map(trace, np.asarray(wave, dtype=float), nrow)
         shape = source(bigw) * np.gradient(bigw, axis=1)
+        del bigw
         ok &= np.isfinite(shape) & (shape > 0)
-        shape = np.where(ok, shape, 1.0)
+        shape[~ok] = 1.0
+    else:
+        shape = None  # the source is flat: divisions by 1 left out (exactly the same)
     valid = ok.copy()  # pixels with data, near a fiber or not
     ok &= _near_traces(trace[live], nrow, half_width)
-    data = np.where(ok, image / shape, 0.0)
-    # noise from the model, not the data (a pixel's own fluctuation must not set its
-    # weight or its selection): read-noise part of the variance plus the model's counts
-    excess = np.where(ok, np.clip(variance - np.maximum(image, 0.0), 0.0, None), 0.0) / shape**2
 
-    # first guess: medians of short blocks of each row (robust to cosmic rays), where a
-    # block has enough good pixels, else a running mean; outliers from it (generously: 5 %
-    # pixel-to-pixel scatter allowed) start out rejected; then clipped running quadratics
-    weight = ok.astype(float)
-    denom = uniform_filter1d(weight, window, axis=1, mode="nearest")
-    model = uniform_filter1d(data, window, axis=1, mode="nearest") / np.maximum(denom, 1e-3)
-    robust = _block_median(np.where(valid, image / shape, 0.0), valid)
-    model = np.where(np.isfinite(robust), robust, model)
-    var = excess + np.maximum(model, 0.0) / shape
-    use = ok & (np.abs(data - model) <= nsigma * np.sqrt(var + (0.05 * model) ** 2))
+    def band(rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray | float]:
+        """Data and its excess variance (both divided by the source) of a band, and the
+        source."""
+        img = image[rows].astype(float)
+        sh = 1.0 if shape is None else shape[rows]
+        okb = ok[rows]
+        data = np.where(okb, img / sh, 0.0)
+        # noise from the model, not the data (a pixel's own fluctuation must not set its
+        # weight or its selection): read-noise part of the variance plus the model's counts
+        excess = np.where(okb, np.clip(variance[rows].astype(float) - np.maximum(img, 0.0),
+                                       0.0, None), 0.0) / sh**2
+        return data, excess, sh
+
+    model = np.empty((nrow, ncol))
+    use = np.empty((nrow, ncol), bool)
+    for rows in bands:
+        data, excess, sh = band(rows)
+        # first guess: medians of short blocks of each row (robust to cosmic rays), where a
+        # block has enough good pixels, else a running mean; outliers from it (generously: 5 %
+        # pixel-to-pixel scatter allowed) start out rejected; then clipped running quadratics
+        denom = uniform_filter1d(ok[rows].astype(float), window, axis=1, mode="nearest")
+        m = uniform_filter1d(data, window, axis=1, mode="nearest") / np.maximum(denom, 1e-3)
+        robust = _block_median(np.where(valid[rows], image[rows].astype(float) / sh, 0.0),
+                               valid[rows])
+        m = np.where(np.isfinite(robust), robust, m)
+        var = excess + np.maximum(m, 0.0) / sh
+        use[rows] = ok[rows] & (np.abs(data - m) <= nsigma * np.sqrt(var + (0.05 * m) ** 2))
+        model[rows] = m
+    del valid
     centre = _savgol_centre_weight(window)
+    rel = np.empty((nrow, ncol))
+    noise2 = np.empty((nrow, ncol))
+    lit = np.empty((nrow, ncol), bool)
+    bright = np.empty((nrow, ncol), bool)
     for _ in range(niter):
-        filled = np.where(use, data, model)
-        smooth = savgol_filter(filled, window, 2, axis=1, mode="interp")
-        # leave each pixel out of its own model, so its deviation is not diluted
-        model = np.where(use, (smooth - centre * filled) / (1.0 - centre), smooth)
-        lit = ok & (model > 0)
-        safe = np.where(lit, model, 1.0)
-        var = excess + np.maximum(model, 0.0) / shape
-        bright = lit & (model * model >= min_snr**2 * var)
-        if not bright.any():
+        rel_bright, noise2_bright = [], []
+        for rows in bands:
+            data, excess, sh = band(rows)
+            filled = np.where(use[rows], data, model[rows])
+            smooth = savgol_filter(filled, window, 2, axis=1, mode="interp")
+            # leave each pixel out of its own model, so its deviation is not diluted
+            m = np.where(use[rows], (smooth - centre * filled) / (1.0 - centre), smooth)
+            model[rows] = smooth
+            litb = ok[rows] & (m > 0)
+            safe = np.where(litb, m, 1.0)
+            var = excess + np.maximum(m, 0.0) / sh
+            brightb = litb & (m * m >= min_snr**2 * var)
+            relb = np.where(litb, data / safe - 1.0, 0.0)
+            noise2b = np.where(litb, var / safe**2, np.inf)
+            rel_bright.append(relb[brightb])
+            noise2_bright.append(noise2b[brightb])
+            rel[rows], noise2[rows], lit[rows], bright[rows] = relb, noise2b, litb, brightb
+        if not sum(r.size for r in rel_bright):
             raise ValueError(f"no pixel reaches S/N {min_snr:g}: the flat is too faint "
                              f"for a pixel flat")
-        rel = np.where(lit, data / safe - 1.0, 0.0)
-        noise2 = np.where(lit, var / safe**2, np.inf)
-        qe_rms = _excess_scatter(rel[bright], noise2[bright])
-        limit = nsigma * np.sqrt(noise2 + qe_rms**2)
-        use = lit & (np.abs(rel) <= limit)  # faint pixels too: a cosmic ray must not stay
-        model = smooth
-
-    keep = bright & (rel <= limit)  # high outliers (cosmic rays) stay unmeasured
-    rel = np.where(keep, rel, 0.0)
-    noise2 = np.where(keep, noise2, np.inf)
+        qe_rms = _excess_scatter(np.concatenate(rel_bright), np.concatenate(noise2_bright))
+        del rel_bright, noise2_bright
+        for rows in bands:
+            limit = nsigma * np.sqrt(noise2[rows] + qe_rms**2)
+            # faint pixels too: a cosmic ray must not stay
+            use[rows] = lit[rows] & (np.abs(rel[rows]) <= limit)
+    del model
+    for rows in bands:
+        limit = nsigma * np.sqrt(noise2[rows] + qe_rms**2)
+        keep = bright[rows] & (rel[rows] <= limit)  # high outliers (cosmic rays) unmeasured
+        rel[rows] = np.where(keep, rel[rows], 0.0)
+        noise2[rows] = np.where(keep, noise2[rows], np.inf)
+    measured = np.isfinite(noise2)
     log.info("pixel flat: %d pixels measured (S/N >= %g), pixel-to-pixel rms %.4f, "
-             "median noise of a measured pixel %.4f%s", int(keep.sum()), min_snr, qe_rms,
-             float(np.sqrt(np.median(noise2[keep]))), " (shrunk)" if shrink else "")
-    flat, error = _finish(rel, noise2, qe_rms if shrink else None, nsigma)
+             "median noise of a measured pixel %.4f%s", int(measured.sum()), min_snr, qe_rms,
+             float(np.sqrt(np.median(noise2[measured]))), " (shrunk)" if shrink else "")
+    flat = np.empty((nrow, ncol), np.float32)
+    error = np.empty((nrow, ncol), np.float32)
+    for rows in bands:
+        flat[rows], error[rows] = _finish(rel[rows], noise2[rows],
+                                          qe_rms if shrink else None, nsigma)
     return (flat, error) if return_error else flat
 
 

@@ -83,6 +83,7 @@ def calibration_for(
     log.info("%s %s: wrote %s", date, channel.name, path)
     # the science uses the bundle as stored (some extensions are quantised within stated
     # bounds), so a first run and a rerun that reuses the bundle give the same products
+    del bundle  # not held while the stored one is read (a few frames' worth of memory)
     return read_bundle(path)
 
 
@@ -321,7 +322,9 @@ def reduce_channel(run: RunConfig, archive: Archive, date: str, channel_name: st
     summary.add("calibration", "up-to-date" if bundle.meta.get("_reused") else "written",
                 channel=channel.name, products=[str(cal_path)])
     cal = ChannelCalibration.from_bundle(bundle, str(cal_path))
-    results, response = _response(run, archive, night, channel, cal, bundle.fingerprint,
+    cal_fp = bundle.fingerprint
+    del bundle  # the science needs only ``cal`` (its own copies): frames freed early
+    results, response = _response(run, archive, night, channel, cal, cal_fp,
                                   summary, ledger, conditions, stamps)
     response_id = response[1] + (
         "" if response[0] is None
@@ -335,7 +338,7 @@ def reduce_channel(run: RunConfig, archive: Archive, date: str, channel_name: st
                 "obsid": exposure.obsid, "exp": exposure.exp}
         key = f"science {exposure.name} {channel.name}"
         try:
-            fp = exposure_fingerprint([exposure], bundle.fingerprint, response_id,
+            fp = exposure_fingerprint([exposure], cal_fp, response_id,
                                       run.config_hash, str(run.cubes), cache=stamps)
         except OSError as err:
             summary.add("science", "failed", reason=f"raw file unreadable: {err}",
