@@ -84,7 +84,8 @@ def row(name: str, r: dict, note: str = "") -> str:
 
 
 def range_archive(raw: Path, date: str, n: int, dest: Path) -> list[str]:
-    """``n`` nights holding the same raw files (links), from ``date`` on."""
+    """``n`` nights holding the same raw files (links), from ``date`` on, and the archive's
+    standards folder."""
     dates = [time.strftime("%Y%m%d", time.gmtime(
         time.mktime(time.strptime(date, "%Y%m%d")) + 86400 * (i + 0.5))) for i in range(n)]
     for d in dates:
@@ -94,6 +95,9 @@ def range_archive(raw: Path, date: str, n: int, dest: Path) -> list[str]:
                 link.parent.mkdir(parents=True, exist_ok=True)
                 if not link.exists():
                     link.symlink_to(src.resolve())
+    standards = dest / "standards"  # the standards' reference spectra, shared by the nights
+    if (raw / "standards").is_dir() and not standards.exists():
+        standards.symlink_to((raw / "standards").resolve())
     return dates
 
 
