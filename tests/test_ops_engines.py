@@ -27,5 +27,8 @@ def test_dask_local_cluster_matches_serial(reduced, sim_night, tmp_path):
     summary = json.loads((night_folder(out, sim_night.date) / "summary.json").read_text())
     science = [o for o in summary["outcomes"] if o["kind"] == "science"]
     assert len(science) == 3 and all(o["status"] == "written" for o in science)
+    # the workers' log lines reach the night's log (they would stay on the workers)
+    night_log = night_folder(out, sim_night.date) / f"panacea_{sim_night.date}.log"
+    assert "panacea.science" in night_log.read_text()
     # joined spectra: the serial run joined four channels, this one uv only
     assert differences(out, reduced, exclude=("joined_",)) == []

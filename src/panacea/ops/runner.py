@@ -121,7 +121,8 @@ class _Night:
         else:
             if isinstance(engine, LocalPool):
                 _preload_qa()  # forked local workers inherit the plotting modules
-            self.futures = [engine.submit(channel_task, self.run, self.date, ch)
+            task = channel_task if isinstance(engine, LocalPool) else logged_channel_task
+            self.futures = [engine.submit(task, self.run, self.date, ch)
                             for ch in self.run.channels]
 
     def finish(self) -> int:
@@ -133,7 +134,7 @@ class _Night:
                 joins: dict = {}
                 for channel, future in zip(self.run.channels, self.futures):
                     try:
-                        outcomes, found = future.result()
+                        outcomes, found, *records = future.result()
                     except Exception as err:  # a bug in a task: the other channels go on
                         log.error("%s %s: internal error: %s: %s (a bug in panacea-lrs2; "
                                   "please report it)", self.date, channel,
@@ -142,6 +143,8 @@ class _Night:
                         self.summary.add("calibration", "failed", channel=channel,
                                          reason=f"internal error: {type(err).__name__}: {err}")
                         continue
+                    if records:  # a Dask or Slurm worker's log lines, for the night log
+                        _replay(records[0])
                     if not self.inline:
                         self.progress.channel_done(self.date, channel)
                     self.summary.outcomes.extend(outcomes)
@@ -228,6 +231,48 @@ def channel_task(run: RunConfig, date: str, channel: str) -> tuple[list[Outcome]
         return _inline_task(run, archive, date, channel)
     finally:
         archive.close()
+
+
+class _Collector(logging.Handler):
+    """Keeps a task's log records as plain dicts (picklable, message already formatted)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[dict] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        d = dict(record.__dict__)
+        d["msg"], d["args"], d["exc_info"] = record.getMessage(), None, None
+        if record.exc_info and not record.exc_text:
+            d["exc_text"] = logging.Formatter().formatException(record.exc_info)
+        self.records.append(d)
+
+
+def logged_channel_task(run: RunConfig, date: str,
+                        channel: str) -> tuple[list[Outcome], dict, list[dict]]:
+    """:func:`channel_task` on a Dask or Slurm worker, whose log lines would otherwise stay
+    in the worker's own output: its panacea records (INFO and above) are returned with the
+    result and replayed by the runner into the night's log and the console."""
+    collector = _Collector()
+    logger = logging.getLogger("panacea")
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(collector)
+    try:
+        outcomes, joins = channel_task(run, date, channel)
+    finally:
+        logger.removeHandler(collector)
+        logger.setLevel(level)
+    return outcomes, joins, collector.records
+
+
+def _replay(records: list[dict]) -> None:
+    """Hand a worker's log records to this process's loggers (their times kept)."""
+    for d in records:
+        logger = logging.getLogger(d.get("name", "panacea"))
+        if logger.isEnabledFor(int(d.get("levelno", logging.INFO))):
+            logger.handle(logging.makeLogRecord(d))
 
 
 def _inline_task(run: RunConfig, archive, date: str, channel: str) -> tuple[list, dict]:
