@@ -83,9 +83,15 @@ def _relay_logs(queue) -> None:
         record = queue.get()
         if record is None:
             return
-        logger = logging.getLogger(record.name)
-        if logger.isEnabledFor(record.levelno):
-            logger.handle(record)
+        handle_record(record)
+
+
+def handle_record(record: logging.LogRecord) -> None:
+    """Hand a worker's log record to this process's logger of the same name (console,
+    night log, any handler a caller added), if that logger takes its level."""
+    logger = logging.getLogger(record.name)
+    if logger.isEnabledFor(record.levelno):
+        logger.handle(record)
 
 
 class DaskEngine:

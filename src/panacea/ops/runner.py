@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import pipeline
 from ..io_utils import remove_stale_parts
 from .config import RunConfig
-from .executors import DaskEngine, Inline, LocalPool, make_engine
+from .executors import DaskEngine, Inline, LocalPool, handle_record, make_engine
 from .ledger import Ledger, raw_stamp
 from .lock import LockHeld, NightLock
 from .summary import EXIT_INTERNAL, EXIT_LOCKED, EXIT_USAGE, NightSummary, Outcome, night_folder
@@ -270,9 +270,7 @@ def logged_channel_task(run: RunConfig, date: str,
 def _replay(records: list[dict]) -> None:
     """Hand a worker's log records to this process's loggers (their times kept)."""
     for d in records:
-        logger = logging.getLogger(d.get("name", "panacea"))
-        if logger.isEnabledFor(int(d.get("levelno", logging.INFO))):
-            logger.handle(logging.makeLogRecord(d))
+        handle_record(logging.makeLogRecord(d))
 
 
 def _inline_task(run: RunConfig, archive, date: str, channel: str) -> tuple[list, dict]:
