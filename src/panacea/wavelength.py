@@ -1107,13 +1107,10 @@ def solve_wavelength(
                  "px instead of %.4f px)", ch.name, line_x.size, gain[1], gain[0])
 
     # ---- diagnostics
-    nused = used.sum(axis=1)
     disp = np.gradient(wave, axis=1)
     at_line = np.clip(np.rint(np.nan_to_num(fits.mu)), 0, ncol - 1).astype(int)
     res_ang = res * np.take_along_axis(disp, at_line, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rms_pix = np.sqrt((np.where(used, res, 0.0) ** 2).sum(axis=1) / nused)
-        rms_ang = np.sqrt((np.where(used, res_ang, 0.0) ** 2).sum(axis=1) / nused)
+    rms_pix, rms_ang = _fiber_rms(res, used), _fiber_rms(res_ang, used)
     line_fits = ArcLineFits(
         wavelength=wl, lamp=lamp_of, element=np.array([a.element for a in table]),
         source=np.array([a.source for a in table]), strength=strength, expected=guess,
