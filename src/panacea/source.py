@@ -63,6 +63,11 @@ WEIGHT_SMOOTH = 9
 FWHM_EXPONENT = -0.2
 
 
+def psf_model_name(beta: float) -> str:
+    """The PSF family of a wing index: 'gauss' for beta = inf, else 'moffat'."""
+    return "gauss" if not np.isfinite(beta) else "moffat"
+
+
 @dataclass
 class Detection:
     """Most significant point of the IFU: position, window and significance."""
@@ -101,7 +106,7 @@ class PSF:
     @property
     def model(self) -> str:
         """'gauss' for beta = inf, else 'moffat'."""
-        return "gauss" if not np.isfinite(self.beta) else "moffat"
+        return psf_model_name(self.beta)
 
 
 @dataclass
@@ -116,7 +121,7 @@ class PSFChoice:
 
     @property
     def model(self) -> str:
-        return "gauss" if not np.isfinite(self.beta) else "moffat"
+        return psf_model_name(self.beta)
 
 
 @dataclass
@@ -146,7 +151,7 @@ class Source:
 
     @property
     def psf_model(self) -> str:
-        return "gauss" if not np.isfinite(self.beta) else "moffat"
+        return psf_model_name(self.beta)
 
     @property
     def track_used(self) -> str:
