@@ -467,6 +467,7 @@ def xcorr_shift(flux: np.ndarray, wave: np.ndarray, fibers: np.ndarray,
     if near.sum() < 10:
         return None
     y, w = sky[near], 1.0 / var[near]
+    sw = np.sqrt(w)
     lags = np.arange(-MAX_SHIFT, MAX_SHIFT + 1e-9, 0.05)
     chi2 = np.empty(lags.size)
     for i, lag in enumerate(lags):
@@ -475,7 +476,6 @@ def xcorr_shift(flux: np.ndarray, wave: np.ndarray, fibers: np.ndarray,
         if g.shape[1] == 0:
             chi2[i] = np.sum(w * y**2)
             continue
-        sw = np.sqrt(w)
         amp, *_ = np.linalg.lstsq(g * sw[:, None], y * sw, rcond=None)
         chi2[i] = float(np.sum(w * (y - g @ amp) ** 2))
     j = int(np.argmin(chi2))
