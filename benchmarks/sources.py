@@ -5,7 +5,8 @@
 Reads ``spectrum_*`` and ``multi_*`` files of the point-source exposures (standards and the
 science target) and prints a Markdown table: position, FWHM and refraction-track errors,
 and the flux-calibrated spectrum against the true F_lambda (with the response the pipeline
-derived from the night's standard), plus the continuity of the joined spectrum.
+derived from the night's standard), plus the continuity of the joined spectrum and the
+extended target's continuum against the true light on the IFU and in total.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from astropy.io import fits
 from scipy.ndimage import median_filter
 
 from panacea import instrument
+from panacea.simulate import night as simnight
+from panacea.simulate import spectra as simspectra
 from panacea.simulate.night import ExposurePlan, dar_offsets
 from panacea.simulate.truth import load_night, truth_dir
 from panacea.source import sky_line_mask
@@ -90,6 +93,37 @@ def measure(raw: Path, reduced: Path, date: str) -> tuple[list, list]:
     return rows, joins
 
 
+def extended(raw: Path, reduced: Path, date: str) -> list:
+    """The extended target's continuum (its lines and sky lines masked) against the truth:
+    median of F_lambda over the true light on the IFU and over the true total, per
+    channel, and the source cards that say how the pipeline treated it."""
+    night = load_night(raw, date)
+    rows = []
+    for p in night["exposures"]:
+        if p["kind"] != "extended":
+            continue
+        plan = ExposurePlan(**p)
+        on_ifu = float(simnight.extended_profile(plan).sum())  # arcsec^2
+        total = 2 * np.pi * simnight.EXTENDED_SCALE**2 * simnight.EXTENDED_RATIO
+        lines = np.array([w for w, _ in simspectra.EXTENDED_LINES]) * (1 + simnight.EXTENDED_Z)
+        for ch in instrument.channels().values():
+            hits = list(reduced.rglob(f"spectrum_{date}_{plan.obsid:07d}_exp{plan.exp:02d}_"
+                                      f"{ch.name}.fits"))
+            if not hits:
+                continue
+            with fits.open(hits[0]) as hdul:
+                spec, head = hdul[0].data.astype(float), hdul[0].header
+            wave = spec[0]
+            good = (spec[3] > 0) & ~sky_line_mask(spec[2][None, :], 1.05)
+            good &= np.min(np.abs(wave[:, None] - lines[None, :]), axis=1) > 20.0
+            good[:EDGE] = good[-EDGE:] = False
+            ratio = np.median(spec[1][good] / simspectra.ab_to_flambda(simnight.EXTENDED_AB,
+                                                                      wave[good]))
+            rel_err = np.median(spec[3][good] / np.abs(spec[1][good]))
+            rows.append((ch.name, plan, ratio / on_ifu, ratio / total, rel_err, head))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
@@ -116,6 +150,14 @@ def main(argv=None) -> int:
         cells = [f"{100 * jumps[k]:+.2f} %" if k in jumps else "" for k in
                  ("uv→orange", "orange→red", "red→farred")]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\n| channel | extended target | F / true light on the IFU | F / true total | "
+          "median error / F | SRCEXT | PSFBETA | PSFOUT | PSFXTRP | NSKYFIB |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+    for name, plan, r_ifu, r_tot, rel, h in extended(Path(args.raw), Path(args.reduced),
+                                                     args.date):
+        print(f"| {name} | obs {plan.obsid} exp {plan.exp} | {r_ifu:.3f} | {r_tot:.3f} | "
+              f"{rel:.3f} | {h.get('SRCEXT', '')} | {h.get('PSFBETA', '')} | "
+              f"{h.get('PSFOUT', '')} | {h.get('PSFXTRP', '')} | {h.get('NSKYFIB', '')} |")
     return 0
 
 

@@ -9,7 +9,14 @@ from astropy.io import fits
 from panacea import instrument
 from panacea.refraction import Weather, header_weather, refraction_track
 from panacea.simulate.spectra import refraction_offsets
-from panacea.source import analyse, detect, fit_psf, moffat_fractions, psf_extract
+from panacea.source import (
+    EXTENDED_BETA,
+    analyse,
+    detect,
+    fit_psf,
+    moffat_fractions,
+    psf_extract,
+)
 
 XY = instrument.fiber_positions()
 
@@ -171,3 +178,56 @@ def test_outside_light_uncertainty_enters_the_flux_error():
     stat = psf_extract(data, err, src.weights)[1]
     np.testing.assert_allclose(src.error, np.hypot(stat, np.abs(src.spectrum) * rel),
                                rtol=1e-6)
+
+
+def _disk_cube(grid: np.ndarray, x0: float, y0: float, scale: float, ratio: float,
+               noise: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An exponential disk (scale length ``scale``", axis ratio ``ratio``) of total flux 1 per
+    Angstrom times a power law, integrated over each lenslet on a 10 x 10 sub-grid (the
+    test's own code, not the pipeline's PSF); returns data, errors and the true light on
+    the IFU per Angstrom."""
+    n = 10
+    sub = ((np.arange(n) + 0.5) / n - 0.5) * instrument.LENSLET_PITCH
+    sx, sy = np.meshgrid(sub, sub)
+    px = XY[:, 0, None] + sx.ravel()[None, :] - x0
+    py = XY[:, 1, None] + sy.ravel()[None, :] - y0
+    surface = np.exp(-np.hypot(px, py / ratio) / scale) / (2 * np.pi * scale**2 * ratio)
+    frac = surface.mean(axis=1) * instrument.LENSLET_PITCH**2  # light of each lenslet
+    flux = 300.0 * (grid / 5000.0) ** -1.5  # total flux per Angstrom
+    model = frac[:, None] * flux[None, :]
+    rng = np.random.default_rng(seed)
+    err = np.full(model.shape, noise)
+    return model + rng.normal(0, noise, model.shape), err, frac.sum() * flux
+
+
+def test_extended_source_is_not_extrapolated_and_agrees_across_channels():
+    """A source wider than any seeing: every channel uses the same wing index, the spectrum
+    is the light on the IFU (nothing extrapolated outside it), the same fraction of it in
+    uv and red, and the model's outside light enters the flux error."""
+    weather = Weather(8.0, 793.0, 40.0)
+    ratios = []
+    for name, seed in (("uv", 4), ("red", 5)):
+        grid = instrument.get_channel(name).grid
+        data, err, on_ifu = _disk_cube(grid, -1.8, 0.9, 1.8, 0.7, noise=0.5, seed=seed)
+        sky = np.ones_like(data)
+        src = analyse(data, err, sky, err, grid, XY, 0.0, weather)
+        assert src is not None and src.extended, src.psf
+        assert src.beta == EXTENDED_BETA and src.extrapolated == 0.0
+        assert 0.05 < src.outside < 0.5  # the model's guess of the light outside
+        inner = slice(100, -100)
+        ratio = float(np.median(src.spectrum[inner] / on_ifu[inner]))
+        ratios.append(ratio)
+        rel = np.median(src.error[inner] / np.abs(src.spectrum[inner]))
+        assert rel >= src.outside / (1 - src.outside) * 0.99
+    assert ratios[0] == pytest.approx(1.0, abs=0.01)
+    assert ratios[1] == pytest.approx(ratios[0], rel=0.01)
+
+
+def test_point_source_is_extrapolated_outside_the_ifu():
+    grid = instrument.get_channel("orange").grid
+    flux = np.full(grid.size, 200.0)
+    data, err = _ifu_cube(flux, np.full(grid.size, 1.0), np.full(grid.size, 0.3),
+                          np.full(grid.size, 1.6), grid, noise=0.5)
+    src = analyse(data, err, np.ones_like(data), err, grid, XY, 0.0, Weather(8.0, 793.0, 40.0))
+    assert src is not None and src.extended == ""
+    assert src.extrapolated == pytest.approx(src.outside) and src.outside > 0.0

@@ -159,6 +159,8 @@ def _psf_cards(h: fits.Header, src) -> None:
         h["PSFOUT"] = (round(src.choice.outside, 4), "PSF light outside the IFU (fraction)")
         h["PSFOUTE"] = (round(src.choice.outside_err, 4), "error of PSFOUT, in flux error")
         h["PSFNTRY"] = (len(src.choice.tried), "PSF profiles compared")
+    h["SRCEXT"] = (bool(src.extended), "not a point: flux is the light on the IFU")
+    h["PSFXTRP"] = (round(src.extrapolated, 4), "flux fraction extrapolated outside IFU")
 
 
 #: Points of the ``adr`` table (extension 7) along the grid.

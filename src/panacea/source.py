@@ -24,6 +24,12 @@ per fiber and Angstrom) and the lenslet positions.
    FWHM(lambda)) weights the fibers; ``F = sum(P d / s^2) / sum(P^2 / s^2)`` with error
    ``1 / sqrt(sum(P^2 / s^2))``, the PSF normalised over the whole plane so that F is the
    total flux of the source. The sky is extracted with the same weights.
+5. **Sources the PSF does not describe** (:func:`extended_reason`: a profile wider or
+   flatter than seeing makes): the wing index is :data:`EXTENDED_BETA` in every channel
+   (a free one only absorbs the source's extent, differently in each channel), nothing is
+   extrapolated outside the IFU, and the weights are scaled so that the spectrum is the
+   light the fibers hold (:func:`aperture_scale`); the light the model puts outside the
+   IFU enters the flux error.
 """
 
 from __future__ import annotations
@@ -61,6 +67,16 @@ N_BINS = 10
 WEIGHT_SMOOTH = 9
 #: FWHM scales as wavelength^-0.2 (Kolmogorov) between measured bins and beyond.
 FWHM_EXPONENT = -0.2
+#: A source whose fitted profile is wider than this (major-axis FWHM, arcsec, at the
+#: detection wavelength) is not a point: HET seeing stays below ~2.5" at 5000 A (2.7" at
+#: 3640 A with FWHM ~ lambda^-0.2).
+MAX_POINT_FWHM = 3.0
+#: ... or flatter than this (minor / major axis): the seeing's ellipticity stays below ~0.2.
+MIN_POINT_RATIO = 0.75
+#: Wing index used for a source that is not a point, in every channel (the broadest
+#: profile of :data:`BETA_CHOICES`): its own choice would only absorb the source's extent,
+#: differently in each channel.
+EXTENDED_BETA = min(BETA_CHOICES)
 
 
 def psf_model_name(beta: float) -> str:
@@ -144,10 +160,18 @@ class Source:
     bins: list[PSF] = field(default_factory=list)
     bin_waves: np.ndarray = field(default_factory=lambda: np.zeros(0))
     choice: PSFChoice | None = None
+    #: why the PSF does not describe the source ('' for a point source); the spectrum is
+    #: then the light on the IFU, not extrapolated outside it
+    extended: str = ""
+    #: fraction of the model's light outside the IFU at ``ref_wave``, and the part of it
+    #: added to the spectrum (0 for an extended source)
+    outside: float = 0.0
+    extrapolated: float = 0.0
 
     @property
     def beta(self) -> float:
-        return self.choice.beta if self.choice is not None else self.psf.beta
+        """Wing index used (the data's choice, or :data:`EXTENDED_BETA`)."""
+        return self.psf.beta
 
     @property
     def psf_model(self) -> str:
@@ -517,15 +541,15 @@ def analyse(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, sky_err: np.nd
     if bins:
         choice, refits = choose_beta(maps, bins, xy, beta)
         if choice.beta != beta:
-            bins = [_refit(m, b, xy, choice.beta, refits.get(i)) for i, (m, b) in
-                    enumerate(zip(maps, bins))]
-            psf = fit_psf(det.values, det.errors, xy, (psf.x, psf.y, psf.fwhm),
-                          shape_start=(psf.ratio, psf.angle), beta=choice.beta,
-                          fix_shape=(None if forced is None else
-                                     (psf.fwhm, psf.ratio, psf.angle)))
-            if forced is not None:
-                psf.x, psf.y = det.x, det.y
+            bins, psf = _refit_all(maps, bins, det, psf, xy, choice.beta, forced, refits)
         beta = choice.beta
+    extended = extended_reason(psf)
+    if extended:
+        log.info("the PSF does not describe the source (%s): wing index %g in every channel, "
+                 "no light extrapolated outside the IFU", extended, EXTENDED_BETA)
+        if beta != EXTENDED_BETA:
+            bins, psf = _refit_all(maps, bins, det, psf, xy, EXTENDED_BETA, forced, {})
+            beta = EXTENDED_BETA
     measured = None
     usable = [i for i, b in enumerate(bins) if max(b.x_err, b.y_err) < TRACK_PRECISION
               and b.amplitude > 0]
@@ -555,22 +579,94 @@ def analyse(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, sky_err: np.nd
     x, y = x0 + track[0], y0 + track[1]
     psf.x, psf.y = x0, y0
     weights = _weights_on_grid(xy, x, y, fwhm, ratio, angle, grid, beta=beta)
+    on_ifu = weights.sum(axis=0)
+    inside = max(float(np.interp(ref_wave, grid, on_ifu)), 1e-3)
+    spread = choice.outside_err if choice is not None else 0.0
+    if extended:
+        # weights normalised over the IFU: the spectrum is the light on the IFU, and all the
+        # light the model puts outside it is uncertain (the model does not fit the source)
+        weights = weights / np.maximum(on_ifu, 1e-3)[None, :]
+        rel = np.hypot(1.0 - inside, spread) / inside
+    else:
+        rel = spread / inside  # the outside light is as uncertain as the PSF's wings
+    if extended and maps:
+        # the weights give the spectrum's shape at the best signal to noise; its level is
+        # the light the fibers hold (a mismatched profile's weights would bias it)
+        scale, scale_err = aperture_scale(maps, waves, weights, grid)
+        weights = weights / scale
+        rel = np.hypot(rel, scale_err / scale)
     spec, spec_err = psf_extract(skysub, err, weights)
     sky_spec, sky_spec_err = psf_extract(sky, err, weights, sky_err)
+    spec_err = np.hypot(spec_err, np.abs(spec) * rel)
     if choice is not None:
-        # the light the model puts outside the IFU is as uncertain as its wings
-        inside = float(np.interp(ref_wave, grid, weights.sum(axis=0)))
         choice.outside = 1.0 - inside
-        rel = choice.outside_err / max(inside, 1e-3)
-        spec_err = np.hypot(spec_err, np.abs(spec) * rel)
         log.info("PSF %s (beta %s) chosen from %d profiles on %d bins; %.1f%% +- %.1f%% of "
-                 "the light outside the IFU", choice.model, f"{beta:g}", len(choice.tried),
-                 choice.n_bins, 100 * choice.outside, 100 * choice.outside_err)
+                 "the light outside the IFU%s", choice.model, f"{beta:g}", len(choice.tried),
+                 choice.n_bins, 100 * choice.outside, 100 * choice.outside_err,
+                 " (not extrapolated)" if extended else "")
     log.info("refraction track (%s): %.2f arcsec across the channel (model %.2f)",
              "measured" if measured is not None else "model",
              float(np.ptp(np.hypot(*track))), float(np.ptp(np.hypot(*model))))
     return Source(det, psf, ref_wave, model, measured, fwhm, x, y, weights, spec, spec_err,
-                  sky_spec, sky_spec_err, bins, waves, choice)
+                  sky_spec, sky_spec_err, bins, waves, choice, extended, 1.0 - inside,
+                  0.0 if extended else 1.0 - inside)
+
+
+def extended_reason(psf: PSF) -> str:
+    """Why the fitted profile ``psf`` cannot be a seeing-limited point source ('' if it can).
+
+    A profile wider than :data:`MAX_POINT_FWHM` (arcsec) or flatter than
+    :data:`MIN_POINT_RATIO` comes from the source's own extent: the night QA warns about
+    such 'seeing' (``qa.yaml``, seeing above 2.5"), and a wing index fitted to it only
+    describes the source's outskirts, which the data beyond the IFU do not constrain.
+    """
+    if psf.fwhm > MAX_POINT_FWHM:
+        return f'FWHM {psf.fwhm:.2f}" > {MAX_POINT_FWHM:g}"'
+    if psf.ratio < MIN_POINT_RATIO:
+        return f"axis ratio {psf.ratio:.2f} < {MIN_POINT_RATIO:g}"
+    return ""
+
+
+def aperture_scale(maps: list[tuple], waves: np.ndarray, weights: np.ndarray,
+                   grid: np.ndarray) -> tuple[float, float]:
+    """Light on the IFU over the PSF-weighted flux, from the broad bins' fiber maps.
+
+    For each bin map (values, errors) at wavelength ``waves`` the fibers' sum (fibers without
+    data counted with the weights' share) is divided by the weighted fit
+    ``sum(P d / s^2) / sum(P^2 / s^2)`` with the extraction weights ``P`` (nfib, ngrid) at
+    that wavelength. Returns the median over the bins and its error (scaled MAD over
+    sqrt(n)); (1, 0) when no bin has signal.
+    """
+    ratios = []
+    for (values, errors), wave in zip(maps, waves):
+        p = weights[:, min(int(np.searchsorted(grid, wave)), grid.size - 1)]
+        ok = errors > 0
+        den = np.sum(p[ok] ** 2 / errors[ok] ** 2)
+        if den <= 0:
+            continue
+        fit = np.sum(p[ok] * values[ok] / errors[ok] ** 2) / den
+        if fit <= 0:
+            continue
+        ratios.append((values[ok].sum() + fit * p[~ok].sum()) / fit)
+    if not ratios:
+        return 1.0, 0.0
+    r = np.array(ratios)
+    mad = 1.4826 * float(np.median(np.abs(r - np.median(r))))
+    return float(np.median(r)), mad / np.sqrt(r.size)
+
+
+def _refit_all(maps: list[tuple], bins: list[PSF], det: Detection, psf: PSF, xy: np.ndarray,
+               beta: float, forced: tuple | None, done: dict[int, PSF]
+               ) -> tuple[list[PSF], PSF]:
+    """Every bin map and the detection map fitted again with wing index ``beta`` (``done``:
+    bin fits with it already made, by bin index)."""
+    bins = [_refit(m, b, xy, beta, done.get(i)) for i, (m, b) in enumerate(zip(maps, bins))]
+    psf = fit_psf(det.values, det.errors, xy, (psf.x, psf.y, psf.fwhm),
+                  shape_start=(psf.ratio, psf.angle), beta=beta,
+                  fix_shape=None if forced is None else (psf.fwhm, psf.ratio, psf.angle))
+    if forced is not None:
+        psf.x, psf.y = det.x, det.y
+    return bins, psf
 
 
 def _refit(m: tuple, fit: PSF, xy: np.ndarray, beta: float, done: PSF | None) -> PSF:

@@ -37,7 +37,7 @@ STATUSES = ("info", "pass", "warn", "fail")
 #: Header cards that other stages may add; shown as information when present.
 EXTRA_CARDS = ("WSHIFTE", "WSHIFTN", "WSHIFTM", "PSFMODEL", "PSFBETA", "PSFOUT", "TRANSSRC",
                "AREASRC", "DARTRACK", "MILLUM", "ELLIP", "SRCSIG", "ROWOFFS", "NSKYFIB",
-               "SATFLAG", "FTFCORR")
+               "SATFLAG", "FTFCORR", "SRCEXT")
 #: Half-width of a sky-line window and the clearance of continuum bins (grid bins).
 LINE_HALF_WIDTH = 4
 CONTINUUM_CLEARANCE = 10

@@ -336,13 +336,26 @@ def point_source_spectra(optics: ChannelOptics, plan: ExposurePlan, flam_fn,
     return total * frac_pix * optics.fiber_throughput
 
 
-def extended_spectra(optics: ChannelOptics, plan: ExposurePlan, z: float = 0.005,
+#: Exponential profile of the extended region: scale length (arcsec) and axis ratio (y / x);
+#: its continuum (AB mag per arcsec^2 at the peak) and redshift.
+EXTENDED_SCALE, EXTENDED_RATIO = 1.8, 0.7
+EXTENDED_AB, EXTENDED_Z = 22.0, 0.005
+
+
+def extended_profile(plan: ExposurePlan) -> np.ndarray:
+    """Surface brightness of the extended region at each lenslet's centre relative to its
+    peak, times the lenslet's area (arcsec^2): the sky area its light fills in every fiber.
+    Over the whole sky the profile covers ``2 pi EXTENDED_SCALE^2 EXTENDED_RATIO``."""
+    xy = _fiber_xy()
+    r = np.hypot(xy[:, 0] - plan.source_xy[0], (xy[:, 1] - plan.source_xy[1]) / EXTENDED_RATIO)
+    return np.exp(-r / EXTENDED_SCALE) * LENSLET_AREA
+
+
+def extended_spectra(optics: ChannelOptics, plan: ExposurePlan, z: float = EXTENDED_Z,
                      nz: nuisance.Nuisances | None = None) -> np.ndarray:
     """Expected electrons per column of an extended emission-line region in every fiber."""
     ch = optics.channel
-    xy = _fiber_xy()
-    r = np.hypot(xy[:, 0] - plan.source_xy[0], (xy[:, 1] - plan.source_xy[1]) / 0.7)
-    profile = np.exp(-r / 1.8) * LENSLET_AREA  # arcsec^2 weighted surface brightness
+    profile = extended_profile(plan)  # arcsec^2 weighted surface brightness
     waves = np.array([w for w, _ in sp.EXTENDED_LINES]) * (1 + z)
     sb = np.array([f for _, f in sp.EXTENDED_LINES])
     keep = (waves > ch.wave_lo - 20) & (waves < ch.wave_hi + 20)
@@ -352,7 +365,7 @@ def extended_spectra(optics: ChannelOptics, plan: ExposurePlan, z: float = 0.005
              * plan.exptime / channel_response(ch, waves[keep], nz))
         out += lines_to_pixels(optics, waves[keep], profile[:, None] * e[None, :])
     wf = sp.fine_grid(ch)
-    cont = photons_per_angstrom(ch, wf, sp.ab_to_flambda(22.0, wf), plan, nz=nz)
+    cont = photons_per_angstrom(ch, wf, sp.ab_to_flambda(EXTENDED_AB, wf), plan, nz=nz)
     out += continuum_to_pixels(optics, wf, cont) * profile[:, None]
     return out * optics.fiber_throughput
 
