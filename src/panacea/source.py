@@ -27,9 +27,9 @@ per fiber and Angstrom) and the lenslet positions.
 5. **Sources the PSF does not describe** (:func:`extended_reason`: a profile wider or
    flatter than seeing makes): the wing index is :data:`EXTENDED_BETA` in every channel
    (a free one only absorbs the source's extent, differently in each channel), nothing is
-   extrapolated outside the IFU, and the weights are scaled so that the spectrum is the
-   light the fibers hold (:func:`aperture_scale`); the light the model puts outside the
-   IFU enters the flux error.
+   extrapolated outside the IFU (the weights are normalised over the IFU: the spectrum is
+   the model's light on the IFU), and the light the model puts outside it enters the flux
+   error.
 """
 
 from __future__ import annotations
@@ -589,12 +589,6 @@ def analyse(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, sky_err: np.nd
         rel = np.hypot(1.0 - inside, spread) / inside
     else:
         rel = spread / inside  # the outside light is as uncertain as the PSF's wings
-    if extended and maps:
-        # the weights give the spectrum's shape at the best signal to noise; its level is
-        # the light the fibers hold (a mismatched profile's weights would bias it)
-        scale, scale_err = aperture_scale(maps, waves, weights, grid)
-        weights = weights / scale
-        rel = np.hypot(rel, scale_err / scale)
     spec, spec_err = psf_extract(skysub, err, weights)
     sky_spec, sky_spec_err = psf_extract(sky, err, weights, sky_err)
     spec_err = np.hypot(spec_err, np.abs(spec) * rel)
@@ -625,34 +619,6 @@ def extended_reason(psf: PSF) -> str:
     if psf.ratio < MIN_POINT_RATIO:
         return f"axis ratio {psf.ratio:.2f} < {MIN_POINT_RATIO:g}"
     return ""
-
-
-def aperture_scale(maps: list[tuple], waves: np.ndarray, weights: np.ndarray,
-                   grid: np.ndarray) -> tuple[float, float]:
-    """Light on the IFU over the PSF-weighted flux, from the broad bins' fiber maps.
-
-    For each bin map (values, errors) at wavelength ``waves`` the fibers' sum (fibers without
-    data counted with the weights' share) is divided by the weighted fit
-    ``sum(P d / s^2) / sum(P^2 / s^2)`` with the extraction weights ``P`` (nfib, ngrid) at
-    that wavelength. Returns the median over the bins and its error (scaled MAD over
-    sqrt(n)); (1, 0) when no bin has signal.
-    """
-    ratios = []
-    for (values, errors), wave in zip(maps, waves):
-        p = weights[:, min(int(np.searchsorted(grid, wave)), grid.size - 1)]
-        ok = errors > 0
-        den = np.sum(p[ok] ** 2 / errors[ok] ** 2)
-        if den <= 0:
-            continue
-        fit = np.sum(p[ok] * values[ok] / errors[ok] ** 2) / den
-        if fit <= 0:
-            continue
-        ratios.append((values[ok].sum() + fit * p[~ok].sum()) / fit)
-    if not ratios:
-        return 1.0, 0.0
-    r = np.array(ratios)
-    mad = 1.4826 * float(np.median(np.abs(r - np.median(r))))
-    return float(np.median(r)), mad / np.sqrt(r.size)
 
 
 def _refit_all(maps: list[tuple], bins: list[PSF], det: Detection, psf: PSF, xy: np.ndarray,
