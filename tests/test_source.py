@@ -226,11 +226,13 @@ def test_extended_source_is_not_extrapolated_and_agrees_across_channels():
     assert ratios[1] == pytest.approx(ratios[0], rel=0.01)
 
 
-def test_point_source_is_extrapolated_outside_the_ifu():
+@pytest.mark.parametrize("fwhm", [1.6, 2.7])  # typical, and the worst seeing (uv, 2.5" at 5000 A)
+def test_point_source_is_extrapolated_outside_the_ifu(fwhm):
     grid = instrument.get_channel("orange").grid
     flux = np.full(grid.size, 200.0)
     data, err = _ifu_cube(flux, np.full(grid.size, 1.0), np.full(grid.size, 0.3),
-                          np.full(grid.size, 1.6), grid, noise=0.5)
+                          np.full(grid.size, fwhm), grid, noise=0.5)
     src = analyse(data, err, np.ones_like(data), err, grid, XY, 0.0, Weather(8.0, 793.0, 40.0))
     assert src is not None and src.extended == ""
     assert src.extrapolated == pytest.approx(src.outside) and src.outside > 0.0
+    assert np.median(src.spectrum) == pytest.approx(200.0, rel=0.01)  # the total flux
