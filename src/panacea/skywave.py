@@ -10,10 +10,10 @@ line's offset. The offsets of all lines give a shift (and, with enough lines spr
 the detector, a stretch and up to a cubic curve) in columns with an uncertainty; the
 fibers' wavelengths are then re-evaluated at the shifted columns. Where too few lines are
 seen, a template fit of the stacked sky with Gaussians at all listed lines of the
-channel (one common shift) is tried. An offset is applied only when it is significant against
-its error (the error includes the arc solution's own scatter); otherwise nothing is
-corrected (method ``none``, the measurement kept in ``rejected``): never worse
-than the arcs alone.
+channel (one common shift) is made too, and the more precise of the two kept. An offset is
+applied when that is expected to leave a smaller error than the arcs alone: its RMS over the
+detector at least sqrt(2) times its error (which includes the arc solution's own scatter);
+otherwise nothing is corrected (method ``none``, the measurement kept in ``rejected``).
 
 All functions take and return arrays; columns and shifts are in pixels of the stitched
 channel frame, wavelengths in air Angstrom.
@@ -354,13 +354,12 @@ def measure_sky_shift(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
     Returns
     -------
     SkyShift
-        Method ``lines`` when the lines measured one by one give a trusted offset, else
-        ``xcorr`` when the template fit of all lines does; ``none`` (zero shift, nothing
-        corrected) when neither is trusted. Trusted means an error of at most
-        :data:`MAX_ERROR` and an offset significant against it (largest offset over the
-        detector at least :data:`MIN_SIGNIFICANCE` errors): a correction no larger than its
-        own noise could make the wavelengths worse. A rejected measurement is kept in
-        ``rejected`` (shift, error, method).
+        Method ``lines`` (the lines measured one by one) or ``xcorr`` (the template fit,
+        tried below :data:`MIN_LINES_STRETCH` lines), the one with the smaller error, when
+        applying it pays (:func:`_worth_applying`: RMS over the detector at least
+        :data:`MIN_SIGNIFICANCE` errors, error at most :data:`MAX_ERROR`); else ``none``
+        (zero shift, nothing corrected) with the measurement kept in ``rejected`` (shift,
+        error, method), empty when nothing could be measured.
     """
     ncol = flux.shape[1]
     fibers = sky_fibers(flux, usable)
