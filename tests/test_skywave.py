@@ -63,7 +63,8 @@ def test_flexure_taken_out(optics, name, shift, stretch):
     before = _zero_point(o.wave, flexed.wave, o)
     assert abs(before - shift) < 0.05  # the simulated flexure is there
     result = measure_sky_shift(flux, var, o.wave, ~o.dead)
-    assert result.method == "lines"
+    # uv's two Hg lines: one by one or the template fit of both, whichever is more precise
+    assert result.method in (("lines", "xcorr") if name == "uv" else ("lines",))
     after = _zero_point(apply_shift(o.wave, result), flexed.wave, o)
     assert abs(after) <= TARGET[name], (name, before, after, result)
     # the error is honest: the residual within 4 sigma (and sigma small enough to matter)
@@ -110,24 +111,24 @@ def test_faint_sky_is_not_trusted(optics):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_faint_uv_sky_never_worse(optics, seed):
+def test_faint_uv_sky_applied_only_when_it_pays(optics, seed):
     """A 180 s uv sky (a standard's frame: two faint Hg lines) with a small flexure: the
-    measurement is noisier than the shift, so it must be left unapplied (method ``none``,
-    the measurement kept in ``rejected``) or applied only when it helps. The old template
-    cross-correlation reported ~0.13 px errors for ~0.3 px scatter and applied them."""
+    offset is applied only when its RMS over the detector is at least sqrt(2) errors (then
+    applying it is expected to leave less than leaving it out), and the error is honest."""
     o = optics("uv")
     flux, var, flexed = _observe(o, 0.2, -0.06, exptime=180.0, seed=100 + seed)
     result = measure_sky_shift(flux, var, o.wave, ~o.dead)
     before = abs(_zero_point(o.wave, flexed.wave, o))
     after = abs(_zero_point(apply_shift(o.wave, result), flexed.wave, o))
-    assert after <= before + 0.01, (before, after, result)
     if result.method == "none":
-        assert result.shift == 0.0 and len(result.rejected) == 3
+        assert result.shift == 0.0 and len(result.rejected) == 3 and after == before
         shift, error, _ = result.rejected
         assert abs(shift - 0.2) < 4 * error  # its error is honest
-        assert abs(shift) < 3 * error  # left out because insignificant
+        assert abs(shift) < np.sqrt(2) * error  # left out: it would not pay
     else:
-        assert abs(result.shift) >= 3 * result.error
+        rms = np.sqrt(np.mean(result.offsets(o.ncol) ** 2))
+        assert rms >= np.sqrt(2) * result.error
+        assert after < 3 * result.error + 0.02, (before, after, result)
 
 
 def test_template_fit_error_is_honest(optics):
@@ -157,3 +158,68 @@ def test_outlying_line_is_clipped():
     coef, error, keep = _combine(cols, shifts, errors, 2064)
     assert keep.tolist() == [True, True, True, False, True]
     assert abs(np.polynomial.legendre.legval(0.0, coef) - 0.33) < 0.05 and error < 0.12
+
+
+def test_faint_uv_zero_point_over_frames(optics):
+    """Eight faint uv frames (45 s: the two Hg lines at an error of ~0.3 px, like a 180 s
+    standard on a dark night) with flexures of 0.25-0.95 px: applying every offset whose RMS
+    is at least sqrt(2) errors leaves an RMS zero point of ~0.21 px against truth, where the
+    former 3-sigma rule left 0.60 px (it applied one frame of eight) and the arcs alone
+    0.67 px."""
+    o = optics("uv")
+    shifts = [0.9, -0.7, 0.5, -0.35, 0.8, -0.95, 0.25, 0.6]
+    before, after, three_sigma, pulls = [], [], [], []
+    for i, shift in enumerate(shifts):
+        flux, var, flexed = _observe(o, shift, 0.03, exptime=45.0, seed=300 + i)
+        result = measure_sky_shift(flux, var, o.wave, ~o.dead)
+        b = _zero_point(o.wave, flexed.wave, o)
+        a = _zero_point(apply_shift(o.wave, result), flexed.wave, o)
+        s, e = (result.shift, result.error) if result.method != "none" else result.rejected[:2]
+        pulls.append((s - b) / e)
+        before.append(b)
+        after.append(a)
+        three_sigma.append(b - s if abs(s) >= 3 * e else b)
+        if result.method != "none":
+            assert abs(a) < 3 * result.error  # each applied offset within its error
+    rms = [float(np.sqrt(np.mean(np.square(v)))) for v in (before, after, three_sigma)]
+    assert rms[1] < 0.26 and rms[1] < 0.4 * rms[2], rms
+    assert 0.5 < float(np.sqrt(np.mean(np.square(pulls)))) < 1.6, pulls
+
+
+def test_rule_applies_what_pays():
+    """Applying leaves ~error, leaving out leaves the offset: applied from sqrt(2) errors of
+    RMS over the detector (a stretch alone counts), never with an error beyond MAX_ERROR."""
+    from panacea.skywave import MAX_ERROR, SkyShift, _worth_applying
+    assert _worth_applying(SkyShift(0.5, error=0.3, method="xcorr"), 2064)
+    assert not _worth_applying(SkyShift(0.4, error=0.3, method="xcorr"), 2064)
+    assert not _worth_applying(SkyShift(2.0, error=MAX_ERROR + 0.01, method="xcorr"), 2064)
+    # no shift at the centre, 0.5 px at the ends: RMS 0.29 px against an error of 0.1
+    assert _worth_applying(SkyShift(0.0, 0.5, error=0.1, method="lines"), 2064)
+    assert not _worth_applying(SkyShift(0.0, 0.2, error=0.1, method="lines"), 2064)
+
+
+def test_sky_fibers_blank_field_and_source():
+    """Every live fiber is sky in a blank field; with a source, its fibers stay out."""
+    from panacea.skywave import SKY_FIBER_FRACTION, sky_fibers
+    rng = np.random.default_rng(5)
+    usable = np.ones(instrument.NFIBERS, bool)
+    usable[[17, 200]] = False  # dead
+    flux = rng.normal(20.0, 5.0, (instrument.NFIBERS, 500)) * rng.uniform(0.9, 1.1, (280, 1))
+    np.testing.assert_array_equal(sky_fibers(flux, usable), usable)
+    flux[100:108] += 60.0  # a source over eight fibers
+    keep = sky_fibers(flux, usable)
+    assert not keep[100:108].any() and not keep[[17, 200]].any()
+    assert keep.sum() == int(SKY_FIBER_FRACTION * usable.sum())
+
+
+def test_arc_scatter_sets_an_error_floor(optics):
+    """Dozens of red OH lines: the arc solution's ripple does not average down over them, so
+    ARC_SYSTEMATIC of its scatter stays in the error however many lines are measured."""
+    from panacea.skywave import ARC_SYSTEMATIC
+    o = optics("red")
+    flux, var, _ = _observe(o, 0.4, 0.0)
+    bare = measure_sky_shift(flux, var, o.wave, ~o.dead)
+    floored = measure_sky_shift(flux, var, o.wave, ~o.dead, arc_rms=0.1)
+    assert bare.nlines >= 15 and bare.error < 0.02
+    assert floored.error >= ARC_SYSTEMATIC * 0.1
+    assert abs(floored.shift - bare.shift) < bare.error

@@ -384,7 +384,7 @@ def reduce_exposure(night: NightIndex, exposure: Exposure, cal: ChannelCalibrati
     header["WSHIFTE"] = (round(ws.error, 4), "1-sigma error of WSHIFT (px)")
     header["WSHIFTN"] = (ws.nlines, "sky lines used for WSHIFT")
     header["WSHIFTM"] = (ws.method, "WSHIFT method: lines, xcorr or none")
-    if ws.rejected:  # measured, but within its noise: not applied (never worse)
+    if ws.rejected:  # measured, but applying it would not pay (skywave._worth_applying)
         header["WSHIFTE"] = (round(ws.rejected[1], 4), "1-sigma error of WSHIFTU (px)")
         header["WSHIFTU"] = (round(ws.rejected[0], 4), "sky shift measured, not applied (px)")
     header["WSTRETCH"] = (round(ws.stretch, 4), "sky-line stretch, px at the ends")
