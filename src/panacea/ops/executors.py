@@ -1,9 +1,13 @@
 """Engines that run the tasks of a night: in this process, a local process pool, Dask
 distributed (a scheduler address or a LocalCluster) or Slurm through dask-jobqueue.
 
-Every engine has ``submit(fn, *args)`` returning a future with ``result()``, and is a
-context manager that shuts its workers down. Tasks are module-level functions of picklable
-values, so the products do not depend on the engine.
+Every engine has ``submit(fn, *args, priority=...)`` returning a future, ``wait(futures)``
+returning those of them that are done (at least one), ``result(future)`` and ``slots`` (how
+many tasks to keep in flight), and is a context manager that shuts its workers down. Tasks
+are module-level functions of picklable values, so the products do not depend on the
+engine. After each task a worker gives its freed memory back to the system
+(:func:`~panacea.allocator.release_freed_memory`), so that it does not hold the high-water
+mark of its largest task while running small ones.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import logging.handlers
 import multiprocessing
 import os
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
+from concurrent.futures import wait as wait_futures
 
+from ..allocator import release_freed_memory
 from ..errors import PanaceaError
 from .config import ExecutorSettings
 
@@ -25,14 +31,21 @@ class Inline:
     """Run each task at once in this process (serial, ``--jobs 1``)."""
 
     parallel = False
+    slots = 1
 
-    def submit(self, fn, *args) -> Future:
+    def submit(self, fn, *args, priority: int = 0) -> Future:
         future: Future = Future()
         try:
             future.set_result(fn(*args))
         except BaseException as err:  # re-raised by result(), as a pool would
             future.set_exception(err)
         return future
+
+    def wait(self, futures: list) -> list:
+        return list(futures)  # done when submitted
+
+    def result(self, future: Future):
+        return future.result()
 
     def __enter__(self) -> Inline:
         return self
@@ -49,11 +62,12 @@ class LocalPool:
 
     def __init__(self, jobs: int):
         self.jobs = jobs
+        self.slots = jobs
         self._pool: ProcessPoolExecutor | None = None
         self._queue = None
         self._thread: threading.Thread | None = None
 
-    def submit(self, fn, *args) -> Future:
+    def submit(self, fn, *args, priority: int = 0) -> Future:
         if self._pool is None:
             ctx = multiprocessing.get_context("fork")
             self._queue = ctx.Queue()
@@ -63,7 +77,13 @@ class LocalPool:
             self._pool = ProcessPoolExecutor(self.jobs, mp_context=ctx,
                                              initializer=_worker_init,
                                              initargs=(self._queue,))
-        return self._pool.submit(fn, *args)
+        return self._pool.submit(trimmed_task, fn, *args)
+
+    def wait(self, futures: list) -> list:
+        return list(wait_futures(futures, return_when=FIRST_COMPLETED).done)
+
+    def result(self, future: Future):
+        return future.result()
 
     def __enter__(self) -> LocalPool:
         return self
@@ -107,6 +127,7 @@ class DaskEngine:
             raise PanaceaError("the dask and slurm engines need dask[distributed] (pip "
                                "install 'dask[distributed]' dask-jobqueue)") from None
         self.cluster = None
+        self.slots = 10**6  # all ready tasks at once: the scheduler orders them by priority
         if settings.engine == "slurm":
             self.cluster = slurm_cluster(settings.slurm)
             self.cluster.scale(jobs=int(settings.slurm.get("jobs", 1)))
@@ -118,10 +139,23 @@ class DaskEngine:
             self.cluster = LocalCluster(n_workers=settings.jobs, threads_per_worker=1,
                                         processes=True, dashboard_address=None)
             self.client = Client(self.cluster)
+            self.slots = settings.jobs
         log.info("dask: %s", self.client)
 
-    def submit(self, fn, *args) -> Future:
-        return self.client.submit(fn, *args, pure=False)
+    def submit(self, fn, *args, priority: int = 0):
+        return self.client.submit(logged_task, fn, *args, priority=priority, pure=False)
+
+    def wait(self, futures: list) -> list:
+        from dask.distributed import wait
+
+        return list(wait(futures, return_when="FIRST_COMPLETED").done)
+
+    def result(self, future):
+        """The task's result; its log records are replayed here first."""
+        value, records = future.result()
+        for d in records:
+            handle_record(logging.makeLogRecord(d))
+        return value
 
     def __enter__(self) -> DaskEngine:
         return self
@@ -155,6 +189,48 @@ def make_engine(settings: ExecutorSettings, ntasks: int):
     if settings.jobs > 1 and ntasks > 1:
         return LocalPool(min(settings.jobs, ntasks))
     return Inline()
+
+
+def trimmed_task(fn, *args):
+    """``fn(*args)`` in a worker, its freed memory given back to the system afterwards."""
+    try:
+        return fn(*args)
+    finally:
+        release_freed_memory()
+
+
+class _Collector(logging.Handler):
+    """Keeps a task's log records as plain dicts (picklable, message already formatted)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[dict] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        d = dict(record.__dict__)
+        d["msg"], d["args"], d["exc_info"] = record.getMessage(), None, None
+        if record.exc_info and not record.exc_text:
+            d["exc_text"] = logging.Formatter().formatException(record.exc_info)
+        self.records.append(d)
+
+
+def logged_task(fn, *args) -> tuple:
+    """``fn(*args)`` on a Dask or Slurm worker, whose log lines would otherwise stay in the
+    worker's own output: returns (result, records), the task's panacea records (INFO and
+    above) as plain dicts, which :meth:`DaskEngine.result` replays into the night's log and
+    the console."""
+    collector = _Collector()
+    logger = logging.getLogger("panacea")
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(collector)
+    try:
+        value = trimmed_task(fn, *args)
+    finally:
+        logger.removeHandler(collector)
+        logger.setLevel(level)
+    return value, collector.records
 
 
 def _worker_init(queue=None) -> None:
