@@ -17,6 +17,7 @@ import logging.handlers
 import multiprocessing
 import os
 import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
 
@@ -192,11 +193,40 @@ def make_engine(settings: ExecutorSettings, ntasks: int):
 
 
 def trimmed_task(fn, *args):
-    """``fn(*args)`` in a worker, its freed memory given back to the system afterwards."""
+    """``fn(*args)`` in a worker, its freed memory given back to the system afterwards; its
+    CPU time and peak memory are logged (the peak is reset first where Linux allows)."""
+    _reset_peak_rss()
+    t0 = time.process_time()
     try:
         return fn(*args)
     finally:
+        cpu = time.process_time() - t0
+        peak = _peak_rss()
         release_freed_memory()
+        names = " ".join(a for a in args[1:4] if isinstance(a, str) and len(a) < 40)
+        log.info("task %s %s: %.1f s CPU, peak RSS %s", fn.__name__, names, cpu,
+                 "unknown" if peak is None else f"{peak / 1e9:.2f} GB")
+
+
+def _reset_peak_rss() -> None:
+    """Start this process's peak-RSS count (``VmHWM``) again (Linux; else nothing)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int | None:
+    """This process's peak resident memory in bytes since the last reset (Linux ``VmHWM``)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class _Collector(logging.Handler):

@@ -32,10 +32,10 @@ from .summary import EXIT_INTERNAL, EXIT_LOCKED, EXIT_USAGE, NightSummary, Outco
 
 log = logging.getLogger(__name__)
 
-#: Expected CPU seconds of each step of a channel (orange, the largest, on one core): the
+#: CPU seconds of each step of a channel (measured on the default night, per task): the
 #: scheduler's priorities, the expected remaining path of a task (its own and its
 #: successors'), so that calibrations start first and the short science tasks fill the end.
-STEP_SECONDS = {"calibration": 9.0, "response": 6.0, "science": 5.0, "qa": 2.0}
+STEP_SECONDS = {"calibration": 9.0, "response": 3.0, "science": 2.5, "qa": 2.5}
 #: Place of each step in the summary's fixed order of outcomes.
 _STEPS = ("calibration", "response", "science", "qa")
 
