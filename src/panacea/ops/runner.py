@@ -24,7 +24,7 @@ from .. import pipeline
 from ..io_utils import remove_stale_parts
 from . import tasks
 from .config import RunConfig
-from .executors import DaskEngine, make_engine
+from .executors import DaskEngine, limit_threads, make_engine
 from .graph import Scheduler
 from .ledger import Ledger, raw_stamp
 from .lock import LockHeld, NightLock
@@ -53,6 +53,7 @@ def run_nights(run: RunConfig, progress: Progress | None = None) -> int:
     if not run.dates:
         log.info("no night to reduce")
         return 0
+    limit_threads()  # here and in every worker (products equal whatever the engine)
     if run.executor.engine in ("dask", "slurm"):
         with DaskEngine(run.executor) as engine:
             scheduler = Scheduler(engine)
@@ -70,6 +71,7 @@ def run_nights(run: RunConfig, progress: Progress | None = None) -> int:
 
 def _run_local(run: RunConfig, date: str,
                progress: Progress | None = None) -> tuple[int, _Night]:
+    limit_threads()
     night = _Night(run, date, progress)
     with make_engine(run.executor, 3 * len(run.channels)) as engine:
         scheduler = Scheduler(engine)
@@ -121,6 +123,7 @@ class _Night:
         self.parts: list[tuple[tuple, list[Outcome]]] = []  # (order, outcomes)
         self.joins: dict[int, dict[tuple, tuple]] = {}  # obsid -> {order: (header, unit)}
         self.stamps: dict = {}
+        self.conditions: dict = {}  # guider conditions per exposure, read once
         self.qa: set[str] = set()  # channels whose QA was considered
 
     # ----------------------------------------------------------------- the graph
@@ -229,9 +232,13 @@ class _Night:
                                                       **item))
                 continue
             obsid = exposure.obsid
+            # the guider frames are read here once per exposure, not once per channel
+            night = self.archive.night(self.date)
+            conditions = {(night.date, exposure.name): pipeline.guider(self.conditions, night,
+                                                                       exposure)}
             self._add("science", channel, tasks.science_task,
                       (self.run, self.date, channel, exposure.name, cal_fp, found.response,
-                       key, fp),
+                       key, fp, conditions),
                       lambda ch, o, v, obsid=obsid: self._reduced(o, v, obsid), exposure=i)
 
     def _reduced(self, order: tuple, value, obsid: int) -> None:

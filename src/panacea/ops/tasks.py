@@ -59,9 +59,11 @@ def response_task(run, date: str, channel: str,
 
 
 def science_task(run, date: str, channel: str, exposure: str, cal_fp: str, response: tuple,
-                 key: str, fp: str) -> tuple[list[Outcome], tuple | None]:
+                 key: str, fp: str, conditions: dict | None = None
+                 ) -> tuple[list[Outcome], tuple | None]:
     """One exposure of one channel: outcomes and (primary header, flux unit) when a source
-    spectrum was written (for the join), else None."""
+    spectrum was written (for the join), else None. ``conditions`` holds the exposure's
+    guider conditions when the runner has read them (once for all channels)."""
     summary = NightSummary(date, run.output)
     archive = _archive(run, date)
     if archive is None:
@@ -71,7 +73,7 @@ def science_task(run, date: str, channel: str, exposure: str, cal_fp: str, respo
         found = next(e for e in night.exposures() if e.name == exposure)
         with Ledger(ledger_path(run.output), run.config_hash) as ledger:
             join = pipeline.reduce_science(run, night, found, channel, cal_fp, response, key,
-                                           fp, summary, ledger)
+                                           fp, summary, ledger, conditions=conditions)
         return summary.outcomes, join
     finally:
         archive.close()
