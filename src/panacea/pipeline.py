@@ -390,10 +390,9 @@ def channel_response(run: RunConfig, archive: Archive, date: str, channel_name: 
     ledger = ledger if ledger is not None else _NoLedger()
     channel = instrument.get_channel(channel_name)
     night = archive.night(date)
-    cal = load_calibration(run.output, date, channel.name, cal_fp)
     stamps: dict = {}
     conditions: dict = {}
-    results, response = _response(run, archive, night, channel, cal, cal_fp, summary, ledger,
+    results, response = _response(run, archive, night, channel, cal_fp, summary, ledger,
                                   conditions, stamps)
     ident = response[1] + (
         "" if response[0] is None
@@ -478,7 +477,7 @@ def _keep_joined(root: Path, date: str, science, joins, summary) -> None:
             summary.add("joined", "up-to-date", obsid=obsid, products=[str(path)])
 
 
-def _response(run: RunConfig, archive, night, channel, cal, cal_fp: str, summary, ledger,
+def _response(run: RunConfig, archive, night, channel, cal_fp: str, summary, ledger,
               conditions, stamps) -> tuple[dict, tuple]:
     """The channel's response (array, label): from the night's standards (reused from
     ``CALS`` when the ledger says its inputs are unchanged), else ``--response-dir``, else
@@ -506,6 +505,8 @@ def _response(run: RunConfig, archive, night, channel, cal, cal_fp: str, summary
             except (PanaceaError, OSError) as err:
                 log.warning("%s: unreadable (%s); deriving the response again", path, err)
     reasons = []
+    # read only now: a response reused above needs no calibration
+    cal = load_calibration(run.output, date, channel.name, cal_fp) if stds else None
     for exposure in stds:
         try:
             result = reduce_exposure(snight, exposure, cal, run.science)
