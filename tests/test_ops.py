@@ -229,7 +229,7 @@ def test_a_bug_in_a_task_is_exit_4_with_a_hint(good_archives, tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(pipeline, "reduce_channel", broken)
+    monkeypatch.setattr(pipeline, "channel_calibration", broken)
     with caplog.at_level(logging.ERROR):
         rc = main(["-d", "20181108", "-s", "uv,orange", "--baseraw", str(good_archives["tar"]),
                    "--output", str(tmp_path), "--jobs", "1"])

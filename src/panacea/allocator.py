@@ -50,3 +50,21 @@ def keep_freed_memory() -> bool:
     log.debug("allocator keeps freed memory: %s", ok)
     _done = ok
     return ok
+
+
+def release_freed_memory() -> bool:
+    """Give the memory freed so far back to the system (glibc ``malloc_trim``).
+
+    :func:`keep_freed_memory` makes a process keep its heap's high-water mark; a worker
+    calls this between tasks, so that a small task after a large one does not hold the
+    large one's pages (the sum over the workers is the machine's peak). Returns True when
+    some memory was released; elsewhere than glibc it does nothing."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    return bool(trim(0))

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,10 +58,13 @@ def calibration_for(
     root: Path,
     force: bool = False,
     tag: str = "",
+    load: bool = True,
 ) -> CalibrationBundle:
     """The channel's calibration bundle: reused from ``root/CALS`` when its inputs, options,
     ``tag`` (the configuration hash) and the pipeline version are unchanged, else built from
-    raw frames and written atomically. A reused bundle has ``meta["_reused"]`` set."""
+    raw frames and written atomically. A reused bundle has ``meta["_reused"]`` set. A built
+    one is returned as stored (read back) unless ``load`` is False (then as computed: for a
+    caller that needs only its fingerprint)."""
     plan = plan_calibration(archive, date, channel, options)
     path = bundle_path(root, date, channel.name)
     described = f"{options.describe()};config={tag}"
@@ -81,6 +85,8 @@ def calibration_for(
     bundle.fprint = fingerprint
     write_bundle(bundle, path)
     log.info("%s %s: wrote %s", date, channel.name, path)
+    if not load:
+        return bundle
     # the science uses the bundle as stored (some extensions are quantised within stated
     # bounds), so a first run and a rerun that reuses the bundle give the same products
     del bundle  # not held while the stored one is read (a few frames' worth of memory)
@@ -286,85 +292,162 @@ def _announce(run: RunConfig, night) -> list:
     return science
 
 
-def reduce_channel(run: RunConfig, archive: Archive, date: str, channel_name: str,
-                   summary: NightSummary, ledger: Ledger | None = None) -> dict:
-    """Calibration, response and science products of one channel of one night.
+def channel_calibration(run: RunConfig, archive: Archive, date: str, channel_name: str,
+                        summary: NightSummary) -> str | None:
+    """Task 1 of a channel: its calibration bundle, built or reused (``CALS``).
 
-    Every item ends in ``summary``. With a ``ledger``, science products and responses whose
-    inputs fingerprint (raw files, calibration, response, configuration, version) is
-    unchanged are kept (status ``up-to-date``) unless ``run.force``; what is written is
-    recorded in the ledger. Returns the observations
-    whose source spectrum was written now: obsid -> (primary header, flux unit), small and
-    picklable, for :func:`join_night`.
+    Returns the bundle's fingerprint, which the channel's later tasks check the stored
+    bundle against; None when the calibration failed (recorded in ``summary``, with every
+    science exposure of the channel skipped for it).
     """
-    ledger = ledger if ledger is not None else _NoLedger()
     channel = instrument.get_channel(channel_name)
-    night = archive.night(date)
-    science = science_exposures(night, run.selection)
     root = Path(run.output)
-    stamps: dict = {}  # file stamps of the night's tarballs, computed once
-    conditions: dict = {}  # guider conditions per exposure
-    joins: dict[int, tuple[fits.Header, str]] = {}
     try:
         bundle = calibration_for(archive, date, channel, run.calibration, root,
-                                 force=run.force, tag=run.calibration_hash)
+                                 force=run.force, tag=run.calibration_hash, load=False)
     except PanaceaError as err:
         log.error("%s %s: calibration failed: %s", date, channel.name, err)
         summary.add("calibration", "failed", channel=channel.name, reason=str(err),
                     file=_error_file(err))
-        for exposure in science:
+        for exposure in science_exposures(archive.night(date), run.selection):
             if exposure.amps_of(channel):
                 summary.add("science", "skipped", channel=channel.name,
                             exposure=exposure.name, obsid=exposure.obsid,
                             exp=exposure.exp, reason="no calibration for the channel")
-        return joins
-    cal_path = bundle_path(root, date, channel.name)
+        return None
     summary.add("calibration", "up-to-date" if bundle.meta.get("_reused") else "written",
-                channel=channel.name, products=[str(cal_path)])
-    cal = ChannelCalibration.from_bundle(bundle, str(cal_path))
-    cal_fp = bundle.fingerprint
-    del bundle  # the science needs only ``cal`` (its own copies): frames freed early
-    results, response = _response(run, archive, night, channel, cal, cal_fp,
-                                  summary, ledger, conditions, stamps)
-    response_id = response[1] + (
+                channel=channel.name, products=[str(bundle_path(root, date, channel.name))])
+    return bundle.fingerprint
+
+
+#: The last calibration this process read: (path, mtime, size, fingerprint) -> calibration.
+#: A worker given several exposures of one channel reads (and decompresses) it once.
+_last_calibration: dict[tuple, ChannelCalibration] = {}
+
+
+def load_calibration(root: str | Path, date: str, channel: str,
+                     fingerprint: str) -> ChannelCalibration:
+    """The stored calibration of a channel for the science, checked to be the one its
+    calibration task made (``fingerprint``); the last one read is kept for the next
+    exposure of the same channel in this process.
+
+    Raises
+    ------
+    BundleError
+        When the stored bundle is unreadable or another run replaced it since.
+    """
+    path = bundle_path(root, date, channel)
+    try:
+        st = path.stat()
+    except OSError as err:
+        raise BundleError(f"{path}: calibration missing since its task wrote it "
+                          f"({err.strerror})") from None
+    key = (str(path), st.st_mtime_ns, st.st_size, fingerprint)
+    if key not in _last_calibration:
+        _last_calibration.clear()  # one at a time: the previous one's memory goes first
+        bundle = read_bundle(path)
+        if bundle.fingerprint != fingerprint:
+            raise BundleError(f"{path}: replaced by another run since its calibration task "
+                              f"(fingerprint {bundle.fingerprint}, not {fingerprint})")
+        _last_calibration[key] = ChannelCalibration.from_bundle(bundle, str(path))
+    return _last_calibration[key]
+
+
+def forget_calibration() -> None:
+    """Drop the calibration :func:`load_calibration` keeps (its memory is released)."""
+    _last_calibration.clear()
+
+
+@dataclass
+class ChannelResponse:
+    """What a channel's response task hands on to its science tasks (small, picklable).
+
+    Attributes
+    ----------
+    response : tuple
+        (response array on the channel grid or None, label, (telluric, airmass) or None).
+    ident : str
+        The label and a digest of the array: part of the science fingerprints.
+    done : dict
+        Exposures of the night whose science products the task wrote from the standards it
+        reduced (exposure name -> (primary header, flux unit), or None without a spectrum).
+    """
+
+    response: tuple
+    ident: str
+    done: dict = field(default_factory=dict)
+
+
+def channel_response(run: RunConfig, archive: Archive, date: str, channel_name: str,
+                     cal_fp: str, summary: NightSummary,
+                     ledger: Ledger | None = None) -> ChannelResponse:
+    """Task 2 of a channel: its response from the night's standards (reused when the ledger
+    says its inputs are unchanged), else ``--response-dir``, else the bundled default.
+
+    The standards reduced here that are also science exposures of the night get their
+    products written now (the reduction is not done twice).
+    """
+    ledger = ledger if ledger is not None else _NoLedger()
+    channel = instrument.get_channel(channel_name)
+    night = archive.night(date)
+    stamps: dict = {}
+    conditions: dict = {}
+    results, response = _response(run, archive, night, channel, cal_fp, summary, ledger,
+                                  conditions, stamps)
+    ident = response[1] + (
         "" if response[0] is None
         else hashlib.sha1(np.ascontiguousarray(response[0], float).tobytes()).hexdigest())
-    for exposure in science:
-        if not exposure.amps_of(channel):  # an arm that did not observe: no error;
-            # one amplifier of two is, and the frame reader says which and where
-            log.debug("%s has no %s files", exposure.name, channel.name)
+    out = ChannelResponse(response, ident)
+    science = {e.name: e for e in science_exposures(night, run.selection)}
+    for name, result in results.items():
+        exposure = science.get(name)
+        if exposure is None or not exposure.amps_of(channel):
             continue
-        item = {"channel": channel.name, "exposure": exposure.name,
-                "obsid": exposure.obsid, "exp": exposure.exp}
-        key = f"science {exposure.name} {channel.name}"
-        try:
-            fp = exposure_fingerprint([exposure], cal_fp, response_id,
-                                      run.config_hash, str(run.cubes), cache=stamps)
-        except OSError as err:
-            summary.add("science", "failed", reason=f"raw file unreadable: {err}",
-                        file=_error_file(err), **item)
-            continue
-        kept = None if run.force else ledger.current(key, fp)
-        if kept is not None:
-            log.info("%s %s: products up to date", exposure.name, channel.name)
-            ledger.record(key, fp, summary.add("science", "up-to-date", products=kept,
-                                               **item))
-            continue
-        try:
-            written = write_exposure(night, exposure, cal, root, run.science, response,
-                                     conditions, result=results.pop(exposure.name, None),
-                                     cubes=run.cubes, tag=run.config_hash)
-        except PanaceaError as err:
-            log.error("%s %s: skipped: %s", exposure.name, channel.name, err)
-            summary.add("science", "skipped", reason=str(err), file=_error_file(err),
-                        **item)
-            continue
-        ledger.record(key, fp, summary.add("science", "written",
-                                           products=[str(p) for p in written.paths],
-                                           **item))
-        if written.spectrum is not None:
-            joins.setdefault(exposure.obsid, (written.header, written.unit))
-    return joins
+        key, fp = science_fingerprint(run, exposure, channel.name, cal_fp, ident, stamps)
+        out.done[name] = reduce_science(run, night, exposure, channel.name, cal_fp, response,
+                                        key, fp, summary, ledger, result=result,
+                                        conditions=conditions)
+    del results
+    return out
+
+
+def science_fingerprint(run: RunConfig, exposure, channel: str, cal_fp: str, response_id: str,
+                        stamps: dict | None = None) -> tuple[str, str]:
+    """The ledger key and inputs fingerprint of one exposure-channel's science products.
+
+    Raises
+    ------
+    OSError
+        When a raw file of the exposure cannot be read.
+    """
+    key = f"science {exposure.name} {channel}"
+    return key, exposure_fingerprint([exposure], cal_fp, response_id, run.config_hash,
+                                     str(run.cubes), cache=stamps)
+
+
+def reduce_science(run: RunConfig, night, exposure, channel: str, cal_fp: str,
+                   response: tuple, key: str, fp: str, summary: NightSummary,
+                   ledger: Ledger | None = None, result: ExposureResult | None = None,
+                   conditions: dict | None = None) -> tuple | None:
+    """Task 3: one exposure of one channel reduced (unless ``result`` is given), flux
+    calibrated and written; the outcome goes to ``summary`` and ``ledger`` (under ``key``
+    with fingerprint ``fp``). Returns (primary header, flux unit) when a source spectrum was
+    written (for the join of its observation), else None."""
+    ledger = ledger if ledger is not None else _NoLedger()
+    item = {"channel": channel, "exposure": exposure.name, "obsid": exposure.obsid,
+            "exp": exposure.exp}
+    try:
+        cal = load_calibration(run.output, night.date, channel, cal_fp)
+        written = write_exposure(night, exposure, cal, Path(run.output), run.science,
+                                 response, conditions if conditions is not None else {},
+                                 result=result, cubes=run.cubes, tag=run.config_hash)
+    except PanaceaError as err:
+        log.error("%s %s: skipped: %s", exposure.name, channel, err)
+        summary.add("science", "skipped", reason=str(err), file=_error_file(err), **item)
+        return None
+    ledger.record(key, fp, summary.add("science", "written",
+                                       products=[str(p) for p in written.paths], **item))
+    return None if written.spectrum is None else (written.header, written.unit)
 
 
 def join_night(run: RunConfig, night, science: list, joins: dict,
@@ -394,7 +477,7 @@ def _keep_joined(root: Path, date: str, science, joins, summary) -> None:
             summary.add("joined", "up-to-date", obsid=obsid, products=[str(path)])
 
 
-def _response(run: RunConfig, archive, night, channel, cal, cal_fp: str, summary, ledger,
+def _response(run: RunConfig, archive, night, channel, cal_fp: str, summary, ledger,
               conditions, stamps) -> tuple[dict, tuple]:
     """The channel's response (array, label): from the night's standards (reused from
     ``CALS`` when the ledger says its inputs are unchanged), else ``--response-dir``, else
@@ -422,6 +505,8 @@ def _response(run: RunConfig, archive, night, channel, cal, cal_fp: str, summary
             except (PanaceaError, OSError) as err:
                 log.warning("%s: unreadable (%s); deriving the response again", path, err)
     reasons = []
+    # read only now: a response reused above needs no calibration
+    cal = load_calibration(run.output, date, channel.name, cal_fp) if stds else None
     for exposure in stds:
         try:
             result = reduce_exposure(snight, exposure, cal, run.science)

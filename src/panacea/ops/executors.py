@@ -1,9 +1,13 @@
 """Engines that run the tasks of a night: in this process, a local process pool, Dask
 distributed (a scheduler address or a LocalCluster) or Slurm through dask-jobqueue.
 
-Every engine has ``submit(fn, *args)`` returning a future with ``result()``, and is a
-context manager that shuts its workers down. Tasks are module-level functions of picklable
-values, so the products do not depend on the engine.
+Every engine has ``submit(fn, *args, priority=...)`` returning a future, ``wait(futures)``
+returning those of them that are done (at least one), ``result(future)`` and ``slots`` (how
+many tasks to keep in flight), and is a context manager that shuts its workers down. Tasks
+are module-level functions of picklable values, so the products do not depend on the
+engine. After each task a worker gives its freed memory back to the system
+(:func:`~panacea.allocator.release_freed_memory`), so that it does not hold the high-water
+mark of its largest task while running small ones.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ import logging.handlers
 import multiprocessing
 import os
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
+from concurrent.futures import wait as wait_futures
 
+from ..allocator import release_freed_memory
 from ..errors import PanaceaError
 from .config import ExecutorSettings
 
@@ -25,14 +32,21 @@ class Inline:
     """Run each task at once in this process (serial, ``--jobs 1``)."""
 
     parallel = False
+    slots = 1
 
-    def submit(self, fn, *args) -> Future:
+    def submit(self, fn, *args, priority: int = 0) -> Future:
         future: Future = Future()
         try:
             future.set_result(fn(*args))
         except BaseException as err:  # re-raised by result(), as a pool would
             future.set_exception(err)
         return future
+
+    def wait(self, futures: list) -> list:
+        return list(futures)  # done when submitted
+
+    def result(self, future: Future):
+        return future.result()
 
     def __enter__(self) -> Inline:
         return self
@@ -49,11 +63,12 @@ class LocalPool:
 
     def __init__(self, jobs: int):
         self.jobs = jobs
+        self.slots = jobs
         self._pool: ProcessPoolExecutor | None = None
         self._queue = None
         self._thread: threading.Thread | None = None
 
-    def submit(self, fn, *args) -> Future:
+    def submit(self, fn, *args, priority: int = 0) -> Future:
         if self._pool is None:
             ctx = multiprocessing.get_context("fork")
             self._queue = ctx.Queue()
@@ -63,7 +78,13 @@ class LocalPool:
             self._pool = ProcessPoolExecutor(self.jobs, mp_context=ctx,
                                              initializer=_worker_init,
                                              initargs=(self._queue,))
-        return self._pool.submit(fn, *args)
+        return self._pool.submit(trimmed_task, fn, *args)
+
+    def wait(self, futures: list) -> list:
+        return list(wait_futures(futures, return_when=FIRST_COMPLETED).done)
+
+    def result(self, future: Future):
+        return future.result()
 
     def __enter__(self) -> LocalPool:
         return self
@@ -107,6 +128,7 @@ class DaskEngine:
             raise PanaceaError("the dask and slurm engines need dask[distributed] (pip "
                                "install 'dask[distributed]' dask-jobqueue)") from None
         self.cluster = None
+        self.slots = 10**6  # all ready tasks at once: the scheduler orders them by priority
         if settings.engine == "slurm":
             self.cluster = slurm_cluster(settings.slurm)
             self.cluster.scale(jobs=int(settings.slurm.get("jobs", 1)))
@@ -118,10 +140,23 @@ class DaskEngine:
             self.cluster = LocalCluster(n_workers=settings.jobs, threads_per_worker=1,
                                         processes=True, dashboard_address=None)
             self.client = Client(self.cluster)
+            self.slots = settings.jobs
         log.info("dask: %s", self.client)
 
-    def submit(self, fn, *args) -> Future:
-        return self.client.submit(fn, *args, pure=False)
+    def submit(self, fn, *args, priority: int = 0):
+        return self.client.submit(logged_task, fn, *args, priority=priority, pure=False)
+
+    def wait(self, futures: list) -> list:
+        from dask.distributed import wait
+
+        return list(wait(futures, return_when="FIRST_COMPLETED").done)
+
+    def result(self, future):
+        """The task's result; its log records are replayed here first."""
+        value, records = future.result()
+        for d in records:
+            handle_record(logging.makeLogRecord(d))
+        return value
 
     def __enter__(self) -> DaskEngine:
         return self
@@ -157,6 +192,92 @@ def make_engine(settings: ExecutorSettings, ntasks: int):
     return Inline()
 
 
+def limit_threads() -> None:
+    """One thread for the BLAS and OpenMP libraries of this process (threadpoolctl).
+
+    The tasks' linear algebra is small (per-fiber normal equations, (280 x 12) by (12 x
+    2064) products): a second BLAS thread only waits for the first, and with one task per
+    core it spins on a core another task needs (one such product took 70 ms instead of
+    1 ms on a loaded 2-core machine). The serial run, the pool's workers and Dask's
+    workers then all compute with one thread, and give the same numbers.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
+
+
+def trimmed_task(fn, *args):
+    """``fn(*args)`` in a worker, its freed memory given back to the system afterwards; its
+    CPU time and peak memory are logged (the peak is reset first where Linux allows)."""
+    _reset_peak_rss()
+    t0 = time.process_time()
+    try:
+        return fn(*args)
+    finally:
+        cpu = time.process_time() - t0
+        peak = _peak_rss()
+        release_freed_memory()
+        names = " ".join(a for a in args[1:4] if isinstance(a, str) and len(a) < 40)
+        log.info("task %s %s: %.1f s CPU, peak RSS %s", fn.__name__, names, cpu,
+                 "unknown" if peak is None else f"{peak / 1e9:.2f} GB")
+
+
+def _reset_peak_rss() -> None:
+    """Start this process's peak-RSS count (``VmHWM``) again (Linux; else nothing)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int | None:
+    """This process's peak resident memory in bytes since the last reset (Linux ``VmHWM``)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class _Collector(logging.Handler):
+    """Keeps a task's log records as plain dicts (picklable, message already formatted)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[dict] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        d = dict(record.__dict__)
+        d["msg"], d["args"], d["exc_info"] = record.getMessage(), None, None
+        if record.exc_info and not record.exc_text:
+            d["exc_text"] = logging.Formatter().formatException(record.exc_info)
+        self.records.append(d)
+
+
+def logged_task(fn, *args) -> tuple:
+    """``fn(*args)`` on a Dask or Slurm worker, whose log lines would otherwise stay in the
+    worker's own output: returns (result, records), the task's panacea records (INFO and
+    above) as plain dicts, which :meth:`DaskEngine.result` replays into the night's log and
+    the console."""
+    collector = _Collector()
+    logger = logging.getLogger("panacea")
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(collector)
+    limit_threads()  # a worker of a scheduler we did not start may allow more
+    try:
+        value = trimmed_task(fn, *args)
+    finally:
+        logger.removeHandler(collector)
+        logger.setLevel(level)
+    return value, collector.records
+
+
 def _worker_init(queue=None) -> None:
     """Worker set-up: log records go to ``queue`` (to the parent) instead of the handlers
     inherited by fork; freed memory kept for reuse, as the CLI does in the main process."""
@@ -164,6 +285,7 @@ def _worker_init(queue=None) -> None:
 
     keep_freed_memory()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    limit_threads()  # inherited from the parent by fork; set again for other start methods
     if queue is not None:
         root = logging.getLogger()
         for logger in (root, logging.getLogger("panacea")):

@@ -1,12 +1,16 @@
 """The night runner: every requested night under its lock, with its log file, summary and
-ledger; the channels of a night run as tasks on the configured engine.
+ledger; the work of a night runs as a graph of tasks on the configured engine.
 
-Task graph of a night: one task per channel (calibration, then the standards' response,
-then science per exposure: a channel's steps depend on each other), then the joins per
-observation once every channel is done. Tasks take only picklable values (the
-:class:`RunConfig`, the date, the channel name) and write their products atomically, so any
-engine gives the products of the serial run. On Dask and Slurm the channels of every night
-are submitted at once; locally one night runs at a time (its workers log to its file).
+Task graph of a night (:mod:`.tasks`): per channel, the calibration; once it is done, the
+channel's response from the night's standards; once that is done, one science task per
+exposure whose products are not up to date (the ledger is asked here, so up-to-date items
+cost no task); once a channel's science is done, its QA. The joins per observation and the
+night's report follow when every channel is done. Ready tasks go to the engine longest
+expected remaining path first (:mod:`.graph`), so the workers stay busy to the end. Tasks
+take only picklable values and write their products atomically, so any engine gives the
+products of the serial run; outcomes are put in a fixed order (channel, step, exposure)
+whatever order the tasks finish in. On Dask and Slurm the tasks of every night are in one
+graph; locally one night runs at a time (its workers log to its file).
 """
 
 from __future__ import annotations
@@ -18,18 +22,27 @@ from pathlib import Path
 
 from .. import pipeline
 from ..io_utils import remove_stale_parts
+from . import tasks
 from .config import RunConfig
-from .executors import DaskEngine, Inline, LocalPool, handle_record, make_engine
+from .executors import DaskEngine, limit_threads, make_engine
+from .graph import Scheduler
 from .ledger import Ledger, raw_stamp
 from .lock import LockHeld, NightLock
 from .summary import EXIT_INTERNAL, EXIT_LOCKED, EXIT_USAGE, NightSummary, Outcome, night_folder
 
 log = logging.getLogger(__name__)
 
+#: CPU seconds of each step of a channel (measured on the default night, per task): the
+#: scheduler's priorities, the expected remaining path of a task (its own and its
+#: successors'), so that calibrations start first and the short science tasks fill the end.
+STEP_SECONDS = {"calibration": 9.0, "response": 3.0, "science": 2.5, "qa": 2.5}
+#: Place of each step in the summary's fixed order of outcomes.
+_STEPS = ("calibration", "response", "science", "qa")
+
 
 def ledger_path(output: str | Path) -> Path:
     """``{output}/ledger.sqlite``."""
-    return Path(output) / "ledger.sqlite"
+    return tasks.ledger_path(output)
 
 
 def run_nights(run: RunConfig, progress: Progress | None = None) -> int:
@@ -40,21 +53,31 @@ def run_nights(run: RunConfig, progress: Progress | None = None) -> int:
     if not run.dates:
         log.info("no night to reduce")
         return 0
+    limit_threads()  # here and in every worker (products equal whatever the engine)
     if run.executor.engine in ("dask", "slurm"):
         with DaskEngine(run.executor) as engine:
-            nights = [_Night(run, date, progress) for date in run.dates]
+            scheduler = Scheduler(engine)
+            nights = [_Night(run, date, progress, index=i) for i, date in enumerate(run.dates)]
             for night in nights:
-                night.start(engine)
-            codes = [night.finish() for night in nights]
-            return max(codes)
+                night.start(scheduler)
+            scheduler.run()
+            return max(night.code for night in nights)
     worst = 0
     for date in run.dates:
-        night = _Night(run, date, progress)
-        with make_engine(run.executor, len(run.channels)) as engine:
-            night.start(engine)
-            code = night.finish()
+        code, _ = _run_local(run, date, progress)
         worst = max(worst, code)
     return worst
+
+
+def _run_local(run: RunConfig, date: str,
+               progress: Progress | None = None) -> tuple[int, _Night]:
+    limit_threads()
+    night = _Night(run, date, progress)
+    with make_engine(run.executor, 3 * len(run.channels)) as engine:
+        scheduler = Scheduler(engine)
+        night.start(scheduler)
+        scheduler.run()
+    return night.code, night
 
 
 class Progress:
@@ -70,38 +93,50 @@ class Progress:
 def run_night(run: RunConfig, date: str) -> tuple[int, NightSummary | None]:
     """One night on the configured local engine; its exit code and summary (None when
     another run held the lock)."""
-    night = _Night(run, date)
-    with make_engine(run.executor, len(run.channels)) as engine:
-        night.start(engine)
-        code = night.finish()
+    code, night = _run_local(run, date)
     return code, night.summary if night.locked else None
 
 
 class _Night:
-    """One night's run: lock and log file, tasks submitted, then joined and summarised."""
+    """One night's run: lock and log file, its task graph, then joined and summarised
+    (:meth:`finish`, called when its last task is done)."""
 
-    def __init__(self, run: RunConfig, date: str, progress: Progress | None = None):
+    def __init__(self, run: RunConfig, date: str, progress: Progress | None = None,
+                 index: int = 0):
         self.run = run
         self.progress = progress if progress is not None else Progress()
         self.date = date
+        self.index = index
         self.summary = NightSummary(date, run.output)
         self.lock = NightLock(run.output, date, wait=run.wait)
         self.locked = False
         self.handler: logging.Handler | None = None
-        self.futures: list = []
         self.archive = None
+        self.ledger: Ledger | None = None
         self.science: list = []
         self.t0 = time.perf_counter()
         self.crashed = False
-        self.inline = False
+        self.code: int | None = None
+        self.scheduler: Scheduler | None = None
+        self.pending = 0  # tasks submitted and not done
+        self.open: dict[str, int] = {}  # channel -> its tasks not done
+        self.parts: list[tuple[tuple, list[Outcome]]] = []  # (order, outcomes)
+        self.joins: dict[int, dict[tuple, tuple]] = {}  # obsid -> {order: (header, unit)}
+        self.stamps: dict = {}
+        self.conditions: dict = {}  # guider conditions per exposure, read once
+        self.qa: set[str] = set()  # channels whose QA was considered
 
-    def start(self, engine) -> None:
-        """Take the lock, index the night and submit its channel tasks (run at once on the
-        inline engine, in the same process and archive)."""
+    # ----------------------------------------------------------------- the graph
+
+    def start(self, scheduler: Scheduler) -> None:
+        """Take the lock, index the night and make its calibration tasks ready (the night
+        finishes at once when there is nothing to run)."""
+        self.scheduler = scheduler
         try:
             self.lock.acquire()
         except LockHeld as err:
             log.error("%s", err)
+            self.code = self.finish()
             return
         self.locked = True
         self.t0 = time.perf_counter()
@@ -109,53 +144,160 @@ class _Night:
         if self.run.night_log:
             self.handler = _night_log(self.run, self.date)
         self.archive = pipeline.open_night(self.run, self.date, self.summary)
-        if self.archive is None:
-            return
-        self.science = pipeline._announce(self.run, self.archive.night(self.date))
-        self.inline = isinstance(engine, Inline)
-        if self.inline:  # serial: share this process's archive index
-            for ch in self.run.channels:
-                self.futures.append(engine.submit(_inline_task, self.run, self.archive,
-                                                  self.date, ch))
-                self.progress.channel_done(self.date, ch)
-        else:
-            if isinstance(engine, LocalPool):
+        if self.archive is not None:
+            self.science = pipeline._announce(self.run, self.archive.night(self.date))
+            self.ledger = Ledger(ledger_path(self.run.output), self.run.config_hash)
+            if scheduler.engine.slots > 1 and not isinstance(scheduler.engine, DaskEngine):
                 _preload_qa()  # forked local workers inherit the plotting modules
-            task = channel_task if isinstance(engine, LocalPool) else logged_channel_task
-            self.futures = [engine.submit(task, self.run, self.date, ch)
-                            for ch in self.run.channels]
+            for channel in self.run.channels:
+                self.open[channel] = 0
+                self._add("calibration", channel, tasks.calibration_task,
+                          (self.run, self.date, channel), self._calibrated)
+        if not self.pending:
+            self.code = self.finish()
+
+    def _order(self, step: str, channel: str, exposure: int = 0) -> tuple:
+        """The task's priority (expected remaining path, longest first) and its place in
+        the summary (channel, step, exposure)."""
+        steps = _STEPS[_STEPS.index(step):]
+        remaining = sum(STEP_SECONDS[s] for s in steps)
+        return (-remaining, self.index, self.run.channels.index(channel),
+                _STEPS.index(step), exposure)
+
+    def _add(self, step: str, channel: str, fn, args: tuple, then, exposure: int = 0) -> None:
+        """Make a task ready; ``then(channel, order, value)`` takes its result."""
+        order = self._order(step, channel, exposure)
+        self.pending += 1
+        self.open[channel] += 1
+
+        def done(value) -> None:
+            then(channel, order, value)
+            self._settle(channel)
+
+        def failed(err: BaseException) -> None:
+            self._crashed(step, channel, order, err, exposure)
+            self._settle(channel)
+
+        self.scheduler.add(order, fn, args, done, failed)
+
+    def _settle(self, channel: str) -> None:
+        """A task of ``channel`` is done: the channel's QA or end, the night's end."""
+        self.open[channel] -= 1
+        self.pending -= 1
+        if self.open[channel] == 0:
+            self._channel_finished(channel)
+        if self.pending == 0:
+            self.code = self.finish()
+
+    def _record(self, order: tuple, outcomes: list[Outcome]) -> list[Outcome]:
+        self.parts.append((order[2:], outcomes))
+        return outcomes
+
+    def _calibrated(self, channel: str, order: tuple, value) -> None:
+        outcomes, cal_fp = value
+        self._record(order, outcomes)
+        if cal_fp is not None:
+            self._add("response", channel, tasks.response_task,
+                      (self.run, self.date, channel, cal_fp),
+                      lambda ch, o, v: self._responded(ch, o, v, cal_fp))
+
+    def _responded(self, channel: str, order: tuple, value, cal_fp: str) -> None:
+        outcomes, found = value
+        self._record(order, outcomes)
+        if found is None:
+            return
+        local = NightSummary(self.date, self.run.output)
+        self._record(self._order("science", channel, -1), local.outcomes)
+        for i, exposure in enumerate(self.science):
+            if not exposure.amps_of(channel):  # an arm that did not observe: no error;
+                # one amplifier of two is, and the frame reader says which and where
+                continue
+            if exposure.name in found.done:
+                if found.done[exposure.name] is not None:
+                    self._join(exposure.obsid, order, found.done[exposure.name])
+                continue
+            item = {"channel": channel, "exposure": exposure.name,
+                    "obsid": exposure.obsid, "exp": exposure.exp}
+            try:
+                key, fp = pipeline.science_fingerprint(self.run, exposure, channel, cal_fp,
+                                                       found.ident, self.stamps)
+            except OSError as err:
+                local.add("science", "failed", reason=f"raw file unreadable: {err}",
+                          file=pipeline._error_file(err), **item)
+                continue
+            kept = None if self.run.force else self.ledger.current(key, fp)
+            if kept is not None:
+                log.info("%s %s: products up to date", exposure.name, channel)
+                self.ledger.record(key, fp, local.add("science", "up-to-date", products=kept,
+                                                      **item))
+                continue
+            obsid = exposure.obsid
+            # the guider frames are read here once per exposure, not once per channel
+            night = self.archive.night(self.date)
+            conditions = {(night.date, exposure.name): pipeline.guider(self.conditions, night,
+                                                                       exposure)}
+            self._add("science", channel, tasks.science_task,
+                      (self.run, self.date, channel, exposure.name, cal_fp, found.response,
+                       key, fp, conditions),
+                      lambda ch, o, v, obsid=obsid: self._reduced(o, v, obsid), exposure=i)
+
+    def _reduced(self, order: tuple, value, obsid: int) -> None:
+        outcomes, join = value
+        self._record(order, outcomes)
+        if join is not None:
+            self._join(obsid, order, join)
+
+    def _join(self, obsid: int, order: tuple, value: tuple) -> None:
+        self.joins.setdefault(obsid, {})[order[2:]] = value
+
+    def _channel_finished(self, channel: str) -> None:
+        """The channel's science is done: its QA (once), then progress."""
+        if channel not in self.qa:
+            self.qa.add(channel)
+            done = NightSummary(self.date, self.run.output)
+            done.outcomes = [o for _, outs in self.parts for o in outs
+                             if getattr(o, "channel", None) == channel]
+            if _report_due(self.run.output, self.date, done):
+                self._add("qa", channel, qa_task, (self.run.output, self.date, channel),
+                          lambda ch, o, v: None)
+                return
+        self.progress.channel_done(self.date, channel)
+
+    def _crashed(self, step: str, channel: str, order: tuple, err: BaseException,
+                 exposure: int) -> None:
+        """A bug in a task: logged with a hint, recorded, the other tasks go on."""
+        what = (f"{self.science[exposure].name} {channel}"
+                if step == "science" else f"{self.date} {channel}")
+        log.error("%s: internal error: %s: %s (a bug in panacea-lrs2; please report it)",
+                  what, type(err).__name__, err, exc_info=log.isEnabledFor(10))
+        self.crashed = True
+        reason = f"internal error: {type(err).__name__}: {err}"
+        local = NightSummary(self.date, self.run.output)
+        if step == "science":
+            e = self.science[exposure]
+            local.add("science", "failed", channel=channel, exposure=e.name, obsid=e.obsid,
+                      exp=e.exp, reason=reason)
+        elif step in ("calibration", "response"):
+            local.add(step, "failed", channel=channel, reason=reason)
+        self._record(order, local.outcomes)
+
+    # ----------------------------------------------------------------- the end
 
     def finish(self) -> int:
-        """Collect the channels (in channel order), join, write summary and ledger."""
+        """Join, write summary and ledger (once every task of the night is done)."""
         if not self.locked:
             return EXIT_LOCKED
         try:
             if self.archive is not None:
-                joins: dict = {}
-                for channel, future in zip(self.run.channels, self.futures):
-                    try:
-                        outcomes, found, *records = future.result()
-                    except Exception as err:  # a bug in a task: the other channels go on
-                        log.error("%s %s: internal error: %s: %s (a bug in panacea-lrs2; "
-                                  "please report it)", self.date, channel,
-                                  type(err).__name__, err, exc_info=log.isEnabledFor(10))
-                        self.crashed = True
-                        self.summary.add("calibration", "failed", channel=channel,
-                                         reason=f"internal error: {type(err).__name__}: {err}")
-                        continue
-                    if records:  # a Dask or Slurm worker's log lines, for the night log
-                        _replay(records[0])
-                    if not self.inline:
-                        self.progress.channel_done(self.date, channel)
+                for _, outcomes in sorted(self.parts, key=lambda part: part[0]):
                     self.summary.outcomes.extend(outcomes)
-                    for obsid, value in found.items():
-                        joins.setdefault(obsid, value)
+                joins = {obsid: found[min(found)] for obsid, found in self.joins.items()}
                 pipeline.join_night(self.run, self.archive.night(self.date), self.science,
                                     joins, self.summary)
                 self.archive.close()
-                with Ledger(ledger_path(self.run.output), self.run.config_hash) as ledger:
-                    ledger.night_done(self.date, raw_stamp(self.run.baseraw, self.date),
-                                      self.summary.exit_code())
+                self.ledger.night_done(self.date, raw_stamp(self.run.baseraw, self.date),
+                                       self.summary.exit_code())
+                self.ledger.close()
             self.summary.write()
             if self.archive is not None:
                 _night_report(self.run.output, self.date, self.summary)
@@ -218,68 +360,9 @@ def _night_log(run: RunConfig, date: str) -> logging.Handler:
     return handler
 
 
-def channel_task(run: RunConfig, date: str, channel: str) -> tuple[list[Outcome], dict]:
-    """One channel of one night in a worker: its outcomes and the observations to join.
-
-    A pure function of picklable values: opens its own archive and ledger connection.
-    """
-    summary = NightSummary(date, run.output)
-    archive = pipeline.open_night(run, date, summary)
-    if archive is None:
-        return summary.outcomes, {}
-    try:
-        return _inline_task(run, archive, date, channel)
-    finally:
-        archive.close()
-
-
-class _Collector(logging.Handler):
-    """Keeps a task's log records as plain dicts (picklable, message already formatted)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[dict] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        d = dict(record.__dict__)
-        d["msg"], d["args"], d["exc_info"] = record.getMessage(), None, None
-        if record.exc_info and not record.exc_text:
-            d["exc_text"] = logging.Formatter().formatException(record.exc_info)
-        self.records.append(d)
-
-
-def logged_channel_task(run: RunConfig, date: str,
-                        channel: str) -> tuple[list[Outcome], dict, list[dict]]:
-    """:func:`channel_task` on a Dask or Slurm worker, whose log lines would otherwise stay
-    in the worker's own output: its panacea records (INFO and above) are returned with the
-    result and replayed by the runner into the night's log and the console."""
-    collector = _Collector()
-    logger = logging.getLogger("panacea")
-    level = logger.level
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
-    logger.addHandler(collector)
-    try:
-        outcomes, joins = channel_task(run, date, channel)
-    finally:
-        logger.removeHandler(collector)
-        logger.setLevel(level)
-    return outcomes, joins, collector.records
-
-
-def _replay(records: list[dict]) -> None:
-    """Hand a worker's log records to this process's loggers (their times kept)."""
-    for d in records:
-        handle_record(logging.makeLogRecord(d))
-
-
-def _inline_task(run: RunConfig, archive, date: str, channel: str) -> tuple[list, dict]:
-    summary = NightSummary(date, run.output)
-    with Ledger(ledger_path(run.output), run.config_hash) as ledger:
-        joins = pipeline.reduce_channel(run, archive, date, channel, summary, ledger)
-    if _report_due(run.output, date, summary):
-        _channel_report(run.output, date, channel)
-    return summary.outcomes, joins
+def qa_task(root: str | Path, date: str, channel: str) -> None:
+    """The channel's QA task (:func:`_channel_report`, looked up when it runs)."""
+    _channel_report(Path(root), date, channel)
 
 
 def _preload_qa() -> None:
