@@ -1,0 +1,395 @@
+"""The night's sky lines constrain the shape of the calibration's wavelength solution.
+
+The arc lines of a channel are too sparse to follow a camera's non-polynomial distortions
+(ripples of a few hundred pixels): between them the solution is interpolated and may be off
+by 0.1-0.3 px, the same in every fiber. Every on-sky exposure of the night carries the sky's
+lines (OH in red and farred, [O I], Na D, Hg), at the columns the true solution gives them,
+moved only by that exposure's flexure. So, per exposure, each usable sky line's offset from
+the arc solution is measured on the fiber-stacked sky (:mod:`panacea.skywave`'s stacking and
+Gaussian fit), and all offsets of the night are fitted at once by
+
+``offset(e, c) = a_e + b_e x(c) + r(c)``
+
+with a free shift ``a_e`` and stretch ``b_e`` per exposure (its flexure) and one residual
+shape ``r(c)`` common to the exposures: a cubic B-spline in column whose knot spacing is
+chosen by leave-one-line-out cross-validation. The arc lines enter as measurements of
+``r`` itself (their residuals from the solution; arcs have no flexure), so the sky lines
+fill the gaps between the arc lines and the arcs pin the shape's zero point and slope. The
+night's wavelength solution is then re-evaluated at ``column - r(column)`` in every fiber,
+but only when the held-out lines predict better with ``r`` than without it ("never
+worse").
+
+All functions take and return arrays: columns and offsets in pixels of the stitched channel
+frame (positive: the lines sit at larger columns than the solution predicts), wavelengths
+in air Angstrom. No file I/O happens here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.interpolate import BSpline
+
+from . import instrument, skywave
+
+log = logging.getLogger(__name__)
+
+#: Knot spacings (px) of the residual shape tried by the cross-validation, simplest first.
+KNOT_SPACINGS = (800.0, 600.0, 400.0, 300.0, 250.0, 200.0, 150.0, 120.0, 100.0)
+#: Systematic floors (px) added in quadrature to the errors of a sky line's stacked offset
+#: and of an arc line's fiber-averaged residual (blends with unlisted lines).
+SKY_FLOOR = 0.01
+ARC_FLOOR = 0.02
+#: Prior width (px) of each spline coefficient (keeps stretches without lines near zero).
+PRIOR_SIGMA = 0.3
+#: A more flexible model is chosen only when its held-out RMS is this fraction below the
+#: simpler one's best.
+CV_TOLERANCE = 0.03
+#: Fewest distinct sky lines (wavelengths) over the night's exposures for a shape fit.
+MIN_SKY_LINES = 6
+#: Stacked points further than this many robust sigmas from their neighbours' median
+#: (cosmic rays in a quick extraction) are left out of a line's fit.
+CLIP_SIGMA = 6.0
+#: Smallest signal-to-noise of a line's stacked amplitude for it to count.
+MIN_LINE_SNR = 10.0
+#: Largest fitted offset (px) of a line from the exposure's own median offset.
+MAX_LINE_DEVIATION = 1.0
+
+
+@dataclass
+class SkyLines:
+    """Offsets of one exposure's sky lines from the arc solution.
+
+    Attributes
+    ----------
+    name : str
+        Exposure label (for logs).
+    wavelength, column, offset, error : ndarray (nline,)
+        Air wavelength (A), mean predicted column (px), measured offset and its 1-sigma
+        error (px, statistical).
+    """
+
+    name: str
+    wavelength: np.ndarray
+    column: np.ndarray
+    offset: np.ndarray
+    error: np.ndarray
+
+    def __len__(self) -> int:
+        return self.wavelength.size
+
+
+@dataclass
+class ShapeFit:
+    """The night's common residual shape of the wavelength solution.
+
+    Attributes
+    ----------
+    applied : bool
+        Whether the held-out lines chose a shape (else :attr:`offsets` is zero).
+    spacing : float
+        Knot spacing (px) of the chosen spline (0 without a shape).
+    offsets : ndarray (ncol,)
+        ``r(column)`` (px): where each wavelength really sits minus where the arc solution
+        puts it, common to the fibers.
+    cv_rms : dict
+        Held-out RMS (px) of each tried model, keyed by knot spacing (0: no shape).
+    nsky, nwave, nexp, narc : int
+        Sky-line measurements, distinct sky lines, exposures and arc lines used.
+    shifts : dict
+        Per exposure: (shift px at the centre column, stretch px at the ends) of the
+        chosen model.
+    reason : str
+        Why no shape was applied (empty when one was).
+    """
+
+    applied: bool
+    spacing: float
+    offsets: np.ndarray
+    cv_rms: dict = field(default_factory=dict)
+    nsky: int = 0
+    nwave: int = 0
+    nexp: int = 0
+    narc: int = 0
+    shifts: dict = field(default_factory=dict)
+    reason: str = ""
+
+    @property
+    def method(self) -> str:
+        """``spline{spacing}`` or ``none`` (for the bundle header)."""
+        return f"spline{self.spacing:.0f}" if self.applied else "none"
+
+    @property
+    def rms(self) -> float:
+        """Held-out RMS (px) of the chosen model."""
+        return float(self.cv_rms.get(self.spacing if self.applied else 0.0, np.nan))
+
+    @property
+    def rms_none(self) -> float:
+        """Held-out RMS (px) without a shape (shift and stretch per exposure only)."""
+        return float(self.cv_rms.get(0.0, np.nan))
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def _clip_stack(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Points of a stack within :data:`CLIP_SIGMA` robust sigmas of their 0.5-px bin's
+    median (a cosmic ray in one fiber stands far off the other fibers' profile)."""
+    keep = np.ones(x.size, bool)
+    bins = np.floor(x / 0.5).astype(int)
+    for b in np.unique(bins):
+        sel = bins == b
+        if sel.sum() < 8:
+            continue
+        yb = y[sel]
+        med = np.median(yb)
+        mad = 1.4826 * np.median(np.abs(yb - med))
+        noise = np.median(1.0 / np.sqrt(w[sel]))
+        keep[sel] = np.abs(yb - med) < CLIP_SIGMA * max(mad, noise)
+    return keep
+
+
+def measure_exposure(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
+                     usable: np.ndarray, name: str = "",
+                     lsf_fwhm: float = instrument.LSF_FWHM_PIX) -> SkyLines:
+    """Offset of every usable sky line of one exposure from the arc solution.
+
+    Parameters
+    ----------
+    flux, variance : ndarray (nfiber, ncol)
+        Extracted spectra of the exposure (electrons per column) and their variance; a
+        quick extraction without cosmic-ray cleaning will do (outlying points are clipped).
+    wave : ndarray (nfiber, ncol)
+        The arc solution (air Angstrom at each fiber's pixel centres).
+    usable : ndarray of bool (nfiber,)
+        Live fibers.
+    name : str
+        Label for the logs.
+    lsf_fwhm : float
+        Line-spread FWHM (px).
+
+    Returns
+    -------
+    SkyLines
+        The lines stacked over the faintest fibers (:func:`panacea.skywave.sky_fibers`)
+        whose Gaussian fit reaches :data:`MIN_LINE_SNR`.
+    """
+    fibers = skywave.sky_fibers(flux, usable)
+    level = skywave._levels(flux, fibers)
+    found = []
+    for wl, near in skywave.usable_lines(wave, lsf_fwhm):
+        st = skywave._stack(flux, variance, wave, fibers, wl, near, lsf_fwhm, level)
+        if st is None:
+            continue
+        x, y, w, pc = st
+        keep = _clip_stack(x, y, w)
+        fit = skywave._fit_line(x[keep], y[keep], w[keep], lsf_fwhm)
+        if fit is None or fit[2] < MIN_LINE_SNR:
+            continue
+        found.append((wl, pc, fit[0], fit[1]))
+    if not found:
+        empty = np.zeros(0)
+        return SkyLines(name, empty, empty, empty, empty)
+    wl, pc, off, err = (np.array(v, float) for v in zip(*found, strict=True))
+    ok = np.abs(off - np.median(off)) <= MAX_LINE_DEVIATION
+    log.debug("%s: %d sky lines measured, offsets %+.3f..%+.3f px", name, int(ok.sum()),
+              off[ok].min(), off[ok].max())
+    return SkyLines(name, wl[ok], pc[ok], off[ok], err[ok])
+
+
+def arc_residuals(columns: np.ndarray, predicted: np.ndarray, used: np.ndarray,
+                  errors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fiber-averaged residuals of the arc lines from the solution.
+
+    Parameters
+    ----------
+    columns, errors : ndarray (nfiber, nline)
+        Measured centroids of the arc lines and their errors (px).
+    predicted : ndarray (nfiber, nline)
+        Columns the solution gives the lines' wavelengths (px).
+    used : ndarray of bool (nfiber, nline)
+        Measurements used by the solution.
+
+    Returns
+    -------
+    column, residual, error : ndarray (nused_line,)
+        Mean column, median residual (measured minus solution, px) and its error
+        (robust scatter over the fibers divided by the square root of their number,
+        with :data:`ARC_FLOOR` in quadrature), for the lines used in at least 10 fibers.
+    """
+    n = used.sum(axis=0)
+    keep = n >= 10
+    res = np.where(used, columns - predicted, np.nan)[:, keep]
+    col = np.nanmean(np.where(used, columns, np.nan)[:, keep], axis=0)
+    med = np.nanmedian(res, axis=0)
+    mad = 1.4826 * np.nanmedian(np.abs(res - med), axis=0)
+    stat = np.maximum(mad, np.nanmedian(np.where(used, errors, np.nan)[:, keep], axis=0))
+    err = np.hypot(stat / np.sqrt(n[keep]), ARC_FLOOR)
+    return col, med, err
+
+
+# --------------------------------------------------------------------------- shape fit
+
+
+def _basis(columns: np.ndarray, spacing: float, ncol: int) -> np.ndarray:
+    """Cubic B-spline basis (nrow, nbasis) on uniform knots about ``spacing`` px apart over
+    the detector's columns."""
+    nint = max(int(np.ceil((ncol - 1) / spacing)), 1)
+    inner = np.linspace(0.0, ncol - 1.0, nint + 1)
+    t = np.concatenate([[inner[0]] * 3, inner, [inner[-1]] * 3])
+    c = np.clip(np.asarray(columns, float), 0.0, ncol - 1.0)
+    return BSpline.design_matrix(c, t, 3).toarray()
+
+
+@dataclass
+class _Data:
+    """The night's measurements as rows of one linear system."""
+
+    column: np.ndarray  # px
+    value: np.ndarray  # offset or arc residual, px
+    error: np.ndarray  # px
+    exposure: np.ndarray  # index of the exposure; -1 for arc lines
+    group: np.ndarray  # held-out group: one per sky wavelength, one per arc line
+    nexp: int
+
+
+def _gather(sky: Sequence[SkyLines], arc: tuple[np.ndarray, np.ndarray, np.ndarray]
+            ) -> _Data:
+    cols, vals, errs, expo, groups = [], [], [], [], []
+    waves = sorted({float(w) for s in sky for w in s.wavelength})
+    gid = {w: i for i, w in enumerate(waves)}
+    for e, s in enumerate(sky):
+        cols.append(s.column)
+        vals.append(s.offset)
+        errs.append(np.hypot(s.error, SKY_FLOOR))
+        expo.append(np.full(len(s), e))
+        groups.append(np.array([gid[float(w)] for w in s.wavelength], int))
+    acol, ares, aerr = arc
+    cols.append(acol)
+    vals.append(ares)
+    errs.append(aerr)
+    expo.append(np.full(acol.size, -1))
+    groups.append(len(waves) + np.arange(acol.size))
+    return _Data(*(np.concatenate(v) for v in (cols, vals, errs, expo, groups)), len(sky))
+
+
+def _design(d: _Data, spacing: float, ncol: int) -> np.ndarray:
+    """Columns: shift and stretch of each exposure, then the spline coefficients of r."""
+    x = (d.column - (ncol - 1) / 2) / ((ncol - 1) / 2)
+    a = np.zeros((d.column.size, 2 * d.nexp))
+    sky = d.exposure >= 0
+    a[np.nonzero(sky)[0], 2 * d.exposure[sky]] = 1.0
+    a[np.nonzero(sky)[0], 2 * d.exposure[sky] + 1] = x[sky]
+    if spacing <= 0:
+        return a
+    return np.hstack([a, _basis(d.column, spacing, ncol)])
+
+
+def _solve(a: np.ndarray, d: _Data, rows: np.ndarray, nfree: int) -> np.ndarray:
+    """Weighted least squares on ``rows`` with a Gaussian prior (:data:`PRIOR_SIGMA`) on
+    the spline coefficients (the columns after the first ``nfree``)."""
+    aw = a[rows] / d.error[rows, None]
+    bw = d.value[rows] / d.error[rows]
+    nsp = a.shape[1] - nfree
+    if nsp:
+        prior = np.hstack([np.zeros((nsp, nfree)), np.eye(nsp) / PRIOR_SIGMA])
+        aw = np.vstack([aw, prior])
+        bw = np.concatenate([bw, np.zeros(nsp)])
+    # an exposure whose lines are all held out keeps a zero shift (its rows are not scored)
+    sol, *_ = np.linalg.lstsq(aw, bw, rcond=None)
+    return sol
+
+
+def _held_out_rms(d: _Data, spacing: float, ncol: int) -> float:
+    """Weighted RMS (px) of every line's offsets predicted by the fit without that line
+    (all exposures' measurements of a sky line are held out together)."""
+    a = _design(d, spacing, ncol)
+    nfree = 2 * d.nexp
+    num = den = 0.0
+    for g in np.unique(d.group):
+        out = d.group == g
+        sol = _solve(a, d, ~out, nfree)
+        # an exposure left with fewer than two lines has no usable shift and stretch
+        for e in np.unique(d.exposure[out]):
+            if e >= 0 and np.sum((d.exposure == e) & ~out) < 2:
+                out = out & (d.exposure != e)
+        r = d.value[out] - a[out] @ sol
+        w = 1.0 / d.error[out] ** 2
+        num += float(np.sum(w * r**2))
+        den += float(np.sum(w))
+    return float(np.sqrt(num / den)) if den > 0 else np.nan
+
+
+def fit_shape(sky: Sequence[SkyLines], arc: tuple[np.ndarray, np.ndarray, np.ndarray],
+              ncol: int, spacings: Sequence[float] = KNOT_SPACINGS) -> ShapeFit:
+    """The residual shape common to the night's exposures, chosen by held-out lines.
+
+    Parameters
+    ----------
+    sky : sequence of SkyLines
+        Per on-sky exposure, its sky lines' offsets from the arc solution
+        (:func:`measure_exposure`).
+    arc : tuple of ndarray
+        Column, residual and error (px) of the arc lines (:func:`arc_residuals`).
+    ncol : int
+        Columns of the channel frame.
+    spacings : sequence of float
+        Knot spacings (px) to try.
+
+    Returns
+    -------
+    ShapeFit
+        With ``applied`` False (and zero offsets) when fewer than :data:`MIN_SKY_LINES`
+        distinct sky lines were measured or no spline predicts the held-out lines better
+        than the exposures' shifts and stretches alone.
+    """
+    sky = [s for s in sky if len(s) >= 2]
+    nwave = len({float(w) for s in sky for w in s.wavelength})
+    base = {"nsky": int(sum(len(s) for s in sky)), "nwave": nwave, "nexp": len(sky),
+            "narc": int(arc[0].size)}
+    zero = np.zeros(ncol)
+    if nwave < MIN_SKY_LINES:
+        return ShapeFit(False, 0.0, zero, reason=f"{nwave} sky lines measured "
+                        f"(need {MIN_SKY_LINES})", **base)
+    d = _gather(sky, arc)
+    cv = {0.0: _held_out_rms(d, 0.0, ncol)}
+    best_sp, best = 0.0, cv[0.0]
+    for sp in spacings:
+        cv[float(sp)] = _held_out_rms(d, float(sp), ncol)
+        if cv[float(sp)] < (1.0 - CV_TOLERANCE) * best:
+            best_sp, best = float(sp), cv[float(sp)]
+    a = _design(d, best_sp, ncol)
+    nfree = 2 * d.nexp
+    sol = _solve(a, d, np.ones(d.value.size, bool), nfree)
+    shifts = {s.name: (float(sol[2 * e]), float(sol[2 * e + 1])) for e, s in enumerate(sky)}
+    if best_sp == 0.0:
+        return ShapeFit(False, 0.0, zero, cv, shifts=shifts,
+                        reason="no spline predicts the held-out lines better", **base)
+    offsets = _basis(np.arange(ncol, dtype=float), best_sp, ncol) @ sol[nfree:]
+    return ShapeFit(True, best_sp, offsets, cv, shifts=shifts, **base)
+
+
+def apply_shape(wave: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Every fiber's wavelengths re-evaluated at ``column - offsets`` (px), linearly
+    extrapolated beyond the detector's ends.
+
+    Parameters
+    ----------
+    wave : ndarray (nfiber, ncol)
+        Wavelength solution (air Angstrom).
+    offsets : ndarray (ncol,)
+        Column offset of the true solution from ``wave`` (px, :attr:`ShapeFit.offsets`).
+
+    Returns
+    -------
+    ndarray (nfiber, ncol)
+    """
+    ncol = wave.shape[1]
+    at = np.arange(ncol, dtype=float) - offsets
+    i = np.clip(np.floor(at).astype(int), 0, ncol - 2)
+    frac = at - i
+    return wave[:, i] + frac[None, :] * (wave[:, i + 1] - wave[:, i])
