@@ -43,16 +43,23 @@ KNOT_SPACINGS = (800.0, 600.0, 400.0, 300.0, 250.0, 200.0, 150.0, 120.0, 100.0)
 #: and of an arc line's fiber-averaged residual (blends with unlisted lines).
 SKY_FLOOR = 0.01
 ARC_FLOOR = 0.02
-#: Prior width (px) of each spline coefficient (keeps stretches without lines near zero).
-PRIOR_SIGMA = 0.3
-#: A more flexible model is chosen only when its held-out RMS is this fraction below the
-#: simpler one's best.
-CV_TOLERANCE = 0.03
+#: Prior widths (px) of the spline coefficients tried (they keep stretches without lines
+#: near the arc solution; the randomized nights' ripples are 0.05-0.3 px).
+PRIOR_SIGMAS = (0.05, 0.1, 0.2, 0.4)
+#: The simplest model whose held-out RMS is within this fraction of the best one's is chosen.
+CV_TOLERANCE = 0.05
+#: The chosen shape is applied only when its held-out RMS is this fraction below that of the
+#: model without a shape ("never worse", with a margin for the choice's own optimism).
+MIN_GAIN = 0.05
 #: Fewest distinct sky lines (wavelengths) over the night's exposures for a shape fit.
 MIN_SKY_LINES = 6
 #: Stacked points further than this many robust sigmas from their neighbours' median
 #: (cosmic rays in a quick extraction) are left out of a line's fit.
 CLIP_SIGMA = 6.0
+#: Lines whose held-out residual from :data:`SCREEN_MODEL` (knot spacing, prior; px) is
+#: more than this many robust sigmas off are left out of the shape fit.
+CLIP_LINES = 4.0
+SCREEN_MODEL = (200.0, 0.2)
 #: Smallest signal-to-noise of a line's stacked amplitude for it to count.
 MIN_LINE_SNR = 10.0
 #: Largest fitted offset (px) of a line from the exposure's own median offset.
@@ -92,11 +99,14 @@ class ShapeFit:
         Whether the held-out lines chose a shape (else :attr:`offsets` is zero).
     spacing : float
         Knot spacing (px) of the chosen spline (0 without a shape).
+    prior : float
+        Prior width (px) of its coefficients (0 without a shape).
     offsets : ndarray (ncol,)
         ``r(column)`` (px): where each wavelength really sits minus where the arc solution
         puts it, common to the fibers.
     cv_rms : dict
-        Held-out RMS (px) of each tried model, keyed by knot spacing (0: no shape).
+        Held-out RMS (px) of the sky lines for each tried model, keyed by (knot spacing,
+        prior) in px ((0, 0): no shape).
     nsky, nwave, nexp, narc : int
         Sky-line measurements, distinct sky lines, exposures and arc lines used.
     shifts : dict
@@ -108,6 +118,7 @@ class ShapeFit:
 
     applied: bool
     spacing: float
+    prior: float
     offsets: np.ndarray
     cv_rms: dict = field(default_factory=dict)
     nsky: int = 0
@@ -125,12 +136,12 @@ class ShapeFit:
     @property
     def rms(self) -> float:
         """Held-out RMS (px) of the chosen model."""
-        return float(self.cv_rms.get(self.spacing if self.applied else 0.0, np.nan))
+        return float(self.cv_rms.get((self.spacing, self.prior), np.nan))
 
     @property
     def rms_none(self) -> float:
         """Held-out RMS (px) without a shape (shift and stretch per exposure only)."""
-        return float(self.cv_rms.get(0.0, np.nan))
+        return float(self.cv_rms.get((0.0, 0.0), np.nan))
 
 
 # --------------------------------------------------------------------------- measurement
@@ -289,44 +300,96 @@ def _design(d: _Data, spacing: float, ncol: int) -> np.ndarray:
     return np.hstack([a, _basis(d.column, spacing, ncol)])
 
 
-def _solve(a: np.ndarray, d: _Data, rows: np.ndarray, nfree: int) -> np.ndarray:
-    """Weighted least squares on ``rows`` with a Gaussian prior (:data:`PRIOR_SIGMA`) on
-    the spline coefficients (the columns after the first ``nfree``)."""
+def _solve(a: np.ndarray, d: _Data, rows: np.ndarray, nfree: int, prior: float
+           ) -> np.ndarray:
+    """Weighted least squares on ``rows`` with a Gaussian prior of width ``prior`` (px) on
+    the spline coefficients (the columns after the first ``nfree``): where no line
+    constrains the shape, it stays near the arc solution."""
     aw = a[rows] / d.error[rows, None]
     bw = d.value[rows] / d.error[rows]
     nsp = a.shape[1] - nfree
     if nsp:
-        prior = np.hstack([np.zeros((nsp, nfree)), np.eye(nsp) / PRIOR_SIGMA])
-        aw = np.vstack([aw, prior])
+        aw = np.vstack([aw, np.hstack([np.zeros((nsp, nfree)), np.eye(nsp) / prior])])
         bw = np.concatenate([bw, np.zeros(nsp)])
-    # an exposure whose lines are all held out keeps a zero shift (its rows are not scored)
     sol, *_ = np.linalg.lstsq(aw, bw, rcond=None)
     return sol
 
 
-def _held_out_rms(d: _Data, spacing: float, ncol: int) -> float:
-    """Weighted RMS (px) of every line's offsets predicted by the fit without that line
-    (all exposures' measurements of a sky line are held out together)."""
+def _held_out(d: _Data, spacing: float, prior: float, ncol: int, sky_only: bool = True
+              ) -> np.ndarray:
+    """Every line's offsets (px) minus their prediction by the fit without that line (all
+    exposures' measurements of a sky line held out together); NaN where not predicted: the
+    arc lines unless ``sky_only`` is False, and an exposure's rows when fewer than two of
+    its lines remain to fix its shift and stretch."""
     a = _design(d, spacing, ncol)
     nfree = 2 * d.nexp
-    num = den = 0.0
-    for g in np.unique(d.group):
+    out_res = np.full(d.value.size, np.nan)
+    groups = d.group[d.exposure >= 0] if sky_only else d.group
+    for g in np.unique(groups):
         out = d.group == g
-        sol = _solve(a, d, ~out, nfree)
-        # an exposure left with fewer than two lines has no usable shift and stretch
+        sol = _solve(a, d, ~out, nfree, prior)
         for e in np.unique(d.exposure[out]):
             if e >= 0 and np.sum((d.exposure == e) & ~out) < 2:
                 out = out & (d.exposure != e)
-        r = d.value[out] - a[out] @ sol
-        w = 1.0 / d.error[out] ** 2
-        num += float(np.sum(w * r**2))
-        den += float(np.sum(w))
-    return float(np.sqrt(num / den)) if den > 0 else np.nan
+        out_res[out] = d.value[out] - a[out] @ sol
+    return out_res
+
+
+def _held_out_rms(d: _Data, spacing: float, prior: float, ncol: int) -> float:
+    """Weighted RMS (px) of the sky lines' held-out residuals (:func:`_held_out`; the arc
+    lines always constrain the fit: their residuals from the arc solution are not
+    independent of it)."""
+    r = _held_out(d, spacing, prior, ncol)
+    ok = np.isfinite(r)
+    if not ok.any():
+        return np.nan
+    w = 1.0 / d.error[ok] ** 2
+    return float(np.sqrt(np.sum(w * r[ok] ** 2) / np.sum(w)))
+
+
+def _screen(d: _Data, ncol: int) -> np.ndarray:
+    """Rows kept after clipping lines (sky or arc) whose held-out residual from a flexible
+    shape is more than :data:`CLIP_LINES` robust sigmas off (a blended arc line or sky
+    line would otherwise bend the shape towards itself)."""
+    keep = np.ones(d.value.size, bool)
+    for _ in range(3):
+        sub = _subset(d, keep)
+        z = np.full(d.value.size, np.nan)
+        z[keep] = _held_out(sub, SCREEN_MODEL[0], SCREEN_MODEL[1], ncol, sky_only=False) \
+            / sub.error
+        bad = np.zeros(z.size, bool)
+        for kind in (d.exposure >= 0, d.exposure < 0):  # sky and arc lines, each its scale
+            ok = np.isfinite(z) & kind
+            if ok.sum() >= 5:
+                scale = max(1.4826 * float(np.median(np.abs(z[ok]))), 1.0)
+                bad |= ok & (np.abs(z) > CLIP_LINES * scale)
+        if not bad.any():
+            break
+        keep &= ~bad
+    return keep
+
+
+def _subset(d: _Data, rows: np.ndarray) -> _Data:
+    """The measurements ``rows`` of ``d`` (exposures renumbered)."""
+    expo = d.exposure[rows]
+    used = np.unique(expo[expo >= 0])
+    renum = np.full(d.nexp, -1)
+    renum[used] = np.arange(used.size)
+    return _Data(d.column[rows], d.value[rows], d.error[rows],
+                 np.where(expo >= 0, renum[np.maximum(expo, 0)], -1), d.group[rows],
+                 int(used.size))
 
 
 def fit_shape(sky: Sequence[SkyLines], arc: tuple[np.ndarray, np.ndarray, np.ndarray],
-              ncol: int, spacings: Sequence[float] = KNOT_SPACINGS) -> ShapeFit:
+              ncol: int, spacings: Sequence[float] = KNOT_SPACINGS,
+              priors: Sequence[float] = PRIOR_SIGMAS) -> ShapeFit:
     """The residual shape common to the night's exposures, chosen by held-out lines.
+
+    Every spline of knot spacing in ``spacings`` and coefficient prior in ``priors`` is
+    scored by the held-out RMS of the sky lines (:func:`_held_out_rms`); the simplest
+    (widest spacing, then tightest prior) within :data:`CV_TOLERANCE` of the best is
+    chosen, and applied only when it beats the model without a shape (each exposure's
+    shift and stretch alone) by :data:`MIN_GAIN`.
 
     Parameters
     ----------
@@ -337,15 +400,14 @@ def fit_shape(sky: Sequence[SkyLines], arc: tuple[np.ndarray, np.ndarray, np.nda
         Column, residual and error (px) of the arc lines (:func:`arc_residuals`).
     ncol : int
         Columns of the channel frame.
-    spacings : sequence of float
-        Knot spacings (px) to try.
+    spacings, priors : sequence of float
+        Knot spacings (px) and coefficient priors (px) to try.
 
     Returns
     -------
     ShapeFit
         With ``applied`` False (and zero offsets) when fewer than :data:`MIN_SKY_LINES`
-        distinct sky lines were measured or no spline predicts the held-out lines better
-        than the exposures' shifts and stretches alone.
+        distinct sky lines were measured or no spline predicts the held-out lines better.
     """
     sky = [s for s in sky if len(s) >= 2]
     nwave = len({float(w) for s in sky for w in s.wavelength})
@@ -353,24 +415,31 @@ def fit_shape(sky: Sequence[SkyLines], arc: tuple[np.ndarray, np.ndarray, np.nda
             "narc": int(arc[0].size)}
     zero = np.zeros(ncol)
     if nwave < MIN_SKY_LINES:
-        return ShapeFit(False, 0.0, zero, reason=f"{nwave} sky lines measured "
+        return ShapeFit(False, 0.0, 0.0, zero, reason=f"{nwave} sky lines measured "
                         f"(need {MIN_SKY_LINES})", **base)
     d = _gather(sky, arc)
-    cv = {0.0: _held_out_rms(d, 0.0, ncol)}
-    best_sp, best = 0.0, cv[0.0]
+    keep = _screen(d, ncol)
+    d = _subset(d, keep)
+    cv = {(0.0, 0.0): _held_out_rms(d, 0.0, 1.0, ncol)}
     for sp in spacings:
-        cv[float(sp)] = _held_out_rms(d, float(sp), ncol)
-        if cv[float(sp)] < (1.0 - CV_TOLERANCE) * best:
-            best_sp, best = float(sp), cv[float(sp)]
-    a = _design(d, best_sp, ncol)
+        for pr in priors:
+            cv[(float(sp), float(pr))] = _held_out_rms(d, float(sp), float(pr), ncol)
+    best = min(v for k, v in cv.items() if k[0] > 0)
+    choice = next(k for k, v in cv.items() if k[0] > 0 and v <= (1 + CV_TOLERANCE) * best)
+    if not cv[choice] < (1 - MIN_GAIN) * cv[(0.0, 0.0)]:
+        choice = (0.0, 0.0)
+    sp, pr = choice
+    a = _design(d, sp, ncol)
     nfree = 2 * d.nexp
-    sol = _solve(a, d, np.ones(d.value.size, bool), nfree)
-    shifts = {s.name: (float(sol[2 * e]), float(sol[2 * e + 1])) for e, s in enumerate(sky)}
-    if best_sp == 0.0:
-        return ShapeFit(False, 0.0, zero, cv, shifts=shifts,
-                        reason="no spline predicts the held-out lines better", **base)
-    offsets = _basis(np.arange(ncol, dtype=float), best_sp, ncol) @ sol[nfree:]
-    return ShapeFit(True, best_sp, offsets, cv, shifts=shifts, **base)
+    sol = _solve(a, d, np.ones(d.value.size, bool), nfree, pr or 1.0)
+    kept = np.unique(_gather(sky, arc).exposure[keep])
+    names = [sky[e].name for e in kept if e >= 0]
+    shifts = {n: (float(sol[2 * e]), float(sol[2 * e + 1])) for e, n in enumerate(names)}
+    if sp == 0.0:
+        return ShapeFit(False, 0.0, 0.0, zero, cv, shifts=shifts,
+                        reason="no spline predicts the held-out sky lines better", **base)
+    offsets = _basis(np.arange(ncol, dtype=float), sp, ncol) @ sol[nfree:]
+    return ShapeFit(True, sp, pr, offsets, cv, shifts=shifts, **base)
 
 
 def apply_shape(wave: np.ndarray, offsets: np.ndarray) -> np.ndarray:
