@@ -408,6 +408,7 @@ def _shape_cards(shape: skyshape.ShapeFit) -> dict:
     """Header cards (value, comment) saying how the sky lines shaped the solution."""
     return {
         "WSKYMOD": (shape.method, "sky-line shape: splineN (knots N px) or none"),
+        "WSKYPRI": (shape.prior, "prior width of its spline coefficients (px)"),
         "WSKYNL": (shape.nwave, "distinct sky lines constraining the shape"),
         "WSKYNM": (shape.nsky, "sky-line measurements (lines x exposures)"),
         "WSKYNE": (shape.nexp, "on-sky exposures constraining the shape"),
