@@ -55,7 +55,8 @@ def test_sky_lines_beat_the_arcs_alone(red_seed1):
     sky lines of two exposures (23-24 lines each) the held-out lines choose a shape that
     takes out a quarter of it."""
     sol, sky, truth = red_seed1
-    assert all(len(s) >= 15 for s in sky)  # of the 24 usable listed lines
+    # 24 usable listed lines, each stacked in three groups of fibers along the slit
+    assert all(len(s) >= 60 for s in sky)
     lines = sol.lines
     arc = ss.arc_residuals(lines.column, sol.column(lines.wavelength), lines.used,
                            lines.column_err)
@@ -64,7 +65,7 @@ def test_sky_lines_beat_the_arcs_alone(red_seed1):
     assert shape.rms < 0.95 * shape.rms_none
     before, after = _rms(sol.wave, truth), _rms(ss.apply_shape(sol.wave, shape.offsets), truth)
     assert before > 0.13  # the case keeps its large ripple
-    assert after < 0.115 and after < 0.8 * before  # measured 0.143 -> 0.107
+    assert after < 0.115 and after < 0.8 * before  # measured 0.143 -> 0.106
 
 
 def test_no_sky_lines_leave_the_arcs_alone(red_seed1):
@@ -73,8 +74,8 @@ def test_no_sky_lines_leave_the_arcs_alone(red_seed1):
     lines = sol.lines
     arc = ss.arc_residuals(lines.column, sol.column(lines.wavelength), lines.used,
                            lines.column_err)
-    few = [ss.SkyLines(s.name, s.wavelength[:3], s.column[:3], s.offset[:3], s.error[:3])
-           for s in sky]
+    few = [ss.SkyLines(s.name, s.wavelength[:3], s.column[:3], s.offset[:3], s.error[:3],
+                       s.fiber[:3]) for s in sky]
     shape = ss.fit_shape(few, arc, NCOL)
     assert not shape.applied and "sky lines measured" in shape.reason
     assert np.array_equal(ss.apply_shape(sol.wave, shape.offsets), sol.wave)

@@ -398,7 +398,7 @@ def _sky_shape(archive: Archive, exposures: list[Exposure], ch: instrument.Chann
                  "instead of %.4f px; largest correction %.3f px)", ch.name, shape.nsky,
                  shape.nwave, shape.nexp, shape.narc, shape.spacing, shape.rms,
                  shape.rms_none, float(np.max(np.abs(shape.offsets))))
-        return skyshape.apply_shape(wsol.wave, shape.offsets), shape
+        return skyshape.apply_shape(wsol.wave, shape.offsets, shape.across), shape
     log.info("%s: wavelength shape from the arcs alone: %s", ch.name,
              shape.reason or "no sky exposure")
     return wsol.wave, shape
@@ -407,7 +407,7 @@ def _sky_shape(archive: Archive, exposures: list[Exposure], ch: instrument.Chann
 def _shape_cards(shape: skyshape.ShapeFit) -> dict:
     """Header cards (value, comment) saying how the sky lines shaped the solution."""
     return {
-        "WSKYMOD": (shape.method, "sky-line shape: splineN (knots N px) or none"),
+        "WSKYMOD": (shape.method, "sky-line shape: splineN[+fib] or none"),
         "WSKYPRI": (shape.prior, "prior width of its spline coefficients (px)"),
         "WSKYNL": (shape.nwave, "distinct sky lines constraining the shape"),
         "WSKYNM": (shape.nsky, "sky-line measurements (lines x exposures)"),

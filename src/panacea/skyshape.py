@@ -64,6 +64,9 @@ SCREEN_MODEL = (200.0, 0.2)
 MIN_LINE_SNR = 10.0
 #: Largest fitted offset (px) of a line from the exposure's own median offset.
 MAX_LINE_DEVIATION = 1.0
+#: Sky and arc lines are measured in this many consecutive groups of fibers along the slit,
+#: so that the held-out lines may choose a shape that changes across it.
+FIBER_GROUPS = 3
 
 
 @dataclass
@@ -77,6 +80,9 @@ class SkyLines:
     wavelength, column, offset, error : ndarray (nline,)
         Air wavelength (A), mean predicted column (px), measured offset and its 1-sigma
         error (px, statistical).
+    fiber : ndarray (nline,) or None
+        Mean position of the stacked fibers across the slit (fiber index mapped to -1..1);
+        None: the whole slit (0).
     """
 
     name: str
@@ -84,6 +90,7 @@ class SkyLines:
     column: np.ndarray
     offset: np.ndarray
     error: np.ndarray
+    fiber: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.wavelength.size
@@ -102,11 +109,15 @@ class ShapeFit:
     prior : float
         Prior width (px) of its coefficients (0 without a shape).
     offsets : ndarray (ncol,)
-        ``r(column)`` (px): where each wavelength really sits minus where the arc solution
-        puts it, common to the fibers.
+        ``r0(column)`` (px): where each wavelength really sits minus where the arc
+        solution puts it, at the slit's centre.
+    across : ndarray (ncol,)
+        ``r1(column)`` (px): the change of that offset from the slit's centre to its ends
+        (fiber coordinate y = +-1; zero unless the held-out lines chose it), so that fiber
+        ``k`` is corrected by ``r0 + y_k r1``.
     cv_rms : dict
-        Held-out RMS (px) of the sky lines for each tried model, keyed by (knot spacing,
-        prior) in px ((0, 0): no shape).
+        Held-out RMS (px) of the sky lines for each tried model, keyed by (knot spacing
+        px, prior px, varies across the slit) ((0, 0, False): no shape).
     nsky, nwave, nexp, narc : int
         Sky-line measurements, distinct sky lines, exposures and arc lines used.
     shifts : dict
@@ -120,6 +131,7 @@ class ShapeFit:
     spacing: float
     prior: float
     offsets: np.ndarray
+    across: np.ndarray | None = None
     cv_rms: dict = field(default_factory=dict)
     nsky: int = 0
     nwave: int = 0
@@ -131,17 +143,24 @@ class ShapeFit:
     @property
     def method(self) -> str:
         """``spline{spacing}`` or ``none`` (for the bundle header)."""
-        return f"spline{self.spacing:.0f}" if self.applied else "none"
+        if not self.applied:
+            return "none"
+        return f"spline{self.spacing:.0f}" + ("+fib" if self.varies else "")
+
+    @property
+    def varies(self) -> bool:
+        """Whether the shape changes across the slit."""
+        return self.across is not None and bool(np.any(self.across))
 
     @property
     def rms(self) -> float:
         """Held-out RMS (px) of the chosen model."""
-        return float(self.cv_rms.get((self.spacing, self.prior), np.nan))
+        return float(self.cv_rms.get((self.spacing, self.prior, self.varies), np.nan))
 
     @property
     def rms_none(self) -> float:
         """Held-out RMS (px) without a shape (shift and stretch per exposure only)."""
-        return float(self.cv_rms.get((0.0, 0.0), np.nan))
+        return float(self.cv_rms.get((0.0, 0.0, False), np.nan))
 
 
 # --------------------------------------------------------------------------- measurement
@@ -166,7 +185,8 @@ def _clip_stack(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 def measure_exposure(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
                      usable: np.ndarray, name: str = "",
-                     lsf_fwhm: float = instrument.LSF_FWHM_PIX) -> SkyLines:
+                     lsf_fwhm: float = instrument.LSF_FWHM_PIX,
+                     groups: int = FIBER_GROUPS) -> SkyLines:
     """Offset of every usable sky line of one exposure from the arc solution.
 
     Parameters
@@ -182,39 +202,57 @@ def measure_exposure(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
         Label for the logs.
     lsf_fwhm : float
         Line-spread FWHM (px).
+    groups : int
+        Each line is stacked separately over this many consecutive groups of fibers along
+        the slit (a shape that changes across the slit).
 
     Returns
     -------
     SkyLines
-        The lines stacked over the faintest fibers (:func:`panacea.skywave.sky_fibers`)
-        whose Gaussian fit reaches :data:`MIN_LINE_SNR`.
+        The lines stacked over the faintest fibers (:func:`panacea.skywave.sky_fibers`) of
+        each group whose Gaussian fit reaches :data:`MIN_LINE_SNR`.
     """
     fibers = skywave.sky_fibers(flux, usable)
     level = skywave._levels(flux, fibers)
+    lines = skywave.usable_lines(wave, lsf_fwhm)
+    yk = _norm_fiber(flux.shape[0])
     found = []
-    for wl, near in skywave.usable_lines(wave, lsf_fwhm):
-        st = skywave._stack(flux, variance, wave, fibers, wl, near, lsf_fwhm, level)
-        if st is None:
+    for sel in np.array_split(np.arange(flux.shape[0]), groups):
+        group = np.zeros(flux.shape[0], bool)
+        group[sel] = True
+        group &= fibers
+        if group.sum() < 3:
             continue
-        x, y, w, pc = st
-        keep = _clip_stack(x, y, w)
-        fit = skywave._fit_line(x[keep], y[keep], w[keep], lsf_fwhm)
-        if fit is None or fit[2] < MIN_LINE_SNR:
-            continue
-        found.append((wl, pc, fit[0], fit[1]))
+        yg = float(np.mean(yk[group]))
+        for wl, near in lines:
+            st = skywave._stack(flux, variance, wave, group, wl, near, lsf_fwhm, level)
+            if st is None:
+                continue
+            x, y, w, pc = st
+            keep = _clip_stack(x, y, w)
+            fit = skywave._fit_line(x[keep], y[keep], w[keep], lsf_fwhm)
+            if fit is None or fit[2] < MIN_LINE_SNR:
+                continue
+            found.append((wl, pc, fit[0], fit[1], yg))
     if not found:
         empty = np.zeros(0)
-        return SkyLines(name, empty, empty, empty, empty)
-    wl, pc, off, err = (np.array(v, float) for v in zip(*found, strict=True))
+        return SkyLines(name, empty, empty, empty, empty, empty)
+    wl, pc, off, err, yy = (np.array(v, float) for v in zip(*found, strict=True))
     ok = np.abs(off - np.median(off)) <= MAX_LINE_DEVIATION
-    log.debug("%s: %d sky lines measured, offsets %+.3f..%+.3f px", name, int(ok.sum()),
+    log.debug("%s: %d sky-line measurements, offsets %+.3f..%+.3f px", name, int(ok.sum()),
               off[ok].min(), off[ok].max())
-    return SkyLines(name, wl[ok], pc[ok], off[ok], err[ok])
+    return SkyLines(name, wl[ok], pc[ok], off[ok], err[ok], yy[ok])
+
+
+def _norm_fiber(nfib: int) -> np.ndarray:
+    """Fiber index mapped to -1..1 along the slit."""
+    return (2.0 * np.arange(nfib) - (nfib - 1)) / max(nfib - 1, 1)
 
 
 def arc_residuals(columns: np.ndarray, predicted: np.ndarray, used: np.ndarray,
-                  errors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fiber-averaged residuals of the arc lines from the solution.
+                  errors: np.ndarray, groups: int = FIBER_GROUPS
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Residuals of the arc lines from the solution, averaged over groups of fibers.
 
     Parameters
     ----------
@@ -224,23 +262,34 @@ def arc_residuals(columns: np.ndarray, predicted: np.ndarray, used: np.ndarray,
         Columns the solution gives the lines' wavelengths (px).
     used : ndarray of bool (nfiber, nline)
         Measurements used by the solution.
+    groups : int
+        Consecutive groups of fibers along the slit (as :func:`measure_exposure`).
 
     Returns
     -------
-    column, residual, error : ndarray (nused_line,)
-        Mean column, median residual (measured minus solution, px) and its error
-        (robust scatter over the fibers divided by the square root of their number,
-        with :data:`ARC_FLOOR` in quadrature), for the lines used in at least 10 fibers.
+    column, residual, error, fiber, line : ndarray (n,)
+        Per line and group where the line was used in at least 10 fibers: mean column,
+        median residual (measured minus solution, px), its error (robust scatter over the
+        fibers over the square root of their number, with :data:`ARC_FLOOR` in
+        quadrature), the group's mean fiber coordinate (-1..1) and the line's index.
     """
-    n = used.sum(axis=0)
-    keep = n >= 10
-    res = np.where(used, columns - predicted, np.nan)[:, keep]
-    col = np.nanmean(np.where(used, columns, np.nan)[:, keep], axis=0)
-    med = np.nanmedian(res, axis=0)
-    mad = 1.4826 * np.nanmedian(np.abs(res - med), axis=0)
-    stat = np.maximum(mad, np.nanmedian(np.where(used, errors, np.nan)[:, keep], axis=0))
-    err = np.hypot(stat / np.sqrt(n[keep]), ARC_FLOOR)
-    return col, med, err
+    yk = _norm_fiber(columns.shape[0])
+    out = []
+    for sel in np.array_split(np.arange(columns.shape[0]), groups):
+        u = used[sel]
+        n = u.sum(axis=0)
+        keep = n >= 10
+        res = np.where(u, columns[sel] - predicted[sel], np.nan)[:, keep]
+        col = np.nanmean(np.where(u, columns[sel], np.nan)[:, keep], axis=0)
+        med = np.nanmedian(res, axis=0)
+        mad = 1.4826 * np.nanmedian(np.abs(res - med), axis=0)
+        stat = np.maximum(mad, np.nanmedian(np.where(u, errors[sel], np.nan)[:, keep],
+                                            axis=0))
+        err = np.hypot(stat / np.sqrt(n[keep]), ARC_FLOOR)
+        idx = np.nonzero(keep)[0]
+        yg = np.array([np.mean(yk[sel][u[:, j]]) for j in idx])
+        out.append((col, med, err, yg.reshape(-1), idx))
+    return tuple(np.concatenate(v) for v in zip(*out, strict=True))
 
 
 # --------------------------------------------------------------------------- shape fit
@@ -265,12 +314,12 @@ class _Data:
     error: np.ndarray  # px
     exposure: np.ndarray  # index of the exposure; -1 for arc lines
     group: np.ndarray  # held-out group: one per sky wavelength, one per arc line
+    fiber: np.ndarray  # mean fiber coordinate (-1..1) of the stack
     nexp: int
 
 
-def _gather(sky: Sequence[SkyLines], arc: tuple[np.ndarray, np.ndarray, np.ndarray]
-            ) -> _Data:
-    cols, vals, errs, expo, groups = [], [], [], [], []
+def _gather(sky: Sequence[SkyLines], arc: tuple[np.ndarray, ...]) -> _Data:
+    cols, vals, errs, expo, groups, fib = [], [], [], [], [], []
     waves = sorted({float(w) for s in sky for w in s.wavelength})
     gid = {w: i for i, w in enumerate(waves)}
     for e, s in enumerate(sky):
@@ -279,17 +328,21 @@ def _gather(sky: Sequence[SkyLines], arc: tuple[np.ndarray, np.ndarray, np.ndarr
         errs.append(np.hypot(s.error, SKY_FLOOR))
         expo.append(np.full(len(s), e))
         groups.append(np.array([gid[float(w)] for w in s.wavelength], int))
-    acol, ares, aerr = arc
+        fib.append(np.zeros(len(s)) if s.fiber is None else s.fiber)
+    acol, ares, aerr = arc[:3]
     cols.append(acol)
     vals.append(ares)
     errs.append(aerr)
     expo.append(np.full(acol.size, -1))
-    groups.append(len(waves) + np.arange(acol.size))
-    return _Data(*(np.concatenate(v) for v in (cols, vals, errs, expo, groups)), len(sky))
+    groups.append(len(waves) + (arc[4] if len(arc) > 4 else np.arange(acol.size)))
+    fib.append(arc[3] if len(arc) > 3 else np.zeros(acol.size))
+    return _Data(*(np.concatenate(v) for v in (cols, vals, errs, expo, groups, fib)),
+                 len(sky))
 
 
-def _design(d: _Data, spacing: float, ncol: int) -> np.ndarray:
-    """Columns: shift and stretch of each exposure, then the spline coefficients of r."""
+def _design(d: _Data, spacing: float, ncol: int, varies: bool = False) -> np.ndarray:
+    """Columns: shift and stretch of each exposure, then the spline coefficients of r0 and,
+    when the shape ``varies`` across the slit, of r1 (times the fiber coordinate)."""
     x = (d.column - (ncol - 1) / 2) / ((ncol - 1) / 2)
     a = np.zeros((d.column.size, 2 * d.nexp))
     sky = d.exposure >= 0
@@ -297,7 +350,8 @@ def _design(d: _Data, spacing: float, ncol: int) -> np.ndarray:
     a[np.nonzero(sky)[0], 2 * d.exposure[sky] + 1] = x[sky]
     if spacing <= 0:
         return a
-    return np.hstack([a, _basis(d.column, spacing, ncol)])
+    b = _basis(d.column, spacing, ncol)
+    return np.hstack([a, b, b * d.fiber[:, None]] if varies else [a, b])
 
 
 def _solve(a: np.ndarray, d: _Data, rows: np.ndarray, nfree: int, prior: float
@@ -315,13 +369,13 @@ def _solve(a: np.ndarray, d: _Data, rows: np.ndarray, nfree: int, prior: float
     return sol
 
 
-def _held_out(d: _Data, spacing: float, prior: float, ncol: int, sky_only: bool = True
-              ) -> np.ndarray:
+def _held_out(d: _Data, spacing: float, prior: float, ncol: int, sky_only: bool = True,
+              varies: bool = False) -> np.ndarray:
     """Every line's offsets (px) minus their prediction by the fit without that line (all
     exposures' measurements of a sky line held out together); NaN where not predicted: the
     arc lines unless ``sky_only`` is False, and an exposure's rows when fewer than two of
     its lines remain to fix its shift and stretch."""
-    a = _design(d, spacing, ncol)
+    a = _design(d, spacing, ncol, varies)
     nfree = 2 * d.nexp
     out_res = np.full(d.value.size, np.nan)
     groups = d.group[d.exposure >= 0] if sky_only else d.group
@@ -335,11 +389,12 @@ def _held_out(d: _Data, spacing: float, prior: float, ncol: int, sky_only: bool 
     return out_res
 
 
-def _held_out_rms(d: _Data, spacing: float, prior: float, ncol: int) -> float:
+def _held_out_rms(d: _Data, spacing: float, prior: float, ncol: int, varies: bool = False
+                  ) -> float:
     """Weighted RMS (px) of the sky lines' held-out residuals (:func:`_held_out`; the arc
     lines always constrain the fit: their residuals from the arc solution are not
     independent of it)."""
-    r = _held_out(d, spacing, prior, ncol)
+    r = _held_out(d, spacing, prior, ncol, varies=varies)
     ok = np.isfinite(r)
     if not ok.any():
         return np.nan
@@ -377,7 +432,7 @@ def _subset(d: _Data, rows: np.ndarray) -> _Data:
     renum[used] = np.arange(used.size)
     return _Data(d.column[rows], d.value[rows], d.error[rows],
                  np.where(expo >= 0, renum[np.maximum(expo, 0)], -1), d.group[rows],
-                 int(used.size))
+                 d.fiber[rows], int(used.size))
 
 
 def fit_shape(sky: Sequence[SkyLines], arc: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -415,50 +470,62 @@ def fit_shape(sky: Sequence[SkyLines], arc: tuple[np.ndarray, np.ndarray, np.nda
             "narc": int(arc[0].size)}
     zero = np.zeros(ncol)
     if nwave < MIN_SKY_LINES:
-        return ShapeFit(False, 0.0, 0.0, zero, reason=f"{nwave} sky lines measured "
+        return ShapeFit(False, 0.0, 0.0, zero, zero, reason=f"{nwave} sky lines measured "
                         f"(need {MIN_SKY_LINES})", **base)
     d = _gather(sky, arc)
     keep = _screen(d, ncol)
     d = _subset(d, keep)
-    cv = {(0.0, 0.0): _held_out_rms(d, 0.0, 1.0, ncol)}
-    for sp in spacings:
-        for pr in priors:
-            cv[(float(sp), float(pr))] = _held_out_rms(d, float(sp), float(pr), ncol)
+    none = (0.0, 0.0, False)
+    cv = {none: _held_out_rms(d, 0.0, 1.0, ncol)}
+    across = (False, True) if np.ptp(d.fiber) > 0.5 else (False,)
+    for varies in across:  # simplest first: common to the fibers, widest knots, tightest prior
+        for sp in spacings:
+            for pr in priors:
+                cv[(float(sp), float(pr), varies)] = _held_out_rms(d, float(sp), float(pr),
+                                                                   ncol, varies)
     best = min(v for k, v in cv.items() if k[0] > 0)
     choice = next(k for k, v in cv.items() if k[0] > 0 and v <= (1 + CV_TOLERANCE) * best)
-    if not cv[choice] < (1 - MIN_GAIN) * cv[(0.0, 0.0)]:
-        choice = (0.0, 0.0)
-    sp, pr = choice
-    a = _design(d, sp, ncol)
+    if not cv[choice] < (1 - MIN_GAIN) * cv[none]:
+        choice = none
+    sp, pr, varies = choice
+    a = _design(d, sp, ncol, varies)
     nfree = 2 * d.nexp
     sol = _solve(a, d, np.ones(d.value.size, bool), nfree, pr or 1.0)
     kept = np.unique(_gather(sky, arc).exposure[keep])
     names = [sky[e].name for e in kept if e >= 0]
     shifts = {n: (float(sol[2 * e]), float(sol[2 * e + 1])) for e, n in enumerate(names)}
     if sp == 0.0:
-        return ShapeFit(False, 0.0, 0.0, zero, cv, shifts=shifts,
+        return ShapeFit(False, 0.0, 0.0, zero, zero, cv, shifts=shifts,
                         reason="no spline predicts the held-out sky lines better", **base)
-    offsets = _basis(np.arange(ncol, dtype=float), sp, ncol) @ sol[nfree:]
-    return ShapeFit(True, sp, pr, offsets, cv, shifts=shifts, **base)
+    b = _basis(np.arange(ncol, dtype=float), sp, ncol)
+    offsets = b @ sol[nfree:nfree + b.shape[1]]
+    r1 = b @ sol[nfree + b.shape[1]:] if varies else np.zeros(ncol)
+    return ShapeFit(True, sp, pr, offsets, r1, cv, shifts=shifts, **base)
 
 
-def apply_shape(wave: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Every fiber's wavelengths re-evaluated at ``column - offsets`` (px), linearly
-    extrapolated beyond the detector's ends.
+def apply_shape(wave: np.ndarray, offsets: np.ndarray, across: np.ndarray | None = None
+                ) -> np.ndarray:
+    """Every fiber's wavelengths re-evaluated at ``column - (offsets + y across)`` (px; y the
+    fiber's coordinate along the slit, -1..1), linearly extrapolated beyond the ends.
 
     Parameters
     ----------
     wave : ndarray (nfiber, ncol)
         Wavelength solution (air Angstrom).
-    offsets : ndarray (ncol,)
-        Column offset of the true solution from ``wave`` (px, :attr:`ShapeFit.offsets`).
+    offsets, across : ndarray (ncol,)
+        Column offset of the true solution from ``wave`` at the slit's centre and its change
+        to the slit's ends (px, :attr:`ShapeFit.offsets` and :attr:`ShapeFit.across`).
 
     Returns
     -------
     ndarray (nfiber, ncol)
     """
-    ncol = wave.shape[1]
-    at = np.arange(ncol, dtype=float) - offsets
+    nfib, ncol = wave.shape
+    shift = np.broadcast_to(offsets, (nfib, ncol))
+    if across is not None:
+        shift = shift + _norm_fiber(nfib)[:, None] * across[None, :]
+    at = np.arange(ncol, dtype=float)[None, :] - shift
     i = np.clip(np.floor(at).astype(int), 0, ncol - 2)
-    frac = at - i
-    return wave[:, i] + frac[None, :] * (wave[:, i + 1] - wave[:, i])
+    w0 = np.take_along_axis(wave, i, axis=1)
+    w1 = np.take_along_axis(wave, i + 1, axis=1)
+    return w0 + (at - i) * (w1 - w0)
