@@ -116,3 +116,43 @@ def test_no_ripple_no_shape():
     shape = ss.fit_shape(sky, arc, NCOL)
     assert not shape.applied
     assert not np.any(shape.offsets)
+
+
+def test_onsky_exposures_enter_the_calibration(sim_night, fakeraw, tmp_path):
+    """The night's on-sky exposures are inputs of the calibration: one more or less changes
+    its fingerprint (so the bundle is rebuilt)."""
+    from panacea.calbundle import content_fingerprint
+    from panacea.calibration import CalibrationOptions, plan_calibration
+
+    opts = CalibrationOptions()
+    night = Archive(sim_night.baseraw).night(sim_night.date)
+    sci = night.exposures(ftype="sci", channel="red")
+    assert len(sci) == 2  # the standard and one science exposure
+    plan = plan_calibration(Archive(sim_night.baseraw), sim_night.date,
+                            instrument.get_channel("red"), opts)
+    assert {e.name for e in plan.onsky} == {e.name for e in sci}
+    assert {e.name for e in sci} <= set(plan.inputs)
+    fewer = fakeraw.copy_night(sim_night.baseraw, sim_night.date, tmp_path / "raw",
+                               skip=(sci[-1].obsid,))
+    plan2 = plan_calibration(Archive(fewer), sim_night.date, instrument.get_channel("red"),
+                             opts)
+    assert len(plan2.onsky) == 1
+    assert (content_fingerprint(plan2.inputs, plan2.sources, opts.describe())
+            != content_fingerprint(plan.inputs, plan.sources, opts.describe()))
+
+
+@pytest.mark.parametrize("channel", ("uv", "red"))
+def test_bundle_says_how_the_shape_was_chosen(reduced, sim_night, channel):
+    """The cards say which model the sky lines chose and what constrained it; uv (two sky
+    lines) keeps the arcs alone."""
+    from panacea.calbundle import bundle_path, read_bundle
+
+    meta = read_bundle(bundle_path(reduced, sim_night.date, channel)).meta
+    assert meta["WSKYNE"] == 2
+    if channel == "uv":
+        assert meta["WSKYMOD"] == "none" and meta["WSKYMAX"] == 0
+    else:
+        assert meta["WSKYNL"] >= 15 and meta["WSKYNM"] >= 3 * meta["WSKYNL"]
+        assert meta["WSKYCV0"] > 0
+        if meta["WSKYMOD"] != "none":
+            assert meta["WSKYCV"] < 0.95 * meta["WSKYCV0"]

@@ -166,21 +166,27 @@ class ShapeFit:
 # --------------------------------------------------------------------------- measurement
 
 
+def _bin_median(bins: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Median of ``values`` within each integer bin, returned for every point, and the
+    number of points in its bin."""
+    order = np.lexsort((values, bins))
+    b, v = bins[order], values[order]
+    starts = np.r_[0, np.nonzero(np.diff(b))[0] + 1]
+    counts = np.diff(np.r_[starts, b.size])
+    med = 0.5 * (v[starts + (counts - 1) // 2] + v[starts + counts // 2])
+    at = np.searchsorted(b[starts], bins)
+    return med[at], counts[at]
+
+
 def _clip_stack(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Points of a stack within :data:`CLIP_SIGMA` robust sigmas of their 0.5-px bin's
-    median (a cosmic ray in one fiber stands far off the other fibers' profile)."""
-    keep = np.ones(x.size, bool)
+    median (a cosmic ray in one fiber stands far off the other fibers' profile); bins of
+    fewer than 8 points are kept."""
     bins = np.floor(x / 0.5).astype(int)
-    for b in np.unique(bins):
-        sel = bins == b
-        if sel.sum() < 8:
-            continue
-        yb = y[sel]
-        med = np.median(yb)
-        mad = 1.4826 * np.median(np.abs(yb - med))
-        noise = np.median(1.0 / np.sqrt(w[sel]))
-        keep[sel] = np.abs(yb - med) < CLIP_SIGMA * max(mad, noise)
-    return keep
+    med, count = _bin_median(bins, y)
+    mad, _ = _bin_median(bins, np.abs(y - med))
+    noise, _ = _bin_median(bins, 1.0 / np.sqrt(w))
+    return (count < 8) | (np.abs(y - med) < CLIP_SIGMA * np.maximum(1.4826 * mad, noise))
 
 
 def measure_exposure(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
@@ -354,19 +360,24 @@ def _design(d: _Data, spacing: float, ncol: int, varies: bool = False) -> np.nda
     return np.hstack([a, b, b * d.fiber[:, None]] if varies else [a, b])
 
 
-def _solve(a: np.ndarray, d: _Data, rows: np.ndarray, nfree: int, prior: float
-           ) -> np.ndarray:
-    """Weighted least squares on ``rows`` with a Gaussian prior of width ``prior`` (px) on
-    the spline coefficients (the columns after the first ``nfree``): where no line
-    constrains the shape, it stays near the arc solution."""
-    aw = a[rows] / d.error[rows, None]
-    bw = d.value[rows] / d.error[rows]
-    nsp = a.shape[1] - nfree
-    if nsp:
-        aw = np.vstack([aw, np.hstack([np.zeros((nsp, nfree)), np.eye(nsp) / prior])])
-        bw = np.concatenate([bw, np.zeros(nsp)])
-    sol, *_ = np.linalg.lstsq(aw, bw, rcond=None)
-    return sol
+def _normal(a: np.ndarray, d: _Data, nfree: int, prior: float
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Whitened design and values and the normal equations (matrix, right-hand side) of the
+    weighted least squares, with a Gaussian prior of width ``prior`` (px) on the spline
+    coefficients (the columns after the first ``nfree``: where no line constrains the
+    shape, it stays near the arc solution) and a negligible one on the exposures' shifts
+    and stretches (an exposure without lines keeps zero)."""
+    aw = a / d.error[:, None]
+    bw = d.value / d.error
+    reg = np.full(a.shape[1], 1.0 / prior**2)
+    reg[:nfree] = 1e-6
+    return aw, bw, aw.T @ aw + np.diag(reg), aw.T @ bw
+
+
+def _solve(a: np.ndarray, d: _Data, nfree: int, prior: float) -> np.ndarray:
+    """Coefficients of the weighted, regularised least squares on all rows of ``d``."""
+    _, _, n, rhs = _normal(a, d, nfree, prior)
+    return np.linalg.solve(n, rhs)
 
 
 def _held_out(d: _Data, spacing: float, prior: float, ncol: int, sky_only: bool = True,
@@ -377,11 +388,13 @@ def _held_out(d: _Data, spacing: float, prior: float, ncol: int, sky_only: bool 
     its lines remain to fix its shift and stretch."""
     a = _design(d, spacing, ncol, varies)
     nfree = 2 * d.nexp
+    aw, bw, n, rhs = _normal(a, d, nfree, prior)
     out_res = np.full(d.value.size, np.nan)
     groups = d.group[d.exposure >= 0] if sky_only else d.group
     for g in np.unique(groups):
         out = d.group == g
-        sol = _solve(a, d, ~out, nfree, prior)
+        ag = aw[out]
+        sol = np.linalg.solve(n - ag.T @ ag, rhs - ag.T @ bw[out])
         for e in np.unique(d.exposure[out]):
             if e >= 0 and np.sum((d.exposure == e) & ~out) < 2:
                 out = out & (d.exposure != e)
@@ -490,7 +503,7 @@ def fit_shape(sky: Sequence[SkyLines], arc: tuple[np.ndarray, np.ndarray, np.nda
     sp, pr, varies = choice
     a = _design(d, sp, ncol, varies)
     nfree = 2 * d.nexp
-    sol = _solve(a, d, np.ones(d.value.size, bool), nfree, pr or 1.0)
+    sol = _solve(a, d, nfree, pr or 1.0)
     kept = np.unique(_gather(sky, arc).exposure[keep])
     names = [sky[e].name for e in kept if e >= 0]
     shifts = {n: (float(sol[2 * e]), float(sol[2 * e + 1])) for e, n in enumerate(names)}
