@@ -397,7 +397,7 @@ def _sky_shape(archive: Archive, exposures: list[Exposure], ch: instrument.Chann
                  "lines chose a residual shape (knots every %.0f px, held-out RMS %.4f px "
                  "instead of %.4f px; largest correction %.3f px)", ch.name, shape.nsky,
                  shape.nwave, shape.nexp, shape.narc, shape.spacing, shape.rms,
-                 shape.rms_none, float(np.max(np.abs(shape.offsets))))
+                 shape.rms_none, shape.largest)
         return skyshape.apply_shape(wsol.wave, shape.offsets, shape.across), shape
     log.info("%s: wavelength shape from the arcs alone: %s", ch.name,
              shape.reason or "no sky exposure")
@@ -410,11 +410,11 @@ def _shape_cards(shape: skyshape.ShapeFit) -> dict:
         "WSKYMOD": (shape.method, "sky-line shape: splineN[+fib] or none"),
         "WSKYPRI": (shape.prior, "prior width of its spline coefficients (px)"),
         "WSKYNL": (shape.nwave, "distinct sky lines constraining the shape"),
-        "WSKYNM": (shape.nsky, "sky-line measurements (lines x exposures)"),
+        "WSKYNM": (shape.nsky, "sky-line measurements (lines x fiber groups x exps)"),
         "WSKYNE": (shape.nexp, "on-sky exposures constraining the shape"),
         "WSKYCV": (_finite(shape.rms), "held-out line RMS with the shape (px)"),
         "WSKYCV0": (_finite(shape.rms_none), "held-out line RMS without it (px)"),
-        "WSKYMAX": (float(np.max(np.abs(shape.offsets))), "largest shape correction (px)"),
+        "WSKYMAX": (shape.largest, "largest shape correction (px)"),
     }
 
 

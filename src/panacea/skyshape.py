@@ -153,6 +153,12 @@ class ShapeFit:
         return self.across is not None and bool(np.any(self.across))
 
     @property
+    def largest(self) -> float:
+        """Largest correction (px) over the columns and the slit."""
+        across = np.zeros_like(self.offsets) if self.across is None else self.across
+        return float(np.max(np.abs(self.offsets) + np.abs(across)))
+
+    @property
     def rms(self) -> float:
         """Held-out RMS (px) of the chosen model."""
         return float(self.cv_rms.get((self.spacing, self.prior, self.varies), np.nan))
