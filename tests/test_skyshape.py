@@ -127,7 +127,7 @@ def test_onsky_exposures_enter_the_calibration(sim_night, fakeraw, tmp_path):
     opts = CalibrationOptions()
     night = Archive(sim_night.baseraw).night(sim_night.date)
     sci = night.exposures(ftype="sci", channel="red")
-    assert len(sci) == 2  # the standard and one science exposure
+    assert len(sci) == 3  # the standard in each arm's IFU and one science exposure
     plan = plan_calibration(Archive(sim_night.baseraw), sim_night.date,
                             instrument.get_channel("red"), opts)
     assert {e.name for e in plan.onsky} == {e.name for e in sci}
@@ -136,7 +136,7 @@ def test_onsky_exposures_enter_the_calibration(sim_night, fakeraw, tmp_path):
                                skip=(sci[-1].obsid,))
     plan2 = plan_calibration(Archive(fewer), sim_night.date, instrument.get_channel("red"),
                              opts)
-    assert len(plan2.onsky) == 1
+    assert len(plan2.onsky) == 2
     assert (content_fingerprint(plan2.inputs, plan2.sources, opts.describe())
             != content_fingerprint(plan.inputs, plan.sources, opts.describe()))
 
@@ -148,10 +148,11 @@ def test_bundle_says_how_the_shape_was_chosen(reduced, sim_night, channel):
     from panacea.calbundle import bundle_path, read_bundle
 
     meta = read_bundle(bundle_path(reduced, sim_night.date, channel)).meta
-    assert meta["WSKYNE"] == 2
     if channel == "uv":
         assert meta["WSKYMOD"] == "none" and meta["WSKYMAX"] == 0
+        assert meta["WSKYNL"] < ss.MIN_SKY_LINES
     else:
+        assert meta["WSKYNE"] == 3  # the standard in each arm's IFU and one science exposure
         assert meta["WSKYNL"] >= 15 and meta["WSKYNM"] >= 3 * meta["WSKYNL"]
         assert meta["WSKYCV0"] > 0
         if meta["WSKYMOD"] != "none":
