@@ -8,16 +8,18 @@ moved only by that exposure's flexure. So, per exposure, each usable sky line's 
 the arc solution is measured on the fiber-stacked sky (:mod:`panacea.skywave`'s stacking and
 Gaussian fit), and all offsets of the night are fitted at once by
 
-``offset(e, c) = a_e + b_e x(c) + r(c)``
+``offset(e, c, y) = a_e + b_e x(c) + r(c, y)``
 
 with a free shift ``a_e`` and stretch ``b_e`` per exposure (its flexure) and one residual
-shape ``r(c)`` common to the exposures: a cubic B-spline in column whose knot spacing is
-chosen by leave-one-line-out cross-validation. The arc lines enter as measurements of
-``r`` itself (their residuals from the solution; arcs have no flexure), so the sky lines
-fill the gaps between the arc lines and the arcs pin the shape's zero point and slope. The
-night's wavelength solution is then re-evaluated at ``column - r(column)`` in every fiber,
-but only when the held-out lines predict better with ``r`` than without it ("never
-worse").
+shape ``r`` common to the exposures: a cubic B-spline in column, the same for every fiber
+or changing linearly along the slit (``r0(c) + y r1(c)``, lines stacked in three groups of
+fibers), whose knot spacing, coefficient prior and form are chosen by leave-one-line-out
+cross-validation of the sky lines. The arc lines enter as measurements of ``r`` itself
+(their residuals from the solution; arcs have no flexure), so the sky lines fill the gaps
+between the arc lines and the arcs pin the shape's zero point and slope; lines that the
+others do not predict (blends) are clipped first. The night's wavelength solution is then
+re-evaluated at ``column - r(column, y)`` in every fiber, but only when the held-out lines
+predict better with ``r`` than without it ("never worse").
 
 All functions take and return arrays: columns and offsets in pixels of the stitched channel
 frame (positive: the lines sit at larger columns than the solution predicts), wavelengths
@@ -331,6 +333,8 @@ class _Data:
 
 
 def _gather(sky: Sequence[SkyLines], arc: tuple[np.ndarray, ...]) -> _Data:
+    """The exposures' sky-line offsets and the arc residuals (:func:`arc_residuals`) as the
+    rows of one system, each sky wavelength and each arc line one held-out group."""
     cols, vals, errs, expo, groups, fib = [], [], [], [], [], []
     waves = sorted({float(w) for s in sky for w in s.wavelength})
     gid = {w: i for i, w in enumerate(waves)}
