@@ -382,11 +382,16 @@ def _sky_shape(archive: Archive, exposures: list[Exposure], ch: instrument.Chann
     sky = []
     for e in exposures:
         try:
-            frame = _read_corrected(archive, e, ch, bias, overscan)
+            frame = read_channel(_night(archive, e), e, ch, overscan=overscan)
         except FrameError as err:
             log.warning("%s: left out of the sky-line shape: %s", e.name, err)
             continue
-        flux, var = boxcar(frame.image, tsol.trace, CAL_HALF_WIDTH, frame.variance)
+        if frame.image.shape != bias.image.shape:
+            log.warning("%s %s: shape %s differs from the calibration's %s; left out of the "
+                        "sky-line shape", e.name, ch.name, frame.image.shape, bias.image.shape)
+            continue
+        flux, var = boxcar(frame.image - bias.image, tsol.trace, CAL_HALF_WIDTH,
+                           frame.variance + bias.variance)
         sky.append(skyshape.measure_exposure(flux, var, wsol.wave, usable, e.name))
     lines = wsol.lines
     arc = skyshape.arc_residuals(lines.column, wsol.column(lines.wavelength), lines.used,
