@@ -413,13 +413,13 @@ def _shape_cards(shape: skyshape.ShapeFit) -> dict:
     """Header cards (value, comment) saying how the sky lines shaped the solution."""
     return {
         "WSKYMOD": (shape.method, "sky-line shape: splineN[+fib] or none"),
-        "WSKYPRI": (shape.prior, "prior width of its spline coefficients (px)"),
+        "WSKYPRI": (shape.prior, "prior of its spline coefficients (px)"),
         "WSKYNL": (shape.nwave, "distinct sky lines constraining the shape"),
-        "WSKYNM": (shape.nsky, "sky-line measurements (lines x fiber groups x exps)"),
+        "WSKYNM": (shape.nsky, "sky-line measurements (lines x groups x exps)"),
         "WSKYNE": (shape.nexp, "on-sky exposures constraining the shape"),
-        "WSKYCV": (_finite(shape.rms), "held-out line RMS with the shape (px)"),
-        "WSKYCV0": (_finite(shape.rms_none), "held-out line RMS without it (px)"),
-        "WSKYMAX": (shape.largest, "largest shape correction (px)"),
+        "WSKYCV": (round(_finite(shape.rms), 5), "held-out sky-line RMS, shape (px)"),
+        "WSKYCV0": (round(_finite(shape.rms_none), 5), "held-out sky-line RMS, no shape (px)"),
+        "WSKYMAX": (round(shape.largest, 5), "largest shape correction (px)"),
     }
 
 
