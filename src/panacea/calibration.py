@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import instrument
+from . import instrument, skyshape
 from .archive import Archive, Exposure, NightIndex
 from .bias import MasterBias, master_bias
 from .calbundle import CalibrationBundle
@@ -64,11 +64,15 @@ class CalibrationPlan:
     flat: list[Exposure]  # twilights, or internal flats with use_flat
     internal: list[Exposure]  # internal flats (for the pixel flat), may be empty
     arcs: dict[str, list[Exposure]]  # lamp -> exposures
+    #: the night's on-sky exposures of the channel, whose sky lines constrain the shape of
+    #: the wavelength solution (:mod:`panacea.skyshape`)
+    onsky: list[Exposure] = field(default_factory=list)
 
     @property
     def exposures(self) -> list[Exposure]:
         """Every exposure the calibration reads (each once)."""
-        exps = self.bias + self.flat + self.internal + [e for v in self.arcs.values() for e in v]
+        exps = (self.bias + self.flat + self.internal
+                + [e for v in self.arcs.values() for e in v] + self.onsky)
         return list({e.name: e for e in exps}.values())
 
     @property
@@ -147,7 +151,17 @@ def plan_calibration(
         if not found:
             raise CalibrationNotFound(f"no usable {kind} frames for {channel.name} near {date}",
                                       kind, [date], str(archive.baseraw))
-    return CalibrationPlan(bias=bias, flat=flat, internal=internal, arcs=arcs)
+    return CalibrationPlan(bias=bias, flat=flat, internal=internal, arcs=arcs,
+                           onsky=_onsky(archive, date, channel))
+
+
+def _onsky(archive: Archive, date: str, channel: instrument.Channel) -> list[Exposure]:
+    """The night's on-sky (``sci``: science and standards) exposures holding ``channel``."""
+    try:
+        night = archive.night(date)
+    except ArchiveError:
+        return []
+    return [e for e in night.exposures(ftype="sci", channel=channel) if e.has_channel(channel)]
 
 
 def _has_internal_flats(archive: Archive, date: str, channel: instrument.Channel,
@@ -287,8 +301,12 @@ def calibrate_channel(
     timer.add("wavelength", t0)
 
     t0 = time.perf_counter()
+    wave, shape = _sky_shape(archive, plan.onsky, ch, bias, options.overscan, tsol, wsol)
+    timer.add("sky shape", t0)
+
+    t0 = time.perf_counter()
     twispec, twivar = boxcar(flat_img, tsol.trace, CAL_HALF_WIDTH, flat_var)
-    fflat = fiber_to_fiber(twispec, twivar, wsol.wave, tsol.dead)
+    fflat = fiber_to_fiber(twispec, twivar, wave, tsol.dead)
     dead = tsol.dead | fflat.dead
     timer.add("fiber-to-fiber", t0)
 
@@ -302,17 +320,17 @@ def calibrate_channel(
         flatspec, _ = boxcar(int_img, tsol.trace, CAL_HALF_WIDTH)
         pflat = pixel_flat(int_img, int_var, tsol.trace, dead=dead)
     else:
-        pflat = pixel_flat(flat_img, flat_var, tsol.trace, wave=wsol.wave, source=fflat.source,
+        pflat = pixel_flat(flat_img, flat_var, tsol.trace, wave=wave, source=fflat.source,
                            dead=dead)
     timer.add("pixel flat", t0)
 
     nrow = flat_img.shape[0]
     arcspec = sum(a[0] for a in arcs.values())
     arrays = {
-        "wavelength": wsol.wave,
+        "wavelength": wave,
         "trace": tsol.trace,
         "flat": fflat.ftf,
-        "bigw": pixel_map(tsol.trace, wsol.wave, nrow),
+        "bigw": pixel_map(tsol.trace, wave, nrow),
         "masterbias": bias.image,
         "xypos": instrument.fiber_positions(),
         "dead": dead.astype(np.uint8),
@@ -338,6 +356,7 @@ def calibrate_channel(
         "WDEGY": int(wsol.choice["deg_y"]) if wsol.choice else -1,
         "WMODEL": str(wsol.choice["method"]) if wsol.choice else "fixed",
         "WCVRMS": _finite(wsol.choice.get("cv_rms") if wsol.choice else None),
+        **_shape_cards(shape),
         "TRACERMS": float(np.nanmedian(tsol.rms)),
         "HALFWID": float(profile.half_width),
         "AMPROWS": int(profile.amp_rows),
@@ -349,6 +368,59 @@ def calibrate_channel(
              ", ".join(f"{k} {v:.2f}" for k, v in timer.seconds.items()))
     return CalibrationBundle(date=date, channel=ch.name, arrays=arrays, inputs=plan.inputs,
                              meta=meta)
+
+
+def _sky_shape(archive: Archive, exposures: list[Exposure], ch: instrument.Channel,
+               bias: MasterBias, overscan: str, tsol, wsol) -> tuple[np.ndarray, skyshape.ShapeFit]:
+    """The arc solution corrected by the residual shape that the night's sky lines and the
+    arc lines choose (:mod:`panacea.skyshape`), and that shape's fit.
+
+    Each on-sky exposure is read, bias-subtracted and boxcar-extracted on the calibration's
+    trace (no cosmic-ray cleaning: the line fits clip outliers); an unreadable one is left
+    out with a warning."""
+    usable = ~tsol.dead
+    sky = []
+    for e in exposures:
+        try:
+            frame = read_channel(_night(archive, e), e, ch, overscan=overscan)
+        except FrameError as err:
+            log.warning("%s: left out of the sky-line shape: %s", e.name, err)
+            continue
+        if frame.image.shape != bias.image.shape:
+            log.warning("%s %s: shape %s differs from the calibration's %s; left out of the "
+                        "sky-line shape", e.name, ch.name, frame.image.shape, bias.image.shape)
+            continue
+        flux, var = boxcar(frame.image - bias.image, tsol.trace, CAL_HALF_WIDTH,
+                           frame.variance + bias.variance)
+        sky.append(skyshape.measure_exposure(flux, var, wsol.wave, usable, e.name))
+    lines = wsol.lines
+    arc = skyshape.arc_residuals(lines.column, wsol.column(lines.wavelength), lines.used,
+                                 lines.column_err)
+    shape = skyshape.fit_shape(sky, arc, wsol.wave.shape[1])
+    if shape.applied:
+        log.info("%s: sky lines (%d measurements of %d lines in %d exposures) and %d arc "
+                 "lines chose a residual shape (knots every %.0f px, held-out RMS %.4f px "
+                 "instead of %.4f px; largest correction %.3f px)", ch.name, shape.nsky,
+                 shape.nwave, shape.nexp, shape.narc, shape.spacing, shape.rms,
+                 shape.rms_none, shape.largest)
+        return skyshape.apply_shape(wsol.wave, shape.offsets, shape.across), shape
+    log.info("%s: wavelength shape from the arcs alone: %s", ch.name,
+             shape.reason or "no sky exposure")
+    return wsol.wave, shape
+
+
+def _shape_cards(shape: skyshape.ShapeFit) -> dict:
+    """Header cards (value, comment) saying how the sky lines shaped the solution."""
+    return {
+        "WSKYMOD": (shape.method, "sky-line shape: splineN[+fib] or none"),
+        "WSKYPRI": (shape.prior, "prior of its spline coefficients (px)"),
+        "WSKYNL": (shape.nwave, "distinct sky lines constraining the shape"),
+        "WSKYNM": (shape.nsky, "sky-line measurements (lines x groups x exps)"),
+        "WSKYNE": (shape.nexp, "on-sky exposures constraining the shape"),
+        "WSKYCV": (round(_finite(shape.rms), 5), "held-out sky-line RMS, shape (px)"),
+        "WSKYCV0": (round(_finite(shape.rms_none), 5), "held-out sky-line RMS, no shape (px)"),
+        "WSKYMAX": (round(shape.largest, 5), "largest shape correction (px)"),
+    }
 
 
 def _wave_rms(wsol) -> float:
