@@ -281,6 +281,32 @@ class SimNight:
 
 
 @pytest.fixture(scope="session")
+def red_randomized_night(tmp_path_factory):
+    """Red on randomized night 1 (ripples 0.15 px with periods 367 and 243 px; arcs with
+    missing, unlisted and blended lines, an asymmetric line spread): one bias, the arcs and
+    two 900 s sky exposures with their own flexure. Returns (night, truth, arc frames by
+    lamp); shared by the wavelength-model and sky-shape tests."""
+    from panacea import instrument
+    from panacea.archive import Archive
+    from panacea.ccd import read_channel
+    from panacea.simulate import NightConfig, simulate_night
+    from panacea.simulate.truth import load_channel
+
+    base = tmp_path_factory.mktemp("red1")
+    cfg = NightConfig(date="20181108", seed=1, channels=("red",), n_bias=1, n_twilight=0,
+                      n_flat=0, standard="", n_science=2, extended=False, randomize=True)
+    simulate_night(cfg, base, workers=1)
+    truth = load_channel(base, cfg.date, "red")
+    night = Archive(base).night(cfg.date)
+    arcs: dict[str, list] = {}
+    for exp in night.exposures(ftype="cmp", channel="red"):
+        frame = read_channel(night, exp, "red")
+        lamp = instrument.ARC_OBJECTS[str(frame.header["OBJECT"]).strip().lower()]
+        arcs.setdefault(lamp, []).append(frame)
+    return night, truth, arcs
+
+
+@pytest.fixture(scope="session")
 def sim_night(tmp_path_factory) -> SimNight:
     """All four channels; 3 biases, 2 twilights, 1 internal flat, Hg/Cd/FeAr arcs, the
     standard and one science exposure (no extended target). About 15 s on 2 cores."""

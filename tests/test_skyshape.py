@@ -23,23 +23,10 @@ def _rms(wave: np.ndarray, truth) -> float:
 
 
 @pytest.fixture(scope="module")
-def red_seed1(tmp_path_factory):
-    """Red on randomized night 1 (ripples 0.15 px with periods 367 and 243 px): arcs, one
-    bias and two 900 s sky exposures with their own flexure; extracted on the true traces."""
-    from panacea.simulate import NightConfig, simulate_night
-    from panacea.simulate.truth import load_channel
-
-    base = tmp_path_factory.mktemp("red1")
-    cfg = NightConfig(date="20181108", seed=1, channels=("red",), n_bias=1, n_twilight=0,
-                      n_flat=0, standard="", n_science=2, extended=False, randomize=True)
-    simulate_night(cfg, base, workers=1)
-    truth = load_channel(base, cfg.date, "red")
-    night = Archive(base).night(cfg.date)
-    arcs: dict[str, list] = {}
-    for exp in night.exposures(ftype="cmp", channel="red"):
-        frame = read_channel(night, exp, "red")
-        lamp = instrument.ARC_OBJECTS[str(frame.header["OBJECT"]).strip().lower()]
-        arcs.setdefault(lamp, []).append(frame)
+def red_seed1(red_randomized_night):
+    """The shared red randomized night 1 (conftest): its arc solution and the sky lines of
+    its two 900 s exposures, extracted on the true traces."""
+    night, truth, arcs = red_randomized_night
     sol = wv.solve_wavelength(wv.arc_spectra_from_frames(arcs, truth.trace, 3.0), "red",
                               truth.dead)
     sky = []

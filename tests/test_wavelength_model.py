@@ -6,10 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from panacea import instrument
 from panacea import wavelength as wv
-from panacea.archive import Archive
-from panacea.ccd import read_channel
 from panacea.simulate import nuisance
 
 
@@ -50,24 +47,11 @@ def test_draws_within_documented_ranges(seed):
 
 
 @pytest.fixture(scope="module")
-def rippled_arcs(tmp_path_factory):
-    """Arcs of the red channel on randomized night seed 1 (ripple 0.15 px, period 367 px,
-    arcs with missing, unlisted and blended lines, an asymmetric line spread), extracted on
-    the true traces; the night's AMPNAME convention is read back too."""
-    from panacea.simulate import NightConfig, simulate_night
-    from panacea.simulate.truth import load_channel
-
-    base = tmp_path_factory.mktemp("rippled")
-    cfg = NightConfig(date="20181108", seed=1, channels=("red",), n_bias=1, n_twilight=0,
-                      n_flat=0, standard="", n_science=0, extended=False, randomize=True)
-    simulate_night(cfg, base, workers=1)
-    truth = load_channel(base, cfg.date, "red")
-    night = Archive(base).night(cfg.date)
-    frames: dict[str, list] = {}
-    for exp in night.exposures(ftype="cmp", channel="red"):
-        frame = read_channel(night, exp, "red")
-        lamp = instrument.ARC_OBJECTS[str(frame.header["OBJECT"]).strip().lower()]
-        frames.setdefault(lamp, []).append(frame)
+def rippled_arcs(red_randomized_night):
+    """The arc spectra of the shared red randomized night 1 (conftest: ripples, arcs with
+    missing, unlisted and blended lines, an asymmetric line spread), extracted on the true
+    traces; the night's AMPNAME convention is read back too."""
+    _, truth, frames = red_randomized_night
     return wv.arc_spectra_from_frames(frames, truth.trace, 3.0), truth
 
 
