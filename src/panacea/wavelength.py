@@ -884,6 +884,8 @@ def _interp_residuals(line_x: np.ndarray, line_resid: np.ndarray, xq: np.ndarray
     """Line residuals (px) interpolated at ``xq`` (nfib, n): a monotone cubic (PCHIP)
     between the lines of each fiber, the outermost line's value beyond them."""
     xc = np.clip(xq, line_x[0], line_x[-1])
+    if np.all(xc == xc[:1]):  # the same columns for every fiber: one interpolator for all
+        return PchipInterpolator(line_x, line_resid, axis=1)(xc[0])
     out = np.empty(xq.shape)
     for k in range(xq.shape[0]):
         out[k] = PchipInterpolator(line_x, line_resid[k])(xc[k])
