@@ -351,7 +351,7 @@ def calibrate_channel(
         "NBIAS": bias.nframes,
         "NFLAT": len(plan.flat),
         "LAMPS": ",".join(sorted(arcs)),
-        "WAVERMS": _wave_rms(wsol),
+        "WAVERMS": wsol.accuracy,
         "WDEGX": int(wsol.choice["deg_x"]) if wsol.choice else -1,
         "WDEGY": int(wsol.choice["deg_y"]) if wsol.choice else -1,
         "WMODEL": str(wsol.choice["method"]) if wsol.choice else "fixed",
@@ -421,18 +421,6 @@ def _shape_cards(shape: skyshape.ShapeFit) -> dict:
         "WSKYCV0": (round(_finite(shape.rms_none), 5), "held-out sky-line RMS, no shape (px)"),
         "WSKYMAX": (round(shape.largest, 5), "largest shape correction (px)"),
     }
-
-
-def _wave_rms(wsol) -> float:
-    """The arc solution's accuracy (px) for the bundle's WAVERMS: the median fiber RMS of the
-    line fits, or, where the lines' residuals are interpolated between the lines (the fit
-    then passes through them), the held-out RMS of that interpolation, which the sky-line
-    refinement uses as its error floor."""
-    choice = wsol.choice or {}
-    held_out = (choice.get("interp_cv") or (np.nan, np.nan))[1] if choice.get("interp") else None
-    if held_out is not None and np.isfinite(held_out):
-        return float(held_out)
-    return float(np.nanmedian(wsol.rms))
 
 
 def _finite(value: float | None) -> float:

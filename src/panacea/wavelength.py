@@ -252,6 +252,19 @@ class WavelengthSolution:
         """Alias of :attr:`rms_pix`: RMS line residual of each fiber (px)."""
         return self.rms_pix
 
+    @property
+    def accuracy(self) -> float:
+        """The solution's accuracy (px; the bundle's WAVERMS): the median fiber RMS of the
+        line fits or, where the lines' residuals are interpolated between the lines (the
+        solution then passes through them), the held-out RMS of that interpolation, which
+        the sky-line refinement uses as its error floor."""
+        choice = self.choice or {}
+        if choice.get("interp"):
+            held_out = (choice.get("interp_cv") or (np.nan, np.nan))[1]
+            if np.isfinite(held_out):
+                return float(held_out)
+        return float(np.nanmedian(self.rms))
+
     def line_table(self) -> np.ndarray:
         """Summary of the lines for the calibration bundle, shape (nline, 4).
 
