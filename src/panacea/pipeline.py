@@ -245,16 +245,6 @@ def exposure_fingerprint(exposures, *parts: str, cache: dict | None = None) -> s
     return h.hexdigest()[:16]
 
 
-class _NoLedger:
-    """Stand-in when no ledger is kept: nothing is ever up to date."""
-
-    def current(self, key: str, fingerprint: str) -> list[str] | None:
-        return None
-
-    def record(self, key: str, fingerprint: str, outcome) -> None:
-        pass
-
-
 def _error_file(err: Exception) -> str | None:
     """The file an error names, when it carries one."""
     for attr in ("file", "path", "filename"):
@@ -353,11 +343,6 @@ def load_calibration(root: str | Path, date: str, channel: str,
     return _last_calibration[key]
 
 
-def forget_calibration() -> None:
-    """Drop the calibration :func:`load_calibration` keeps (its memory is released)."""
-    _last_calibration.clear()
-
-
 @dataclass
 class ChannelResponse:
     """What a channel's response task hands on to its science tasks (small, picklable).
@@ -380,14 +365,13 @@ class ChannelResponse:
 
 def channel_response(run: RunConfig, archive: Archive, date: str, channel_name: str,
                      cal_fp: str, summary: NightSummary,
-                     ledger: Ledger | None = None) -> ChannelResponse:
+                     ledger: Ledger) -> ChannelResponse:
     """Task 2 of a channel: its response from the night's standards (reused when the ledger
     says its inputs are unchanged), else ``--response-dir``, else the bundled default.
 
     The standards reduced here that are also science exposures of the night get their
     products written now (the reduction is not done twice).
     """
-    ledger = ledger if ledger is not None else _NoLedger()
     channel = instrument.get_channel(channel_name)
     night = archive.night(date)
     stamps: dict = {}
@@ -427,13 +411,12 @@ def science_fingerprint(run: RunConfig, exposure, channel: str, cal_fp: str, res
 
 def reduce_science(run: RunConfig, night, exposure, channel: str, cal_fp: str,
                    response: tuple, key: str, fp: str, summary: NightSummary,
-                   ledger: Ledger | None = None, result: ExposureResult | None = None,
+                   ledger: Ledger, result: ExposureResult | None = None,
                    conditions: dict | None = None) -> tuple | None:
     """Task 3: one exposure of one channel reduced (unless ``result`` is given), flux
     calibrated and written; the outcome goes to ``summary`` and ``ledger`` (under ``key``
     with fingerprint ``fp``). Returns (primary header, flux unit) when a source spectrum was
     written (for the join of its observation), else None."""
-    ledger = ledger if ledger is not None else _NoLedger()
     item = {"channel": channel, "exposure": exposure.name, "obsid": exposure.obsid,
             "exp": exposure.exp}
     try:

@@ -58,9 +58,8 @@ class Scheduler:
         while self._ready or self._running:
             while self._ready and len(self._running) < self.engine.slots:
                 task = heapq.heappop(self._ready)
-                rank = -int(task.order[0]) if task.order and isinstance(
-                    task.order[0], (int, float)) else 0
-                self._running[self.engine.submit(task.fn, *task.args, priority=rank)] = task
+                self._running[self.engine.submit(task.fn, *task.args,
+                                                 priority=-int(task.order[0]))] = task
             for future in self.engine.wait(list(self._running)):
                 task = self._running.pop(future)
                 try:

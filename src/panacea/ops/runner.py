@@ -40,11 +40,6 @@ STEP_SECONDS = {"calibration": 9.0, "response": 3.0, "science": 2.5, "qa": 2.5}
 _STEPS = ("calibration", "response", "science", "qa")
 
 
-def ledger_path(output: str | Path) -> Path:
-    """``{output}/ledger.sqlite``."""
-    return tasks.ledger_path(output)
-
-
 def run_nights(run: RunConfig, progress: Progress | None = None) -> int:
     """Reduce every night of ``run``; return the worst exit code of them.
 
@@ -146,7 +141,7 @@ class _Night:
         self.archive = pipeline.open_night(self.run, self.date, self.summary)
         if self.archive is not None:
             self.science = pipeline._announce(self.run, self.archive.night(self.date))
-            self.ledger = Ledger(ledger_path(self.run.output), self.run.config_hash)
+            self.ledger = Ledger(tasks.ledger_path(self.run.output), self.run.config_hash)
             if scheduler.engine.slots > 1 and not isinstance(scheduler.engine, DaskEngine):
                 _preload_qa()  # forked local workers inherit the plotting modules
             for channel in self.run.channels:
