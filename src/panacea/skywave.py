@@ -365,7 +365,8 @@ def measure_sky_shift(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
     fibers = sky_fibers(flux, usable)
     level = _levels(flux, fibers)
     found = []
-    for wl, near in usable_lines(wave, lsf_fwhm):
+    lines = usable_lines(wave, lsf_fwhm)
+    for wl, near in lines:
         st = _stack(flux, variance, wave, fibers, wl, near, lsf_fwhm, level)
         if st is None:
             continue
@@ -390,7 +391,7 @@ def measure_sky_shift(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
     # the template fit assumes one shift for every line: when enough lines were measured
     # one by one, their disagreement is the information and the template would hide it
     if len(found) < MIN_LINES_STRETCH:
-        xc = _template_candidate(flux, variance, wave, fibers, lsf_fwhm, arc_rms)
+        xc = _template_candidate(flux, variance, wave, fibers, lsf_fwhm, arc_rms, len(lines))
         if xc is not None:
             candidates.append(xc)
     if not candidates:
@@ -404,14 +405,15 @@ def measure_sky_shift(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
     return SkyShift(rejected=(best.shift, best.error, best.method))
 
 
-def _template_candidate(flux, variance, wave, fibers, lsf_fwhm, arc_rms) -> SkyShift | None:
+def _template_candidate(flux, variance, wave, fibers, lsf_fwhm, arc_rms,
+                        nlines: int) -> SkyShift | None:
     """The template fit (:func:`xcorr_shift`) of the sky as a :class:`SkyShift`, its error
-    with the arc solution's (WAVERMS over the square root of the number of lines, and the
-    part that does not average down, :data:`ARC_SYSTEMATIC`)."""
+    with the arc solution's (WAVERMS over the square root of the ``nlines`` usable lines,
+    and the part that does not average down, :data:`ARC_SYSTEMATIC`)."""
     xc = xcorr_shift(flux, wave, fibers, lsf_fwhm, variance)
     if xc is None:
         return None
-    nl = max(len(usable_lines(wave, lsf_fwhm)), 1)
+    nl = max(nlines, 1)
     error = np.sqrt(xc[1] ** 2 + arc_rms**2 / nl + (ARC_SYSTEMATIC * arc_rms) ** 2)
     return SkyShift(xc[0], 0.0, float(error), 0, "xcorr")
 
