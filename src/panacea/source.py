@@ -163,10 +163,14 @@ class Source:
     #: why the PSF does not describe the source ('' for a point source); the spectrum is
     #: then the light on the IFU, not extrapolated outside it
     extended: str = ""
-    #: fraction of the model's light outside the IFU at ``ref_wave``, and the part of it
-    #: added to the spectrum (0 for an extended source)
+    #: fraction of the model's light outside the IFU at ``ref_wave``
     outside: float = 0.0
-    extrapolated: float = 0.0
+
+    @property
+    def extrapolated(self) -> float:
+        """Fraction of the light added to the spectrum for outside the IFU: ``outside``
+        for a point source, 0 for an extended one."""
+        return 0.0 if self.extended else self.outside
 
     @property
     def beta(self) -> float:
@@ -602,8 +606,7 @@ def analyse(skysub: np.ndarray, err: np.ndarray, sky: np.ndarray, sky_err: np.nd
              "measured" if measured is not None else "model",
              float(np.ptp(np.hypot(*track))), float(np.ptp(np.hypot(*model))))
     return Source(det, psf, ref_wave, model, measured, fwhm, x, y, weights, spec, spec_err,
-                  sky_spec, sky_spec_err, bins, waves, choice, extended, 1.0 - inside,
-                  0.0 if extended else 1.0 - inside)
+                  sky_spec, sky_spec_err, bins, waves, choice, extended, 1.0 - inside)
 
 
 def extended_reason(psf: PSF) -> str:
