@@ -495,9 +495,9 @@ def fit_shape(sky: Sequence[SkyLines], arc: tuple[np.ndarray, np.ndarray, np.nda
     if nwave < MIN_SKY_LINES:
         return ShapeFit(False, 0.0, 0.0, zero, zero, reason=f"{nwave} sky lines measured "
                         f"(need {MIN_SKY_LINES})", **base)
-    d = _gather(sky, arc)
-    keep = _screen(d, ncol)
-    d = _subset(d, keep)
+    full = _gather(sky, arc)
+    keep = _screen(full, ncol)
+    d = _subset(full, keep)
     none = (0.0, 0.0, False)
     cv = {none: _held_out_rms(d, 0.0, 1.0, ncol)}
     across = (False, True) if np.ptp(d.fiber) > 0.5 else (False,)
@@ -514,7 +514,7 @@ def fit_shape(sky: Sequence[SkyLines], arc: tuple[np.ndarray, np.ndarray, np.nda
     a = _design(d, sp, ncol, varies)
     nfree = 2 * d.nexp
     sol = _solve(a, d, nfree, pr or 1.0)
-    kept = np.unique(_gather(sky, arc).exposure[keep])
+    kept = np.unique(full.exposure[keep])
     names = [sky[e].name for e in kept if e >= 0]
     shifts = {n: (float(sol[2 * e]), float(sol[2 * e + 1])) for e, n in enumerate(names)}
     if sp == 0.0:
