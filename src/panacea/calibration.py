@@ -18,7 +18,7 @@ from . import instrument, skyshape
 from .archive import Archive, Exposure, NightIndex
 from .bias import MasterBias, master_bias
 from .calbundle import CalibrationBundle
-from .ccd import Frame, Mask, read_channel
+from .ccd import Frame, Mask, read_channel, read_channel_image
 from .combine import combine_frames, frame_level
 from .errors import ArchiveError, CalibrationNotFound, FrameError, PanaceaError
 from .extract import boxcar
@@ -178,30 +178,43 @@ def _night(archive: Archive, exposure: Exposure) -> NightIndex:
     return archive.night(exposure.date)
 
 
+#: Bias stacks up to this size (bytes) are held in memory, larger ones go through a
+#: disk-backed file (bounded memory whatever the number of biases).
+BIAS_STACK_IN_MEMORY = 256 * 2**20
+
+
 def build_master_bias(archive: Archive, exposures: list[Exposure], channel: instrument.Channel,
                       overscan: str = "row") -> MasterBias:
-    """Master bias from bias exposures; frames go through a disk-backed stack (bounded memory)."""
+    """Master bias from bias exposures (their images only: the variance is measured).
+
+    Each image is stitched straight into its plane of a float32 stack, held in memory up to
+    :data:`BIAS_STACK_IN_MEMORY` bytes and in a disk-backed file beyond."""
     frames = list(exposures)
     first = None
     while frames and first is None:  # the first readable bias sets the shape
         e = frames.pop(0)
         try:
-            first = read_channel(_night(archive, e), e, channel, overscan=overscan)
+            first = read_channel_image(_night(archive, e), e, channel, overscan=overscan)
         except FrameError as err:
             log.warning("bias left out: %s", err)
     if first is None:
         raise PanaceaError(f"{channel.name}: none of the biases "
                            f"{[e.name for e in exposures]} is usable")
-    frames.insert(0, e)
+    shape = first.shape
+    nbytes = (len(frames) + 1) * first.nbytes
     with tempfile.TemporaryDirectory(prefix="panacea-bias-") as tmp:
-        shape = first.image.shape
-        stack = np.lib.format.open_memmap(f"{tmp}/stack.npy", mode="w+", dtype=np.float32,
-                                          shape=(len(frames), *shape))
-        stack[0] = first.image
+        if nbytes <= BIAS_STACK_IN_MEMORY:
+            stack = np.empty((len(frames) + 1, *shape), np.float32)
+        else:
+            stack = np.lib.format.open_memmap(f"{tmp}/stack.npy", mode="w+", dtype=np.float32,
+                                              shape=(len(frames) + 1, *shape))
+        stack[0] = first
+        del first
         kept = 1
-        for e in frames[1:]:
+        for e in frames:
             try:
-                image = read_channel(_night(archive, e), e, channel, overscan=overscan).image
+                image = read_channel_image(_night(archive, e), e, channel, overscan=overscan,
+                                           out=stack[kept])
             except FrameError as err:
                 log.warning("bias left out: %s", err)
                 continue
@@ -209,7 +222,6 @@ def build_master_bias(archive: Archive, exposures: list[Exposure], channel: inst
                 log.warning("bias left out: %s %s: shape %s differs from the first bias's %s",
                             e.name, channel.name, image.shape, shape)
                 continue
-            stack[kept] = image
             kept += 1
         return master_bias(lambda i, rows: np.asarray(stack[i, rows]), kept, shape,
                            amp_rows=shape[0] // 2)
@@ -284,6 +296,7 @@ def calibrate_channel(
 
     t0 = time.perf_counter()
     tsol, profile = trace_and_profile(flat_img, flat_var, mask=flat_sat)
+    del flat_sat
     timer.add("trace + profile", t0)
 
     t0 = time.perf_counter()
@@ -292,9 +305,13 @@ def calibrate_channel(
     for lamp, exposures in plan.arcs.items():
         img, var, sat = master_frame(archive, exposures, ch, bias, options.overscan)
         flux, fvar = boxcar(img, tsol.trace, CAL_HALF_WIDTH, var)
-        satfib, _ = boxcar(sat.astype(np.float32), tsol.trace, CAL_HALF_WIDTH)
-        arcs[lamp] = (flux, fvar, satfib > 0)
+        if sat.any():
+            satfib = boxcar(sat.astype(np.float32), tsol.trace, CAL_HALF_WIDTH)[0] > 0
+        else:  # the aperture sums of an empty mask (exactly)
+            satfib = np.zeros(flux.shape, bool)
+        arcs[lamp] = (flux, fvar, satfib)
         arc_sum += img
+        del img, var, sat
     timer.add("read arcs", t0)
     t0 = time.perf_counter()
     wsol = solve_wavelength(arcs, ch, tsol.dead)
@@ -315,10 +332,12 @@ def calibrate_channel(
     # the twilight divided by its fitted spectrum; both are photon-limited
     flatspec = None
     if plan.internal and not options.use_flat:
+        del flat_var  # the twilight's variance is not needed any more
         int_img, int_var, _ = master_frame(archive, plan.internal, ch, bias, options.overscan,
                                            MIN_FLAT_LEVEL)
         flatspec, _ = boxcar(int_img, tsol.trace, CAL_HALF_WIDTH)
         pflat = pixel_flat(int_img, int_var, tsol.trace, dead=dead)
+        del int_img, int_var
     else:
         pflat = pixel_flat(flat_img, flat_var, tsol.trace, wave=wave, source=fflat.source,
                            dead=dead)
@@ -390,8 +409,10 @@ def _sky_shape(archive: Archive, exposures: list[Exposure], ch: instrument.Chann
             log.warning("%s %s: shape %s differs from the calibration's %s; left out of the "
                         "sky-line shape", e.name, ch.name, frame.image.shape, bias.image.shape)
             continue
-        flux, var = boxcar(frame.image - bias.image, tsol.trace, CAL_HALF_WIDTH,
-                           frame.variance + bias.variance)
+        frame.image -= bias.image
+        frame.variance += bias.variance
+        flux, var = boxcar(frame.image, tsol.trace, CAL_HALF_WIDTH, frame.variance)
+        del frame
         sky.append(skyshape.measure_exposure(flux, var, wsol.wave, usable, e.name))
     lines = wsol.lines
     arc = skyshape.arc_residuals(lines.column, wsol.column(lines.wavelength), lines.used,

@@ -232,6 +232,11 @@ def _load(reader: RawReader, rawfile) -> tuple[np.ndarray, fits.Header]:
     if raw_bitpix != 16:
         log.warning("%s: BITPIX %s, not the 16-bit unsigned integers of raw LRS2 frames; "
                     "read as given", where, raw_bitpix)
+    if data.size and raw_bitpix in (8, 16, 32, 64):
+        # integers: every pixel is finite (no pass over the frame to find out)
+        if data.min() == data.max():
+            raise FrameError(f"{where}: the image is constant ({data.max():g} ADU everywhere)")
+        return data, header
     finite = np.isfinite(data)
     if data.size == 0 or not finite.any():
         raise FrameError(f"{where}: no finite pixel (the image is all NaN or infinite)")
@@ -271,12 +276,22 @@ def subtract_overscan(raw: np.ndarray, header: fits.Header, mode: str = "row", w
     return data, data - level[:, None].astype(np.float32)
 
 
-def _electrons(adu: np.ndarray, header: fits.Header, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Image (e-) and variance (e-^2) from overscan-subtracted ADU; non-finite pixels -> 0."""
+def _electrons(adu: np.ndarray, header: fits.Header, where: str, finite: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Image (e-) and variance (e-^2) from overscan-subtracted ADU; non-finite pixels -> 0.
+
+    ``adu`` (float32) is overwritten by the image when ``finite`` says that all its pixels
+    are finite (no pass to find the others).
+    """
     gain = detector_value(header, "GAIN", instrument.DEFAULT_GAIN, where)
     rdnoise = detector_value(header, "RDNOISE", instrument.DEFAULT_RDNOISE, where)
-    image = np.where(np.isfinite(adu), gain * adu, 0.0)
-    return image, rdnoise**2 + np.maximum(image, 0.0)
+    if finite:
+        image = np.multiply(adu, gain, out=adu)
+    else:
+        image = np.where(np.isfinite(adu), gain * adu, 0.0)
+    variance = np.maximum(image, 0.0)
+    variance += rdnoise**2
+    return image, variance
 
 
 def _check_amp(header: fits.Header, amp: str, where: str) -> None:
@@ -336,6 +351,18 @@ def read_amp(reader: RawReader, rawfile, overscan: str = "row",
     FrameError
         Unreadable file, no data, not 2-D, unexpected shape or a constant image.
     """
+    planes, header = _amp_planes(reader, rawfile, overscan)
+    frame = Frame(*(np.ascontiguousarray(a) for a in planes), header, rawfile.location)
+    if bad_pixel_mask is not None:
+        frame.mask |= _bad_pixel_bits(bad_pixel_mask, frame.shape)
+    return frame
+
+
+def _amp_planes(reader: RawReader, rawfile, overscan: str, image_only: bool = False
+                ) -> tuple[tuple[np.ndarray, ...], fits.Header]:
+    """Oriented image (e-, float32), variance (e-^2, float32) and mask (uint8) of one amp
+    (views, possibly not contiguous: the caller copies them once), and its header; with
+    ``image_only`` the image alone."""
     where = rawfile.location
     try:
         raw, header = _load(reader, rawfile)
@@ -343,17 +370,72 @@ def read_amp(reader: RawReader, rawfile, overscan: str = "row",
     except FrameError as err:
         err.file = err.file or where
         raise
-    image, variance = _electrons(adu, header, where)
-    mask = np.where(data >= instrument.SATURATION_ADU, Mask.SATURATED, 0)
-    mask |= np.where(np.isfinite(data), 0, Mask.NO_DATA)
+    finite = np.isfinite(data) if raw.dtype.kind == "f" else None
+    allfinite = finite is None or bool(finite.all())
+    if image_only:
+        gain = detector_value(header, "GAIN", instrument.DEFAULT_GAIN, where)
+        image = (np.multiply(adu, gain, out=adu) if allfinite
+                 else np.where(finite, gain * adu, np.float32(0.0)))
+        _check_amp(header, rawfile.amp, where)
+        return (instrument.orient(image, rawfile.amp, _ampname(header)),), header
+    image, variance = _electrons(adu, header, where, finite=allfinite)
+    mask = np.where(data >= instrument.SATURATION_ADU, np.uint8(Mask.SATURATED), np.uint8(0))
+    if not allfinite:
+        mask[~finite] |= np.uint8(Mask.NO_DATA)
     _check_amp(header, rawfile.amp, where)
-    image, variance, mask = (
-        np.ascontiguousarray(instrument.orient(a, rawfile.amp, _ampname(header)))
-        for a in (image, variance, mask))
-    frame = Frame(image, variance, mask, header, where)
-    if bad_pixel_mask is not None:
-        frame.mask |= _bad_pixel_bits(bad_pixel_mask, frame.shape)
-    return frame
+    ampname = _ampname(header)
+    return tuple(instrument.orient(a, rawfile.amp, ampname) for a in (image, variance, mask)), \
+        header
+
+
+def _channel_amps(reader: RawReader, exposure, ch: instrument.Channel, overscan: str,
+                  image_only: bool = False) -> list[tuple[tuple[np.ndarray, ...], fits.Header]]:
+    """The oriented planes and header of each amp of the channel (see :func:`_amp_planes`)."""
+    amps = []
+    for amp in ch.amps:
+        rawfile = exposure.files.get((ch.ifuslot, amp))
+        if rawfile is None:
+            others = sorted({f.source.name for f in exposure.files.values()})
+            where = f" (not in {', '.join(others)})" if others else ""
+            raise FrameError(f"{exposure.name}: amplifier {ch.ifuslot}{amp} of channel "
+                             f"{ch.name} is missing{where}")
+        amps.append(_amp_planes(reader, rawfile, overscan, image_only))
+    return amps
+
+
+def read_channel_image(reader: RawReader, exposure, channel: str | instrument.Channel,
+                       overscan: str = "row", out: np.ndarray | None = None) -> np.ndarray:
+    """The stitched image (e-, float32) of one channel of an exposure, without the variance
+    and mask of :func:`read_channel` (e.g. for biases, whose variance is measured).
+
+    Parameters
+    ----------
+    reader, exposure, channel, overscan
+        As for :func:`read_channel`.
+    out : ndarray of float32, optional
+        Where to write the image (e.g. a plane of a stack), when its shape fits.
+
+    Returns
+    -------
+    ndarray of float32
+        Exactly the ``image`` of :func:`read_channel` (``out`` when given and fitting).
+
+    Raises
+    ------
+    FrameError
+        When an amp of the channel is missing or unreadable, or the amps cannot be stitched.
+    """
+    ch = channel if isinstance(channel, instrument.Channel) else instrument.get_channel(channel)
+    ((first,), _), ((second,), _) = _channel_amps(reader, exposure, ch, overscan, True)
+    if first.shape != second.shape:
+        raise FrameError(f"{exposure.name} {ch.name}: cannot stitch (amp shapes differ: "
+                         f"{first.shape} vs {second.shape})")
+    shape = (first.shape[0] + second.shape[0], first.shape[1])
+    if out is None or out.shape != shape or out.dtype != np.float32:
+        out = np.empty(shape, np.float32)
+    out[:first.shape[0]] = first
+    out[first.shape[0]:] = second
+    return out
 
 
 def read_channel(reader: RawReader, exposure, channel: str | instrument.Channel,
@@ -385,22 +467,13 @@ def read_channel(reader: RawReader, exposure, channel: str | instrument.Channel,
         When an amp of the channel is missing or unreadable.
     """
     ch = channel if isinstance(channel, instrument.Channel) else instrument.get_channel(channel)
-    frames = []
-    for amp in ch.amps:
-        rawfile = exposure.files.get((ch.ifuslot, amp))
-        if rawfile is None:
-            others = sorted({f.source.name for f in exposure.files.values()})
-            where = f" (not in {', '.join(others)})" if others else ""
-            raise FrameError(f"{exposure.name}: amplifier {ch.ifuslot}{amp} of channel "
-                             f"{ch.name} is missing{where}")
-        frames.append(read_amp(reader, rawfile, overscan=overscan))
-    first, second = frames
+    (first, header), (second, _) = _channel_amps(reader, exposure, ch, overscan)
     try:
-        planes = [instrument.stitch(getattr(first, name), getattr(second, name))
-                  for name in ("image", "variance", "mask")]
+        # the stitch is the one copy of each oriented plane
+        planes = [instrument.stitch(a, b) for a, b in zip(first, second)]
     except ValueError as exc:
         raise FrameError(f"{exposure.name} {ch.name}: cannot stitch ({exc})") from exc
-    frame = Frame(*planes, header=first.header, source=f"{exposure.name} {ch.name}")
+    frame = Frame(*planes, header=header, source=f"{exposure.name} {ch.name}")
     if bad_pixel_mask is not None:
         frame.mask |= _bad_pixel_bits(bad_pixel_mask, frame.shape)
     return frame
