@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 from astropy.io import fits
-from astropy.stats import sigma_clipped_stats
+from astropy.stats import SigmaClippedStats
 from scipy.ndimage import median_filter
 from scipy.signal import savgol_filter
 
@@ -182,12 +182,14 @@ def overscan_level(overscan: np.ndarray, mode: str = "row", smooth: int = OVERSC
     ndarray, shape (nrows,)
         Level to subtract from each row (ADU).
     """
+    # the clipped mean alone (astropy's sigma_clipped_stats also computes a median and a
+    # standard deviation that are not used)
     if mode == "frame":
-        mean, _, _ = sigma_clipped_stats(overscan, sigma=3.0, maxiters=5)
+        mean = SigmaClippedStats(overscan, sigma=3.0, maxiters=5).mean()
         return np.full(overscan.shape[0], mean)
     if mode != "row":
         raise ValueError(f"overscan mode must be 'row' or 'frame', not {mode!r}")
-    mean, _, _ = sigma_clipped_stats(overscan, sigma=3.0, maxiters=5, axis=1)
+    mean = SigmaClippedStats(overscan, sigma=3.0, maxiters=5, axis=1).mean()
     level = median_filter(np.asarray(mean, dtype=np.float64), size=OVERSCAN_MEDIAN,
                           mode="nearest")
     window = min(smooth, len(level) - (1 - len(level) % 2))  # odd, at most nrows
@@ -219,7 +221,7 @@ def _load(reader: RawReader, rawfile) -> tuple[np.ndarray, fits.Header]:
         raise FrameError(str(exc)) from exc
     try:
         with fits.open(io.BytesIO(content), memmap=False) as hdul:
-            header = hdul[0].header.copy()
+            header = hdul[0].header  # parsed in memory: stays valid once the file is closed
             raw_bitpix = hdul[0].header.get("BITPIX")
             data = hdul[0].data
             data = None if data is None else np.array(data, dtype=np.float32)

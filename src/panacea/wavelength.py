@@ -734,7 +734,8 @@ def _design(x: np.ndarray, y: np.ndarray, deg_x: int, deg_y: int) -> np.ndarray:
 
 
 def _fit_2d(col: np.ndarray, err: np.ndarray, valid: np.ndarray, x: np.ndarray,
-            y: np.ndarray, deg_x: int, deg_y: int, clip: float = 4.0, iterations: int = 8
+            y: np.ndarray, deg_x: int, deg_y: int, clip: float = 4.0, iterations: int = 8,
+            design: np.ndarray | None = None
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Weighted fit of centroids with per-fiber zero-points and a smooth 2-D Legendre part.
 
@@ -748,6 +749,8 @@ def _fit_2d(col: np.ndarray, err: np.ndarray, valid: np.ndarray, x: np.ndarray,
         Normalised wavelengths of the lines.
     y : ndarray (nfib,)
         Normalised fiber indices.
+    design : ndarray (nfib, nline, nterm), optional
+        ``_design(x, y, deg_x, deg_y)``, when the caller already has it.
 
     Returns
     -------
@@ -758,7 +761,8 @@ def _fit_2d(col: np.ndarray, err: np.ndarray, valid: np.ndarray, x: np.ndarray,
     resid : ndarray (nfib, nline)
         Centroid minus model (px) for every valid measurement.
     """
-    design = _design(x, y, deg_x, deg_y)
+    if design is None:
+        design = _design(x, y, deg_x, deg_y)
     sig2 = err**2 + CENTROID_FLOOR**2
     c = np.where(valid, col, 0.0)
     used = valid.copy()
@@ -850,10 +854,12 @@ def _choose_model(col: np.ndarray, err: np.ndarray, used: np.ndarray, x: np.ndar
     for dy in deg_ys:
         for dx in range(1, max_deg_x + 1):
             r = []
+            design = _design(x, yy, dx, dy)  # the same for every held-out line
             for line in lines:
                 v = use.copy()
                 v[:, line] = False
-                coef, off, _, _ = _fit_2d(c, e, v, x, yy, dx, dy, clip, iterations=2)
+                coef, off, _, _ = _fit_2d(c, e, v, x, yy, dx, dy, clip, iterations=2,
+                                          design=design)
                 pred = _design(x[line:line + 1], yy, dx, dy)[:, 0, :] @ coef.ravel() + off
                 fib = use[:, line] & np.isfinite(pred)
                 w = 1 / (e[fib, line] ** 2 + CENTROID_FLOOR**2)
