@@ -243,7 +243,7 @@ def master_frame(archive: Archive, exposures: list[Exposure], channel: instrumen
     Frames that cannot be read, or whose level is below ``min_level``, are left out with a
     warning. Returns image, variance and a saturation mask.
     """
-    images, variances, masks = [], [], []
+    images, variances, masks, levels = [], [], [], []
     for e in exposures:
         try:
             f = _read_corrected(archive, e, channel, bias, overscan)
@@ -262,9 +262,10 @@ def master_frame(archive: Archive, exposures: list[Exposure], channel: instrumen
         images.append(f.image)
         variances.append(f.variance)
         masks.append((f.mask & Mask.SATURATED) > 0)
+        levels.append(level)
     if not images:
         raise PanaceaError(f"{channel.name}: none of {[e.name for e in exposures]} is usable")
-    image, var, _ = combine_frames(images, variances, masks)
+    image, var, _ = combine_frames(images, variances, masks, levels=levels)
     saturated = np.any(np.stack(masks), axis=0)
     return image, var, saturated
 

@@ -22,6 +22,7 @@ def combine_frames(
     masks: Sequence[np.ndarray] | None = None,
     nsigma: float = 5.0,
     band_rows: int = BAND_ROWS,
+    levels: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sum frames of one kind (flats, arcs) after rejecting cosmic rays pixel by pixel.
 
@@ -42,6 +43,8 @@ def combine_frames(
         Pixels to leave out from the start (e.g. saturated).
     band_rows : int
         Rows combined at once (memory only; the result does not depend on it).
+    levels : sequence of float, optional
+        :func:`frame_level` of every image (e-), when the caller has measured it already.
 
     Returns
     -------
@@ -57,7 +60,10 @@ def combine_frames(
         bad = masks[0] if masks is not None else np.zeros(images[0].shape, bool)
         return (np.asarray(images[0], dtype=np.float32),
                 np.asarray(variances[0], dtype=np.float32), np.asarray(bad, dtype=bool))
-    levels = np.array([frame_level(im) for im in images])
+    levels = np.array([frame_level(im) for im in images] if levels is None else levels,
+                      dtype=float)
+    if levels.shape != (n,):
+        raise ValueError(f"{levels.size} levels given for {n} frames")
     if np.any(levels <= 0):
         levels = np.ones(n)  # e.g. arcs with little continuum: combine unscaled
     total = levels.sum()

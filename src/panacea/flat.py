@@ -284,11 +284,22 @@ def _fit_rows(y: np.ndarray, w: np.ndarray, basis: np.ndarray, penalty: np.ndarr
 
 
 def _row_median(values: np.ndarray, good: np.ndarray) -> np.ndarray:
-    """Median of the good values of every row; NaN for rows without any."""
-    out = np.full(values.shape[0], np.nan)
-    rows = good.any(axis=1)
-    out[rows] = np.nanmedian(np.where(good[rows], values[rows], np.nan), axis=1)
-    return out
+    """Median of the good values of every row (NaN values ignored); NaN for rows without any.
+
+    All rows at once: each row is sorted with the values left out (NaN) last, and the mean
+    of its two middle values (one value twice for an odd count) is taken, as
+    :func:`numpy.median` does.
+    """
+    data = np.where(good, values, np.nan)
+    nrow, ncol = data.shape
+    if ncol == 0:
+        return np.full(nrow, np.nan)
+    n = np.count_nonzero(~np.isnan(data), axis=1)
+    data.sort(axis=1)
+    rows = np.arange(nrow)
+    lo = data[rows, np.maximum(n - 1, 0) // 2]
+    hi = data[rows, n // 2]
+    return np.where(n > 0, (lo + hi) / 2, np.nan).astype(float, copy=False)
 
 
 def _as_inputs(spectra, variance, wave, dead, mask):
@@ -692,10 +703,13 @@ def pixel_flat(
              "median noise of a measured pixel %.4f%s", int(measured.sum()), min_snr, qe_rms,
              float(np.sqrt(np.median(noise2[measured]))), " (shrunk)" if shrink else "")
     flat = np.empty((nrow, ncol), np.float32)
-    error = np.empty((nrow, ncol), np.float32)
+    error = np.empty((nrow, ncol), np.float32) if return_error else None
     for rows in bands:
-        flat[rows], error[rows] = _finish(rel[rows], noise2[rows],
-                                          qe_rms if shrink else None, nsigma)
+        f, e = _finish(rel[rows], noise2[rows], qe_rms if shrink else None, nsigma,
+                       with_error=return_error)
+        flat[rows] = f
+        if return_error:
+            error[rows] = e
     return (flat, error) if return_error else flat
 
 
@@ -750,25 +764,28 @@ def combine_pixel_flats(
     return _finish(rel, noise2, qe_rms if shrink else None, nsigma)
 
 
-def _finish(rel: np.ndarray, noise2: np.ndarray, qe_rms: float | None, nsigma: float
-            ) -> tuple[np.ndarray, np.ndarray]:
+def _finish(rel: np.ndarray, noise2: np.ndarray, qe_rms: float | None, nsigma: float,
+            with_error: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Flat and error from relative deviations and their variance (inf = not measured).
 
     With ``qe_rms`` the deviations are shrunk to the posterior mean for a pixel-to-pixel
     scatter ``qe_rms`` (strong low outliers, cold pixels, are kept as measured) and
     unmeasured pixels get error ``qe_rms``; without it the plain values are returned and
-    unmeasured pixels get an infinite error.
+    unmeasured pixels get an infinite error. Without ``with_error`` the error is None.
     """
     if qe_rms is None:
-        return (1.0 + rel).astype(np.float32), np.sqrt(noise2).astype(np.float32)
+        return ((1.0 + rel).astype(np.float32),
+                np.sqrt(noise2).astype(np.float32) if with_error else None)
     q2 = qe_rms**2
     cold = rel < -nsigma * np.sqrt(noise2 + q2)
     with np.errstate(divide="ignore"):
         post2 = 1.0 / (1.0 / q2 + 1.0 / noise2) if q2 > 0 else np.zeros_like(noise2)
     gain = np.where(cold, 1.0, np.divide(post2, noise2, out=np.zeros_like(post2),
                                          where=np.isfinite(noise2)))
-    error2 = np.where(cold, noise2, post2)
-    return (1.0 + gain * rel).astype(np.float32), np.sqrt(error2).astype(np.float32)
+    flat = (1.0 + gain * rel).astype(np.float32)
+    if not with_error:
+        return flat, None
+    return flat, np.sqrt(np.where(cold, noise2, post2)).astype(np.float32)
 
 
 def _block_median(values: np.ndarray, good: np.ndarray, block: int = 32) -> np.ndarray:
