@@ -42,6 +42,21 @@ def test_master_bias_structure(uv_bias, sim_night):
     assert mb.image.dtype == np.float32 and mb.nframes == n
 
 
+def test_disk_backed_stack_gives_the_same_master_bias(sim_night, monkeypatch):
+    """Beyond BIAS_STACK_IN_MEMORY the frames go through a file: same numbers exactly."""
+    from panacea import calibration
+
+    monkeypatch.setattr(calibration, "BIAS_STACK_IN_MEMORY", 0)
+    archive = Archive(sim_night.baseraw)
+    exps = archive.night(sim_night.date).exposures(ftype="zro", channel="uv")[:3]
+    on_disk = build_master_bias(archive, exps, inst.get_channel("uv"))
+    monkeypatch.setattr(calibration, "BIAS_STACK_IN_MEMORY", 2**40)
+    in_memory = build_master_bias(archive, exps, inst.get_channel("uv"))
+    assert np.array_equal(on_disk.image, in_memory.image)
+    assert np.array_equal(on_disk.variance, in_memory.variance)
+    assert np.array_equal(on_disk.rdnoise, in_memory.rdnoise) and on_disk.nframes == 3
+
+
 def test_band_combination_rejects_outliers():
     rng = np.random.default_rng(1)
     frames = rng.normal(0, 3, (7, 200, 100)).astype(np.float32)

@@ -21,6 +21,7 @@ from panacea.ccd import (
     detector_value,
     read_amp,
     read_channel,
+    read_channel_image,
 )
 from panacea.errors import FrameError
 
@@ -192,6 +193,25 @@ def test_read_channel_stitching_order(sci, fakeraw):
         assert np.array_equal(frame.mask[:1032], first.mask)
         assert frame.header["AMPNAME"] == fakeraw.AMPNAME[channel.ifuslot][channel.amps[0]]
         assert name in frame.source
+
+
+def test_read_channel_image_is_the_frame_image(sci, bad):
+    """The image-only read (biases) gives exactly read_channel's image, into ``out`` when it
+    fits, and the same errors."""
+    index, exposure = sci
+    for name in ("uv", "red"):
+        frame = read_channel(index, exposure, name)
+        image = read_channel_image(index, exposure, name)
+        assert image.dtype == np.float32 and np.array_equal(image, frame.image)
+        out = np.full((2, *frame.shape), np.nan, np.float32)
+        plane = out[1]
+        assert read_channel_image(index, exposure, name, out=plane) is plane
+        assert np.array_equal(out[1], frame.image) and np.all(np.isnan(out[0]))
+        frame = read_channel(index, exposure, name, overscan="frame")
+        assert np.array_equal(read_channel_image(index, exposure, name, overscan="frame"),
+                              frame.image)
+    with pytest.raises(FrameError, match="amplifier 056LU"):
+        read_channel_image(bad[0], bad[1][20], "uv")
 
 
 def test_read_channel_bad_pixel_mask(sci):

@@ -11,6 +11,7 @@ from panacea.archive import Archive
 from panacea.ccd import read_channel
 from panacea.extract import boxcar
 from panacea.flat import (
+    _row_median,
     combine_pixel_flats,
     fiber_to_fiber,
     illumination_pattern,
@@ -224,3 +225,29 @@ def test_spline_design_fits_and_evaluates_unsorted_abscissae_in_their_order():
     for a, b in zip(mixed.evaluate_derivatives(c), ranked.evaluate_derivatives(c)):
         np.testing.assert_allclose(a, b[inverse], rtol=1e-12)
     assert np.abs(mixed.evaluate(c) - np.sin(x)).max() < 0.01
+
+
+def test_row_median_is_numpys_nanmedian():
+    """The vectorised row median gives numpy's median of the good values exactly (NaN and
+    infinite values, float32, rows without good values)."""
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        nrow, ncol = rng.integers(1, 20), rng.integers(1, 30)
+        values = rng.normal(size=(nrow, ncol)) * 10.0 ** rng.integers(-3, 5)
+        if trial % 3 == 0:
+            values = np.round(values)  # ties
+        if trial % 5 == 0:
+            values[rng.random(values.shape) < 0.1] = np.nan
+        if trial % 7 == 0:
+            values[rng.random(values.shape) < 0.05] = np.inf
+        if trial % 4 == 0:
+            values = values.astype(np.float32)
+        good = rng.random(values.shape) < rng.random()
+        expect = np.full(nrow, np.nan)
+        for r in range(nrow):
+            kept = values[r][good[r] & ~np.isnan(values[r])]
+            if kept.size:
+                expect[r] = np.median(kept)
+        got = _row_median(values, good)
+        assert got.dtype == np.float64
+        assert np.array_equal(got, expect, equal_nan=True)

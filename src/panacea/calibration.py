@@ -316,6 +316,9 @@ def calibrate_channel(
     timer.add("read arcs", t0)
     t0 = time.perf_counter()
     wsol = solve_wavelength(arcs, ch, tsol.dead)
+    lamps = ",".join(sorted(arcs))
+    arcspec = sum(a[0] for a in arcs.values())
+    del arcs  # their variances and saturation masks are not needed any more
     timer.add("wavelength", t0)
 
     t0 = time.perf_counter()
@@ -345,7 +348,6 @@ def calibrate_channel(
     timer.add("pixel flat", t0)
 
     nrow = flat_img.shape[0]
-    arcspec = sum(a[0] for a in arcs.values())
     arrays = {
         "wavelength": wave,
         "trace": tsol.trace,
@@ -370,7 +372,7 @@ def calibrate_channel(
         "OPTIONS": options.describe(),
         "NBIAS": bias.nframes,
         "NFLAT": len(plan.flat),
-        "LAMPS": ",".join(sorted(arcs)),
+        "LAMPS": lamps,
         "WAVERMS": wsol.accuracy,
         "WDEGX": int(wsol.choice["deg_x"]) if wsol.choice else -1,
         "WDEGY": int(wsol.choice["deg_y"]) if wsol.choice else -1,
