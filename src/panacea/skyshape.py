@@ -10,16 +10,18 @@ Gaussian fit), and all offsets of the night are fitted at once by
 
 ``offset(e, c, y) = a_e + b_e x(c) + r(c, y)``
 
-with a free shift ``a_e`` and stretch ``b_e`` per exposure (its flexure) and one residual
+with a shift ``a_e`` and stretch ``b_e`` per exposure (its flexure) and one residual
 shape ``r`` common to the exposures: a cubic B-spline in column, the same for every fiber
 or changing linearly along the slit (``r0(c) + y r1(c)``, lines stacked in three groups of
-fibers), whose knot spacing, coefficient prior and form are chosen by leave-one-line-out
-cross-validation of the sky lines. The arc lines enter as measurements of ``r`` itself
-(their residuals from the solution; arcs have no flexure), so the sky lines fill the gaps
-between the arc lines and the arcs pin the shape's zero point and slope; lines that the
-others do not predict (blends) are clipped first. The night's wavelength solution is then
-re-evaluated at ``column - r(column, y)`` in every fiber, but only when the held-out lines
-predict better with ``r`` than without it ("never worse").
+fibers), whose knot spacing, coefficient prior and form are chosen by cross-validation
+of the sky lines held out in neighbouring pairs (the shape is judged across the gaps
+between lines). Each exposure's stretch has a prior of the size flexure shows: left free,
+it trades with the shape's slope where an exposure has few lines. The arc lines enter as
+measurements of ``r`` itself (their residuals from the solution; arcs have no flexure), so
+the sky lines fill the gaps between the arc lines and the arcs pin the shape's zero point
+and slope; lines that the others do not predict (blends) are clipped first. The night's
+wavelength solution is then re-evaluated at ``column - r(column, y)`` in every fiber, but
+only when the held-out lines predict better with ``r`` than without it ("never worse").
 
 All functions take and return arrays: columns and offsets in pixels of the stitched channel
 frame (positive: the lines sit at larger columns than the solution predicts), wavelengths
@@ -51,8 +53,8 @@ PRIOR_SIGMAS = (0.05, 0.1, 0.2, 0.4)
 #: The simplest model whose held-out RMS is within this fraction of the best one's is chosen.
 CV_TOLERANCE = 0.05
 #: The chosen shape is applied only when its held-out RMS is this fraction below that of the
-#: model without a shape ("never worse", with a margin for the choice's own optimism; 0.05
-#: let orange shapes with 9 % gains through that made the night worse).
+#: model without a shape ("never worse", with a margin for the choice's own optimism; see
+#: docs/wavelength_skyshape.md, "The guard").
 MIN_GAIN = 0.10
 #: Prior width (px at the channel ends) of each exposure's stretch. Flexure moves a spectrum
 #: mostly as a whole; a free stretch trades with the shape's slope where an exposure's lines
@@ -503,7 +505,8 @@ def fit_shape(sky: Sequence[SkyLines], arc: tuple[np.ndarray, np.ndarray, np.nda
     """The residual shape common to the night's exposures, chosen by held-out lines.
 
     Every spline of knot spacing in ``spacings`` and coefficient prior in ``priors`` is
-    scored by the held-out RMS of the sky lines (:func:`_held_out_rms`); the simplest
+    scored by the held-out RMS of the sky lines, held out in blocks of :data:`CV_BLOCK`
+    lines neighbouring in column (:func:`_held_out_rms`, :func:`_line_blocks`); the simplest
     (widest spacing, then tightest prior) within :data:`CV_TOLERANCE` of the best is
     chosen, and applied only when it beats the model without a shape (each exposure's
     shift and stretch alone) by :data:`MIN_GAIN`.
