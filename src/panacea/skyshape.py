@@ -10,16 +10,18 @@ Gaussian fit), and all offsets of the night are fitted at once by
 
 ``offset(e, c, y) = a_e + b_e x(c) + r(c, y)``
 
-with a free shift ``a_e`` and stretch ``b_e`` per exposure (its flexure) and one residual
+with a shift ``a_e`` and stretch ``b_e`` per exposure (its flexure) and one residual
 shape ``r`` common to the exposures: a cubic B-spline in column, the same for every fiber
 or changing linearly along the slit (``r0(c) + y r1(c)``, lines stacked in three groups of
-fibers), whose knot spacing, coefficient prior and form are chosen by leave-one-line-out
-cross-validation of the sky lines. The arc lines enter as measurements of ``r`` itself
-(their residuals from the solution; arcs have no flexure), so the sky lines fill the gaps
-between the arc lines and the arcs pin the shape's zero point and slope; lines that the
-others do not predict (blends) are clipped first. The night's wavelength solution is then
-re-evaluated at ``column - r(column, y)`` in every fiber, but only when the held-out lines
-predict better with ``r`` than without it ("never worse").
+fibers), whose knot spacing, coefficient prior and form are chosen by cross-validation
+of the sky lines held out in neighbouring pairs (the shape is judged across the gaps
+between lines). Each exposure's stretch has a prior of the size flexure shows: left free,
+it trades with the shape's slope where an exposure has few lines. The arc lines enter as
+measurements of ``r`` itself (their residuals from the solution; arcs have no flexure), so
+the sky lines fill the gaps between the arc lines and the arcs pin the shape's zero point
+and slope; lines that the others do not predict (blends) are clipped first. The night's
+wavelength solution is then re-evaluated at ``column - r(column, y)`` in every fiber, but
+only when the held-out lines predict better with ``r`` than without it ("never worse").
 
 All functions take and return arrays: columns and offsets in pixels of the stitched channel
 frame (positive: the lines sit at larger columns than the solution predicts), wavelengths
@@ -51,8 +53,18 @@ PRIOR_SIGMAS = (0.05, 0.1, 0.2, 0.4)
 #: The simplest model whose held-out RMS is within this fraction of the best one's is chosen.
 CV_TOLERANCE = 0.05
 #: The chosen shape is applied only when its held-out RMS is this fraction below that of the
-#: model without a shape ("never worse", with a margin for the choice's own optimism).
-MIN_GAIN = 0.05
+#: model without a shape ("never worse", with a margin for the choice's own optimism; see
+#: docs/wavelength_skyshape.md, "The guard").
+MIN_GAIN = 0.10
+#: Prior width (px at the channel ends) of each exposure's stretch. Flexure moves a spectrum
+#: mostly as a whole; a free stretch trades with the shape's slope where an exposure's lines
+#: are few or bunched (orange: 3-4 lines over 650 px gave stretches of 3-7 px and a shape
+#: 0.75 px wrong between them, docs/wavelength_skyshape.md).
+STRETCH_PRIOR = 0.1
+#: Sky lines held out together in the cross-validation: every run of this many lines
+#: neighbouring in column, so that the score judges the shape across the gap between them
+#: (where a shape fitted to single lines may swing), not only next to a remaining line.
+CV_BLOCK = 2
 #: Fewest distinct sky lines (wavelengths) over the night's exposures for a shape fit.
 MIN_SKY_LINES = 6
 #: Stacked points further than this many robust sigmas from their neighbours' median
@@ -381,6 +393,7 @@ def _normal(a: np.ndarray, d: _Data, nfree: int, prior: float
     bw = d.value / d.error
     reg = np.full(a.shape[1], 1.0 / prior**2)
     reg[:nfree] = 1e-6
+    reg[1:nfree:2] = 1.0 / STRETCH_PRIOR**2
     return aw, bw, aw.T @ aw + np.diag(reg), aw.T @ bw
 
 
@@ -391,37 +404,65 @@ def _solve(a: np.ndarray, d: _Data, nfree: int, prior: float) -> np.ndarray:
 
 
 def _held_out(d: _Data, spacing: float, prior: float, ncol: int, sky_only: bool = True,
-              varies: bool = False) -> np.ndarray:
-    """Every line's offsets (px) minus their prediction by the fit without that line (all
-    exposures' measurements of a sky line held out together); NaN where not predicted: the
-    arc lines unless ``sky_only`` is False, and an exposure's rows when fewer than two of
-    its lines remain to fix its shift and stretch."""
+              varies: bool = False, blocks: Sequence[np.ndarray] | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets (px) minus their prediction by the fit without them; NaN where not predicted:
+    an exposure's rows when fewer than two of its lines (distinct wavelengths) remain to fix
+    its shift and stretch.
+
+    ``blocks`` lists the held-out groups (arrays of :attr:`_Data.group` ids held out
+    together); default one block per line (all exposures' measurements of a sky line held
+    out together), the sky lines only unless ``sky_only`` is False. Returns the row index
+    and the residual of every held-out measurement (a row appears once per block holding
+    it)."""
     a = _design(d, spacing, ncol, varies)
     nfree = 2 * d.nexp
     aw, bw, n, rhs = _normal(a, d, nfree, prior)
-    out_res = np.full(d.value.size, np.nan)
-    groups = d.group[d.exposure >= 0] if sky_only else d.group
-    for g in np.unique(groups):
-        out = d.group == g
+    if blocks is None:
+        groups = d.group[d.exposure >= 0] if sky_only else d.group
+        blocks = [np.array([g]) for g in np.unique(groups)]
+    rows, res = [], []
+    for blk in blocks:
+        out = np.isin(d.group, blk)
         ag = aw[out]
         sol = np.linalg.solve(n - ag.T @ ag, rhs - ag.T @ bw[out])
+        pred = out.copy()
         for e in np.unique(d.exposure[out]):
-            if e >= 0 and np.sum((d.exposure == e) & ~out) < 2:
-                out = out & (d.exposure != e)
-        out_res[out] = d.value[out] - a[out] @ sol
-    return out_res
+            if e >= 0 and np.unique(d.group[(d.exposure == e) & ~out]).size < 2:
+                pred &= d.exposure != e
+        idx = np.nonzero(pred)[0]
+        rows.append(idx)
+        res.append(d.value[idx] - a[idx] @ sol)
+    if not rows:
+        return np.zeros(0, int), np.zeros(0)
+    return np.concatenate(rows), np.concatenate(res)
 
 
-def _held_out_rms(d: _Data, spacing: float, prior: float, ncol: int, varies: bool = False
-                  ) -> float:
+def _line_blocks(d: _Data, size: int) -> list[np.ndarray] | None:
+    """Blocks of ``size`` sky lines neighbouring in column (every run of consecutive lines,
+    so each gap between two lines is held out with the lines on both sides of it); None
+    for ``size`` 1 (one line at a time)."""
+    if size <= 1:
+        return None
+    sky = d.exposure >= 0
+    groups = np.unique(d.group[sky])
+    cols = np.array([np.mean(d.column[sky & (d.group == g)]) for g in groups])
+    groups = groups[np.argsort(cols)]
+    if groups.size <= size:
+        return [groups]
+    return [groups[i:i + size] for i in range(groups.size - size + 1)]
+
+
+def _held_out_rms(d: _Data, spacing: float, prior: float, ncol: int, varies: bool = False,
+                  blocks: Sequence[np.ndarray] | None = None) -> float:
     """Weighted RMS (px) of the sky lines' held-out residuals (:func:`_held_out`; the arc
     lines always constrain the fit: their residuals from the arc solution are not
     independent of it)."""
-    r = _held_out(d, spacing, prior, ncol, varies=varies)
+    idx, r = _held_out(d, spacing, prior, ncol, varies=varies, blocks=blocks)
     ok = np.isfinite(r)
     if not ok.any():
         return np.nan
-    w = 1.0 / d.error[ok] ** 2
+    w = 1.0 / d.error[idx[ok]] ** 2
     return float(np.sqrt(np.sum(w * r[ok] ** 2) / np.sum(w)))
 
 
@@ -432,9 +473,9 @@ def _screen(d: _Data, ncol: int) -> np.ndarray:
     keep = np.ones(d.value.size, bool)
     for _ in range(3):
         sub = _subset(d, keep)
+        idx, res = _held_out(sub, SCREEN_MODEL[0], SCREEN_MODEL[1], ncol, sky_only=False)
         z = np.full(d.value.size, np.nan)
-        z[keep] = _held_out(sub, SCREEN_MODEL[0], SCREEN_MODEL[1], ncol, sky_only=False) \
-            / sub.error
+        z[np.nonzero(keep)[0][idx]] = res / sub.error[idx]
         bad = np.zeros(z.size, bool)
         for kind in (d.exposure >= 0, d.exposure < 0):  # sky and arc lines, each its scale
             ok = np.isfinite(z) & kind
@@ -464,7 +505,8 @@ def fit_shape(sky: Sequence[SkyLines], arc: tuple[np.ndarray, np.ndarray, np.nda
     """The residual shape common to the night's exposures, chosen by held-out lines.
 
     Every spline of knot spacing in ``spacings`` and coefficient prior in ``priors`` is
-    scored by the held-out RMS of the sky lines (:func:`_held_out_rms`); the simplest
+    scored by the held-out RMS of the sky lines, held out in blocks of :data:`CV_BLOCK`
+    lines neighbouring in column (:func:`_held_out_rms`, :func:`_line_blocks`); the simplest
     (widest spacing, then tightest prior) within :data:`CV_TOLERANCE` of the best is
     chosen, and applied only when it beats the model without a shape (each exposure's
     shift and stretch alone) by :data:`MIN_GAIN`.
@@ -499,13 +541,14 @@ def fit_shape(sky: Sequence[SkyLines], arc: tuple[np.ndarray, np.ndarray, np.nda
     keep = _screen(full, ncol)
     d = _subset(full, keep)
     none = (0.0, 0.0, False)
-    cv = {none: _held_out_rms(d, 0.0, 1.0, ncol)}
+    cblocks = _line_blocks(d, CV_BLOCK)
+    cv = {none: _held_out_rms(d, 0.0, 1.0, ncol, blocks=cblocks)}
     across = (False, True) if np.ptp(d.fiber) > 0.5 else (False,)
     for varies in across:  # simplest first: common to the fibers, widest knots, tightest prior
         for sp in spacings:
             for pr in priors:
                 cv[(float(sp), float(pr), varies)] = _held_out_rms(d, float(sp), float(pr),
-                                                                   ncol, varies)
+                                                                   ncol, varies, cblocks)
     best = min(v for k, v in cv.items() if k[0] > 0)
     choice = next(k for k, v in cv.items() if k[0] > 0 and v <= (1 + CV_TOLERANCE) * best)
     if not cv[choice] < (1 - MIN_GAIN) * cv[none]:
