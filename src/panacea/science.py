@@ -219,7 +219,7 @@ def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration
     amp_rows = cal.profile.amp_rows
     ext = optimal(image, variance, bad, first, weights, read_variance=floor,
                   row_segments=tuple(range(0, image.shape[0] + 1, amp_rows)))
-    del first, weights
+    del first, weights, bad
     flux, fvar, frac, offset, read_var = ext
     del ext
     image -= offset  # both frames are this function's own
