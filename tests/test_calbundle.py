@@ -10,6 +10,7 @@ from astropy.io import fits
 
 from panacea.calbundle import (
     CAL_NAMES,
+    SCIENCE_EXTENSIONS,
     BundleError,
     CalibrationBundle,
     bundle_path,
@@ -49,6 +50,25 @@ def test_round_trip(tmp_path):
     assert np.array_equal(back["wavelength"], _bundle()["wavelength"])
     assert back.inputs == ["b", "a"] and back.fingerprint == _bundle().fingerprint
     assert back.meta["NDEAD"] == 0
+
+
+def test_science_reads_only_its_extensions_but_checks_the_whole_file(tmp_path):
+    path = tmp_path / "cal.fits"
+    bundle = _bundle()
+    bundle.arrays["masterarc"] = np.ones((16, 64), np.float32)  # not read by the science
+    write_bundle(bundle, path)
+    back = read_bundle(path, names=SCIENCE_EXTENSIONS)
+    assert set(back.arrays) == {"wavelength", "trace", "dead", "rdnoise"}
+    assert np.array_equal(back["trace"], bundle["trace"])
+    assert "masterarc" in read_bundle(path).arrays
+    data = bytearray(path.read_bytes())  # a byte of the unread masterarc changed
+    with fits.open(path) as hdul:
+        hdu = hdul["MASTERARC"]
+        at = hdu._data_offset + hdu._data_size // 2
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"\(masterarc\) fails its data checksum"):
+        read_bundle(path, names=SCIENCE_EXTENSIONS)
 
 
 def test_bad_bundles_are_refused(tmp_path):

@@ -62,6 +62,10 @@ CAL_EXTENSIONS: tuple[Extension, ...] = (
     Extension("wavefit", "arc lines used: wavelength, lamp code, fibers used, rms", "",
               "float64", "nline x 4"),
 )
+#: Extensions the science reduction reads (:class:`panacea.science.ChannelCalibration`):
+#: the frame-sized masters, ``bigw`` and ``bigf`` are left compressed on disk.
+SCIENCE_EXTENSIONS = ("wavelength", "trace", "flat", "masterbias", "dead", "pixelflat",
+                      "profile", "rdnoise")
 CAL_LAYOUT = Layout("calibration bundle", LAYOUT_VERSION, "CALVERS", CAL_EXTENSIONS)
 CAL_NAMES = CAL_LAYOUT.names
 
@@ -200,9 +204,13 @@ def _bad(path: Path, problem: str) -> BundleError:
     return BundleError(f"{path}: {problem}", file=path)
 
 
-def read_bundle(path: str | Path, verify: bool = True) -> CalibrationBundle:
+def read_bundle(path: str | Path, verify: bool = True,
+                names: tuple[str, ...] | None = None) -> CalibrationBundle:
     """Read a bundle, checking its checksums (``verify``), layout version and extension
     names.
+
+    ``names`` limits the arrays read (decompressed) to those extensions, e.g.
+    :data:`SCIENCE_EXTENSIONS` (default: all); the checks cover the whole file either way.
 
     Raises
     ------
@@ -213,8 +221,9 @@ def read_bundle(path: str | Path, verify: bool = True) -> CalibrationBundle:
         verify_bundle(path)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AstropyUserWarning)  # checked above
-            arrays, prim = read_product(CAL_LAYOUT, path)
+            warnings.simplefilter("ignore", AstropyUserWarning)
+            # the sums are checked above (verify), not again on opening
+            arrays, prim = read_product(CAL_LAYOUT, path, names=names, checksum=False)
         inputs = [prim[f"HIERARCH PAN INPUT {i}"] for i in range(prim.get("NINPUTS", 0))]
         meta = {k.replace("PAN ", "", 1): v for k, v in prim.items()
                 if k.startswith("PAN ") and not k.startswith("PAN INPUT")}

@@ -328,7 +328,7 @@ def _fiber_method(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
     """The ``fiber`` detector; see :func:`detect_cosmics` for the parameters."""
     limits = sharpness_limits(profile_sigma, lsf_fwhm)
     shape = image.shape
-    img = np.where(bad, 0.0, image).astype(np.float32)
+    img = np.where(bad, np.float32(0.0), np.asarray(image, np.float32))  # float32, one copy
     if bad.any():  # bad pixels take the median of the good ones around them in their row
         br, bc = np.nonzero(bad)
         fill = _patch_median(img, bad, br, bc, patch_half_width)
@@ -342,7 +342,7 @@ def _fiber_method(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
         rn2 = float(np.median(floor[sub][good_sub]))
     else:
         rn2 = float(np.median(floor[~bad])) if (~bad).any() else 1.0
-    floor = np.where(bad | (floor <= 0), max(rn2, 1e-2), floor).astype(np.float32)
+    floor[bad | (floor <= 0)] = np.float32(max(rn2, 1e-2))
     model = dispersion_median(img, half_width)
     excess = img - model
     light = img.copy()  # the image with found cosmic rays replaced by the model

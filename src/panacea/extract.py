@@ -202,9 +202,12 @@ def optimal(
             # the mean flux error of the fibers by -0.6 % (uv) to +0.1 % (orange) of the
             # sky, the gaps' residual of the profile wings adding up, for a 3 % smaller
             # scatter, so it is not done
+            # ``ifloor`` is scratch until the pixel terms below fill it again
             offset = _row_offsets(image, variance, model, bad, first_row, weights, rvar, rmode,
-                                  row_segments)
-            image = image - offset
+                                  row_segments, scratch=ifloor)
+            # the image less the offsets goes into ``resid``, which the pixel terms then
+            # overwrite pixel by pixel (each read before it is written): no frame copy
+            image = np.subtract(image, offset, out=resid)
         _pixel_terms(image, variance, bad, model, rvar, rmode, ivar, ifloor, resid)
         _sweep(first_row, weights, ivar, ifloor, resid, flux, den, den0, num, frac,
                i == niter - 1)
@@ -214,7 +217,8 @@ def optimal(
 
 
 def _row_offsets(image, variance, model, bad, first_row, weights, rvar, rmode, segments,
-                 nblock: int = OFFSET_COLUMN_BLOCKS) -> np.ndarray:
+                 nblock: int = OFFSET_COLUMN_BLOCKS, scratch: np.ndarray | None = None
+                 ) -> np.ndarray:
     """Additive offset of every pixel, measured on the pixels between fibers.
 
     The residual ``image - model`` of pixels where the fibers' summed profile is below
@@ -225,12 +229,13 @@ def _row_offsets(image, variance, model, bad, first_row, weights, rvar, rmode, s
     0) and interpolated linearly between the blocks' centres, and one ``beta`` for the
     whole frame, which absorbs a small error of the profile wings. Pixels beyond
     :data:`ROW_OFFSET_CLIP` sigma are rejected; :data:`ROW_OFFSET_ROUNDS` rounds.
-    Arguments as in :func:`optimal` (``rvar``/``rmode`` encode ``read_variance``).
-    Returns an (nrow, ncol) float32 image.
+    Arguments as in :func:`optimal` (``rvar``/``rmode`` encode ``read_variance``);
+    ``scratch``, an (nrow, ncol) float32 array whose content may be overwritten, saves a
+    frame-sized allocation. Returns an (nrow, ncol) float32 image.
     """
     nrow, ncol = image.shape
     nblock = max(1, min(int(nblock), ncol))
-    psum = np.zeros(image.shape, np.float32)
+    psum = np.empty(image.shape, np.float32) if scratch is None else scratch
     _model(first_row, weights, np.ones(weights.shape[::2]), psum)
     block_offset = np.zeros((nrow, nblock))
     k, t = _block_interpolation(nblock, ncol)

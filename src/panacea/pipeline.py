@@ -19,6 +19,7 @@ from astropy.io import fits
 from . import __version__, fluxcal, instrument
 from .archive import Archive
 from .calbundle import (
+    SCIENCE_EXTENSIONS,
     BundleError,
     CalibrationBundle,
     bundle_path,
@@ -335,7 +336,7 @@ def load_calibration(root: str | Path, date: str, channel: str,
     key = (str(path), st.st_mtime_ns, st.st_size, fingerprint)
     if key not in _last_calibration:
         _last_calibration.clear()  # one at a time: the previous one's memory goes first
-        bundle = read_bundle(path)
+        bundle = read_bundle(path, names=SCIENCE_EXTENSIONS)  # checksums of the whole file
         if bundle.fingerprint != fingerprint:
             raise BundleError(f"{path}: replaced by another run since its calibration task "
                               f"(fingerprint {bundle.fingerprint}, not {fingerprint})")

@@ -293,11 +293,16 @@ def write_product(layout: Layout, arrays: dict[str, np.ndarray | None], path: st
     return write_fits_atomic(fits.HDUList(hdus), path)
 
 
-def read_product(layout: Layout, path: str | Path) -> tuple[dict[str, np.ndarray], fits.Header]:
-    """Read a product, checking its layout version and extension names and order."""
+def read_product(layout: Layout, path: str | Path, names: tuple[str, ...] | None = None,
+                 checksum: bool = True) -> tuple[dict[str, np.ndarray], fits.Header]:
+    """Read a product, checking its layout version and extension names and order.
+
+    ``names`` limits the arrays decompressed and returned to those extensions (default
+    all); ``checksum`` False skips astropy's checksum test on opening (for a caller that has
+    verified the file's sums already)."""
     path = Path(path)
     try:
-        hdul = fits.open(path, checksum=True)
+        hdul = fits.open(path, checksum=checksum)
     except (OSError, ValueError) as err:
         raise ProductError(f"{path}: cannot read {layout.kind} product ({err})") from err
     with hdul:
@@ -306,11 +311,15 @@ def read_product(layout: Layout, path: str | Path) -> tuple[dict[str, np.ndarray
         if version != layout.version:
             raise ProductError(f"{path}: {layout.kind} layout version {version}, expected "
                                f"{layout.version}")
-        names = tuple(str(h.header.get("EXTNAME", h.name)).lower() for h in hdul)
-        if names != layout.names:
-            raise ProductError(f"{path}: extensions {names} differ from the layout "
+        found = tuple(str(h.header.get("EXTNAME", h.name)).lower() for h in hdul)
+        if found != layout.names:
+            raise ProductError(f"{path}: extensions {found} differ from the layout "
                                f"{layout.names}")
-        arrays = {n: np.asarray(h.data) for n, h in zip(names, hdul) if h.data is not None}
+        wanted = set(found if names is None else names)
+        arrays = {}
+        for n, h in zip(found, hdul):
+            if n in wanted and h.data is not None:
+                arrays[n] = np.asarray(h.data)
         return arrays, prim.copy()
 
 

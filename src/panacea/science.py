@@ -62,14 +62,6 @@ class ScienceOptions:
     wavelength_bin: float = 10.0
 
 
-def _read_only(a: np.ndarray) -> np.ndarray:
-    """A float32 copy of ``a`` that cannot be written to (products compress such arrays
-    once)."""
-    out = a.astype(np.float32)
-    out.flags.writeable = False
-    return out
-
-
 def _finite_or_zero(value) -> float:
     """``value`` as a float, 0.0 when missing or not finite."""
     try:
@@ -93,7 +85,6 @@ class ChannelCalibration:
     read_variance: np.ndarray  # (nrow, 1): read noise^2 of each row's amp (e-^2)
     pixelflat: np.ndarray
     profile: FiberProfile
-    bigw: np.ndarray
     source: str
     #: scatter (px) of the arc lines about the wavelength solution (bundle WAVERMS): the
     #: floor of a sky line's offset error in :func:`panacea.skywave.measure_sky_shift`
@@ -101,6 +92,7 @@ class ChannelCalibration:
 
     @classmethod
     def from_bundle(cls, bundle: CalibrationBundle, source: str = "") -> ChannelCalibration:
+        """From a bundle holding at least :data:`panacea.calbundle.SCIENCE_EXTENSIONS`."""
         b = bundle
         ncol = b["trace"].shape[1]
         dead = b["dead"].astype(bool)
@@ -113,11 +105,12 @@ class ChannelCalibration:
         bias_var = (rn[amp] ** 2 / max(int(b.meta.get("NBIAS", 1)), 1))[:, None]
         return cls(channel=instrument.get_channel(b.channel), trace=b["trace"].astype(float),
                    dead=dead, wave=b["wavelength"].astype(float), ftf=b["flat"].astype(float),
-                   masterbias=b["masterbias"].astype(np.float32),  # native byte order
+                   # native byte order; the bundle's own array when it is that already
+                   masterbias=np.asarray(b["masterbias"], np.float32),
                    bias_variance=np.broadcast_to(bias_var, b["masterbias"].shape),
                    read_variance=(rn[amp] ** 2)[:, None],
-                   pixelflat=b["pixelflat"].astype(np.float32), profile=profile,
-                   bigw=_read_only(b["bigw"]), source=source,
+                   pixelflat=np.asarray(b["pixelflat"], np.float32), profile=profile,
+                   source=source,
                    arc_rms=_finite_or_zero(b.meta.get("WAVERMS")))
 
     @cached_property
@@ -145,7 +138,7 @@ class ScienceFrame:
     header: fits.Header
     image: np.ndarray  # bias-subtracted frame (e-)
     flattened: np.ndarray  # divided by the pixel flat (e-)
-    pixel_variance: np.ndarray  # variance of ``flattened`` (e-^2)
+    pixel_variance: np.ndarray  # float32 variance of ``flattened`` (e-^2)
     pixel_mask: np.ndarray  # bool: saturated or otherwise bad before cosmic rays
     cosmics: np.ndarray  # bool (nrow, ncol)
     shift: float
@@ -182,17 +175,19 @@ def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration
         raise PanaceaError(f"{exposure.name} {ch.name}: {exposure.exptime_problem()}; "
                            "exposure skipped", file=exposure.file(ch.ifuslot).location)
     header = frame.header.copy()
-    saturated = (frame.mask & Mask.SATURATED) > 0
-    if saturated.mean() > MAX_SATURATED_FRACTION:
+    saturated = float(((frame.mask & Mask.SATURATED) > 0).mean())
+    if saturated > MAX_SATURATED_FRACTION:
         log.warning("%s %s: %.1f%% of pixels saturated; reduced but flagged", exposure.name,
-                    ch.name, 100 * saturated.mean())
+                    ch.name, 100 * saturated)
         header["SATFLAG"] = (True, "large saturated area")
-    header["SATFRAC"] = (round(float(saturated.mean()), 5), "fraction of saturated pixels")
+    header["SATFRAC"] = (round(saturated, 5), "fraction of saturated pixels")
     bias_sub = frame.image - cal.masterbias
     image = bias_sub / cal.pixelflat
-    variance = (frame.variance + cal.bias_variance) / cal.pixelflat**2
+    variance = frame.variance + cal.bias_variance
+    variance /= cal.pixelflat**2
     bad = frame.mask != 0
     pixel_mask = bad.copy()
+    del frame  # the raw planes: frame-sized arrays are freed as soon as they are used
     timer.add("read", t0)
 
     t0 = time.perf_counter()
@@ -209,6 +204,9 @@ def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration
                     err)
         shift = 0.0
     trace = cal.trace + shift
+    # the extraction works in float32 (and the cosmic-ray finder before it): rounded once
+    # here, the float64 frame is freed
+    variance = variance.astype(np.float32)
     timer.add("shift", t0)
 
     t0 = time.perf_counter()
@@ -221,10 +219,13 @@ def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration
     amp_rows = cal.profile.amp_rows
     ext = optimal(image, variance, bad, first, weights, read_variance=floor,
                   row_segments=tuple(range(0, image.shape[0] + 1, amp_rows)))
-    flux, fvar, frac = ext.flux, ext.variance, ext.frac
-    image -= ext.offset  # both frames are this function's own
-    bias_sub -= ext.offset * cal.pixelflat
-    rms = float(np.linalg.norm(ext.offset)) / np.sqrt(ext.offset.size)
+    del first, weights, bad
+    flux, fvar, frac, offset, read_var = ext
+    del ext
+    image -= offset  # both frames are this function's own
+    bias_sub -= offset * cal.pixelflat
+    rms = float(np.linalg.norm(offset)) / np.sqrt(offset.size)
+    del offset
     header["ROWOFFS"] = (round(rms, 4), "RMS of offsets fitted between fibers (e-)")
     timer.add("extract", t0)
 
@@ -235,14 +236,14 @@ def process_frame(night: NightIndex, exposure: Exposure, cal: ChannelCalibration
     timer.add("skywave", t0)
 
     t0 = time.perf_counter()
-    sky, ftf = _sky(flux, fvar, ext.read_variance, frac, cal, options, header,
+    sky, ftf = _sky(flux, fvar, read_var, frac, cal, options, header,
                     exposure.name, wave=wave)
     timer.add("sky", t0)
     return ScienceFrame(exposure=exposure, channel=ch, exptime=float(exptime), header=header,
                         image=bias_sub, flattened=image, pixel_variance=variance,
                         pixel_mask=pixel_mask, cosmics=cosmics, shift=float(shift),
                         trace=trace, flux=flux, variance=fvar,
-                        read_variance=ext.read_variance, frac=frac, sky=sky, ftf=ftf,
+                        read_variance=read_var, frac=frac, sky=sky, ftf=ftf,
                         timer=timer, wave=wave, wshift=wshift)
 
 

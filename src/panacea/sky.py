@@ -399,10 +399,12 @@ def _model_total(spl, level, shift, width, norm, good):
     return model, total
 
 
-#: Spline designs of the last few (wavelength solution, live fibers, spacing): every
-#: exposure of a channel shares them, and building one takes ~0.15 s.
+#: Spline designs of the last (wavelength solution, live fibers, spacing): the sky and its
+#: refit share one (building one takes ~0.15 s), and so do the exposures of a channel when
+#: no sky shift is applied. One only: a design is ~50 MB, and exposures with their own
+#: shift never use the previous exposure's.
 _DESIGNS: dict = {}
-_DESIGN_CACHE_SIZE = 2
+_DESIGN_CACHE_SIZE = 1
 
 
 def _spline_design(wave: np.ndarray, rows: np.ndarray, knot_spacing: float
