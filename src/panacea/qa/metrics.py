@@ -226,10 +226,12 @@ def channel_metrics(path: str | Path, channel: str) -> tuple[ChannelQA, dict]:
         arcspec = np.asarray(get["arcspec"].data, float)
         wavefit = np.asarray(get["wavefit"].data, float).reshape(-1, 4)
         bias = np.asarray(get["masterbias"].data, np.float32)
-        mflat = get["masterflat"].data
+        mflat = get["masterflat"]
         half = bias.shape[0] // 2
         amp_rows = int(prim.get("PAN AMPROWS", half))
-        flat_cut = np.asarray(mflat[: min(amp_rows, mflat.shape[0]) // 3, :], np.float32)
+        # only the tiles of the rows shown are decompressed (a sixth of the frame)
+        flat_cut = np.asarray(mflat.section[: min(amp_rows, mflat.shape[0]) // 3, :],
+                              np.float32)
         meta = {k.replace("PAN ", "", 1): v for k, v in prim.items() if k.startswith("PAN ")}
     m = []
     for amp, rn in zip(ch.amps, rdnoise):

@@ -185,7 +185,7 @@ def _reused(kind: str, build) -> dict:
 def _rescale(ax) -> None:
     """Limits of ``ax`` from its artists' data again, as for a new figure."""
     ax.set_autoscale_on(True)
-    ax.relim()
+    ax.relim(visible_only=True)  # a hidden artist holds an earlier exposure's data
     ax.autoscale_view()
 
 
@@ -377,21 +377,41 @@ def _sky_figure() -> dict:
 def plot_collapsed(level: np.ndarray, header, path: str | Path, title: str = "") -> Path:
     """Collapsed IFU image (median of each fiber's sky-subtracted spectrum) with the
     detected source and a circle of the PSF FWHM."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.6, 3.6), gridspec_kw=_MARGINS)
+    f = _reused("collapsed", _collapsed_figure)
+    ax = f["ax"]
     lo, hi = np.nanpercentile(level, [2, 99.5])
-    _ifu_image(ax, level, "magma", lo, hi)
-    if "SOURCEX" in header:
+    index, _ = _ifu_pixels()
+    f["image"].set_data(np.where(index >= 0, np.asarray(level, float)[index], np.nan))
+    f["image"].set_clim(lo, hi)
+    found = "SOURCEX" in header
+    f["source"].set_visible(found)
+    f["fwhm"].set_visible(found)
+    if found:
         x, y = header["SOURCEX"], header["SOURCEY"]
         fwhm = float(header.get("SEEING", 0.0))
-        ax.plot(x, y, "c+", ms=12, mew=1.5)
-        ax.add_patch(plt.Circle((x, y), fwhm / 2, fill=False, ec="c", lw=1.2))
+        f["source"].set_data([x], [y])
+        f["fwhm"].set_center((x, y))
+        f["fwhm"].set_radius(fwhm / 2)
         title += f"  source ({x:.2f}, {y:.2f})\", FWHM {fwhm:.2f}\""
     else:
         title += "  no source"
+    _rescale(ax)
     ax.set_title(f"{title}\nsky-subtracted median per fiber, black {lo:.2g} .. white "
                  f"{hi:.2g}", fontsize=8)
-    return _save(fig, path)
+    return _save(f["fig"], path, keep=True)
+
+
+def _collapsed_figure() -> dict:
+    """The figure of :func:`plot_collapsed` without an exposure's data."""
+    from .. import instrument
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 3.6), gridspec_kw=_MARGINS)
+    image = _ifu_image(ax, np.zeros(instrument.NFIBERS), "magma", 0.0, 1.0)
+    f = {"fig": fig, "ax": ax, "image": image}
+    f["source"], = ax.plot([], [], "c+", ms=12, mew=1.5)
+    f["fwhm"] = ax.add_patch(plt.Circle((0.0, 0.0), 0.5, fill=False, ec="c", lw=1.2))
+    return f
 
 
 def plot_spectrum(spec: np.ndarray, path: str | Path, unit: str = "", title: str = ""
