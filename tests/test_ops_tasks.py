@@ -102,3 +102,25 @@ def test_pool_tasks_per_exposure_give_the_serial_products(reduced, sim_night, tm
     # the serial run reduced all four channels; uv's files are compared
     bad = [b for p in products for b in _differs(p, reduced / p.relative_to(out))]
     assert bad == []
+
+
+def test_background_jobs_run_while_tasks_are_in_flight():
+    """Jobs of the scheduling process run between looks at the running tasks; one that
+    fails is dropped, the tasks and the other jobs go on."""
+    done: list = []
+    with LocalPool(2) as engine:
+        scheduler = Scheduler(engine)
+
+        def then(value):
+            done.append(value)
+            if value == 1:  # a task's callback may queue a job
+                scheduler.background(lambda: done.append("late job"))
+
+        for i in range(3):
+            scheduler.add((-float(i),), pow, (i, 1), then, lambda e: None)
+        scheduler.background(lambda: done.append("job"))
+        scheduler.background(_fail)
+        scheduler.run()
+    assert sorted(v for v in done if isinstance(v, int)) == [0, 1, 2]
+    assert "job" in done and "late job" in done
+    assert done.index("job") < done.index("late job")
