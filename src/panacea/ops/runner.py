@@ -25,7 +25,7 @@ from .. import pipeline
 from ..io_utils import remove_stale_parts
 from . import tasks
 from .config import RunConfig
-from .executors import DaskEngine, limit_threads, make_engine
+from .executors import DaskEngine, limit_threads, make_engine, preload_compiled
 from .graph import Scheduler
 from .ledger import Ledger, raw_stamp
 from .lock import LockHeld, NightLock
@@ -147,6 +147,7 @@ class _Night:
             self.ledger = Ledger(tasks.ledger_path(self.run.output), self.run.config_hash)
             if scheduler.engine.slots > 1 and not isinstance(scheduler.engine, DaskEngine):
                 _preload_qa()  # forked local workers inherit the plotting modules
+                preload_compiled()  # and the numba functions' machine code
             # the objects made so far (modules, the archive index) are left out of the
             # cyclic garbage collector's full passes: each pass would otherwise walk ~0.2
             # million of them (~0.1 s), and in forked workers write to their pages, which
