@@ -340,6 +340,7 @@ class _Night:
                 logger.setLevel(self.handler.previous_level)
                 self.handler.close()
             self.lock.release()
+            gc.unfreeze()  # what this night left behind is collectable again
         if self.summary.nodata:
             # one night asked for by name that holds nothing is a usage error; in a range of
             # nights, empty ones are normal
