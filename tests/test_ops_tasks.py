@@ -102,3 +102,61 @@ def test_pool_tasks_per_exposure_give_the_serial_products(reduced, sim_night, tm
     # the serial run reduced all four channels; uv's files are compared
     bad = [b for p in products for b in _differs(p, reduced / p.relative_to(out))]
     assert bad == []
+
+
+def test_background_jobs_run_while_tasks_are_in_flight():
+    """Jobs of the scheduling process run between looks at the running tasks; one that
+    fails is dropped, the tasks and the other jobs go on."""
+    done: list = []
+    with LocalPool(2) as engine:
+        scheduler = Scheduler(engine)
+
+        def then(value):
+            done.append(value)
+            if value == 1:  # a task's callback may queue a job
+                scheduler.background(lambda: done.append("late job"))
+
+        for i in range(3):
+            scheduler.add((-float(i),), pow, (i, 1), then, lambda e: None)
+        scheduler.background(lambda: done.append("job"))
+        scheduler.background(_fail)
+        scheduler.run()
+    assert sorted(v for v in done if isinstance(v, int)) == [0, 1, 2]
+    assert "job" in done and "late job" in done
+    assert done.index("job") < done.index("late job")
+
+
+
+_PROBE = """
+from numba import njit
+
+
+@njit(cache=True)
+def twice(x):
+    return 2.0 * x
+"""
+
+
+def test_numba_functions_preloaded_from_the_cache(tmp_path):
+    """The parent loads the cached machine code of the numba functions before the pool
+    forks (none compiled there); a call then finds it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import panacea
+
+    (tmp_path / "nbprobe.py").write_text(_PROBE)
+    src = str(Path(panacea.__file__).parents[1])  # this checkout's panacea
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), src])}
+    fill = "import nbprobe; nbprobe.twice(1.0)"  # compiles once, writes numba's cache
+    check = ("import nbprobe; from panacea.ops.executors import preload_compiled\n"
+             "n = preload_compiled([nbprobe]); sigs = list(nbprobe.twice.overloads)\n"
+             "assert nbprobe.twice(2.0) == 4.0\n"
+             "print(n, len(sigs), len(nbprobe.twice.overloads), preload_compiled([nbprobe]))")
+    subprocess.run([sys.executable, "-c", fill], check=True, env=env, cwd=tmp_path)
+    out = subprocess.run([sys.executable, "-c", check], check=True, env=env, cwd=tmp_path,
+                         capture_output=True, text=True).stdout.split()
+    # one overload loaded, the call used it (no second one), nothing left to load after
+    assert out == ["1", "1", "1", "0"]

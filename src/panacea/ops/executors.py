@@ -206,6 +206,46 @@ def limit_threads() -> None:
     threadpool_limits(limits=1)
 
 
+def preload_compiled(modules: list | None = None) -> int:
+    """Load the compiled machine code of the numba functions of ``modules`` (default: the
+    imported ``panacea`` modules) from numba's on-disk cache (``cache=True``), for the
+    signatures cached for this CPU; return how many were loaded.
+
+    Called in the parent before the local pool forks: the workers then share the code
+    instead of each loading it (~0.25 s of CPU and ~20 MB of private memory per process).
+    Uses numba's cache index, which is not a public API: any error leaves the functions to
+    load themselves at their first call, as without this.
+    """
+    import sys
+
+    try:
+        from numba.core.registry import CPUDispatcher
+    except ImportError:
+        return 0
+    if modules is None:
+        modules = [m for name, m in list(sys.modules.items())
+                   if name.startswith("panacea.") and m is not None]
+    loaded = 0
+    for module in modules:
+        for fn in list(vars(module).values()):
+            if not isinstance(fn, CPUDispatcher) or fn._cache is None:
+                continue
+            try:
+                magic = fn.targetctx.codegen().magic_tuple()
+                for key in fn._cache._cache_file._load_index():
+                    sig = key[0]
+                    if key[1] != magic or sig in fn.overloads:
+                        continue
+                    # from the cache only, never compiled here (that is the first call's)
+                    cres = fn._cache.load_overload(sig, fn.targetctx)
+                    if cres is not None:
+                        fn.add_overload(cres)
+                        loaded += 1
+            except Exception as err:  # an optimisation only
+                log.debug("numba cache of %s not preloaded: %s", fn, err)
+    return loaded
+
+
 def trimmed_task(fn, *args):
     """``fn(*args)`` in a worker, its freed memory given back to the system afterwards; its
     CPU time and peak memory are logged (the peak is reset first where Linux allows)."""

@@ -5,6 +5,11 @@ order, longest expected remaining path first, at most ``engine.slots`` at a time
 Holding the ready tasks here rather than in the engine's queue is what lets a late, urgent
 task (the science of the channel whose calibration finished last) overtake small ones
 queued earlier, so that the workers finish together.
+
+Work of the scheduling process itself that no task waits for (reading the guider frames
+ahead of the science tasks, joining the channels while the QA tasks run) is queued with
+:meth:`Scheduler.background` and done while the workers compute, one job at a time between
+looks at the running tasks, instead of in a callback while a worker has nothing to do.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,20 +53,40 @@ class Scheduler:
         self._ready: list[Task] = []
         self._running: dict = {}
         self._seq = itertools.count()
+        self._background: deque[Callable[[], None]] = deque()
 
     def add(self, order: tuple, fn: Callable, args: tuple, done: Callable[[Any], None],
             failed: Callable[[BaseException], None]) -> None:
         """Make a task ready (its inputs are done)."""
         heapq.heappush(self._ready, Task(order, next(self._seq), fn, args, done, failed))
 
+    def background(self, job: Callable[[], None]) -> None:
+        """Queue ``job()`` to run in this process while the engine's tasks run (keep each
+        job short, ~0.1 s: a task that ends meanwhile waits for it to hand its result).
+        A job must handle its own errors; one that raises is logged and dropped."""
+        self._background.append(job)
+
+    def _run_background(self) -> None:
+        job = self._background.popleft()
+        try:
+            job()
+        except Exception as err:  # an optimisation only: whoever needs it redoes it
+            log.debug("background job %r failed: %s", job, err, exc_info=True)
+
     def run(self) -> None:
-        """Submit ready tasks by priority, hand each result to its callback, until done."""
-        while self._ready or self._running:
+        """Submit ready tasks by priority, hand each result to its callback, until done;
+        the background jobs run while tasks are in flight (or when none is left)."""
+        while self._ready or self._running or self._background:
             while self._ready and len(self._running) < self.engine.slots:
                 task = heapq.heappop(self._ready)
                 self._running[self.engine.submit(task.fn, *task.args,
                                                  priority=-int(task.order[0]))] = task
-            for future in self.engine.wait(list(self._running)):
+            if self._background:
+                self._run_background()
+                finished = [f for f in self._running if f.done()]
+            else:
+                finished = self.engine.wait(list(self._running))
+            for future in finished:
                 task = self._running.pop(future)
                 try:
                     value = self.engine.result(future)

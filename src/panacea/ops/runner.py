@@ -15,6 +15,7 @@ graph; locally one night runs at a time (its workers log to its file).
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 import time
@@ -24,7 +25,7 @@ from .. import pipeline
 from ..io_utils import remove_stale_parts
 from . import tasks
 from .config import RunConfig
-from .executors import DaskEngine, limit_threads, make_engine
+from .executors import DaskEngine, limit_threads, make_engine, preload_compiled
 from .graph import Scheduler
 from .ledger import Ledger, raw_stamp
 from .lock import LockHeld, NightLock
@@ -120,6 +121,8 @@ class _Night:
         self.stamps: dict = {}
         self.conditions: dict = {}  # guider conditions per exposure, read once
         self.qa: set[str] = set()  # channels whose QA was considered
+        self.prefetched = False  # guider reads queued ahead of the science tasks
+        self.joined: list[Outcome] | None = None  # outcomes of the joins, once done
 
     # ----------------------------------------------------------------- the graph
 
@@ -144,6 +147,12 @@ class _Night:
             self.ledger = Ledger(tasks.ledger_path(self.run.output), self.run.config_hash)
             if scheduler.engine.slots > 1 and not isinstance(scheduler.engine, DaskEngine):
                 _preload_qa()  # forked local workers inherit the plotting modules
+                preload_compiled()  # and the numba functions' machine code
+            # the objects made so far (modules, the archive index) are left out of the
+            # cyclic garbage collector's full passes: each pass would otherwise walk ~0.2
+            # million of them (~0.1 s), and in forked workers write to their pages, which
+            # then stop being shared with this process
+            gc.freeze()
             for channel in self.run.channels:
                 self.open[channel] = 0
                 self._add("calibration", channel, tasks.calibration_task,
@@ -191,6 +200,14 @@ class _Night:
     def _calibrated(self, channel: str, order: tuple, value) -> None:
         outcomes, cal_fp = value
         self._record(order, outcomes)
+        if not self.prefetched and any(o.status == "written" for o in outcomes):
+            # a new calibration: the science will be reduced, so read the guider frames
+            # now, while the workers compute, not in _responded while a worker waits
+            self.prefetched = True
+            night = self.archive.night(self.date)
+            for exposure in self.science:
+                self.scheduler.background(
+                    lambda e=exposure: pipeline.guider(self.conditions, night, e))
         if cal_fp is not None:
             self._add("response", channel, tasks.response_task,
                       (self.run, self.date, channel, cal_fp),
@@ -246,9 +263,12 @@ class _Night:
         self.joins.setdefault(obsid, {})[order[2:]] = value
 
     def _channel_finished(self, channel: str) -> None:
-        """The channel's science is done: its QA (once), then progress."""
+        """The channel's science is done: its QA (once), then progress; once every
+        channel's science is done, the joins run here while the QA tasks run."""
         if channel not in self.qa:
             self.qa.add(channel)
+            if len(self.qa) == len(self.run.channels):
+                self.scheduler.background(self._join_observations)
             done = NightSummary(self.date, self.run.output)
             done.outcomes = [o for _, outs in self.parts for o in outs
                              if getattr(o, "channel", None) == channel]
@@ -276,6 +296,22 @@ class _Night:
             local.add(step, "failed", channel=channel, reason=reason)
         self._record(order, local.outcomes)
 
+    def _outcomes(self) -> list[Outcome]:
+        """The tasks' outcomes in the summary's fixed order."""
+        return [o for _, outcomes in sorted(self.parts, key=lambda part: part[0])
+                for o in outcomes]
+
+    def _join_observations(self) -> None:
+        """Combine the exposures and join the channels of every observation (all science
+        tasks are done; the QA tasks, which do not read the joined files, may run)."""
+        local = NightSummary(self.date, self.run.output)
+        local.outcomes = self._outcomes()
+        first = len(local.outcomes)
+        joins = {obsid: found[min(found)] for obsid, found in self.joins.items()}
+        pipeline.join_night(self.run, self.archive.night(self.date), self.science, joins,
+                            local)
+        self.joined = local.outcomes[first:]
+
     # ----------------------------------------------------------------- the end
 
     def finish(self) -> int:
@@ -284,11 +320,10 @@ class _Night:
             return EXIT_LOCKED
         try:
             if self.archive is not None:
-                for _, outcomes in sorted(self.parts, key=lambda part: part[0]):
-                    self.summary.outcomes.extend(outcomes)
-                joins = {obsid: found[min(found)] for obsid, found in self.joins.items()}
-                pipeline.join_night(self.run, self.archive.night(self.date), self.science,
-                                    joins, self.summary)
+                if self.joined is None:  # no task ran, or a channel's science crashed
+                    self._join_observations()
+                self.summary.outcomes.extend(self._outcomes())
+                self.summary.outcomes.extend(self.joined)
                 self.archive.close()
                 self.ledger.night_done(self.date, raw_stamp(self.run.baseraw, self.date),
                                        self.summary.exit_code())
@@ -305,6 +340,7 @@ class _Night:
                 logger.setLevel(self.handler.previous_level)
                 self.handler.close()
             self.lock.release()
+            gc.unfreeze()  # what this night left behind is collectable again
         if self.summary.nodata:
             # one night asked for by name that holds nothing is a usage error; in a range of
             # nights, empty ones are normal

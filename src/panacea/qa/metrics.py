@@ -175,26 +175,28 @@ def arc_residuals(wave: np.ndarray, arcspec: np.ndarray, lines: np.ndarray
     cols = np.arange(ncol, dtype=float)
     column = np.full((lines.size, nfib), np.nan)
     resid = np.full((lines.size, nfib), np.nan)
+    window = np.arange(2 * ARC_SEARCH + 1)
     for f in range(nfib):
         w = wave[f]
         if not (np.all(np.isfinite(w)) and w[-1] > w[0]):
             continue
         c0 = np.interp(lines, w, cols, left=np.nan, right=np.nan)
         column[:, f] = c0
-        for i, c in enumerate(c0):
-            if not np.isfinite(c) or c < ARC_SEARCH + 1 or c > ncol - 2 - ARC_SEARCH:
-                continue
-            lo = int(round(c)) - ARC_SEARCH
-            seg = arcspec[f, lo: lo + 2 * ARC_SEARCH + 1]
-            peak = lo + int(np.argmax(seg))
-            # Gaussian peak from the logarithms of the three highest pixels: no sub-pixel
-            # phase bias for a Gaussian line spread, unlike a windowed centroid
-            a = arcspec[f, peak - 1: peak + 2].astype(float) - seg.min()
-            if np.any(a <= 0) or a[1] <= max(a[0], a[2]):
-                continue
-            la = np.log(a)
-            centroid = peak + 0.5 * (la[0] - la[2]) / (la[0] - 2 * la[1] + la[2])
-            resid[i, f] = np.interp(centroid, cols, w) - lines[i]
+        with np.errstate(invalid="ignore"):
+            near = np.isfinite(c0) & (c0 >= ARC_SEARCH + 1) & (c0 <= ncol - 2 - ARC_SEARCH)
+        which = np.flatnonzero(near)  # the lines, all at once (windows of 2 SEARCH + 1 px)
+        lo = np.round(c0[which]).astype(int) - ARC_SEARCH
+        spec = np.asarray(arcspec[f], float)
+        seg = spec[lo[:, None] + window]
+        peak = lo + np.argmax(seg, axis=1)
+        # Gaussian peak from the logarithms of the three highest pixels: no sub-pixel
+        # phase bias for a Gaussian line spread, unlike a windowed centroid
+        a = spec[peak[:, None] + np.arange(-1, 2)] - seg.min(axis=1)[:, None]
+        ok = np.all(a > 0, axis=1) & (a[:, 1] > np.maximum(a[:, 0], a[:, 2]))
+        la = np.log(a[ok])
+        centroid = peak[ok] + 0.5 * (la[:, 0] - la[:, 2]) / (la[:, 0] - 2 * la[:, 1]
+                                                             + la[:, 2])
+        resid[which[ok], f] = np.interp(centroid, cols, w) - lines[which[ok]]
     # weak peaks (a line hardly above its neighbourhood) give centroids of noise
     with np.errstate(invalid="ignore"):
         for i in range(lines.size):
@@ -226,10 +228,12 @@ def channel_metrics(path: str | Path, channel: str) -> tuple[ChannelQA, dict]:
         arcspec = np.asarray(get["arcspec"].data, float)
         wavefit = np.asarray(get["wavefit"].data, float).reshape(-1, 4)
         bias = np.asarray(get["masterbias"].data, np.float32)
-        mflat = get["masterflat"].data
+        mflat = get["masterflat"]
         half = bias.shape[0] // 2
         amp_rows = int(prim.get("PAN AMPROWS", half))
-        flat_cut = np.asarray(mflat[: min(amp_rows, mflat.shape[0]) // 3, :], np.float32)
+        # only the tiles of the rows shown are decompressed (a sixth of the frame)
+        flat_cut = np.asarray(mflat.section[: min(amp_rows, mflat.shape[0]) // 3, :],
+                              np.float32)
         meta = {k.replace("PAN ", "", 1): v for k, v in prim.items() if k.startswith("PAN ")}
     m = []
     for amp, rn in zip(ch.amps, rdnoise):
