@@ -238,8 +238,9 @@ def measure_exposure(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
         The lines stacked over the faintest fibers (:func:`panacea.skywave.sky_fibers`) of
         each group whose Gaussian fit reaches :data:`MIN_LINE_SNR`.
     """
-    fibers = skywave.sky_fibers(flux, usable)
-    level = skywave._levels(flux, fibers)
+    med = skywave._nanmedian(flux, axis=1)
+    fibers = skywave.sky_fibers(flux, usable, med)
+    level = skywave._levels(flux, fibers, med)
     lines = skywave.usable_lines(wave, lsf_fwhm)
     yk = _norm_fiber(flux.shape[0])
     found = []

@@ -149,12 +149,15 @@ def usable_lines(wave: np.ndarray, lsf_fwhm: float = instrument.LSF_FWHM_PIX
     return out
 
 
-def sky_fibers(flux: np.ndarray, usable: np.ndarray) -> np.ndarray:
+def sky_fibers(flux: np.ndarray, usable: np.ndarray, median: np.ndarray | None = None
+               ) -> np.ndarray:
     """The sky fibers: every usable fiber in a blank field (no fiber's median flux more than
     :data:`SKY_CLIP` robust spreads above the median fiber's), else the faintest
     :data:`SKY_FIBER_FRACTION` of them, so that a source's fibers and wings stay out of the
-    stack."""
-    level = np.where(usable, _nanmedian(flux, axis=1), np.inf)
+    stack. ``median``: each fiber's median flux (electrons per column) when already known
+    (NaNs ignored, as :func:`numpy.nanmedian`)."""
+    med = _nanmedian(flux, axis=1) if median is None else median
+    level = np.where(usable, med, np.inf)
     live = level[usable & np.isfinite(level)]
     keep = np.zeros(flux.shape[0], bool)
     if live.size == 0:
@@ -168,10 +171,12 @@ def sky_fibers(flux: np.ndarray, usable: np.ndarray) -> np.ndarray:
     return keep & usable
 
 
-def _levels(flux: np.ndarray, fibers: np.ndarray) -> np.ndarray:
+def _levels(flux: np.ndarray, fibers: np.ndarray, median: np.ndarray | None = None
+            ) -> np.ndarray:
     """Relative level of each fiber (median over its columns, over the sky fibers' median;
-    1 where that is not positive): the fibers' throughputs, nearly free of noise."""
-    med = _nanmedian(flux, axis=1)
+    1 where that is not positive): the fibers' throughputs, nearly free of noise.
+    ``median``: the fibers' median fluxes when already known."""
+    med = _nanmedian(flux, axis=1) if median is None else median
     ref = float(np.nanmedian(med[fibers])) if fibers.any() else 0.0
     if not ref > 0:
         return np.ones(flux.shape[0])
@@ -270,6 +275,22 @@ def _stack(flux, variance, wave, fibers, wavelength, neighbours=(), lsf_fwhm=4.3
     return x[sel], y[sel], w[sel], float(np.mean(p[good]))
 
 
+def _start_amplitude(x, y, w, mu0, sig0):
+    """Starting amplitude of a line fit: the weighted least-squares amplitude of a Gaussian
+    at ``mu0`` of width ``sig0`` plus a constant (the stack is in electrons over the fibers'
+    relative level, so its scale is anything from a few to thousands); the unit-area value
+    where that is not positive."""
+    unit = 1 / (np.sqrt(2 * np.pi) * sig0)
+    g = np.exp(-0.5 * ((x - mu0) / sig0) ** 2)
+    sw, swg, swgg = np.sum(w), np.sum(w * g), np.sum(w * g * g)
+    swy, swgy = np.sum(w * y), np.sum(w * g * y)
+    det = sw * swgg - swg**2
+    if not det > 0:
+        return unit
+    amp = (sw * swgy - swg * swy) / det
+    return float(amp) if np.isfinite(amp) and amp > 0 else unit
+
+
 def _fit_line(x, y, w, lsf_fwhm):
     """Gaussian fit to a stack: (offset, error, signal-to-noise) or ``None``."""
     sig0 = lsf_fwhm / 2.3548
@@ -280,12 +301,12 @@ def _fit_line(x, y, w, lsf_fwhm):
                            and np.all(np.isfinite(w))):
         return None
     sw = np.sqrt(w)
-    p0 = np.array([1 / (np.sqrt(2 * np.pi) * sig0), mu0, sig0, 0.0])
+    p0 = np.array([_start_amplitude(x, y, w, mu0, sig0), mu0, sig0, 0.0])
     # Levenberg-Marquardt (MINPACK, as curve_fit's default) with the analytic Jacobian: a
     # third of the model evaluations of finite differences, and no curve_fit wrappers
     p, cov, info, _, ier = leastsq(_gauss_residuals, p0, args=(x, y, sw),
                                    Dfun=_gauss_jacobian, col_deriv=True, full_output=True,
-                                   maxfev=2000)
+                                   maxfev=2000, xtol=1e-12, ftol=1e-12)
     if ier not in (1, 2, 3, 4) or cov is None:
         return None
     # the covariance scaled by the reduced chi-square (weights relative, not absolute)
@@ -398,8 +419,9 @@ def measure_sky_shift(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
         error, method), empty when nothing could be measured.
     """
     ncol = flux.shape[1]
-    fibers = sky_fibers(flux, usable)
-    level = _levels(flux, fibers)
+    med = _nanmedian(flux, axis=1)
+    fibers = sky_fibers(flux, usable, med)
+    level = _levels(flux, fibers, med)
     found = []
     lines = usable_lines(wave, lsf_fwhm)
     for wl, near in lines:
