@@ -45,6 +45,10 @@ BLEND_FWHM = 2.2
 NEIGHBOUR_FWHM = 1.5
 #: Smallest signal-to-noise of a line's stacked amplitude for it to count.
 MIN_LINE_SNR = 8.0
+#: Most model evaluations of one line fit: a Gaussian fit from the stack's own start takes
+#: 5-15 (at most ~60 on the default night); one still wandering after this many runs off to
+#: a zero or detector-wide width, which the width check rejects anyway.
+MAX_EVALUATIONS = 200
 #: Largest shift (px) searched for and accepted.
 MAX_SHIFT = 2.5
 #: Fewest lines, and smallest spread of their columns (fraction of the detector), for a stretch.
@@ -306,7 +310,7 @@ def _fit_line(x, y, w, lsf_fwhm):
     # third of the model evaluations of finite differences, and no curve_fit wrappers
     p, cov, info, _, ier = leastsq(_gauss_residuals, p0, args=(x, y, sw),
                                    Dfun=_gauss_jacobian, col_deriv=True, full_output=True,
-                                   maxfev=2000, xtol=1e-12, ftol=1e-12)
+                                   maxfev=MAX_EVALUATIONS, xtol=1e-12, ftol=1e-12)
     if ier not in (1, 2, 3, 4) or cov is None:
         return None
     # the covariance scaled by the reduced chi-square (weights relative, not absolute)
