@@ -186,16 +186,20 @@ class ShapeFit:
 # --------------------------------------------------------------------------- measurement
 
 
-def _bin_median(bins: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Median of ``values`` within each integer bin, returned for every point, and the
-    number of points in its bin."""
-    order = np.lexsort((values, bins))
-    b, v = bins[order], values[order]
+def _bin_medians(bins: np.ndarray, values: Sequence[np.ndarray]
+                 ) -> tuple[list[np.ndarray], np.ndarray]:
+    """Median of each array of ``values`` within each integer bin, returned for every point,
+    and the number of points in its bin (the bins' bookkeeping done once for all arrays)."""
+    b = np.sort(bins)
     starts = np.r_[0, np.nonzero(np.diff(b))[0] + 1]
     counts = np.diff(np.r_[starts, b.size])
-    med = 0.5 * (v[starts + (counts - 1) // 2] + v[starts + counts // 2])
     at = np.searchsorted(b[starts], bins)
-    return med[at], counts[at]
+    lo, hi = starts + (counts - 1) // 2, starts + counts // 2
+    meds = []
+    for v in values:
+        s = v[np.lexsort((v, bins))]
+        meds.append((0.5 * (s[lo] + s[hi]))[at])
+    return meds, counts[at]
 
 
 def _clip_stack(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -203,9 +207,8 @@ def _clip_stack(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
     median (a cosmic ray in one fiber stands far off the other fibers' profile); bins of
     fewer than 8 points are kept."""
     bins = np.floor(x / 0.5).astype(int)
-    med, count = _bin_median(bins, y)
-    mad, _ = _bin_median(bins, np.abs(y - med))
-    noise, _ = _bin_median(bins, 1.0 / np.sqrt(w))
+    (med, noise), count = _bin_medians(bins, (y, 1.0 / np.sqrt(w)))
+    (mad,), _ = _bin_medians(bins, (np.abs(y - med),))
     return (count < 8) | (np.abs(y - med) < CLIP_SIGMA * np.maximum(1.4826 * mad, noise))
 
 
@@ -238,8 +241,9 @@ def measure_exposure(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
         The lines stacked over the faintest fibers (:func:`panacea.skywave.sky_fibers`) of
         each group whose Gaussian fit reaches :data:`MIN_LINE_SNR`.
     """
-    fibers = skywave.sky_fibers(flux, usable)
-    level = skywave._levels(flux, fibers)
+    med = skywave._nanmedian(flux, axis=1)
+    fibers = skywave.sky_fibers(flux, usable, med)
+    level = skywave._levels(flux, fibers, med)
     lines = skywave.usable_lines(wave, lsf_fwhm)
     yk = _norm_fiber(flux.shape[0])
     found = []
