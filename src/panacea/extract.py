@@ -118,18 +118,32 @@ def boxcar(
         if arr is not None and arr.shape != ap.shape:
             raise ValueError(f"{name} of shape {arr.shape} does not fit the aperture's frame "
                              f"{ap.shape}")
-    pixels = image.reshape(-1)
-    vpix = variance.reshape(-1) if variance is not None else None
-    mpix = mask.reshape(-1) if mask is not None else None
     flux = np.zeros(ap.index.shape[1:])
     var = np.zeros(ap.index.shape[1:]) if variance is not None else None
-    for index, w in zip(ap.index, ap.weight, strict=True):
-        if mpix is not None:
-            w = np.where(mpix.take(index), 0.0, w)
-        flux += w * pixels.take(index)
-        if var is not None:
-            var += w**2 * vpix.take(index)
+    nothing = np.zeros(1, np.bool_)
+    _boxcar_sums(np.ravel(image), nothing if variance is None else np.ravel(variance),
+                 nothing if mask is None else np.ravel(mask), ap.index, ap.weight,
+                 variance is not None, mask is not None, flux,
+                 flux if var is None else var)
     return flux, var
+
+
+@njit(cache=True, nogil=True)
+def _boxcar_sums(pixels, vpix, mpix, index, weight, with_var, with_mask, flux, var):
+    """The sums of :func:`boxcar`, in place: ``flux += w * pixel`` and ``var += w * w *
+    variance`` window row by window row (the order of a sum over the rows), ``w`` set to 0
+    on masked pixels (so a non-finite masked pixel still makes the sum non-finite)."""
+    nwin, nfib, ncol = index.shape
+    for j in range(nwin):
+        for f in range(nfib):
+            for c in range(ncol):
+                i = index[j, f, c]
+                w = weight[j, f, c]
+                if with_mask and mpix[i]:
+                    w = np.float32(0.0)  # typed as the weights are (float32 or 64)
+                flux[f, c] += w * pixels[i]
+                if with_var:
+                    var[f, c] += w * w * vpix[i]
 
 
 class Extraction(NamedTuple):
