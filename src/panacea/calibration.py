@@ -342,9 +342,11 @@ def calibrate_channel(
         int_img, int_var, _ = master_frame(archive, plan.internal, ch, bias, options.overscan,
                                            MIN_FLAT_LEVEL)
         flatspec, _ = boxcar(int_img, ap)
+        del ap  # its weights (~55 MB) are not held through the pixel flat
         pflat = pixel_flat(int_img, int_var, tsol.trace, dead=dead)
         del int_img, int_var
     else:
+        del ap
         pflat = pixel_flat(flat_img, flat_var, tsol.trace, wave=wave, source=fflat.source,
                            dead=dead)
     timer.add("pixel flat", t0)
