@@ -93,3 +93,22 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         write_bundle(broken, path)
     assert path.read_bytes() == before
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_header_only_read_still_checks_every_hdu(tmp_path):
+    """``names=()`` (the rerun's fingerprint check) reads no array but refuses a changed
+    byte of any extension."""
+    path = tmp_path / "cal.fits"
+    bundle = _bundle()
+    write_bundle(bundle, path)
+    head = read_bundle(path, names=())
+    assert head.arrays == {} and head.fingerprint == bundle.fingerprint
+    assert head.meta["NDEAD"] == 0 and head.inputs == ["b", "a"]
+    data = bytearray(path.read_bytes())
+    with fits.open(path) as hdul:
+        hdu = hdul["WAVELENGTH"]
+        at = hdu._data_offset + hdu._data_size // 2
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"\(wavelength\) fails its data checksum"):
+        read_bundle(path, names=())

@@ -21,7 +21,7 @@ from .calbundle import CalibrationBundle
 from .ccd import Frame, Mask, read_channel, read_channel_image
 from .combine import combine_frames, frame_level
 from .errors import ArchiveError, CalibrationNotFound, FrameError, PanaceaError
-from .extract import boxcar
+from .extract import Aperture, aperture, boxcar
 from .flat import fiber_to_fiber, pixel_flat, pixel_map
 from .profile import trace_and_profile
 from .wavelength import solve_wavelength
@@ -301,13 +301,15 @@ def calibrate_channel(
     timer.add("trace + profile", t0)
 
     t0 = time.perf_counter()
+    # the boxcar weights of the calibration's aperture, built once for every frame below
+    ap = aperture(tsol.trace, CAL_HALF_WIDTH, flat_img.shape)
     arcs = {}
     arc_sum = np.zeros_like(flat_img)
     for lamp, exposures in plan.arcs.items():
         img, var, sat = master_frame(archive, exposures, ch, bias, options.overscan)
-        flux, fvar = boxcar(img, tsol.trace, CAL_HALF_WIDTH, var)
+        flux, fvar = boxcar(img, ap, variance=var)
         if sat.any():
-            satfib = boxcar(sat.astype(np.float32), tsol.trace, CAL_HALF_WIDTH)[0] > 0
+            satfib = boxcar(sat.astype(np.float32), ap)[0] > 0
         else:  # the aperture sums of an empty mask (exactly)
             satfib = np.zeros(flux.shape, bool)
         arcs[lamp] = (flux, fvar, satfib)
@@ -322,11 +324,11 @@ def calibrate_channel(
     timer.add("wavelength", t0)
 
     t0 = time.perf_counter()
-    wave, shape = _sky_shape(archive, plan.onsky, ch, bias, options.overscan, tsol, wsol)
+    wave, shape = _sky_shape(archive, plan.onsky, ch, bias, options.overscan, tsol, wsol, ap)
     timer.add("sky shape", t0)
 
     t0 = time.perf_counter()
-    twispec, twivar = boxcar(flat_img, tsol.trace, CAL_HALF_WIDTH, flat_var)
+    twispec, twivar = boxcar(flat_img, ap, variance=flat_var)
     fflat = fiber_to_fiber(twispec, twivar, wave, tsol.dead)
     dead = tsol.dead | fflat.dead
     timer.add("fiber-to-fiber", t0)
@@ -339,10 +341,12 @@ def calibrate_channel(
         del flat_var  # the twilight's variance is not needed any more
         int_img, int_var, _ = master_frame(archive, plan.internal, ch, bias, options.overscan,
                                            MIN_FLAT_LEVEL)
-        flatspec, _ = boxcar(int_img, tsol.trace, CAL_HALF_WIDTH)
+        flatspec, _ = boxcar(int_img, ap)
+        del ap  # its weights (~55 MB) are not held through the pixel flat
         pflat = pixel_flat(int_img, int_var, tsol.trace, dead=dead)
         del int_img, int_var
     else:
+        del ap
         pflat = pixel_flat(flat_img, flat_var, tsol.trace, wave=wave, source=fflat.source,
                            dead=dead)
     timer.add("pixel flat", t0)
@@ -393,13 +397,14 @@ def calibrate_channel(
 
 
 def _sky_shape(archive: Archive, exposures: list[Exposure], ch: instrument.Channel,
-               bias: MasterBias, overscan: str, tsol, wsol) -> tuple[np.ndarray, skyshape.ShapeFit]:
+               bias: MasterBias, overscan: str, tsol, wsol,
+               ap: Aperture) -> tuple[np.ndarray, skyshape.ShapeFit]:
     """The arc solution corrected by the residual shape that the night's sky lines and the
     arc lines choose (:mod:`panacea.skyshape`), and that shape's fit.
 
     Each on-sky exposure is read, bias-subtracted and boxcar-extracted on the calibration's
-    trace (no cosmic-ray cleaning: the line fits clip outliers); an unreadable one is left
-    out with a warning."""
+    trace with its aperture ``ap`` (no cosmic-ray cleaning: the line fits clip outliers);
+    an unreadable one is left out with a warning."""
     usable = ~tsol.dead
     sky = []
     for e in exposures:
@@ -414,7 +419,7 @@ def _sky_shape(archive: Archive, exposures: list[Exposure], ch: instrument.Chann
             continue
         frame.image -= bias.image
         frame.variance += bias.variance
-        flux, var = boxcar(frame.image, tsol.trace, CAL_HALF_WIDTH, frame.variance)
+        flux, var = boxcar(frame.image, ap, variance=frame.variance)
         del frame
         sky.append(skyshape.measure_exposure(flux, var, wsol.wave, usable, e.name))
     lines = wsol.lines

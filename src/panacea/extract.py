@@ -17,10 +17,66 @@ from scipy.ndimage import gaussian_filter1d
 log = logging.getLogger(__name__)
 
 
+class Aperture(NamedTuple):
+    """Pixel weights of a boxcar aperture along a trace (see :func:`aperture`).
+
+    They depend only on the trace, the half-width and the frame's shape, so a caller that
+    extracts several frames on one trace builds them once and passes them to
+    :func:`boxcar` for every frame.
+    """
+
+    half_width: float  # rows
+    shape: tuple[int, int]  # (nrow, ncol) of the frames it applies to
+    index: np.ndarray  # (nwin, nfiber, ncol) flat index of each window row's pixel
+    weight: np.ndarray  # (nwin, nfiber, ncol) fraction of that pixel inside the aperture
+
+
+def aperture(trace: np.ndarray, half_width: float, shape: tuple[int, int]) -> Aperture:
+    """The pixels and weights of a +-``half_width`` row aperture around every trace point.
+
+    Edge pixels of the window are weighted by the fraction of the pixel inside it, so the
+    aperture is exactly ``2 * half_width`` rows wide wherever the trace sits; rows outside
+    the frame get weight 0.
+
+    Parameters
+    ----------
+    trace : ndarray (nfiber, ncol)
+        Row of each fiber's centre at every column.
+    half_width : float
+        Half-width of the aperture (rows).
+    shape : tuple of int
+        (nrow, ncol) of the frames to extract; ``ncol`` must match the trace's.
+
+    Returns
+    -------
+    Aperture
+    """
+    trace = np.asarray(trace)  # its dtype kept: float32 traces give float32 windows
+    nrow, ncol = (int(n) for n in shape)
+    if trace.ndim != 2 or trace.shape[1] != ncol:
+        raise ValueError(f"trace of shape {trace.shape} does not fit a frame of {shape}")
+    lo = trace - half_width
+    hi = trace + half_width
+    r0 = np.floor(lo + 0.5).astype(int)  # first row whose pixel overlaps the window
+    n = int(np.ceil(2 * half_width)) + 2
+    cols = np.arange(ncol)[None, :]
+    itype = np.int32 if nrow * ncol < 2**31 else np.intp
+    index = np.empty((n, *trace.shape), itype)
+    weight = []
+    for j in range(n):
+        rows = r0 + j
+        # overlap of pixel [rows-0.5, rows+0.5] with [lo, hi]
+        w = np.clip(np.minimum(rows + 0.5, hi) - np.maximum(rows - 0.5, lo), 0.0, 1.0)
+        inside = (rows >= 0) & (rows < nrow)
+        weight.append(np.where(inside, w, 0.0))
+        index[j] = np.clip(rows, 0, nrow - 1) * ncol + cols
+    return Aperture(float(half_width), (nrow, ncol), index, np.stack(weight))
+
+
 def boxcar(
     image: np.ndarray,
-    trace: np.ndarray,
-    half_width: float = 3.0,
+    trace: np.ndarray | Aperture,
+    half_width: float | None = None,
     variance: np.ndarray | None = None,
     mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -33,10 +89,12 @@ def boxcar(
     ----------
     image : ndarray (nrow, ncol)
         Frame in electrons.
-    trace : ndarray (nfiber, ncol)
-        Row of each fiber's centre at every column.
-    half_width : float
-        Half-width of the aperture (rows).
+    trace : ndarray (nfiber, ncol) or Aperture
+        Row of each fiber's centre at every column, or the aperture built from it once by
+        :func:`aperture` (the same result, without rebuilding the weights).
+    half_width : float, optional
+        Half-width of the aperture (rows); default 3, or the aperture's (giving another
+        one with an aperture is an error).
     variance : ndarray (nrow, ncol), optional
         Pixel variance (e-^2); its weighted sum is returned.
     mask : ndarray (nrow, ncol) of bool, optional
@@ -49,27 +107,43 @@ def boxcar(
     var : ndarray (nfiber, ncol) or None
         Variance of ``flux`` (None when no variance was given).
     """
-    nrow, ncol = image.shape
-    lo = trace - half_width
-    hi = trace + half_width
-    r0 = np.floor(lo + 0.5).astype(int)  # first row whose pixel overlaps the window
-    n = int(np.ceil(2 * half_width)) + 2
-    cols = np.arange(ncol)[None, :]
-    flux = np.zeros(trace.shape)
-    var = np.zeros(trace.shape) if variance is not None else None
-    for j in range(n):
-        rows = r0 + j
-        # overlap of pixel [rows-0.5, rows+0.5] with [lo, hi]
-        w = np.clip(np.minimum(rows + 0.5, hi) - np.maximum(rows - 0.5, lo), 0.0, 1.0)
-        inside = (rows >= 0) & (rows < nrow)
-        rr = np.clip(rows, 0, nrow - 1)
-        w = np.where(inside, w, 0.0)
-        if mask is not None:
-            w = np.where(mask[rr, cols], 0.0, w)
-        flux += w * image[rr, cols]
-        if var is not None:
-            var += w**2 * variance[rr, cols]
+    if isinstance(trace, Aperture):
+        ap = trace
+        if half_width is not None and float(half_width) != ap.half_width:
+            raise ValueError(f"half_width {half_width} differs from the aperture's "
+                             f"{ap.half_width}")
+    else:
+        ap = aperture(trace, 3.0 if half_width is None else half_width, image.shape)
+    for name, arr in (("image", image), ("variance", variance), ("mask", mask)):
+        if arr is not None and arr.shape != ap.shape:
+            raise ValueError(f"{name} of shape {arr.shape} does not fit the aperture's frame "
+                             f"{ap.shape}")
+    flux = np.zeros(ap.index.shape[1:])
+    var = np.zeros(ap.index.shape[1:]) if variance is not None else None
+    nothing = np.zeros(1, np.bool_)
+    _boxcar_sums(np.ravel(image), nothing if variance is None else np.ravel(variance),
+                 nothing if mask is None else np.ravel(mask), ap.index, ap.weight,
+                 variance is not None, mask is not None, flux,
+                 flux if var is None else var)
     return flux, var
+
+
+@njit(cache=True, nogil=True)
+def _boxcar_sums(pixels, vpix, mpix, index, weight, with_var, with_mask, flux, var):
+    """The sums of :func:`boxcar`, in place: ``flux += w * pixel`` and ``var += w * w *
+    variance`` window row by window row (the order of a sum over the rows), ``w`` set to 0
+    on masked pixels (so a non-finite masked pixel still makes the sum non-finite)."""
+    nwin, nfib, ncol = index.shape
+    for j in range(nwin):
+        for f in range(nfib):
+            for c in range(ncol):
+                i = index[j, f, c]
+                w = weight[j, f, c]
+                if with_mask and mpix[i]:
+                    w = np.float32(0.0)  # typed as the weights are (float32 or 64)
+                flux[f, c] += w * pixels[i]
+                if with_var:
+                    var[f, c] += w * w * vpix[i]
 
 
 class Extraction(NamedTuple):

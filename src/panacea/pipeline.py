@@ -65,14 +65,15 @@ def calibration_for(
     ``tag`` (the configuration hash) and the pipeline version are unchanged, else built from
     raw frames and written atomically. A reused bundle has ``meta["_reused"]`` set. A built
     one is returned as stored (read back) unless ``load`` is False (then as computed: for a
-    caller that needs only its fingerprint)."""
+    caller that needs only its fingerprint; a reused one then holds no arrays)."""
     plan = plan_calibration(archive, date, channel, options)
     path = bundle_path(root, date, channel.name)
     described = f"{options.describe()};config={tag}"
     fingerprint = content_fingerprint(plan.inputs, plan.sources, described)
     if path.exists() and not force:
         try:
-            bundle = read_bundle(path)
+            # without ``load`` only the header is read (every HDU's checksum still checked)
+            bundle = read_bundle(path, names=None if load else ())
             if bundle.fingerprint == fingerprint:
                 log.info("%s %s: reusing calibration %s", date, channel.name, path)
                 bundle.meta["_reused"] = True

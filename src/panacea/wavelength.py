@@ -65,7 +65,7 @@ from scipy.special import erf
 from panacea import instrument
 from panacea.ccd import Frame, Mask
 from panacea.errors import PanaceaError
-from panacea.extract import boxcar
+from panacea.extract import aperture, boxcar
 
 log = logging.getLogger(__name__)
 
@@ -387,15 +387,17 @@ def arc_spectra_from_frames(
         mask of the (fiber, column) samples that include a saturated pixel.
     """
     out = {}
+    ap = None
     for lamp, frames in frames_by_lamp.items():
         frames = [frames] if isinstance(frames, Frame) else list(frames)
         if not frames:
             continue
         flux = var = sat = None
         for fr in frames:
-            f, v = boxcar(fr.image, trace, half_width, fr.variance)
-            s, _ = boxcar(((fr.mask & Mask.SATURATED) != 0).astype(np.float32), trace,
-                          half_width)
+            if ap is None or ap.shape != fr.image.shape:  # the weights once per frame shape
+                ap = aperture(trace, half_width, fr.image.shape)
+            f, v = boxcar(fr.image, ap, variance=fr.variance)
+            s, _ = boxcar(((fr.mask & Mask.SATURATED) != 0).astype(np.float32), ap)
             flux = f if flux is None else flux + f
             var = v if var is None else var + v
             sat = s > 0 if sat is None else sat | (s > 0)
