@@ -52,6 +52,16 @@ def test_round_trip(tmp_path):
     assert back.meta["NDEAD"] == 0
 
 
+def _flip_data_byte(path, extname: str) -> None:
+    """Invert one byte in the middle of extension ``extname``'s data, in place."""
+    data = bytearray(path.read_bytes())
+    with fits.open(path) as hdul:
+        hdu = hdul[extname]
+        at = hdu._data_offset + hdu._data_size // 2
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def test_science_reads_only_its_extensions_but_checks_the_whole_file(tmp_path):
     path = tmp_path / "cal.fits"
     bundle = _bundle()
@@ -61,12 +71,7 @@ def test_science_reads_only_its_extensions_but_checks_the_whole_file(tmp_path):
     assert set(back.arrays) == {"wavelength", "trace", "dead", "rdnoise"}
     assert np.array_equal(back["trace"], bundle["trace"])
     assert "masterarc" in read_bundle(path).arrays
-    data = bytearray(path.read_bytes())  # a byte of the unread masterarc changed
-    with fits.open(path) as hdul:
-        hdu = hdul["MASTERARC"]
-        at = hdu._data_offset + hdu._data_size // 2
-    data[at] ^= 0xFF
-    path.write_bytes(bytes(data))
+    _flip_data_byte(path, "MASTERARC")  # a byte of the unread masterarc changed
     with pytest.raises(BundleError, match=r"\(masterarc\) fails its data checksum"):
         read_bundle(path, names=SCIENCE_EXTENSIONS)
 
@@ -104,11 +109,6 @@ def test_header_only_read_still_checks_every_hdu(tmp_path):
     head = read_bundle(path, names=())
     assert head.arrays == {} and head.fingerprint == bundle.fingerprint
     assert head.meta["NDEAD"] == 0 and head.inputs == ["b", "a"]
-    data = bytearray(path.read_bytes())
-    with fits.open(path) as hdul:
-        hdu = hdul["WAVELENGTH"]
-        at = hdu._data_offset + hdu._data_size // 2
-    data[at] ^= 0xFF
-    path.write_bytes(bytes(data))
+    _flip_data_byte(path, "WAVELENGTH")
     with pytest.raises(BundleError, match=r"\(wavelength\) fails its data checksum"):
         read_bundle(path, names=())
