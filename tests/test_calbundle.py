@@ -74,6 +74,9 @@ def test_science_reads_only_its_extensions_but_checks_the_whole_file(tmp_path):
     _flip_data_byte(path, "MASTERARC")  # a byte of the unread masterarc changed
     with pytest.raises(BundleError, match=r"\(masterarc\) fails its data checksum"):
         read_bundle(path, names=SCIENCE_EXTENSIONS)
+    write_bundle(bundle, path)
+    with pytest.raises(BundleError, match=r"cal\.fits: no extension \['wavelenght'\]"):
+        read_bundle(path, names=("wavelenght",))
 
 
 def test_bad_bundles_are_refused(tmp_path):

@@ -319,3 +319,18 @@ def test_boxcar_aperture_refuses_another_frame_or_width():
     with pytest.raises(ValueError, match="does not fit a frame"):
         aperture(trace, 3.0, (30, 21))
     assert boxcar(np.zeros((30, 20)), ap, 3.0)[0].shape == (3, 20)
+
+
+def test_boxcar_takes_big_endian_and_half_precision_frames():
+    """An image read straight from a FITS HDU is big-endian: the same sums as native."""
+    rng = np.random.default_rng(3)
+    image = rng.normal(100.0, 5.0, (60, 80)).astype(np.float32)
+    trace = np.tile(np.array([[15.2], [30.7], [45.1]]), (1, 80))
+    mask = np.zeros(image.shape, bool)
+    mask[20, 10] = True
+    ref, _ = boxcar(image, trace, mask=mask)
+    big, _ = boxcar(image.astype(">f4"), trace, mask=mask.astype(">i2"))
+    assert np.array_equal(ref, big)
+    half = image.astype(np.float16)
+    assert np.array_equal(boxcar(half, trace)[0], boxcar(half.astype(np.float32), trace)[0])
+

@@ -170,6 +170,18 @@ def _amp(fakeraw, **kw) -> bytes:
     return fakeraw.amp_fits("056", "LL", **kw)
 
 
+def _blank_scaled() -> bytes:
+    """Scaled 16-bit integers (BSCALE 2) that are all BLANK but a corner: NaN once read."""
+    data = np.full((1032, 2128), -32768, np.int16)
+    data[:5, :5] = 7
+    hdu = fits.PrimaryHDU(data)
+    hdu.header["BSCALE"] = 2.0
+    hdu.header["BLANK"] = -32768
+    out = __import__("io").BytesIO()
+    hdu.writeto(out)
+    return out.getvalue()
+
+
 @pytest.mark.parametrize("make, problem", [
     (lambda f: b"SIMPLE  = garbage" + bytes(3000), "unreadable FITS file"),
     (lambda f: _amp(f, data=np.ones((100, 300), np.uint16) + np.arange(300, dtype=np.uint16)),
@@ -178,7 +190,8 @@ def _amp(fakeraw, **kw) -> bytes:
     (lambda f: _amp(f, data=np.where(np.arange(2128) % 3 == 0, 1.0, np.nan).astype(np.float32)
                     * np.ones((1032, 1))), "of the pixels are finite"),
     (lambda f: _amp(f, data=np.full((1032, 2128), 1000, np.uint16)), "the image is constant"),
-], ids=["garbage", "wrong-shape", "all-nan", "mostly-nan", "constant"])
+    (lambda f: _blank_scaled(), "of the pixels are finite"),
+], ids=["garbage", "wrong-shape", "all-nan", "mostly-nan", "constant", "blank-integers"])
 def test_bad_frame_refused_with_its_name(fakeraw, make, problem):
     with pytest.raises(FrameError) as err:
         read_amp(Reader(make(fakeraw)), Member())

@@ -139,7 +139,8 @@ def twice(x):
 
 def test_numba_functions_preloaded_from_the_cache(tmp_path):
     """The parent loads the cached machine code of the numba functions before the pool
-    forks (none compiled there); a call then finds it."""
+    forks (none compiled there); a call then finds it, and so does a jitted caller compiled
+    afterwards (the implementation is registered as numba's own cache hit does)."""
     import os
     import subprocess
     import sys
@@ -154,6 +155,9 @@ def test_numba_functions_preloaded_from_the_cache(tmp_path):
     check = ("import nbprobe; from panacea.ops.executors import preload_compiled\n"
              "n = preload_compiled([nbprobe]); sigs = list(nbprobe.twice.overloads)\n"
              "assert nbprobe.twice(2.0) == 4.0\n"
+             "from numba import njit\n"  # a jitted caller compiled after the preload
+             "caller = njit(lambda x: nbprobe.twice(x) + 1.0)\n"
+             "assert caller(2.0) == 5.0\n"
              "print(n, len(sigs), len(nbprobe.twice.overloads), preload_compiled([nbprobe]))")
     subprocess.run([sys.executable, "-c", fill], check=True, env=env, cwd=tmp_path)
     out = subprocess.run([sys.executable, "-c", check], check=True, env=env, cwd=tmp_path,

@@ -222,7 +222,10 @@ def _load(reader: RawReader, rawfile) -> tuple[np.ndarray, fits.Header]:
     try:
         with fits.open(io.BytesIO(content), memmap=False) as hdul:
             header = hdul[0].header  # parsed in memory: stays valid once the file is closed
-            raw_bitpix = hdul[0].header.get("BITPIX")
+            raw_bitpix = header.get("BITPIX")
+            if header.get("BSCALE", 1) != 1 or header.get("BZERO", 0) not in (0, 32768):
+                # astropy rewrites a scaled image's BITPIX/BSCALE/BZERO as it reads the data
+                header = header.copy()
             data = hdul[0].data
             data = None if data is None else np.array(data, dtype=np.float32)
     except (OSError, ValueError, TypeError, IndexError, fits.VerifyError) as exc:
@@ -235,10 +238,12 @@ def _load(reader: RawReader, rawfile) -> tuple[np.ndarray, fits.Header]:
         log.warning("%s: BITPIX %s, not the 16-bit unsigned integers of raw LRS2 frames; "
                     "read as given", where, raw_bitpix)
     if data.size and raw_bitpix in (8, 16, 32, 64):
-        # integers: every pixel is finite (no pass over the frame to find out)
-        if data.min() == data.max():
-            raise FrameError(f"{where}: the image is constant ({data.max():g} ADU everywhere)")
-        return data, header
+        # integers are finite unless scaled with BLANK pixels (NaN): the extremes tell
+        lo, hi = data.min(), data.max()
+        if np.isfinite(lo) and np.isfinite(hi):
+            if lo == hi:
+                raise FrameError(f"{where}: the image is constant ({hi:g} ADU everywhere)")
+            return data, header
     finite = np.isfinite(data)
     if data.size == 0 or not finite.any():
         raise FrameError(f"{where}: no finite pixel (the image is all NaN or infinite)")

@@ -73,6 +73,19 @@ def aperture(trace: np.ndarray, half_width: float, shape: tuple[int, int]) -> Ap
     return Aperture(float(half_width), (nrow, ncol), index, np.stack(weight))
 
 
+def _native(a: np.ndarray | None) -> np.ndarray | None:
+    """``a`` in a dtype the numba kernel takes: native byte order (an image read straight
+    from a FITS HDU is big-endian), float16 widened to float32 (exact)."""
+    if a is None:
+        return None
+    a = np.asarray(a)
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    if a.dtype == np.float16:
+        a = a.astype(np.float32)
+    return a
+
+
 def boxcar(
     image: np.ndarray,
     trace: np.ndarray | Aperture,
@@ -114,6 +127,7 @@ def boxcar(
                              f"{ap.half_width}")
     else:
         ap = aperture(trace, 3.0 if half_width is None else half_width, image.shape)
+    image, variance, mask = (_native(a) for a in (image, variance, mask))
     for name, arr in (("image", image), ("variance", variance), ("mask", mask)):
         if arr is not None and arr.shape != ap.shape:
             raise ValueError(f"{name} of shape {arr.shape} does not fit the aperture's frame "

@@ -316,6 +316,9 @@ def read_product(layout: Layout, path: str | Path, names: tuple[str, ...] | None
             raise ProductError(f"{path}: extensions {found} differ from the layout "
                                f"{layout.names}")
         wanted = set(found if names is None else names)
+        if wanted - set(found):
+            raise ProductError(f"{path}: no extension {sorted(wanted - set(found))} in the "
+                               f"{layout.kind} layout {layout.names}")
         arrays = {}
         for n, h in zip(found, hdul):
             if n in wanted and h.data is not None:

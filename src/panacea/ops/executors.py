@@ -219,6 +219,7 @@ def preload_compiled(modules: list | None = None) -> int:
     import sys
 
     try:
+        from numba.core.caching import NullCache
         from numba.core.registry import CPUDispatcher
     except ImportError:
         return 0
@@ -228,7 +229,8 @@ def preload_compiled(modules: list | None = None) -> int:
     loaded = 0
     for module in modules:
         for fn in list(vars(module).values()):
-            if not isinstance(fn, CPUDispatcher) or fn._cache is None:
+            cache = getattr(fn, "_cache", None)
+            if not isinstance(fn, CPUDispatcher) or cache is None or isinstance(cache, NullCache):
                 continue
             try:
                 magic = fn.targetctx.codegen().magic_tuple()
@@ -239,6 +241,11 @@ def preload_compiled(modules: list | None = None) -> int:
                     # from the cache only, never compiled here (that is the first call's)
                     cres = fn._cache.load_overload(sig, fn.targetctx)
                     if cres is not None:
+                        # as numba's own cache hit does: register the implementation so
+                        # that a jitted caller compiled later can lower a call to it
+                        if not cres.objectmode:
+                            fn.targetctx.insert_user_function(cres.entry_point,
+                                                              cres.fndesc, [cres.library])
                         fn.add_overload(cres)
                         loaded += 1
             except Exception as err:  # an optimisation only

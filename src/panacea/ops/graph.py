@@ -71,7 +71,8 @@ class Scheduler:
         try:
             job()
         except Exception as err:  # an optimisation only: whoever needs it redoes it
-            log.debug("background job %r failed: %s", job, err, exc_info=True)
+            log.warning("a background job failed (its work is redone where it is needed): "
+                        "%s: %s", type(err).__name__, err, exc_info=log.isEnabledFor(10))
 
     def run(self) -> None:
         """Submit ready tasks by priority, hand each result to its callback, until done;

@@ -123,6 +123,7 @@ class _Night:
         self.qa: set[str] = set()  # channels whose QA was considered
         self.prefetched = False  # guider reads queued ahead of the science tasks
         self.joined: list[Outcome] | None = None  # outcomes of the joins, once done
+        self.finished = False  # finish() has begun: queued background jobs are void
 
     # ----------------------------------------------------------------- the graph
 
@@ -207,7 +208,8 @@ class _Night:
             night = self.archive.night(self.date)
             for exposure in self.science:
                 self.scheduler.background(
-                    lambda e=exposure: pipeline.guider(self.conditions, night, e))
+                    lambda e=exposure: None if self.finished
+                    else pipeline.guider(self.conditions, night, e))
         if cal_fp is not None:
             self._add("response", channel, tasks.response_task,
                       (self.run, self.date, channel, cal_fp),
@@ -268,7 +270,7 @@ class _Night:
         if channel not in self.qa:
             self.qa.add(channel)
             if len(self.qa) == len(self.run.channels):
-                self.scheduler.background(self._join_observations)
+                self.scheduler.background(self._join_in_background)
             done = NightSummary(self.date, self.run.output)
             done.outcomes = [o for _, outs in self.parts for o in outs
                              if getattr(o, "channel", None) == channel]
@@ -312,10 +314,17 @@ class _Night:
                             local)
         self.joined = local.outcomes[first:]
 
+    def _join_in_background(self) -> None:
+        """The joins, unless the night has already finished (and joined) meanwhile: a
+        queued job may outlive its night when the last channel needs no QA task."""
+        if not self.finished and self.joined is None:
+            self._join_observations()
+
     # ----------------------------------------------------------------- the end
 
     def finish(self) -> int:
         """Join, write summary and ledger (once every task of the night is done)."""
+        self.finished = True
         if not self.locked:
             return EXIT_LOCKED
         try:
