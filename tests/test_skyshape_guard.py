@@ -100,3 +100,16 @@ def test_lines_held_out_in_neighbouring_pairs():
     assert [sorted(cols_of[int(g)] for g in b) for b in blocks] == [
         [100.0, 500.0], [500.0, 900.0], [900.0, 1300.0]]
     assert ss._line_blocks(d, 1) is None
+
+
+def test_no_scorable_spline_keeps_the_arcs(orange9, monkeypatch):
+    """When no spline can be scored on held-out lines (every score NaN), the arcs' shape
+    is kept with a reason, not an exception."""
+    sky, arc, ncol, _, _ = orange9
+    real = ss._held_out_rms
+    monkeypatch.setattr(ss, "_held_out_rms", lambda d, sp, *a, **k:
+                        real(d, sp, *a, **k) if sp == 0.0 else float("nan"))
+    shape = ss.fit_shape(sky, arc, ncol)
+    assert not shape.applied and "better" in shape.reason
+    assert not np.any(shape.offsets)
+

@@ -553,10 +553,13 @@ def fit_shape(sky: Sequence[SkyLines], arc: tuple[np.ndarray, np.ndarray, np.nda
             for pr in priors:
                 cv[(float(sp), float(pr), varies)] = _held_out_rms(d, float(sp), float(pr),
                                                                    ncol, varies, cblocks)
-    best = min(v for k, v in cv.items() if k[0] > 0)
-    choice = next(k for k, v in cv.items() if k[0] > 0 and v <= (1 + CV_TOLERANCE) * best)
-    if not cv[choice] < (1 - MIN_GAIN) * cv[none]:
-        choice = none
+    scored = {k: v for k, v in cv.items() if k[0] > 0 and np.isfinite(v)}
+    choice = none  # also when no spline could be scored (too few lines left held out)
+    if scored:
+        best = min(scored.values())
+        choice = next(k for k, v in scored.items() if v <= (1 + CV_TOLERANCE) * best)
+        if not cv[choice] < (1 - MIN_GAIN) * cv[none]:
+            choice = none
     sp, pr, varies = choice
     a = _design(d, sp, ncol, varies)
     nfree = 2 * d.nexp
