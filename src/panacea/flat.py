@@ -45,6 +45,8 @@ from scipy.linalg import solveh_banded
 from scipy.ndimage import uniform_filter1d
 from scipy.signal import savgol_filter
 
+from .medians import nanmedian
+
 log = logging.getLogger(__name__)
 
 #: Breakpoint spacing of the common source spectrum (pixels of the median dispersion).
@@ -284,22 +286,9 @@ def _fit_rows(y: np.ndarray, w: np.ndarray, basis: np.ndarray, penalty: np.ndarr
 
 
 def _row_median(values: np.ndarray, good: np.ndarray) -> np.ndarray:
-    """Median of the good values of every row (NaN values ignored); NaN for rows without any.
-
-    All rows at once: each row is sorted with the values left out (NaN) last, and the mean
-    of its two middle values (one value twice for an odd count) is taken, as
-    :func:`numpy.median` does.
-    """
-    data = np.where(good, values, np.nan)
-    nrow, ncol = data.shape
-    if ncol == 0:
-        return np.full(nrow, np.nan)
-    n = np.count_nonzero(~np.isnan(data), axis=1)
-    data.sort(axis=1)
-    rows = np.arange(nrow)
-    lo = data[rows, np.maximum(n - 1, 0) // 2]
-    hi = data[rows, n // 2]
-    return np.where(n > 0, (lo + hi) / 2, np.nan).astype(float, copy=False)
+    """Median of the good values of every row (NaN values ignored); NaN for rows without any
+    (:func:`panacea.medians.nanmedian`: numpy's arithmetic, all rows at once)."""
+    return nanmedian(np.where(good, values, np.nan), axis=1).astype(float, copy=False)
 
 
 def _as_inputs(spectra, variance, wave, dead, mask):

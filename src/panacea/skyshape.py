@@ -38,6 +38,7 @@ import numpy as np
 from scipy.interpolate import BSpline
 
 from . import instrument, skywave
+from .medians import nanmedian
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def measure_exposure(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
         The lines stacked over the faintest fibers (:func:`panacea.skywave.sky_fibers`) of
         each group whose Gaussian fit reaches :data:`MIN_LINE_SNR`.
     """
-    med = skywave._nanmedian(flux, axis=1)
+    med = nanmedian(np.asarray(flux, float), axis=1)
     fibers = skywave.sky_fibers(flux, usable, med)
     level = skywave._levels(flux, fibers, med)
     lines = skywave.usable_lines(wave, lsf_fwhm)
@@ -597,8 +598,4 @@ def apply_shape(wave: np.ndarray, offsets: np.ndarray, across: np.ndarray | None
     shift = np.broadcast_to(offsets, (nfib, ncol))
     if across is not None:
         shift = shift + _norm_fiber(nfib)[:, None] * across[None, :]
-    at = np.arange(ncol, dtype=float)[None, :] - shift
-    i = np.clip(np.floor(at).astype(int), 0, ncol - 2)
-    w0 = np.take_along_axis(wave, i, axis=1)
-    w1 = np.take_along_axis(wave, i + 1, axis=1)
-    return w0 + (at - i) * (w1 - w0)
+    return skywave.shifted(wave, shift)

@@ -29,6 +29,7 @@ from scipy.ndimage import median_filter
 from scipy.optimize import least_squares, leastsq
 
 from . import instrument
+from .medians import nanmedian
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def usable_lines(wave: np.ndarray, lsf_fwhm: float = instrument.LSF_FWHM_PIX
     comparable strength within :data:`BLEND_FWHM` widths: (wavelength A, wavelengths of the
     other listed lines near enough to reach the stacking window, whose columns are masked).
     """
-    ref = _nanmedian(wave, axis=0)
+    ref = nanmedian(np.asarray(wave, float), axis=0)
     disp = float(np.median(np.abs(np.diff(ref))))
     lo, hi = np.nanmin(ref) + HALF_WINDOW * disp, np.nanmax(ref) - HALF_WINDOW * disp
     lines = instrument.sky_lines()
@@ -160,7 +161,7 @@ def sky_fibers(flux: np.ndarray, usable: np.ndarray, median: np.ndarray | None =
     :data:`SKY_FIBER_FRACTION` of them, so that a source's fibers and wings stay out of the
     stack. ``median``: each fiber's median flux (electrons per column) when already known
     (NaNs ignored, as :func:`numpy.nanmedian`)."""
-    med = _nanmedian(flux, axis=1) if median is None else median
+    med = nanmedian(np.asarray(flux, float), axis=1) if median is None else median
     level = np.where(usable, med, np.inf)
     live = level[usable & np.isfinite(level)]
     keep = np.zeros(flux.shape[0], bool)
@@ -180,29 +181,12 @@ def _levels(flux: np.ndarray, fibers: np.ndarray, median: np.ndarray | None = No
     """Relative level of each fiber (median over its columns, over the sky fibers' median;
     1 where that is not positive): the fibers' throughputs, nearly free of noise.
     ``median``: the fibers' median fluxes when already known."""
-    med = _nanmedian(flux, axis=1) if median is None else median
+    med = nanmedian(np.asarray(flux, float), axis=1) if median is None else median
     ref = float(np.nanmedian(med[fibers])) if fibers.any() else 0.0
     if not ref > 0:
         return np.ones(flux.shape[0])
     rel = med / ref
     return np.where(np.isfinite(rel) & (rel > 0.2), rel, 1.0)
-
-
-def _nanmedian(a: np.ndarray, axis: int) -> np.ndarray:
-    """Median along ``axis`` of a 2-D array ignoring NaNs (NaN where a row holds none), as
-    :func:`numpy.nanmedian` gives it, but by one sort of the whole array: numpy takes a
-    Python-level path per row (or masked arrays) once any NaN may be present, which cost
-    more than the sky-line fits themselves."""
-    a = np.asarray(a, float)
-    if not np.isnan(a).any():
-        return np.median(a, axis=axis)
-    srt = np.sort(a, axis=axis)  # NaNs sort last
-    n = np.sum(~np.isnan(srt), axis=axis)
-    lo = np.expand_dims(np.maximum((n - 1) // 2, 0), axis)
-    hi = np.expand_dims(np.maximum(n // 2, 0), axis)
-    pair = np.concatenate([np.take_along_axis(srt, lo, axis), np.take_along_axis(srt, hi, axis)],
-                          axis=axis)
-    return np.where(n > 0, np.mean(pair, axis=axis), np.nan)
 
 
 def _gauss(x, amp, mu, sig, base):
@@ -423,7 +407,7 @@ def measure_sky_shift(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
         error, method), empty when nothing could be measured.
     """
     ncol = flux.shape[1]
-    med = _nanmedian(flux, axis=1)
+    med = nanmedian(np.asarray(flux, float), axis=1)
     fibers = sky_fibers(flux, usable, med)
     level = _levels(flux, fibers, med)
     found = []
@@ -497,7 +481,7 @@ def _mean_sky(flux, variance, wave, fibers, level=None):
     divided by its throughput ``level`` (:func:`_levels`) with equal weight, a 51-px running
     median taken out; with the variance of that mean. A fiber's own median is not used as its
     scale: in a faint sky it is read noise, and dividing by it amplifies the noise."""
-    ref = _nanmedian(wave[fibers], axis=0)
+    ref = nanmedian(np.asarray(wave[fibers], float), axis=0)
     idx = np.nonzero(fibers)[0]
     lev = np.ones(flux.shape[0]) if level is None else level
     total = np.zeros(ref.size)
@@ -592,14 +576,16 @@ def apply_shift(wave: np.ndarray, result: SkyShift) -> np.ndarray:
     ``column - offset`` (linear extrapolation beyond the detector's ends)."""
     if result.method == "none":
         return wave
-    ncol = wave.shape[1]
-    cols = np.arange(ncol, dtype=float)
-    at = cols - result.offsets(ncol)
-    out = np.empty_like(wave)
-    for k in range(wave.shape[0]):
-        wk = wave[k]
-        out[k] = np.interp(at, cols, wk)
-        lo, hi = at < 0, at > ncol - 1
-        out[k, lo] = wk[0] + (at[lo]) * (wk[1] - wk[0])
-        out[k, hi] = wk[-1] + (at[hi] - (ncol - 1)) * (wk[-1] - wk[-2])
-    return out
+    return shifted(wave, result.offsets(wave.shape[1]))
+
+
+def shifted(wave: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """``wave`` (nfiber, ncol) evaluated at ``column - shift`` (px; ``shift`` broadcast to
+    ``wave``'s shape: one per column, or per fiber and column), linearly interpolated
+    between columns and extrapolated beyond the detector's ends."""
+    nfib, ncol = wave.shape
+    at = np.arange(ncol, dtype=float)[None, :] - np.broadcast_to(shift, (nfib, ncol))
+    i = np.clip(np.floor(at).astype(int), 0, ncol - 2)
+    w0 = np.take_along_axis(wave, i, axis=1)
+    w1 = np.take_along_axis(wave, i + 1, axis=1)
+    return w0 + (at - i) * (w1 - w0)
