@@ -229,7 +229,17 @@ def build_master_bias(archive: Archive, exposures: list[Exposure], channel: inst
 
 def _read_corrected(archive: Archive, exposure: Exposure, channel: instrument.Channel,
                     bias: MasterBias, overscan: str) -> Frame:
+    """The exposure's channel read and bias-subtracted (in place, variance included).
+
+    Raises
+    ------
+    FrameError
+        When it cannot be read, or its shape differs from the master bias's.
+    """
     frame = read_channel(_night(archive, exposure), exposure, channel, overscan=overscan)
+    if frame.image.shape != bias.image.shape:
+        raise FrameError(f"{exposure.name} {channel.name}: shape {frame.image.shape} differs "
+                         f"from the master bias's {bias.image.shape}")
     frame.image -= bias.image
     frame.variance += bias.variance
     return frame
@@ -409,16 +419,10 @@ def _sky_shape(archive: Archive, exposures: list[Exposure], ch: instrument.Chann
     sky = []
     for e in exposures:
         try:
-            frame = read_channel(_night(archive, e), e, ch, overscan=overscan)
+            frame = _read_corrected(archive, e, ch, bias, overscan)
         except FrameError as err:
             log.warning("%s: left out of the sky-line shape: %s", e.name, err)
             continue
-        if frame.image.shape != bias.image.shape:
-            log.warning("%s %s: shape %s differs from the calibration's %s; left out of the "
-                        "sky-line shape", e.name, ch.name, frame.image.shape, bias.image.shape)
-            continue
-        frame.image -= bias.image
-        frame.variance += bias.variance
         flux, var = boxcar(frame.image, ap, variance=frame.variance)
         del frame
         sky.append(skyshape.measure_exposure(flux, var, wsol.wave, usable, e.name))
