@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 from astropy.io import fits
 from astropy.stats import SigmaClippedStats
+from numba import njit
 from scipy.ndimage import median_filter
 from scipy.signal import savgol_filter
 
@@ -212,13 +213,100 @@ def detector_value(header: fits.Header, key: str, default: float, where: str = "
 # --------------------------------------------------------------------------- reading
 
 
-def _load(reader: RawReader, rawfile) -> tuple[np.ndarray, fits.Header]:
-    """Raw image (ADU, float32, BZERO applied) and primary header of one amp file."""
+#: FITS blocks are this many bytes; header cards this many characters.
+_BLOCK = 2880
+_CARD = 80
+
+
+def _raw_uint16(content: bytes, where: str) -> tuple[np.ndarray, fits.Header] | None:
+    """The raw image as uint16 and the primary header, for the usual raw LRS2 file: a 2-D
+    16-bit image with BZERO 32768, BSCALE 1 and no BLANK, all data present. None for
+    anything else (read by astropy in :func:`_load`, with its checks and messages).
+
+    The values are exactly astropy's (stored int16 + 32768); the data are decoded from the
+    file's bytes in one pass instead of astropy's read, unsigned conversion and float copy.
+    """
+    end = -1
+    for pos in range(0, min(len(content), 40 * _BLOCK), _CARD):
+        if content[pos:pos + 8] == b"END     ":
+            end = pos + _CARD
+            break
+    if end < 0 or content[:9] != b"SIMPLE  =":
+        return None
+    try:
+        header = fits.Header.fromstring(content[:end].decode("ascii"))
+    except (UnicodeDecodeError, ValueError, fits.VerifyError):
+        return None
+    try:
+        shape = int(header["NAXIS2"]), int(header["NAXIS1"])
+        usual = (header["BITPIX"] == 16 and header["NAXIS"] == 2
+                 and header.get("BZERO", 0) == 32768 and header.get("BSCALE", 1) == 1
+                 and "BLANK" not in header and "PCOUNT" not in header)
+    except (KeyError, TypeError, ValueError):
+        return None
+    start = -(-end // _BLOCK) * _BLOCK
+    if not usual or min(shape) < 1 or len(content) < start + 2 * shape[0] * shape[1]:
+        return None
+    stored = np.frombuffer(content, ">u2", count=shape[0] * shape[1], offset=start)
+    # stored int16 + 32768 is the stored bits with the sign bit flipped, as uint16
+    raw = np.bitwise_xor(stored, np.uint16(0x8000), dtype=np.uint16).reshape(shape)
+    lo, hi = raw.min(), raw.max()
+    if lo == hi:
+        raise FrameError(f"{where}: the image is constant ({hi:g} ADU everywhere)")
+    return raw, header
+
+
+@njit(cache=True, nogil=True)
+def _amp_kernel(raw, c0, c1, level, gain, rdn2, saturation, saturated, flip_rows, flip_cols,
+                image, variance, mask, planes):
+    """Data columns ``c0:c1`` of a uint16 amp minus the overscan ``level`` of each row
+    (float32), times ``gain``: the image (e-) written oriented into ``image``; with
+    ``planes`` also the variance ``max(image, 0) + rdn2`` and the mask, ``saturated``
+    where the raw value reached ``saturation``.
+
+    Every value is the float32 arithmetic of the array path of :func:`_amp_planes`
+    (float32(raw) - float32(level), times float32(gain), plus float32(rdnoise**2))."""
+    nrow = raw.shape[0]
+    ncol = c1 - c0
+    zero = np.float32(0.0)
+    for r in range(nrow):
+        ro = nrow - 1 - r if flip_rows else r
+        lv = level[r]
+        src = raw[r, c0:c1]
+        img = image[ro]
+        if flip_cols:  # written in reverse: the loops below differ only in the index
+            for c in range(ncol):
+                img[ncol - 1 - c] = (np.float32(src[c]) - lv) * gain
+        else:
+            for c in range(ncol):
+                img[c] = (np.float32(src[c]) - lv) * gain
+        if planes:
+            var = variance[ro]
+            msk = mask[ro]
+            for c in range(ncol):
+                var[c] = max(img[c], zero) + rdn2
+            if flip_cols:
+                for c in range(ncol):
+                    msk[ncol - 1 - c] = saturated if src[c] >= saturation else 0
+            else:
+                for c in range(ncol):
+                    msk[c] = saturated if src[c] >= saturation else 0
+
+
+def _load(reader: RawReader, rawfile, float_only: bool = False
+          ) -> tuple[np.ndarray, fits.Header]:
+    """Raw image (ADU, BZERO applied) and primary header of one amp file: uint16 for the
+    usual raw file (:func:`_raw_uint16`), else float32 (always float32 with
+    ``float_only``)."""
     where = rawfile.location
     try:
         content = reader.read_bytes(rawfile)
     except PanaceaError as exc:
         raise FrameError(str(exc)) from exc
+    if not float_only:
+        usual = _raw_uint16(content, where)
+        if usual is not None:
+            return usual
     try:
         with fits.open(io.BytesIO(content), memmap=False) as hdul:
             header = hdul[0].header  # parsed in memory: stays valid once the file is closed
@@ -358,27 +446,99 @@ def read_amp(reader: RawReader, rawfile, overscan: str = "row",
     FrameError
         Unreadable file, no data, not 2-D, unexpected shape or a constant image.
     """
-    planes, header = _amp_planes(reader, rawfile, overscan)
-    frame = Frame(*(np.ascontiguousarray(a) for a in planes), header, rawfile.location)
+    amp = _load_amp(reader, rawfile, overscan)
+    planes = (np.empty(amp.shape, np.float32), np.empty(amp.shape, np.float32),
+              np.empty(amp.shape, np.uint8))
+    amp.fill(*planes)
+    frame = Frame(*planes, amp.header, rawfile.location)
     if bad_pixel_mask is not None:
         frame.mask |= _bad_pixel_bits(bad_pixel_mask, frame.shape)
     return frame
 
 
-def _amp_planes(reader: RawReader, rawfile, overscan: str, image_only: bool = False
-                ) -> tuple[tuple[np.ndarray, ...], fits.Header]:
-    """Oriented image (e-, float32), variance (e-^2, float32) and mask (uint8) of one amp
-    (views, possibly not contiguous: the caller copies them once), and its header; with
-    ``image_only`` the image alone."""
+@dataclass
+class _LoadedAmp:
+    """One amp read and measured (overscan level, gain, orientation), before the planes are
+    written: ``raw`` uint16 for :func:`_amp_kernel`, or ``planes`` computed by
+    :func:`_amp_planes` for any other raw file."""
+
+    header: fits.Header
+    shape: tuple[int, int]  # trimmed (rows, columns)
+    raw: np.ndarray | None = None
+    columns: slice | None = None
+    level: np.ndarray | None = None  # float32 per row (ADU)
+    gain: float = 1.0
+    rdnoise: float = 0.0
+    flip_rows: bool = False
+    flip_cols: bool = False
+    planes: tuple[np.ndarray, ...] | None = None
+
+    def fill(self, image: np.ndarray, variance: np.ndarray | None = None,
+             mask: np.ndarray | None = None) -> None:
+        """Write the oriented image (and variance and mask) into arrays of ``shape``."""
+        if self.planes is not None:
+            for out, plane in zip((image, variance, mask), self.planes):
+                if out is not None:
+                    out[...] = plane
+            return
+        planes = variance is not None
+        dummy = np.empty((0, 0), np.float32)
+        _amp_kernel(self.raw, self.columns.start, self.columns.stop, self.level,
+                    np.float32(self.gain), np.float32(self.rdnoise**2),
+                    instrument.SATURATION_ADU, np.uint8(Mask.SATURATED), self.flip_rows,
+                    self.flip_cols, image,
+                    variance if planes else dummy,
+                    mask if planes else np.empty((0, 0), np.uint8), planes)
+
+
+def _load_amp(reader: RawReader, rawfile, overscan: str, image_only: bool = False
+              ) -> _LoadedAmp:
+    """Read one amp file and measure what its planes need (see :class:`_LoadedAmp`)."""
     where = rawfile.location
     try:
         raw, header = _load(reader, rawfile)
+        if raw.dtype != np.uint16:
+            planes, header = _amp_planes(reader, rawfile, overscan, image_only,
+                                         loaded=(raw, header))
+            return _LoadedAmp(header, planes[0].shape, planes=planes)
+        data_cols, bias_cols = amp_sections(header, raw.shape, where)
+        skip = OVERSCAN_SKIP // amp_binning(raw.shape, where)[1]
+        bias = raw[:, bias_cols]
+        level = overscan_level((bias[:, skip:] if bias.shape[1] > skip else bias)
+                               .astype(np.float32), overscan)
+        if not np.all(np.isfinite(level)):
+            raise FrameError(f"{where}: the overscan has no valid pixels")
+    except FrameError as err:
+        err.file = err.file or where
+        raise
+    gain = detector_value(header, "GAIN", instrument.DEFAULT_GAIN, where)
+    rdnoise = 0.0 if image_only else detector_value(header, "RDNOISE",
+                                                    instrument.DEFAULT_RDNOISE, where)
+    _check_amp(header, rawfile.amp, where)
+    rotate = instrument.needs_rotation(rawfile.amp)
+    return _LoadedAmp(header, (raw.shape[0], data_cols.stop - data_cols.start), raw,
+                      data_cols, level.astype(np.float32), gain, rdnoise, rotate,
+                      rotate != instrument.needs_column_flip(_ampname(header)))
+
+
+def _amp_planes(reader: RawReader, rawfile, overscan: str, image_only: bool = False,
+                loaded: tuple[np.ndarray, fits.Header] | None = None
+                ) -> tuple[tuple[np.ndarray, ...], fits.Header]:
+    """Oriented image (e-, float32), variance (e-^2, float32) and mask (uint8) of one amp
+    (views, possibly not contiguous), and its header; with ``image_only`` the image alone.
+
+    The array path for any raw file (``loaded``: its raw image and header when read
+    already); :func:`_amp_kernel` computes the same values for the usual uint16 file."""
+    where = rawfile.location
+    try:
+        raw, header = loaded if loaded is not None else _load(reader, rawfile, float_only=True)
+        raw = raw.astype(np.float32, copy=False)
         data, adu = subtract_overscan(raw, header, overscan, where)
     except FrameError as err:
         err.file = err.file or where
         raise
-    finite = np.isfinite(data) if raw.dtype.kind == "f" else None
-    allfinite = finite is None or bool(finite.all())
+    finite = np.isfinite(data)
+    allfinite = bool(finite.all())
     if image_only:
         gain = detector_value(header, "GAIN", instrument.DEFAULT_GAIN, where)
         image = (np.multiply(adu, gain, out=adu) if allfinite
@@ -396,8 +556,9 @@ def _amp_planes(reader: RawReader, rawfile, overscan: str, image_only: bool = Fa
 
 
 def _channel_amps(reader: RawReader, exposure, ch: instrument.Channel, overscan: str,
-                  image_only: bool = False) -> list[tuple[tuple[np.ndarray, ...], fits.Header]]:
-    """The oriented planes and header of each amp of the channel (see :func:`_amp_planes`)."""
+                  image_only: bool = False) -> list[_LoadedAmp]:
+    """Each amp of the channel read and measured (see :func:`_load_amp`), first amp first;
+    FrameError when one is missing or the two cannot be stitched."""
     amps = []
     for amp in ch.amps:
         rawfile = exposure.files.get((ch.ifuslot, amp))
@@ -406,7 +567,10 @@ def _channel_amps(reader: RawReader, exposure, ch: instrument.Channel, overscan:
             where = f" (not in {', '.join(others)})" if others else ""
             raise FrameError(f"{exposure.name}: amplifier {ch.ifuslot}{amp} of channel "
                              f"{ch.name} is missing{where}")
-        amps.append(_amp_planes(reader, rawfile, overscan, image_only))
+        amps.append(_load_amp(reader, rawfile, overscan, image_only))
+    if len(amps) == 2 and amps[0].shape != amps[1].shape:
+        raise FrameError(f"{exposure.name} {ch.name}: cannot stitch (amp shapes differ: "
+                         f"{amps[0].shape} vs {amps[1].shape})")
     return amps
 
 
@@ -433,15 +597,13 @@ def read_channel_image(reader: RawReader, exposure, channel: str | instrument.Ch
         When an amp of the channel is missing or unreadable, or the amps cannot be stitched.
     """
     ch = channel if isinstance(channel, instrument.Channel) else instrument.get_channel(channel)
-    ((first,), _), ((second,), _) = _channel_amps(reader, exposure, ch, overscan, True)
-    if first.shape != second.shape:
-        raise FrameError(f"{exposure.name} {ch.name}: cannot stitch (amp shapes differ: "
-                         f"{first.shape} vs {second.shape})")
-    shape = (first.shape[0] + second.shape[0], first.shape[1])
+    first, second = _channel_amps(reader, exposure, ch, overscan, True)
+    ny = first.shape[0]
+    shape = (2 * ny, first.shape[1])
     if out is None or out.shape != shape or out.dtype != np.float32:
         out = np.empty(shape, np.float32)
-    out[:first.shape[0]] = first
-    out[first.shape[0]:] = second
+    first.fill(out[:ny])
+    second.fill(out[ny:])
     return out
 
 
@@ -474,13 +636,14 @@ def read_channel(reader: RawReader, exposure, channel: str | instrument.Channel,
         When an amp of the channel is missing or unreadable.
     """
     ch = channel if isinstance(channel, instrument.Channel) else instrument.get_channel(channel)
-    (first, header), (second, _) = _channel_amps(reader, exposure, ch, overscan)
-    try:
-        # the stitch is the one copy of each oriented plane
-        planes = [instrument.stitch(a, b) for a, b in zip(first, second)]
-    except ValueError as exc:
-        raise FrameError(f"{exposure.name} {ch.name}: cannot stitch ({exc})") from exc
-    frame = Frame(*planes, header=header, source=f"{exposure.name} {ch.name}")
+    first, second = _channel_amps(reader, exposure, ch, overscan)
+    ny = first.shape[0]
+    shape = (2 * ny, first.shape[1])
+    planes = (np.empty(shape, np.float32), np.empty(shape, np.float32),
+              np.empty(shape, np.uint8))
+    first.fill(*(p[:ny] for p in planes))  # each amp written once, oriented, in its rows
+    second.fill(*(p[ny:] for p in planes))
+    frame = Frame(*planes, header=first.header, source=f"{exposure.name} {ch.name}")
     if bad_pixel_mask is not None:
         frame.mask |= _bad_pixel_bits(bad_pixel_mask, frame.shape)
     return frame
