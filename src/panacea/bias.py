@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from astropy.stats import mad_std
+from numba import njit
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class MasterBias:
 
 
 def combine_bands(
-    read_rows: Callable[[int, slice], np.ndarray],
+    read_rows: Callable[[int, slice], np.ndarray] | np.ndarray,
     nframes: int,
     shape: tuple[int, int],
     noise: np.ndarray,
@@ -56,8 +57,10 @@ def combine_bands(
 
     Parameters
     ----------
-    read_rows : callable
-        ``read_rows(i, rows)`` returns rows ``rows`` of frame ``i`` (e-).
+    read_rows : callable or ndarray
+        ``read_rows(i, rows)`` returns rows ``rows`` of frame ``i`` (e-); or the frames
+        themselves, shape (>= nframes, nrow, ncol) (e.g. a disk-backed stack: a band of
+        rows is read at a time, without a copy).
     noise : ndarray (nrow,)
         Read noise (e-) of every row.
 
@@ -69,21 +72,60 @@ def combine_bands(
     """
     mean = np.empty(shape, np.float32)
     count = np.empty(shape, np.int16)
+    noise = np.asarray(noise, np.float64)
     for start in range(0, shape[0], band_rows):
         rows = slice(start, min(start + band_rows, shape[0]))
-        stack = np.stack([read_rows(i, rows) for i in range(nframes)])
-        sig = nsigma * noise[rows][None, :, None]
-        if nframes >= 3:
-            # reference: mean of all but the highest value (a cosmic ray only adds charge);
-            # as robust as the median against one hit per pixel and ten times faster
-            ref = (stack.sum(axis=0) - stack.max(axis=0)) / (nframes - 1)
-            keep = np.abs(stack - ref) <= sig
+        if isinstance(read_rows, np.ndarray):
+            stack = read_rows[:nframes, rows]
         else:
-            keep = (stack - stack.min(axis=0)) <= sig * np.sqrt(2)
-        n = keep.sum(axis=0)
-        mean[rows] = np.where(keep, stack, 0).sum(axis=0) / np.maximum(n, 1)
-        count[rows] = n
+            stack = np.stack([read_rows(i, rows) for i in range(nframes)])
+        stack = np.asarray(stack, np.float32)
+        _combine_kernel(stack, nsigma * noise[rows], np.float32(max(nframes - 1, 1)),
+                        mean[rows], count[rows])
     return mean, count
+
+
+@njit(cache=True, nogil=True)
+def _combine_kernel(stack, sig, nless, mean, count):
+    """Pixel loops of :func:`combine_bands` for one band: ``stack`` (nframes, rows, ncol)
+    float32, ``sig`` the clipping distance (e-) of each row, ``nless`` float32(nframes - 1).
+
+    The float32 and float64 operations, and the order of the sums over frames, are those of
+    numpy's reductions along the frame axis, so the result is that of the array code
+    ``ref = (sum - max) / (n - 1)``, ``keep = |x - ref| <= sig`` (two frames:
+    ``x - min <= sig * sqrt(2)``), ``mean = sum(x where keep) / max(count, 1)``."""
+    nframes, nrow, ncol = stack.shape
+    root2 = np.sqrt(2.0)
+    zero = np.float32(0.0)
+    for r in range(nrow):
+        s = sig[r]
+        s2 = s * root2
+        for c in range(ncol):
+            first = stack[0, r, c]
+            total = first
+            high = first
+            low = first
+            for f in range(1, nframes):
+                x = stack[f, r, c]
+                total += x
+                high = max(high, x)
+                low = min(low, x)
+            ref = zero
+            if nframes >= 3:
+                ref = (total - high) / nless
+            kept = 0
+            acc = zero
+            for f in range(nframes):
+                x = stack[f, r, c]
+                if nframes >= 3:
+                    keep = np.float64(abs(x - ref)) <= s
+                else:
+                    keep = np.float64(x - low) <= s2
+                value = x if keep else zero
+                acc = value if f == 0 else acc + value
+                kept += keep
+            mean[r, c] = np.float32(np.float64(acc) / np.float64(max(kept, 1)))
+            count[r, c] = kept
 
 
 def read_noise(frames: Sequence[np.ndarray], amp_rows: int) -> np.ndarray:
@@ -108,7 +150,7 @@ def read_noise(frames: Sequence[np.ndarray], amp_rows: int) -> np.ndarray:
 
 
 def master_bias(
-    read_rows: Callable[[int, slice], np.ndarray],
+    read_rows: Callable[[int, slice], np.ndarray] | np.ndarray,
     nframes: int,
     shape: tuple[int, int],
     amp_rows: int,
@@ -118,8 +160,9 @@ def master_bias(
 
     Parameters
     ----------
-    read_rows : callable
-        ``read_rows(i, rows)`` returns rows of the overscan-subtracted bias ``i`` (e-).
+    read_rows : callable or ndarray
+        ``read_rows(i, rows)`` returns rows of the overscan-subtracted bias ``i`` (e-); or
+        the stack of biases, shape (>= nframes, nrow, ncol).
     nframes : int
         Number of bias frames (at least 2).
     shape : (nrow, ncol)
@@ -131,7 +174,10 @@ def master_bias(
         raise ValueError(f"a master bias needs at least 2 frames, got {nframes}")
     # read noise from the first pair of frames (millions of pixels per amp)
     whole = slice(0, shape[0])
-    rdnoise = read_noise([read_rows(i, whole) for i in range(2)], amp_rows)
+    if isinstance(read_rows, np.ndarray):
+        rdnoise = read_noise([np.asarray(read_rows[i]) for i in range(2)], amp_rows)
+    else:
+        rdnoise = read_noise([read_rows(i, whole) for i in range(2)], amp_rows)
     amp_of_row = np.arange(shape[0]) // amp_rows
     image, count = combine_bands(read_rows, nframes, shape, rdnoise[amp_of_row], band_rows)
     variance = (rdnoise[amp_of_row][:, None] ** 2 / np.maximum(count, 1)).astype(np.float32)

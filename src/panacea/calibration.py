@@ -223,8 +223,7 @@ def build_master_bias(archive: Archive, exposures: list[Exposure], channel: inst
                             e.name, channel.name, image.shape, shape)
                 continue
             kept += 1
-        return master_bias(lambda i, rows: np.asarray(stack[i, rows]), kept, shape,
-                           amp_rows=shape[0] // 2)
+        return master_bias(stack, kept, shape, amp_rows=shape[0] // 2)
 
 
 def _read_corrected(archive: Archive, exposure: Exposure, channel: instrument.Channel,
