@@ -93,39 +93,48 @@ def _combine_kernel(stack, sig, nless, mean, count):
     The float32 and float64 operations, and the order of the sums over frames, are those of
     numpy's reductions along the frame axis, so the result is that of the array code
     ``ref = (sum - max) / (n - 1)``, ``keep = |x - ref| <= sig`` (two frames:
-    ``x - min <= sig * sqrt(2)``), ``mean = sum(x where keep) / max(count, 1)``."""
+    ``x - min <= sig * sqrt(2)``), ``mean = sum(x where keep) / max(count, 1)``, for finite
+    frames (a read sets non-finite pixels to 0)."""
     nframes, nrow, ncol = stack.shape
-    root2 = np.sqrt(2.0)
+    limit = np.sqrt(2.0)
     zero = np.float32(0.0)
+    ref = np.empty(ncol, np.float32)
+    high = np.empty(ncol, np.float32)
+    acc = np.empty(ncol, np.float32)
+    kept = np.empty(ncol, np.int64)
     for r in range(nrow):
-        s = sig[r]
-        s2 = s * root2
-        for c in range(ncol):
-            first = stack[0, r, c]
-            total = first
-            high = first
-            low = first
-            for f in range(1, nframes):
-                x = stack[f, r, c]
-                total += x
-                high = max(high, x)
-                low = min(low, x)
-            ref = zero
-            if nframes >= 3:
-                ref = (total - high) / nless
-            kept = 0
-            acc = zero
-            for f in range(nframes):
+        s = sig[r] if nframes >= 3 else sig[r] * limit
+        for c in range(ncol):  # column innermost, so that the loops vectorise
+            ref[c] = stack[0, r, c]
+            high[c] = stack[0, r, c]
+        for f in range(1, nframes):
+            for c in range(ncol):
                 x = stack[f, r, c]
                 if nframes >= 3:
-                    keep = np.float64(abs(x - ref)) <= s
+                    ref[c] += x
+                    high[c] = max(high[c], x)
                 else:
-                    keep = np.float64(x - low) <= s2
+                    ref[c] = min(ref[c], x)
+        if nframes >= 3:
+            for c in range(ncol):
+                ref[c] = (ref[c] - high[c]) / nless
+        for f in range(nframes):
+            for c in range(ncol):
+                x = stack[f, r, c]
+                if nframes >= 3:
+                    keep = np.float64(abs(x - ref[c])) <= s
+                else:
+                    keep = np.float64(x - ref[c]) <= s
                 value = x if keep else zero
-                acc = value if f == 0 else acc + value
-                kept += keep
-            mean[r, c] = np.float32(np.float64(acc) / np.float64(max(kept, 1)))
-            count[r, c] = kept
+                if f == 0:
+                    acc[c] = value
+                    kept[c] = keep
+                else:
+                    acc[c] += value
+                    kept[c] += keep
+        for c in range(ncol):
+            mean[r, c] = np.float32(np.float64(acc[c]) / np.float64(max(kept[c], 1)))
+            count[r, c] = kept[c]
 
 
 def read_noise(frames: Sequence[np.ndarray], amp_rows: int) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from numba import njit
 
 #: Rows of every frame combined at once.
 BAND_ROWS = 128
@@ -71,26 +72,86 @@ def combine_frames(
     image = np.empty(images[0].shape, np.float32)
     variance = np.empty(images[0].shape, np.float32)
     rejected = np.empty(images[0].shape, bool)
+    none = np.zeros((0, 0, 0), bool)
     for start in range(0, nrow, max(int(band_rows), 1)):
         rows = slice(start, min(start + band_rows, nrow))
-        scaled = np.stack([im[rows] / lv for im, lv in zip(images, levels)])
-        svar = np.stack([v[rows] / lv**2 for v, lv in zip(variances, levels)])
-        ok = (np.ones(scaled.shape, bool) if masks is None
-              else ~np.stack([m[rows] for m in masks]))
-        # reference: the mean of all but the highest value (a cosmic ray only adds charge),
-        # or the lower of two; as robust as a median against one hit per pixel, and faster
-        if n >= 3:
-            ref = (scaled.sum(axis=0) - scaled.max(axis=0)) / (n - 1)
-        else:
-            ref = scaled.min(axis=0)
-        ok &= (scaled - ref) <= nsigma * np.sqrt(np.maximum(svar, 1e-12))
-        nkept = ok.sum(axis=0)
-        mean = np.where(ok, scaled, 0).sum(axis=0) / np.maximum(nkept, 1)
-        var = np.where(ok, svar, 0).sum(axis=0) / np.maximum(nkept, 1) ** 2
-        image[rows] = mean * total
-        variance[rows] = var * total**2
-        rejected[rows] = nkept == 0
+        band = _band(images, rows)
+        _combine_kernel(band, _band(variances, rows),
+                        none if masks is None else _band(masks, rows).astype(bool, copy=False),
+                        masks is not None, levels, float(nsigma), total, image[rows],
+                        variance[rows], rejected[rows])
     return image, variance, rejected
+
+
+def _band(frames: Sequence[np.ndarray] | np.ndarray, rows: slice) -> np.ndarray:
+    """Rows ``rows`` of every frame as one (frame, row, column) array (a view of a stack)."""
+    if isinstance(frames, np.ndarray):
+        return frames[:, rows]
+    return np.stack([np.asarray(f)[rows] for f in frames])
+
+
+@njit(cache=True, nogil=True)
+def _combine_kernel(images, variances, masks, masked, levels, nsigma, total, image, variance,
+                    rejected):
+    """Pixel loops of :func:`combine_frames` for one band of rows (frame, row, column).
+
+    Every value is that of the float64 array code it replaces: ``x / level`` and
+    ``v / level**2`` of every frame; the reference (sum - max) / (n - 1) or the min of two;
+    kept where ``scaled - ref <= nsigma * sqrt(maximum(svar, 1e-12))`` (and not masked);
+    sums over frames in frame order, NaN propagated as numpy's max, min and maximum do.
+    The loops run along a row (column innermost) so that they vectorise."""
+    n, nrow, ncol = images.shape
+    scaled = np.empty((n, ncol))
+    svar = np.empty((n, ncol))
+    ref = np.empty(ncol)
+    high = np.empty(ncol)
+    acc = np.empty(ncol)
+    vacc = np.empty(ncol)
+    kept = np.empty(ncol, np.int64)
+    for r in range(nrow):
+        for f in range(n):
+            lv = levels[f]
+            lv2 = lv**2
+            for c in range(ncol):
+                scaled[f, c] = images[f, r, c] / lv
+                svar[f, c] = variances[f, r, c] / lv2
+        for c in range(ncol):
+            ref[c] = scaled[0, c]
+            high[c] = scaled[0, c]
+        for f in range(1, n):
+            for c in range(ncol):
+                x = scaled[f, c]
+                if n >= 3:
+                    ref[c] += x
+                    if high[c] == high[c] and not x <= high[c]:  # NaN wins, as in np.max
+                        high[c] = x
+                elif ref[c] == ref[c] and not x >= ref[c]:  # the min of two (np.min)
+                    ref[c] = x
+        if n >= 3:
+            for c in range(ncol):
+                ref[c] = (ref[c] - high[c]) / (n - 1)
+        for f in range(n):
+            for c in range(ncol):
+                sv = svar[f, c]
+                floor = sv if not sv < 1e-12 else 1e-12
+                ok = (scaled[f, c] - ref[c]) <= nsigma * np.sqrt(floor)
+                if masked:
+                    ok = ok and not masks[f, r, c]
+                value = scaled[f, c] if ok else 0.0
+                vvalue = sv if ok else 0.0
+                if f == 0:
+                    acc[c] = value
+                    vacc[c] = vvalue
+                    kept[c] = ok
+                else:
+                    acc[c] += value
+                    vacc[c] += vvalue
+                    kept[c] += ok
+        for c in range(ncol):
+            keep = max(kept[c], 1)
+            image[r, c] = (acc[c] / keep) * total
+            variance[r, c] = (vacc[c] / keep**2) * total**2
+            rejected[r, c] = kept[c] == 0
 
 
 def frame_level(image: np.ndarray) -> float:
