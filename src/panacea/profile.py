@@ -159,23 +159,19 @@ class FiberProfile:
         i = np.clip(np.floor(s).astype(np.int64), 0, ngrid - 2)
         t = np.where(inside, s - i, 0.0)
         base = (fibers * nnode + k0) * ngrid + i
-        return base, a, t, inside
+        # every position spelled out (a is per column): the lookups run over flat arrays
+        return tuple(np.ascontiguousarray(x) for x in np.broadcast_arrays(base, a, t, inside))
 
     def interpolate(self, where: tuple, derivative: bool = False):
         """Profile values (and ``dP/du`` per px) at positions from :meth:`locate`."""
-        base, a, t, inside = where
-        flat = self.table.reshape(-1)
-        if self.table.shape[1] > 1:
-            nxt = base + self.table.shape[2]
-            lo = flat[base] + a * (flat[nxt] - flat[base])
-            hi = flat[base + 1] + a * (flat[nxt + 1] - flat[base + 1])
-        else:
-            lo, hi = flat[base], flat[base + 1]
-        step = hi - lo
-        value = np.where(inside, lo + t * step, 0.0)
+        base, a, t, inside = np.broadcast_arrays(*where)
+        value, slope = _interpolate_kernel(
+            np.ascontiguousarray(self.table, np.float64).reshape(-1), base.ravel(),
+            a.ravel(), t.ravel(), inside.ravel(), self.table.shape[2],
+            self.table.shape[1] > 1, float(self.grid_step), derivative)
         if derivative:
-            return value, np.where(inside, step / self.grid_step, 0.0)
-        return value
+            return value.reshape(base.shape), slope.reshape(base.shape)
+        return value.reshape(base.shape)
 
     def evaluate(self, fibers: np.ndarray, columns: np.ndarray, offsets: np.ndarray,
                  derivative: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -358,11 +354,25 @@ def _penalised_solve(normal: np.ndarray, rhs: np.ndarray, npen: int) -> np.ndarr
 # --------------------------------------------------------------------------- fitting
 
 
-def _render(shape: tuple, rows: np.ndarray, cols: np.ndarray, inside: np.ndarray,
-            values: np.ndarray) -> np.ndarray:
-    """Sum ``values`` at (rows, cols) into an image of ``shape``."""
-    flat = (rows * shape[1] + cols)[inside]
-    return np.bincount(flat, values[inside], minlength=shape[0] * shape[1]).reshape(shape)
+@njit(cache=True, nogil=True)
+def _others_kernel(nrow, ncol, rows, cols, inside, own):
+    """The light of the other fibers in every window pixel: ``own`` (nfib, ncols, nwin) of
+    the pixels ``inside`` summed into a (nrow, ncol) image at (rows, cols), that image at
+    (rows, cols), minus ``own``. The image is summed in the flat order of the inputs (the
+    order of np.bincount)."""
+    image = np.zeros(nrow * ncol)
+    n0, n1, n2 = own.shape
+    for i in range(n0):
+        for j in range(n1):
+            for k in range(n2):
+                if inside[i, j, k]:
+                    image[rows[i, j, k] * ncol + cols[i, j, k]] += own[i, j, k]
+    out = np.empty((n0, n1, n2))
+    for i in range(n0):
+        for j in range(n1):
+            for k in range(n2):
+                out[i, j, k] = image[rows[i, j, k] * ncol + cols[i, j, k]] - own[i, j, k]
+    return out
 
 
 def _solve_flux(d: np.ndarray, w: np.ndarray, prof: np.ndarray) -> np.ndarray:
@@ -405,7 +415,7 @@ def fit_fluxes(data: np.ndarray, weight: np.ndarray, prof: np.ndarray, rows: np.
     for _ in range(nsweep):
         flux = _solve_flux(data - others, weight, prof)
         own = flux[..., None] * prof
-        others = _render(shape, rows, cols, inside, own)[rows, cols] - own
+        others = _others_kernel(shape[0], shape[1], rows, cols, inside, own)
     return flux, others
 
 
@@ -482,14 +492,10 @@ def _fine_stack(value, wsum, u, key, nkey, lo, hi):
     Returns (mean value, mean offset, summed weight), each of shape (nkey, nfine).
     """
     nfine = round((hi - lo) / FINE_STEP)
-    fine = np.floor((u - lo) / FINE_STEP).astype(np.int64)
-    ok = (wsum > 0) & (fine >= 0) & (fine < nfine)
-    idx = (key * nfine + fine)[ok]
-    w = wsum[ok]
     size = nkey * nfine
-    den = np.bincount(idx, w, minlength=size)
-    num = np.bincount(idx, w * value[ok], minlength=size)
-    su = np.bincount(idx, w * u[ok], minlength=size)
+    value, wsum, u, key = (np.reshape(x, (1, 1, -1)) if np.ndim(x) == 1 else x
+                           for x in np.broadcast_arrays(value, wsum, u, key))
+    den, num, su = _fine_sums(value, wsum, u, key, nfine, size, float(lo), FINE_STEP)
     has = den > 0
     centres = lo + FINE_STEP * (np.arange(nfine) + 0.5)
     mean_u = np.where(has, su / np.where(has, den, 1), np.tile(centres, nkey))
@@ -781,6 +787,53 @@ def trace_and_profile(
     profile = build_profile(image, variance, first, mask, amp_rows=amp_rows)
     solution = refine_trace(image, first, profile, variance, mask, amp_rows=amp_rows)
     return solution, profile
+
+
+@njit(cache=True, nogil=True)
+def _interpolate_kernel(flat, base, a, t, inside, nxt, bilinear, grid_step, derivative):
+    """:meth:`FiberProfile.interpolate` over flat arrays: the same operations as the array
+    code (``lo + t * (hi - lo)``, zero outside), so the same values."""
+    n = base.size
+    value = np.zeros(n)
+    slope = np.zeros(n if derivative else 0)
+    for m in range(n):
+        if not inside[m]:
+            continue
+        b = base[m]
+        if bilinear:
+            lo = flat[b] + a[m] * (flat[b + nxt] - flat[b])
+            hi = flat[b + 1] + a[m] * (flat[b + nxt + 1] - flat[b + 1])
+        else:
+            lo, hi = flat[b], flat[b + 1]
+        step = hi - lo
+        value[m] = lo + t[m] * step
+        if derivative:
+            slope[m] = step / grid_step
+    return value, slope
+
+
+@njit(cache=True, nogil=True)
+def _fine_sums(value, wsum, u, key, nfine, size, lo, fine_step):
+    """The weighted sums of :func:`_fine_stack` (weight, weight x value, weight x offset)
+    in its bins, added in the flat order of the inputs as np.bincount adds them."""
+    den = np.zeros(size)
+    num = np.zeros(size)
+    su = np.zeros(size)
+    n0, n1, n2 = u.shape
+    for i in range(n0):
+        for j in range(n1):
+            for k in range(n2):
+                w = wsum[i, j, k]
+                if not w > 0:
+                    continue
+                q = np.floor((u[i, j, k] - lo) / fine_step)
+                if not (q >= 0 and q < nfine):
+                    continue
+                b = key[i, j, k] * nfine + int(q)
+                den[b] += w
+                num[b] += w * value[i, j, k]
+                su[b] += w * u[i, j, k]
+    return den, num, su
 
 
 @njit(cache=True, nogil=True)
