@@ -358,20 +358,23 @@ def _penalised_solve(normal: np.ndarray, rhs: np.ndarray, npen: int) -> np.ndarr
 def _others_kernel(nrow, ncol, rows, cols, inside, own):
     """The light of the other fibers in every window pixel: ``own`` (nfib, ncols, nwin) of
     the pixels ``inside`` summed into a (nrow, ncol) image at (rows, cols), that image at
-    (rows, cols), minus ``own``. The image is summed in the flat order of the inputs (the
-    order of np.bincount)."""
-    image = np.zeros(nrow * ncol)
+    (rows, cols), minus ``own``.
+
+    Each image pixel adds its terms in fiber order, as np.bincount over the flat inputs
+    does when ``cols`` depends on the column index only, as in :func:`build_profile` (the
+    loops run column by column and the image is stored by column, for memory locality)."""
+    image = np.zeros(ncol * nrow)
     n0, n1, n2 = own.shape
-    for i in range(n0):
-        for j in range(n1):
+    for j in range(n1):
+        for i in range(n0):
             for k in range(n2):
                 if inside[i, j, k]:
-                    image[rows[i, j, k] * ncol + cols[i, j, k]] += own[i, j, k]
+                    image[cols[i, j, k] * nrow + rows[i, j, k]] += own[i, j, k]
     out = np.empty((n0, n1, n2))
     for i in range(n0):
         for j in range(n1):
             for k in range(n2):
-                out[i, j, k] = image[rows[i, j, k] * ncol + cols[i, j, k]] - own[i, j, k]
+                out[i, j, k] = image[cols[i, j, k] * nrow + rows[i, j, k]] - own[i, j, k]
     return out
 
 
