@@ -654,6 +654,9 @@ def pixel_flat(
     noise2 = np.empty((nrow, ncol))
     lit = np.empty((nrow, ncol), bool)
     bright = np.empty((nrow, ncol), bool)
+    # the bright pixels of a band, in row order (rel, noise2)
+    sel_rel = np.empty(PIXEL_FLAT_BAND_ROWS * ncol)
+    sel_noise2 = np.empty(PIXEL_FLAT_BAND_ROWS * ncol)
     for _ in range(niter):
         rel_bright, noise2_bright = [], []
         for rows in bands:
@@ -661,32 +664,22 @@ def pixel_flat(
             filled = np.where(use[rows], data, model[rows])
             smooth = savgol_filter(filled, window, 2, axis=1, mode="interp")
             # leave each pixel out of its own model, so its deviation is not diluted
-            m = np.where(use[rows], (smooth - centre * filled) / (1.0 - centre), smooth)
-            model[rows] = smooth
-            litb = ok[rows] & (m > 0)
-            safe = np.where(litb, m, 1.0)
-            var = excess + np.maximum(m, 0.0) / sh
-            brightb = litb & (m * m >= min_snr**2 * var)
-            relb = np.where(litb, data / safe - 1.0, 0.0)
-            noise2b = np.where(litb, var / safe**2, np.inf)
-            rel_bright.append(relb[brightb])
-            noise2_bright.append(noise2b[brightb])
-            rel[rows], noise2[rows], lit[rows], bright[rows] = relb, noise2b, litb, brightb
+            nb = _deviations(data, excess, np.broadcast_to(sh, data.shape), filled, smooth,
+                             use[rows], ok[rows], centre, float(min_snr**2), model[rows],
+                             rel[rows], noise2[rows], lit[rows], bright[rows], sel_rel,
+                             sel_noise2)
+            rel_bright.append(sel_rel[:nb].copy())
+            noise2_bright.append(sel_noise2[:nb].copy())
         if not sum(r.size for r in rel_bright):
             raise ValueError(f"no pixel reaches S/N {min_snr:g}: the flat is too faint "
                              f"for a pixel flat")
         qe_rms = _excess_scatter(np.concatenate(rel_bright), np.concatenate(noise2_bright))
         del rel_bright, noise2_bright
-        for rows in bands:
-            limit = nsigma * np.sqrt(noise2[rows] + qe_rms**2)
-            # faint pixels too: a cosmic ray must not stay
-            use[rows] = lit[rows] & (np.abs(rel[rows]) <= limit)
-    del model
-    for rows in bands:
-        limit = nsigma * np.sqrt(noise2[rows] + qe_rms**2)
-        keep = bright[rows] & (rel[rows] <= limit)  # high outliers (cosmic rays) unmeasured
-        rel[rows] = np.where(keep, rel[rows], 0.0)
-        noise2[rows] = np.where(keep, noise2[rows], np.inf)
+        # faint pixels too: a cosmic ray must not stay
+        _reselect(rel, noise2, lit, bright, nsigma, float(qe_rms**2), use, False)
+    del model, sel_rel, sel_noise2
+    # high outliers (cosmic rays) unmeasured
+    _reselect(rel, noise2, lit, bright, nsigma, float(qe_rms**2), use, True)
     measured = np.isfinite(noise2)
     log.info("pixel flat: %d pixels measured (S/N >= %g), pixel-to-pixel rms %.4f, "
              "median noise of a measured pixel %.4f%s", int(measured.sum()), min_snr, qe_rms,
@@ -808,6 +801,65 @@ def _savgol_centre_weight(window: int) -> float:
     impulse = np.zeros(window)
     impulse[window // 2] = 1.0
     return float(savgol_filter(impulse, window, 2, mode="constant")[window // 2])
+
+
+@njit(cache=True, nogil=True)
+def _deviations(data, excess, sh, filled, smooth, use, ok, centre, min_snr2, model, rel, noise2,
+                lit, bright, sel_rel, sel_noise2):
+    """One band of an iteration of :func:`pixel_flat` after the row fit ``smooth``: the
+    model with each used pixel left out of its own fit, the lit and bright pixels, their
+    relative deviations and variances (written into ``model``, ``rel``, ``noise2``, ``lit``,
+    ``bright``), and the bright pixels' values in row order in ``sel_rel``, ``sel_noise2``;
+    returns how many. ``sh`` is the source at every pixel (1 when there is none).
+
+    The arithmetic is that of the array code: ``m = (smooth - centre * filled) /
+    (1 - centre)`` where used, ``var = excess + max(m, 0) / sh``, bright where
+    ``m * m >= min_snr2 * var``, ``rel = data / m - 1``, ``noise2 = var / m**2``."""
+    nrow, ncol = data.shape
+    one = 1.0 - centre
+    nb = 0
+    for r in range(nrow):
+        for c in range(ncol):
+            sm = smooth[r, c]
+            m = (sm - centre * filled[r, c]) / one if use[r, c] else sm
+            model[r, c] = sm
+            litb = ok[r, c] and m > 0
+            lit[r, c] = litb
+            if not litb:
+                rel[r, c] = 0.0
+                noise2[r, c] = np.inf
+                bright[r, c] = False
+                continue
+            var = excess[r, c] + m / sh[r, c]  # m > 0: max(m, 0) is m
+            rb = data[r, c] / m - 1.0
+            nb2 = var / (m * m)
+            rel[r, c] = rb
+            noise2[r, c] = nb2
+            brightb = m * m >= min_snr2 * var
+            bright[r, c] = brightb
+            if brightb:
+                sel_rel[nb] = rb
+                sel_noise2[nb] = nb2
+                nb += 1
+    return nb
+
+
+@njit(cache=True, nogil=True)
+def _reselect(rel, noise2, lit, bright, nsigma, q2, use, final):
+    """Pixels within ``nsigma`` of 0 in ``rel`` (``sqrt(noise2 + q2)`` per pixel): with
+    ``final`` False the lit ones are the next iteration's ``use`` (both signs); with
+    ``final`` the bright ones not high keep their values, the others become unmeasured
+    (``rel`` 0, ``noise2`` inf)."""
+    nrow, ncol = rel.shape
+    for r in range(nrow):
+        for c in range(ncol):
+            limit = nsigma * np.sqrt(noise2[r, c] + q2)
+            if final:
+                if not (bright[r, c] and rel[r, c] <= limit):
+                    rel[r, c] = 0.0
+                    noise2[r, c] = np.inf
+            else:
+                use[r, c] = lit[r, c] and abs(rel[r, c]) <= limit
 
 
 def _excess_scatter(rel: np.ndarray, noise2: np.ndarray) -> float:
