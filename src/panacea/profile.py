@@ -57,11 +57,13 @@ from numpy.polynomial import legendre
 from scipy.ndimage import uniform_filter1d
 
 from panacea.trace import (
+    PreparedFrame,
     TraceSolution,
     _amp_layout,
     _prepare,
     estimate_variance,
     gauss_pixel,
+    prepare_frame,
     refine_trace,
     trace_fibers,
 )
@@ -546,6 +548,7 @@ def build_profile(
     column_step: int = 6,
     niter: int = 3,
     symmetric: bool = False,
+    prepared: PreparedFrame | None = None,
 ) -> FiberProfile:
     """Measure the empirical cross-dispersion profile of every fiber.
 
@@ -576,6 +579,9 @@ def build_profile(
     symmetric : bool
         Force ``P(u) = P(-u)``. An odd part of the measured profile is partly the error
         of the traces it was measured along.
+    prepared : PreparedFrame, optional
+        The frame's :func:`panacea.trace.prepare_frame` with its variance given, when the
+        caller has it (its sampled columns are taken from it: the same values).
 
     Returns
     -------
@@ -605,8 +611,15 @@ def build_profile(
     inside = (rows >= lo3) & (rows < hi3)
     rows = np.clip(rows, lo3, hi3 - 1)
     u = rows - y[..., None]
-    sub_img, sub_var, sub_good = _prepare(img[:, cols], np.asarray(variance)[:, cols],
-                                          None if mask is None else np.asarray(mask)[:, cols])
+    if (prepared is not None and prepared.given_variance
+            and prepared.image.shape == img.shape):
+        # _prepare is elementwise: its columns are those of the whole frame's
+        sub_img, sub_var, sub_good = (a[:, cols] for a in (prepared.image, prepared.variance,
+                                                           prepared.good))
+    else:
+        sub_img, sub_var, sub_good = _prepare(
+            img[:, cols], np.asarray(variance)[:, cols],
+            None if mask is None else np.asarray(mask)[:, cols])
     level, slope = margin_background(sub_img, sub_good, solution.trace[:, cols], dead,
                                      amp_rows, per_amp, half_width + 1)
     amp_of = fibers // per_amp
@@ -786,9 +799,13 @@ def trace_and_profile(
     solution : TraceSolution
     profile : FiberProfile
     """
-    first = trace_fibers(image, variance, mask, nfibers=nfibers, amp_rows=amp_rows)
-    profile = build_profile(image, variance, first, mask, amp_rows=amp_rows)
-    solution = refine_trace(image, first, profile, variance, mask, amp_rows=amp_rows)
+    # the frame prepared and cleaned of cosmic rays once for the three steps
+    frame = prepare_frame(image, variance, mask)
+    first = trace_fibers(image, variance, mask, nfibers=nfibers, amp_rows=amp_rows,
+                         prepared=frame)
+    profile = build_profile(image, variance, first, mask, amp_rows=amp_rows, prepared=frame)
+    solution = refine_trace(image, first, profile, variance, mask, amp_rows=amp_rows,
+                            prepared=frame)
     return solution, profile
 
 

@@ -316,6 +316,54 @@ def _prepare(image, variance, mask):
     return img, var, good
 
 
+@dataclass
+class PreparedFrame:
+    """A continuum frame made ready for tracing once, for every step that measures it
+    (:func:`trace_fibers`, :func:`panacea.profile.build_profile`, :func:`refine_trace`).
+
+    Attributes
+    ----------
+    image, variance : ndarray of float64, shape (nrow, ncol)
+        The frame (e-) and its variance (e-^2), bad pixels set to 0 and 1.
+    good : ndarray of bool
+        Usable pixels (finite, positive variance, not masked).
+    edges : ndarray of int
+        Column-bin edges (:func:`bin_edges`).
+    ok : ndarray of bool
+        ``good`` without the cosmic-ray hits (:func:`cosmic_mask`) found in those bins.
+    given_variance : bool
+        Whether the variance was given (else estimated from the image).
+    """
+
+    image: np.ndarray
+    variance: np.ndarray
+    good: np.ndarray
+    edges: np.ndarray
+    ok: np.ndarray
+    given_variance: bool
+
+
+def prepare_frame(image: np.ndarray, variance: np.ndarray | None = None,
+                  mask: np.ndarray | None = None, bin_width: int = BIN_WIDTH,
+                  clip: float = 6.0) -> PreparedFrame:
+    """The :class:`PreparedFrame` of a frame (e-), its variance (e-^2, estimated when None)
+    and mask (non-zero: ignore); ``bin_width`` and ``clip`` as for :func:`trace_fibers`
+    and :func:`refine_trace`, which then give exactly their results without it."""
+    img, var, good = _prepare(image, variance, mask)
+    edges = bin_edges(img.shape[1], bin_width)
+    ok = good & ~cosmic_mask(img, var, good, edges, clip)
+    return PreparedFrame(img, var, good, edges, ok, variance is not None)
+
+
+def _prepared_for(prepared: PreparedFrame | None, shape: tuple, bin_width: int
+                  ) -> PreparedFrame | None:
+    """``prepared`` when it fits a frame of ``shape`` traced in bins of ``bin_width``."""
+    if prepared is None or prepared.image.shape != tuple(shape):
+        return None
+    edges = bin_edges(shape[1], bin_width)
+    return prepared if np.array_equal(edges, prepared.edges) else None
+
+
 def gauss_pixel(u: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, ...]:
     """Unit Gaussian integrated over pixels, and its derivatives.
 
@@ -823,6 +871,7 @@ def trace_fibers(
     bin_width: int = BIN_WIDTH,
     degree: int = TRACE_DEGREE,
     across_degree: int = ACROSS_DEGREE,
+    prepared: PreparedFrame | None = None,
 ) -> TraceSolution:
     """Find and trace every fiber of a channel frame (best: a master twilight or flat).
 
@@ -844,6 +893,9 @@ def trace_fibers(
         Degree of the Legendre series in column of every trace.
     across_degree : int
         Degree of the smooth functions of fiber index used to regularise the series.
+    prepared : PreparedFrame, optional
+        The frame's :func:`prepare_frame` (from these ``image``, ``variance`` and
+        ``mask``), when the caller has it: the same result without preparing it again.
 
     Returns
     -------
@@ -854,11 +906,16 @@ def trace_fibers(
     TraceError
         When the fibers of an amplifier cannot be found.
     """
-    img, var, good = _prepare(image, variance, mask)
+    prepared = _prepared_for(prepared, np.shape(image), bin_width)
+    if prepared is not None:
+        img, edges = prepared.image, prepared.edges
+        mean, mvar = _collapse(img, prepared.variance, prepared.ok, edges)
+    else:
+        img, var, good = _prepare(image, variance, mask)
+        edges = bin_edges(img.shape[1], bin_width)
+        mean, mvar = collapse_columns(img, var, good, edges)
     nrow, ncol = img.shape
     amp_rows, namp, per_amp = _amp_layout(nrow, nfibers, amp_rows)
-    edges = bin_edges(ncol, bin_width)
-    mean, mvar = collapse_columns(img, var, good, edges)
     ref = _reference_bin(mean)
     y_ref = np.empty(nfibers)
     dead = np.zeros(nfibers, bool)
@@ -995,7 +1052,7 @@ def _spectra_kernel(image, ok, trace, half):
 
 
 def _binned_frame(image, variance, mask, solution, fibers, bin_width, clip=6.0,
-                  find_cosmics=True):
+                  find_cosmics=True, prepared=None):
     """Collapsed frame and the light-weighted mean trace of ``fibers`` in every bin.
 
     Inside a bin the light of a fiber may come from a few columns only (an arc or sky
@@ -1003,9 +1060,12 @@ def _binned_frame(image, variance, mask, solution, fibers, bin_width, clip=6.0,
     of a pixel; the model is therefore placed at the trace averaged with the fiber's own
     spectrum as weight.
     """
-    img, var, good = _prepare(image, variance, mask)
-    edges = bin_edges(img.shape[1], bin_width)
-    ok = good & ~cosmic_mask(img, var, good, edges, clip) if find_cosmics else good
+    if prepared is not None:  # a PreparedFrame (with clip 6 cosmics) of this frame
+        img, var, edges, ok = prepared.image, prepared.variance, prepared.edges, prepared.ok
+    else:
+        img, var, good = _prepare(image, variance, mask)
+        edges = bin_edges(img.shape[1], bin_width)
+        ok = good & ~cosmic_mask(img, var, good, edges, clip) if find_cosmics else good
     mean, mvar = _collapse(img, var, ok, edges)
     trace = solution.trace[fibers]
     ybar = _bin_means(trace, edges, _spectra(img, ok, trace))
@@ -1115,6 +1175,7 @@ def refine_trace(
     degree: int = TRACE_DEGREE,
     across_degree: int = ACROSS_DEGREE,
     niter: int = 3,
+    prepared: PreparedFrame | None = None,
 ) -> TraceSolution:
     """Re-measure the traces of a frame with the fibers' empirical profiles.
 
@@ -1134,6 +1195,8 @@ def refine_trace(
         Profiles of the fibers (:func:`panacea.profile.build_profile`).
     niter : int
         Iterations of the centring.
+    prepared : PreparedFrame, optional
+        As for :func:`trace_fibers`.
 
     Returns
     -------
@@ -1145,8 +1208,9 @@ def refine_trace(
     amp_rows, namp, per_amp = _amp_layout(nrow, nfibers, amp_rows)
     live = np.flatnonzero(~solution.dead)
     lo = (live // per_amp) * amp_rows
-    mean, mvar, ybar, colbar, edges = _binned_frame(image, variance, mask, solution, live,
-                                                    bin_width)
+    mean, mvar, ybar, colbar, edges = _binned_frame(
+        image, variance, mask, solution, live, bin_width,
+        prepared=_prepared_for(prepared, (nrow, ncol), bin_width))
     model, support = _profile_model(profile)
     d, err, ok, _ = _fit_offsets(mean, mvar, ybar, colbar, live, lo, lo + amp_rows, model,
                                  support, FIT_HALF_WIDTH, niter, common=False)
