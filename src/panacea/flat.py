@@ -488,10 +488,59 @@ def pixel_map(trace: np.ndarray, values: np.ndarray, nrow: int) -> np.ndarray:
     ndarray, shape (nrow, ncol)
         Rows outside the traces take the nearest fiber's value.
     """
+    trace = np.asarray(trace, dtype=float)
+    values = np.asarray(values, dtype=float)
     rows = np.arange(nrow, dtype=float)
-    out = np.empty((nrow, trace.shape[1]))
-    for c in range(trace.shape[1]):
+    # np.interp's arithmetic in one pass over the frame where the traces increase strictly
+    # (as fibers do); np.interp itself on any other column
+    plain = np.all(np.isfinite(trace), axis=0)
+    if trace.shape[0] > 1:
+        plain &= np.all(np.diff(trace, axis=0) > 0, axis=0)
+    out = _pixel_map_kernel(trace, values, nrow, plain)
+    for c in np.flatnonzero(~plain):
         out[:, c] = np.interp(rows, trace[:, c], values[:, c])
+    return out
+
+
+@njit(cache=True, nogil=True, error_model="numpy")  # IEEE division (columns not plain)
+def _pixel_map_kernel(trace, values, nrow, plain):
+    """np.interp(rows, trace[:, c], values[:, c]) for the ``plain`` columns (traces finite
+    and strictly increasing), with np.interp's operations: the slope of each interval
+    ``(f1 - f0) / (x1 - x0)``, then ``slope * (row - x0) + f0``, the values at or beyond
+    the ends held, and its retries from the upper end of an interval for NaN. Row by row,
+    with the interval of every column carried to the next row."""
+    nfib, ncol = trace.shape
+    out = np.empty((nrow, ncol))
+    slopes = np.empty((max(nfib - 1, 1), ncol))
+    for i in range(nfib - 1):
+        for c in range(ncol):
+            slopes[i, c] = (values[i + 1, c] - values[i, c]) / (trace[i + 1, c] - trace[i, c])
+    j = np.zeros(ncol, np.int64)
+    for r in range(nrow):
+        x = float(r)
+        for c in range(ncol):
+            if not plain[c]:
+                continue
+            if x < trace[0, c]:
+                out[r, c] = values[0, c]
+                continue
+            if x > trace[nfib - 1, c]:
+                out[r, c] = values[nfib - 1, c]
+                continue
+            k = j[c]
+            while k < nfib - 1 and trace[k + 1, c] <= x:
+                k += 1
+            j[c] = k
+            if k == nfib - 1 or trace[k, c] == x:
+                out[r, c] = values[k, c]
+                continue
+            slope = slopes[k, c]
+            v = slope * (x - trace[k, c]) + values[k, c]
+            if np.isnan(v):
+                v = slope * (x - trace[k + 1, c]) + values[k + 1, c]
+                if np.isnan(v) and values[k, c] == values[k + 1, c]:
+                    v = values[k, c]
+            out[r, c] = v
     return out
 
 
