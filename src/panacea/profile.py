@@ -624,10 +624,8 @@ def build_profile(
                                      amp_rows, per_amp, half_width + 1)
     amp_of = fibers // per_amp
     sub_cols = np.broadcast_to(np.arange(cols.size)[None, :, None], rows.shape)
-    data = sub_img[rows, sub_cols] - (level[amp_of][..., None]
-                                      + slope[amp_of][..., None] * (rows - lo3))
-    weight = np.where(inside & sub_good[rows, sub_cols], 1.0 / sub_var[rows, sub_cols], 0.0)
-    weight[dead] = 0.0
+    data, weight = _window_pixels(sub_img, sub_var, sub_good, rows, inside, amp_lo, level,
+                                  slope, amp_of, dead)
 
     # pixels nearer to their own fiber than to any lit neighbour's core
     pitch = np.nanmedian(np.abs(np.diff(solution.trace[~dead, ncol // 2])))
@@ -683,6 +681,29 @@ def build_profile(
              "seen to %.1f px): chi2 per pixel %.2f", nfib, ngroup, nblock, u_core, reach,
              chi2)
     return profile
+
+
+@njit(cache=True, nogil=True)
+def _window_pixels(image, variance, good, rows, inside, amp_lo, level, slope, amp_of, dead):
+    """Window pixels of every fiber (i) at every sampled column (j): the image at (rows, j)
+    minus the margin background ``level + slope * (row - amp_lo)`` of the fiber's
+    amplifier, and the inverse variance (0 outside the amplifier, for bad pixels and dead
+    fibers); the arithmetic of the array code it replaces."""
+    n0, n1, n2 = rows.shape
+    data = np.empty((n0, n1, n2))
+    weight = np.empty((n0, n1, n2))
+    for i in range(n0):
+        a = amp_of[i]
+        lo = amp_lo[i]
+        for j in range(n1):
+            lv = level[a, j]
+            sl = slope[a, j]
+            for k in range(n2):
+                r = rows[i, j, k]
+                data[i, j, k] = image[r, j] - (lv + sl * (r - lo))
+                use = inside[i, j, k] and good[r, j] and not dead[i]
+                weight[i, j, k] = 1.0 / variance[r, j] if use else 0.0
+    return data, weight
 
 
 def _neighbour_distance(y: np.ndarray, dead: np.ndarray, per_amp: int):
