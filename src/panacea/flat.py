@@ -672,14 +672,11 @@ def pixel_flat(
     def band(rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray | float]:
         """Data and its excess variance (both divided by the source) of a band, and the
         source."""
-        img = image[rows].astype(float)
         sh = 1.0 if shape is None else shape[rows]
-        okb = ok[rows]
-        data = np.where(okb, img / sh, 0.0)
         # noise from the model, not the data (a pixel's own fluctuation must not set its
         # weight or its selection): read-noise part of the variance plus the model's counts
-        excess = np.where(okb, np.clip(variance[rows].astype(float) - np.maximum(img, 0.0),
-                                       0.0, None), 0.0) / sh**2
+        data, excess = _band_data(image[rows], variance[rows], ok[rows],
+                                  np.broadcast_to(np.asarray(sh, float), image[rows].shape))
         return data, excess, sh
 
     model = np.empty((nrow, ncol))
@@ -850,6 +847,27 @@ def _savgol_centre_weight(window: int) -> float:
     impulse = np.zeros(window)
     impulse[window // 2] = 1.0
     return float(savgol_filter(impulse, window, 2, mode="constant")[window // 2])
+
+
+@njit(cache=True, nogil=True)
+def _band_data(image, variance, ok, sh):
+    """A band's data ``image / sh`` and excess variance ``max(variance - max(image, 0), 0)
+    / sh**2`` in float64 (0 where not ``ok``), as the array code computes them."""
+    nrow, ncol = image.shape
+    data = np.empty((nrow, ncol))
+    excess = np.empty((nrow, ncol))
+    for r in range(nrow):
+        for c in range(ncol):
+            s = sh[r, c]
+            if ok[r, c]:
+                img = np.float64(image[r, c])
+                data[r, c] = img / s
+                e = np.float64(variance[r, c]) - max(img, 0.0)
+                excess[r, c] = max(e, 0.0) / (s * s)
+            else:
+                data[r, c] = 0.0
+                excess[r, c] = 0.0 / (s * s)
+    return data, excess
 
 
 @njit(cache=True, nogil=True)
