@@ -490,12 +490,12 @@ def _fit_lines(spectra: np.ndarray, variance: np.ndarray, saturated: np.ndarray,
     damp = np.eye(4)[None] * 1e-3
     for p in range(passes):
         # deblend: subtract the current models of all other lines of the same lamp
-        g, _, _ = _pixel_gauss(edges, mu[:, None], sig[:, None])
-        own = amp[:, None] * g
+        gauss = _pixel_gauss(edges, mu[:, None], sig[:, None])  # also the first step's
+        own = amp[:, None] * gauss[0]
         total = np.bincount(flat.ravel(), weights=own.ravel(), minlength=nlamp * nfib * ncol)
         y = data - (total[flat] - own)
-        for _ in range(iterations if p == 0 else 2):
-            g, dmu, dsig = _pixel_gauss(edges, mu[:, None], sig[:, None])
+        for it in range(iterations if p == 0 else 2):
+            g, dmu, dsig = gauss if it == 0 else _pixel_gauss(edges, mu[:, None], sig[:, None])
             r = y - (amp[:, None] * g + bkg[:, None])
             jac = np.stack([g, amp[:, None] * dmu, amp[:, None] * dsig, np.ones_like(g)], axis=1)
             jw = jac * w[:, None, :]
