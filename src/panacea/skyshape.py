@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 from scipy.interpolate import BSpline
 
 from . import instrument, skywave
@@ -187,30 +188,61 @@ class ShapeFit:
 # --------------------------------------------------------------------------- measurement
 
 
-def _bin_medians(bins: np.ndarray, values: Sequence[np.ndarray]
-                 ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Median of each array of ``values`` within each integer bin, returned for every point,
-    and the number of points in its bin (the bins' bookkeeping done once for all arrays)."""
-    b = np.sort(bins)
-    starts = np.r_[0, np.nonzero(np.diff(b))[0] + 1]
-    counts = np.diff(np.r_[starts, b.size])
-    at = np.searchsorted(b[starts], bins)
-    lo, hi = starts + (counts - 1) // 2, starts + counts // 2
-    meds = []
-    for v in values:
-        s = v[np.lexsort((v, bins))]
-        meds.append((0.5 * (s[lo] + s[hi]))[at])
-    return meds, counts[at]
-
-
 def _clip_stack(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Points of a stack within :data:`CLIP_SIGMA` robust sigmas of their 0.5-px bin's
     median (a cosmic ray in one fiber stands far off the other fibers' profile); bins of
     fewer than 8 points are kept."""
     bins = np.floor(x / 0.5).astype(int)
-    (med, noise), count = _bin_medians(bins, (y, 1.0 / np.sqrt(w)))
-    (mad,), _ = _bin_medians(bins, (np.abs(y - med),))
-    return (count < 8) | (np.abs(y - med) < CLIP_SIGMA * np.maximum(1.4826 * mad, noise))
+    return _clip_kernel(bins, np.asarray(y, float), 1.0 / np.sqrt(w), CLIP_SIGMA)
+
+
+@njit(cache=True, nogil=True)
+def _bin_medians(bins, order, values):
+    """Median of ``values`` within each integer bin (``order`` sorts ``bins`` stably),
+    returned for every point, and the number of points in its bin: the mean of the two
+    middle values of the bin's sorted values (NaN last), numpy's median arithmetic."""
+    n = bins.size
+    med = np.empty(n)
+    count = np.empty(n, np.int64)
+    start = 0
+    while start < n:
+        stop = start + 1
+        while stop < n and bins[order[stop]] == bins[order[start]]:
+            stop += 1
+        members = order[start:stop]
+        vals = values[members]
+        srt = vals[np.argsort(vals, kind="mergesort")]
+        m = stop - start
+        centre = 0.5 * (srt[(m - 1) // 2] + srt[m // 2])
+        for i in members:
+            med[i] = centre
+            count[i] = m
+        start = stop
+    return med, count
+
+
+@njit(cache=True, nogil=True)
+def _clip_kernel(bins, y, noise, clip):
+    """:func:`_clip_stack` for integer bins and the points' noise: kept where the bin has
+    fewer than 8 points or ``|y - median| < clip * maximum(1.4826 * MAD, median noise)``
+    (numpy's maximum: NaN wins)."""
+    order = np.argsort(bins, kind="mergesort")
+    med, count = _bin_medians(bins, order, y)
+    noise, _ = _bin_medians(bins, order, noise)
+    dev = np.abs(y - med)
+    mad, _ = _bin_medians(bins, order, dev)
+    keep = np.empty(bins.size, np.bool_)
+    for i in range(bins.size):
+        a = 1.4826 * mad[i]
+        b = noise[i]
+        if a != a:
+            scale = a
+        elif b != b:
+            scale = b
+        else:
+            scale = a if a >= b else b
+        keep[i] = count[i] < 8 or dev[i] < clip * scale
+    return keep
 
 
 def measure_exposure(flux: np.ndarray, variance: np.ndarray, wave: np.ndarray,
