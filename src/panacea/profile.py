@@ -536,6 +536,12 @@ def _wing_template(v, wsum, u, clean, half_width):
     return wing, reach
 
 
+def profile_columns(ncol: int, column_step: int = 6) -> np.ndarray:
+    """Columns :func:`build_profile` samples: every ``column_step``-th from the middle of
+    the first step."""
+    return np.arange(column_step // 2, ncol, column_step)
+
+
 def build_profile(
     image: np.ndarray,
     variance: np.ndarray | None,
@@ -601,7 +607,7 @@ def build_profile(
     dead = solution.dead
     fibers = np.arange(nfib)
     amp_lo = (fibers // per_amp) * amp_rows
-    cols = np.arange(column_step // 2, ncol, column_step)
+    cols = profile_columns(ncol, column_step)
     h = int(np.ceil(half_width))
 
     # every fiber's window of rows at every sampled column
@@ -611,11 +617,11 @@ def build_profile(
     inside = (rows >= lo3) & (rows < hi3)
     rows = np.clip(rows, lo3, hi3 - 1)
     u = rows - y[..., None]
-    if (prepared is not None and prepared.given_variance
-            and prepared.image.shape == img.shape):
+    sampled = (prepared.columns(cols) if prepared is not None and prepared.given_variance
+               and prepared.ok.shape == img.shape else None)
+    if sampled is not None:
         # _prepare is elementwise: its columns are those of the whole frame's
-        sub_img, sub_var, sub_good = (a[:, cols] for a in (prepared.image, prepared.variance,
-                                                           prepared.good))
+        sub_img, sub_var, sub_good = sampled
     else:
         sub_img, sub_var, sub_good = _prepare(
             img[:, cols], np.asarray(variance)[:, cols],
@@ -824,6 +830,8 @@ def trace_and_profile(
     frame = prepare_frame(image, variance, mask)
     first = trace_fibers(image, variance, mask, nfibers=nfibers, amp_rows=amp_rows,
                          prepared=frame)
+    # only the columns that build_profile samples are kept through it (memory)
+    frame = frame.slim(profile_columns(np.shape(image)[1]))
     profile = build_profile(image, variance, first, mask, amp_rows=amp_rows, prepared=frame)
     solution = refine_trace(image, first, profile, variance, mask, amp_rows=amp_rows,
                             prepared=frame)

@@ -323,9 +323,11 @@ class PreparedFrame:
 
     Attributes
     ----------
-    image, variance : ndarray of float64, shape (nrow, ncol)
-        The frame (e-) and its variance (e-^2), bad pixels set to 0 and 1.
-    good : ndarray of bool
+    image, variance : ndarray of float64, shape (nrow, ncol), or None
+        The frame (e-) and its variance (e-^2), bad pixels set to 0 and 1; None once
+        :meth:`slim` (then prepared again where needed: that is cheap, the cosmic rays are
+        not).
+    good : ndarray of bool, or None
         Usable pixels (finite, positive variance, not masked).
     edges : ndarray of int
         Column-bin edges (:func:`bin_edges`).
@@ -333,14 +335,32 @@ class PreparedFrame:
         ``good`` without the cosmic-ray hits (:func:`cosmic_mask`) found in those bins.
     given_variance : bool
         Whether the variance was given (else estimated from the image).
+    sampled : tuple, optional
+        Columns and the image, variance and good pixels at them (kept by :meth:`slim`).
     """
 
-    image: np.ndarray
-    variance: np.ndarray
-    good: np.ndarray
+    image: np.ndarray | None
+    variance: np.ndarray | None
+    good: np.ndarray | None
     edges: np.ndarray
     ok: np.ndarray
     given_variance: bool
+    sampled: tuple | None = None
+
+    def columns(self, cols: np.ndarray) -> tuple[np.ndarray, ...] | None:
+        """Image, variance and good pixels at columns ``cols`` (None when not kept)."""
+        if self.image is not None:
+            return tuple(a[:, cols] for a in (self.image, self.variance, self.good))
+        if self.sampled is not None and np.array_equal(self.sampled[0], cols):
+            return self.sampled[1:]
+        return None
+
+    def slim(self, cols: np.ndarray) -> PreparedFrame:
+        """The frame without its whole-frame float64 arrays (memory), keeping the cosmic-ray
+        free pixels and the columns ``cols`` (those :func:`panacea.profile.build_profile`
+        samples)."""
+        return PreparedFrame(None, None, None, self.edges, self.ok, self.given_variance,
+                             (cols, *self.columns(cols)))
 
 
 def prepare_frame(image: np.ndarray, variance: np.ndarray | None = None,
@@ -358,7 +378,7 @@ def prepare_frame(image: np.ndarray, variance: np.ndarray | None = None,
 def _prepared_for(prepared: PreparedFrame | None, shape: tuple, bin_width: int
                   ) -> PreparedFrame | None:
     """``prepared`` when it fits a frame of ``shape`` traced in bins of ``bin_width``."""
-    if prepared is None or prepared.image.shape != tuple(shape):
+    if prepared is None or prepared.ok.shape != tuple(shape):
         return None
     edges = bin_edges(shape[1], bin_width)
     return prepared if np.array_equal(edges, prepared.edges) else None
@@ -907,7 +927,7 @@ def trace_fibers(
         When the fibers of an amplifier cannot be found.
     """
     prepared = _prepared_for(prepared, np.shape(image), bin_width)
-    if prepared is not None:
+    if prepared is not None and prepared.image is not None:
         img, edges = prepared.image, prepared.edges
         mean, mvar = _collapse(img, prepared.variance, prepared.ok, edges)
     else:
@@ -1061,7 +1081,10 @@ def _binned_frame(image, variance, mask, solution, fibers, bin_width, clip=6.0,
     spectrum as weight.
     """
     if prepared is not None:  # a PreparedFrame (with clip 6 cosmics) of this frame
-        img, var, edges, ok = prepared.image, prepared.variance, prepared.edges, prepared.ok
+        edges, ok = prepared.edges, prepared.ok
+        img, var = prepared.image, prepared.variance
+        if img is None:  # slimmed: prepared again (the same arrays)
+            img, var, _ = _prepare(image, variance, mask)
     else:
         img, var, good = _prepare(image, variance, mask)
         edges = bin_edges(img.shape[1], bin_width)
