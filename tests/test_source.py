@@ -15,6 +15,7 @@ from panacea.source import (
     detect,
     fit_psf,
     moffat_fractions,
+    moffat_gradient,
     psf_extract,
 )
 
@@ -29,6 +30,27 @@ def test_moffat_fractions_sum_to_the_light_on_the_ifu():
     many = moffat_fractions(XY, np.array([0.0, 1.0]), np.array([0.0, 0.5]), np.array([1.5, 2]))
     assert many.shape == (280, 2)
     np.testing.assert_allclose(many[:, 0], centre)
+
+
+@pytest.mark.parametrize("beta", [3.5, 4.185, np.inf])
+def test_moffat_gradient_matches_the_fractions_and_their_differences(beta):
+    """Column 0 is :func:`moffat_fractions`; columns 1-5 the derivatives in x0, y0, fwhm,
+    ratio and angle, against central differences of column 0 (an elliptical, rotated
+    profile off centre, Moffat with a half-integer and another wing index, Gaussian)."""
+    par = np.array([0.7, -0.4, 1.6, 0.8, 0.5])
+    grad = moffat_gradient(XY, *par, beta=beta)
+    np.testing.assert_allclose(grad[:, 0], moffat_fractions(XY, *par, beta=beta),
+                               rtol=1e-12, atol=1e-15)
+    step = 1e-6
+    for k in range(5):
+        hi, lo = par.copy(), par.copy()
+        hi[k] += step
+        lo[k] -= step
+        diff = (moffat_gradient(XY, *hi, beta=beta)[:, 0]
+                - moffat_gradient(XY, *lo, beta=beta)[:, 0]) / (2 * step)
+        scale = np.max(np.abs(grad[:, k + 1]))
+        assert scale > 0
+        np.testing.assert_allclose(grad[:, k + 1], diff, rtol=0, atol=1e-7 * scale)
 
 
 def test_psf_fit_recovers_position_fwhm_and_shape():

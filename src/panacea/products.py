@@ -115,6 +115,10 @@ ERROR_FRACTION = 1.0 / 1024.0
 ERROR_EXTENSION = "error_spectra"
 #: Rows per compression tile of 2-D images (larger tiles write faster; 128 rows: -25 %).
 TILE_ROWS = 128
+#: Values per compression tile of a 3-D image (whole planes, e.g. the bundle's ``profile``
+#: of 280 planes of 17 x 321): one tile per plane made the reading of a profile 0.06 s, of
+#: which 0.03 s per-tile overhead; tiles of ~24 planes read in 0.03 s and are 17 % smaller.
+TILE_VALUES_3D = 1 << 17
 
 #: The per-fiber science product ``multi_{date}_{obsid7}_exp{NN}_{channel}.fits``.
 #: Version 2: ``adr`` is 3 x n (was n x 3), extensions 6 and 7 are always filled, ``bigw``
@@ -215,12 +219,15 @@ def compressed_hdu(data: np.ndarray, kind: str, floor: float | None = None
 
 
 def _tile(data: np.ndarray) -> tuple[int, ...]:
-    """Tiles of TILE_ROWS rows (of one plane for a cube)."""
+    """Tiles of TILE_ROWS rows; of whole planes, about TILE_VALUES_3D values, for a 3-D
+    image (a cube's "noise" storage has its own tiles, see :func:`compressed_hdu`)."""
     if data.ndim == 1:
         return (data.shape[0],)
     if data.ndim == 2:
         return (min(TILE_ROWS, data.shape[0]), data.shape[1])
-    return (1,) * (data.ndim - 2) + data.shape[-2:]
+    plane = int(np.prod(data.shape[-2:]))
+    planes = max(1, min(data.shape[-3], TILE_VALUES_3D // max(plane, 1)))
+    return (1,) * (data.ndim - 3) + (planes,) + data.shape[-2:]
 
 
 def multi_name(date: str, obsid: int, exp: int, channel: str) -> str:
