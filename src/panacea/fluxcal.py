@@ -81,6 +81,11 @@ MIN_TELLURIC = 0.03
 #: O2 A core corrected from airmass 1.22 to 1.6: +13 to +55 %) and its steep edges turn
 #: 0.1 px of wavelength error into -8 %.
 SATURATED_BELOW = 0.5
+#: A stellar line inside a telluric band is bridged in the transmission measured on the
+#: standard where the band beside it transmits at least this much (fluxcal.bridge_transmission).
+BRIDGE_ABOVE = 0.9
+#: ... for lines whose tabulated half width is at most this many reference steps.
+NARROW_STEPS = 2.0
 #: Stellar lines blueward of this (A) are crowded (H-epsilon to H13, Ca H and K): their
 #: masks are narrowed to the cores, so that the high Balmer series is not one gap.
 CROWDED_BELOW = 4000.0
@@ -573,6 +578,31 @@ def _runs(flag: np.ndarray, x: np.ndarray, min_width: float) -> list[tuple[float
             if x[b] - x[a] >= min_width]
 
 
+def bridge_transmission(grid: np.ndarray, transmission: np.ndarray, holes: np.ndarray,
+                        min_level: float = 0.0, side: float = 10.0) -> np.ndarray:
+    """``transmission`` bridged across runs of ``holes`` pixels by linear interpolation in
+    wavelength (Angstrom, ``grid``) between the pixels on either side.
+
+    A run is bridged only where the median transmission within ``side`` Angstrom on both
+    sides of it is at least ``min_level``: beside a shallow stretch of a band, a dip inside
+    the run cannot be the atmosphere's, while inside a deep one bridging would drop the
+    band's own structure."""
+    out = np.asarray(transmission, float).copy()
+    grid = np.asarray(grid, float)
+    holes = np.asarray(holes, bool)
+    if not holes.any() or holes.all():
+        return out
+    for lo, hi in _runs(holes, grid, min_width=0.0):
+        left = (grid >= lo - side) & (grid < lo) & ~holes
+        right = (grid > hi) & (grid <= hi + side) & ~holes
+        levels = [float(np.median(out[m])) if m.any() else 1.0 for m in (left, right)]
+        if min(levels) < min_level:
+            continue
+        run = (grid >= lo) & (grid <= hi)
+        out[run] = np.interp(grid[run], grid[~holes], out[~holes])
+    return out
+
+
 def _robust_sigma(values: np.ndarray) -> float:
     """1.4826 x median absolute deviation."""
     return float(1.4826 * np.median(np.abs(values - np.median(values))))
@@ -746,6 +776,19 @@ def derive_response(
             in_tell |= (grid >= b.lo) & (grid <= b.hi)
     sel = in_tell & measurable
     tell[sel] = np.clip(response[sel] / ratio[sel], 0.0, 1.5)
+    # a stellar line inside a telluric band: response / ratio there is the star's line (which
+    # a coarse reference does not hold) as much as the atmosphere's, and dividing it out of
+    # the science would print the standard's line on every target (Na D in H2O 5900: -12 %);
+    # the transmission is bridged across the line's window from the band on both sides
+    # over its core (centre +- (FWHM of the line spread + the reference's step)), for the
+    # lines narrow for the table (tabulated half width at most twice its step): a broad
+    # Balmer or Paschen line is held by the table and the band's own structure is kept
+    cores = [(c - c / resolution - step, c + c / resolution + step)
+             for b in masked if b.kind == "stellar"
+             and 0.5 * (b.hi - b.lo) - step <= NARROW_STEPS * step
+             for c in [0.5 * (b.lo + b.hi)]]
+    tell = bridge_transmission(grid, tell, in_tell & _in_bands(grid, cores, 0.0),
+                               min_level=BRIDGE_ABOVE)
     sat = sel & _in_bands(grid, [(b.lo, b.hi) for b in saturating_bands()], 0.0)
     tell[sat & (tell < SATURATED_BELOW)] = 0.0  # flagged: not corrected in the science
     log.info("response %.0f-%.0f A: %d pixels fitted, %d clipped (%d stellar lines and %d "
