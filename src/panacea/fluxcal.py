@@ -81,6 +81,9 @@ MIN_TELLURIC = 0.03
 #: O2 A core corrected from airmass 1.22 to 1.6: +13 to +55 %) and its steep edges turn
 #: 0.1 px of wavelength error into -8 %.
 SATURATED_BELOW = 0.5
+#: Residuals of the response fit (natural log of the ratio) smaller than this are never
+#: clipped.
+CLIP_FLOOR = 0.01
 #: A stellar line inside a telluric band is bridged in the transmission measured on the
 #: standard where the band beside it transmits at least this much (fluxcal.bridge_transmission).
 BRIDGE_ABOVE = 0.9
@@ -544,9 +547,18 @@ def spline_knots(x: np.ndarray, good: np.ndarray, spacing: float, min_fraction: 
                         | set(np.linspace(hi - end_zone, hi, n_end + 1)))
         # no breakpoint inside a masked stretch: one cubic piece bridges it, held by the
         # data on both sides, instead of short pieces the data leave free
-        bad_runs = _runs(~good, x, min_width=end_spacing)
-        breaks = [b for b in breaks if b in (lo, hi)
-                  or not any(a < b < c for a, c in bad_runs)]
+        # (a short masked stretch with data on both sides keeps its breakpoints: one cubic
+        # piece cannot follow a steep end's curvature across it, and clipping then widens
+        # the gap: orange's He II 4686 mask beside the blue edge swung the response -4.7 %)
+        runs = _runs(~good, x, min_width=end_spacing)
+        short = [(a, c) for a, c in _merge_runs(runs, end_spacing) if c - a < 3 * end_spacing]
+
+        def kept(b: float) -> bool:
+            in_end = b <= lo + end_zone or b >= hi - end_zone
+            return in_end and any(a < b < c for a, c in short)
+
+        breaks = [b for b in breaks if b in (lo, hi) or kept(b)
+                  or not any(a < b < c for a, c in runs)]
     per_unit = x.size / (hi - lo)
     bad_runs = _runs(~good, x, min_width=end_spacing) if end_spacing is not None else []
     while len(breaks) > 2:
@@ -567,6 +579,17 @@ def spline_knots(x: np.ndarray, good: np.ndarray, spacing: float, min_fraction: 
             drop = j if counts[j - 1] <= counts[j + 1] else j + 1
         del breaks[drop]
     return np.concatenate([[lo] * 3, breaks, [hi] * 3])
+
+
+def _merge_runs(runs: list[tuple[float, float]], gap: float) -> list[tuple[float, float]]:
+    """Runs (first, last) joined where less than ``gap`` separates one from the next."""
+    out: list[tuple[float, float]] = []
+    for a, c in runs:
+        if out and a - out[-1][1] < gap:
+            out[-1] = (out[-1][0], c)
+        else:
+            out.append((a, c))
+    return out
 
 
 def _runs(flag: np.ndarray, x: np.ndarray, min_width: float) -> list[tuple[float, float]]:
@@ -620,7 +643,10 @@ def _clipped_spline(design: SplineDesign, y: np.ndarray, w: np.ndarray, good: np
         z = (y - model) * np.sqrt(w)
         # residuals within the stated noise are never clipped, even for noise-free data
         scale = max(_robust_sigma(z[used]), 1.0)
-        bad = good & (np.abs(z) > nsigma * scale)
+        # ... nor those within CLIP_FLOOR of the model: clipping is for sky-line residuals
+        # and cosmic rays; a bright standard's few-tenths-of-a-per-cent misfit at a steep end
+        # would otherwise be clipped, leave a spline piece without data, and let it swing
+        bad = good & (np.abs(z) > nsigma * scale) & (np.abs(y - model) > CLIP_FLOOR)
         if grow > 0:
             bad = binary_dilation(bad, iterations=grow) & good
         if keep is not None:
