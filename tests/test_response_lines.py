@@ -149,6 +149,7 @@ def test_narrow_stellar_line_in_a_telluric_band_stays_out_of_the_science():
     # water line here
     assert np.max(np.abs(raw[nad] - 1)) > 0.15
     assert np.all((fit.telluric[nad] > 0.93) & (fit.telluric[nad] < 1.01))
+    assert fluxcal.response_cards(fit)["TELLBRG"][0] == fit.n_bridged >= nad.sum()
     science = observed_rate(ch, sp.science_flambda, pwv=3.0, o2=1.0)
     clear = observed_rate(ch, sp.science_flambda)
     corrected = science * fit.response / fluxcal.telluric_correction(fit.telluric, 1.22, 1.22)

@@ -442,6 +442,9 @@ class ResponseFit:
         Tabulation step (Angstrom) of the reference spectrum.
     sampling : str
         How the reference was read: "point" samples or "binned" means.
+    n_bridged : int
+        Pixels of ``telluric`` bridged across narrow stellar lines inside telluric bands
+        (:func:`bridge_transmission`).
     """
 
     wave: np.ndarray
@@ -455,6 +458,7 @@ class ResponseFit:
     telluric: np.ndarray | None = None
     ref_step: float = 0.0
     sampling: str = "point"
+    n_bridged: int = 0
 
 
 def binned_reference(ref_wave: np.ndarray, ref_flam: np.ndarray):
@@ -813,8 +817,10 @@ def derive_response(
              for b in masked if b.kind == "stellar"
              and 0.5 * (b.hi - b.lo) - step <= NARROW_STEPS * step
              for c in [0.5 * (b.lo + b.hi)]]
+    measured = tell
     tell = bridge_transmission(grid, tell, in_tell & _in_bands(grid, cores, 0.0),
                                min_level=BRIDGE_ABOVE)
+    n_bridged = int(np.sum(tell != measured))
     sat = sel & _in_bands(grid, [(b.lo, b.hi) for b in saturating_bands()], 0.0)
     tell[sat & (tell < SATURATED_BELOW)] = 0.0  # flagged: not corrected in the science
     log.info("response %.0f-%.0f A: %d pixels fitted, %d clipped (%d stellar lines and %d "
@@ -822,7 +828,7 @@ def derive_response(
              int(used.sum()), n_clipped, sum(b.kind == "stellar" for b in masked),
              sum(b.kind == "telluric" for b in masked), step, 100 * rms)
     return ResponseFit(grid, response, ratio, reference, used, rms, n_clipped, masked, tell,
-                       step, chosen)
+                       step, chosen, n_bridged)
 
 
 # --------------------------------------------------------------------------- files
@@ -830,7 +836,8 @@ def derive_response(
 
 def response_cards(fit: ResponseFit) -> dict:
     """Header cards saying what the response fit left out: MSKSTEL, MSKTELL (numbers of
-    stellar lines and telluric bands), MSKFRAC (fraction of the pixels), REFSTEP and one
+    stellar lines and telluric bands), MSKFRAC (fraction of the pixels), TELLSAT and TELLBRG
+    (transmission pixels flagged saturated, bridged over stellar lines), REFSTEP and one
     MASKnn card per band ("name lo-hi", kind in the comment)."""
     cards: dict = {
         "MSKSTEL": (sum(b.kind == "stellar" for b in fit.masked), "stellar lines masked"),
@@ -845,6 +852,7 @@ def response_cards(fit: ResponseFit) -> dict:
     if fit.telluric is not None:
         cards["TELLSAT"] = (int(np.sum(fit.telluric < MIN_TELLURIC)),
                             "telluric pixels flagged saturated (uncorrected)")
+        cards["TELLBRG"] = (fit.n_bridged, "telluric pixels bridged over stellar lines")
     for i, b in enumerate(fit.masked[:99]):
         what = "in the response" if b.kind == "telluric-end" else "masked"
         cards[f"MASK{i + 1:02d}"] = (f"{b.name} {b.lo:.0f}-{b.hi:.0f}", f"{what} ({b.kind})")
