@@ -81,6 +81,14 @@ MIN_TELLURIC = 0.03
 #: O2 A core corrected from airmass 1.22 to 1.6: +13 to +55 %) and its steep edges turn
 #: 0.1 px of wavelength error into -8 %.
 SATURATED_BELOW = 0.5
+#: Residuals of the response fit (natural log of the ratio) smaller than this are never
+#: clipped.
+CLIP_FLOOR = 0.01
+#: A stellar line inside a telluric band is bridged in the transmission measured on the
+#: standard where the band beside it transmits at least this much (fluxcal.bridge_transmission).
+BRIDGE_ABOVE = 0.9
+#: ... for lines whose tabulated half width is at most this many reference steps.
+NARROW_STEPS = 2.0
 #: Stellar lines blueward of this (A) are crowded (H-epsilon to H13, Ca H and K): their
 #: masks are narrowed to the cores, so that the high Balmer series is not one gap.
 CROWDED_BELOW = 4000.0
@@ -434,6 +442,9 @@ class ResponseFit:
         Tabulation step (Angstrom) of the reference spectrum.
     sampling : str
         How the reference was read: "point" samples or "binned" means.
+    n_bridged : int
+        Pixels of ``telluric`` bridged across narrow stellar lines inside telluric bands
+        (:func:`bridge_transmission`).
     """
 
     wave: np.ndarray
@@ -447,6 +458,7 @@ class ResponseFit:
     telluric: np.ndarray | None = None
     ref_step: float = 0.0
     sampling: str = "point"
+    n_bridged: int = 0
 
 
 def binned_reference(ref_wave: np.ndarray, ref_flam: np.ndarray):
@@ -539,9 +551,18 @@ def spline_knots(x: np.ndarray, good: np.ndarray, spacing: float, min_fraction: 
                         | set(np.linspace(hi - end_zone, hi, n_end + 1)))
         # no breakpoint inside a masked stretch: one cubic piece bridges it, held by the
         # data on both sides, instead of short pieces the data leave free
-        bad_runs = _runs(~good, x, min_width=end_spacing)
-        breaks = [b for b in breaks if b in (lo, hi)
-                  or not any(a < b < c for a, c in bad_runs)]
+        # (a short masked stretch with data on both sides keeps its breakpoints: one cubic
+        # piece cannot follow a steep end's curvature across it, and clipping then widens
+        # the gap: orange's He II 4686 mask beside the blue edge swung the response -4.7 %)
+        runs = _runs(~good, x, min_width=end_spacing)
+        short = [(a, c) for a, c in _merge_runs(runs, end_spacing) if c - a < 3 * end_spacing]
+
+        def kept(b: float) -> bool:
+            in_end = b <= lo + end_zone or b >= hi - end_zone
+            return in_end and any(a < b < c for a, c in short)
+
+        breaks = [b for b in breaks if b in (lo, hi) or kept(b)
+                  or not any(a < b < c for a, c in runs)]
     per_unit = x.size / (hi - lo)
     bad_runs = _runs(~good, x, min_width=end_spacing) if end_spacing is not None else []
     while len(breaks) > 2:
@@ -564,6 +585,17 @@ def spline_knots(x: np.ndarray, good: np.ndarray, spacing: float, min_fraction: 
     return np.concatenate([[lo] * 3, breaks, [hi] * 3])
 
 
+def _merge_runs(runs: list[tuple[float, float]], gap: float) -> list[tuple[float, float]]:
+    """Runs (first, last) joined where less than ``gap`` separates one from the next."""
+    out: list[tuple[float, float]] = []
+    for a, c in runs:
+        if out and a - out[-1][1] < gap:
+            out[-1] = (out[-1][0], c)
+        else:
+            out.append((a, c))
+    return out
+
+
 def _runs(flag: np.ndarray, x: np.ndarray, min_width: float) -> list[tuple[float, float]]:
     """(first, last) x of every run of True in ``flag`` at least ``min_width`` wide."""
     f = np.r_[False, np.asarray(flag, bool), False]
@@ -571,6 +603,31 @@ def _runs(flag: np.ndarray, x: np.ndarray, min_width: float) -> list[tuple[float
     starts, stops = np.flatnonzero(d == 1), np.flatnonzero(d == -1) - 1
     return [(float(x[a]), float(x[b])) for a, b in zip(starts, stops)
             if x[b] - x[a] >= min_width]
+
+
+def bridge_transmission(grid: np.ndarray, transmission: np.ndarray, holes: np.ndarray,
+                        min_level: float = 0.0, side: float = 10.0) -> np.ndarray:
+    """``transmission`` bridged across runs of ``holes`` pixels by linear interpolation in
+    wavelength (Angstrom, ``grid``) between the pixels on either side.
+
+    A run is bridged only where the median transmission within ``side`` Angstrom on both
+    sides of it is at least ``min_level``: beside a shallow stretch of a band, a dip inside
+    the run cannot be the atmosphere's, while inside a deep one bridging would drop the
+    band's own structure."""
+    out = np.asarray(transmission, float).copy()
+    grid = np.asarray(grid, float)
+    holes = np.asarray(holes, bool)
+    if not holes.any() or holes.all():
+        return out
+    for lo, hi in _runs(holes, grid, min_width=0.0):
+        left = (grid >= lo - side) & (grid < lo) & ~holes
+        right = (grid > hi) & (grid <= hi + side) & ~holes
+        levels = [float(np.median(out[m])) if m.any() else 1.0 for m in (left, right)]
+        if min(levels) < min_level:
+            continue
+        run = (grid >= lo) & (grid <= hi)
+        out[run] = np.interp(grid[run], grid[~holes], out[~holes])
+    return out
 
 
 def _robust_sigma(values: np.ndarray) -> float:
@@ -590,7 +647,10 @@ def _clipped_spline(design: SplineDesign, y: np.ndarray, w: np.ndarray, good: np
         z = (y - model) * np.sqrt(w)
         # residuals within the stated noise are never clipped, even for noise-free data
         scale = max(_robust_sigma(z[used]), 1.0)
-        bad = good & (np.abs(z) > nsigma * scale)
+        # ... nor those within CLIP_FLOOR of the model: clipping is for sky-line residuals
+        # and cosmic rays; a bright standard's few-tenths-of-a-per-cent misfit at a steep end
+        # would otherwise be clipped, leave a spline piece without data, and let it swing
+        bad = good & (np.abs(z) > nsigma * scale) & (np.abs(y - model) > CLIP_FLOOR)
         if grow > 0:
             bad = binary_dilation(bad, iterations=grow) & good
         if keep is not None:
@@ -746,6 +806,21 @@ def derive_response(
             in_tell |= (grid >= b.lo) & (grid <= b.hi)
     sel = in_tell & measurable
     tell[sel] = np.clip(response[sel] / ratio[sel], 0.0, 1.5)
+    # a stellar line inside a telluric band: response / ratio there is the star's line (which
+    # a coarse reference does not hold) as much as the atmosphere's, and dividing it out of
+    # the science would print the standard's line on every target (Na D in H2O 5900: -12 %);
+    # the transmission is bridged across the line's window from the band on both sides
+    # over its core (centre +- (FWHM of the line spread + the reference's step)), for the
+    # lines narrow for the table (tabulated half width at most twice its step): a broad
+    # Balmer or Paschen line is held by the table and the band's own structure is kept
+    cores = [(c - c / resolution - step, c + c / resolution + step)
+             for b in masked if b.kind == "stellar"
+             and 0.5 * (b.hi - b.lo) - step <= NARROW_STEPS * step
+             for c in [0.5 * (b.lo + b.hi)]]
+    measured = tell
+    tell = bridge_transmission(grid, tell, in_tell & _in_bands(grid, cores, 0.0),
+                               min_level=BRIDGE_ABOVE)
+    n_bridged = int(np.sum(tell != measured))
     sat = sel & _in_bands(grid, [(b.lo, b.hi) for b in saturating_bands()], 0.0)
     tell[sat & (tell < SATURATED_BELOW)] = 0.0  # flagged: not corrected in the science
     log.info("response %.0f-%.0f A: %d pixels fitted, %d clipped (%d stellar lines and %d "
@@ -753,7 +828,7 @@ def derive_response(
              int(used.sum()), n_clipped, sum(b.kind == "stellar" for b in masked),
              sum(b.kind == "telluric" for b in masked), step, 100 * rms)
     return ResponseFit(grid, response, ratio, reference, used, rms, n_clipped, masked, tell,
-                       step, chosen)
+                       step, chosen, n_bridged)
 
 
 # --------------------------------------------------------------------------- files
@@ -761,7 +836,8 @@ def derive_response(
 
 def response_cards(fit: ResponseFit) -> dict:
     """Header cards saying what the response fit left out: MSKSTEL, MSKTELL (numbers of
-    stellar lines and telluric bands), MSKFRAC (fraction of the pixels), REFSTEP and one
+    stellar lines and telluric bands), MSKFRAC (fraction of the pixels), TELLSAT and TELLBRG
+    (transmission pixels flagged saturated, bridged over stellar lines), REFSTEP and one
     MASKnn card per band ("name lo-hi", kind in the comment)."""
     cards: dict = {
         "MSKSTEL": (sum(b.kind == "stellar" for b in fit.masked), "stellar lines masked"),
@@ -776,6 +852,7 @@ def response_cards(fit: ResponseFit) -> dict:
     if fit.telluric is not None:
         cards["TELLSAT"] = (int(np.sum(fit.telluric < MIN_TELLURIC)),
                             "telluric pixels flagged saturated (uncorrected)")
+        cards["TELLBRG"] = (fit.n_bridged, "telluric pixels bridged over stellar lines")
     for i, b in enumerate(fit.masked[:99]):
         what = "in the response" if b.kind == "telluric-end" else "masked"
         cards[f"MASK{i + 1:02d}"] = (f"{b.name} {b.lo:.0f}-{b.hi:.0f}", f"{what} ({b.kind})")
