@@ -219,6 +219,17 @@ def _save_blit(f: dict, path: str | Path) -> Path:
     return path
 
 
+def warm_up() -> None:
+    """Make the kept figures and draw each once, loading fonts and making tick artists.
+
+    Called by the night runner before its process pool forks, so that each worker starts
+    its first QA task with what every later one finds (~0.3 s of CPU a worker)."""
+    _ifu_pixels()
+    for kind, build in (("sky", _sky_figure), ("collapsed", _collapsed_figure),
+                        ("spectrum", _spectrum_figure)):
+        _reused(kind, build)["fig"].canvas.draw()
+
+
 def _rescale(ax) -> None:
     """Limits of ``ax`` from its artists' data again, as for a new figure."""
     ax.set_autoscale_on(True)
