@@ -233,7 +233,7 @@ def warm_up() -> None:
     its first QA task with what every later one finds (~0.3 s of CPU a worker)."""
     _ifu_pixels()
     for kind, build in (("sky", _sky_figure), ("collapsed", _collapsed_figure),
-                        ("spectrum", _spectrum_figure)):
+                        ("spectrum", _spectrum_figure), ("wave", _wave_figure)):
         _reused(kind, build)["fig"].canvas.draw()
 
 
@@ -323,32 +323,60 @@ def plot_wave_residuals(column: np.ndarray, resid: np.ndarray, lines: np.ndarray
     lines : ndarray (nline,)
         Line wavelengths (Angstrom).
     """
-    plt = _pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True, gridspec_kw=_MARGINS2)
-    # markers as lines, one colour per arc line (a scatter with a colour per point costs
-    # ten times as much to draw)
-    ok = np.isfinite(resid)
+    f = _reused("wave", _wave_figure)
+    a, b, pool = f["a"], f["b"], f["points"]
     fib = np.arange(resid.shape[1])
-    colours = plt.get_cmap("viridis")(np.linspace(0, 1, max(len(lines), 1)))
-    for i in range(len(lines)):
-        a.plot(column[i], resid[i], ".", ms=1.5, color=colours[i], alpha=0.6)
-        b.plot(fib, resid[i], ".", ms=1.5, color=colours[i], alpha=0.6)
+    colours = _pyplot().get_cmap("viridis")(np.linspace(0, 1, max(len(lines), 1)))
+    while len(pool) < len(lines):  # markers as lines, one colour per arc line (a scatter
+        # with a colour per point costs ten times as much to draw)
+        pool.append([ax.plot([], [], ".", ms=1.5, alpha=0.6)[0] for ax in (a, b)])
+    for i, pair in enumerate(pool):
+        for line in pair:
+            line.set_visible(i < len(lines))
+        if i < len(lines):
+            pair[0].set_data(column[i], resid[i])
+            pair[1].set_data(fib, resid[i])
+            for line in pair:
+                line.set_color(colours[i])
     per_line = nanmedian(resid, axis=1)
-    a.plot(nanmedian(column, axis=1), per_line, "k.", ms=5)
-    a.axhline(0, color="0.5", lw=0.5)
-    a.set_xlabel("column")
-    a.set_ylabel("centroid - line (Angstrom)")
+    f["per line"].set_data(nanmedian(column, axis=1), per_line)
+    f["per fiber"].set_data(fib, nanmedian(resid, axis=0))
     _title(a, f"{int(np.isfinite(per_line).sum())} lines (colours), median per line",
-                fontsize=9)
-    b.plot(fib, nanmedian(resid, axis=0), "k-", lw=0.8)
-    b.axhline(0, color="0.5", lw=0.5)
-    b.set_xlabel("fiber k")
-    _title(b, "line: median per fiber", fontsize=9)
+           fontsize=9)
+    _rescale(a)
+    _rescale(b)
+    ok = np.isfinite(resid)
     if ok.any():
         v = max(np.nanpercentile(np.abs(resid[ok]), 99), 0.05)
         a.set_ylim(-1.5 * v, 1.5 * v)
-    fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    f["fig"].suptitle(title, fontsize=10)
+    return _save_kept(f, path)
+
+
+def _wave_figure() -> dict:
+    """The figure of :func:`plot_wave_residuals` without a channel's data (its point
+    markers are made as a channel needs them)."""
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True, dpi=_DPI,
+                               gridspec_kw=_MARGINS2)
+    # above the points of every arc line, however many a channel adds later
+    f = {"fig": fig, "a": a, "b": b, "points": [], "changing": []}
+    f["per line"], = a.plot([], [], "k.", ms=5, zorder=2.1)
+    a.axhline(0, color="0.5", lw=0.5, zorder=2.1)
+    a.set_xlabel("column")
+    a.set_ylabel("centroid - line (Angstrom)")
+    f["per fiber"], = b.plot([], [], "k-", lw=0.8, zorder=2.1)
+    b.axhline(0, color="0.5", lw=0.5, zorder=2.1)
+    b.set_xlabel("fiber k")
+    _title(b, "line: median per fiber", fontsize=9)
+    return f
+
+
+def _save_kept(f: dict, path: str | Path) -> Path:
+    """Draw the whole kept figure ``f`` (its axes change from channel to channel) and write
+    it to ``path``; the figure, its axes and their tick artists are made once per process."""
+    f["fig"].canvas.draw()
+    return _write_png(f["fig"].canvas, path)
 
 
 def plot_ftf_map(level: np.ndarray, dead: np.ndarray, path: str | Path, title: str = ""
