@@ -255,9 +255,16 @@ def _ifu_pixels(step: float = 0.05) -> tuple[np.ndarray, tuple[float, float, flo
     x = np.arange(xy[:, 0].min() - 0.4, xy[:, 0].max() + 0.4, step)
     y = np.arange(xy[:, 1].min() - 0.4, xy[:, 1].max() + 0.4, step)
     gx, gy = np.meshgrid(x, y)
-    d2 = (gx[..., None] - xy[:, 0]) ** 2 + (gy[..., None] - xy[:, 1]) ** 2
-    index = np.argmin(d2, axis=-1)
-    index[np.min(d2, axis=-1) > (0.45 * instrument.LENSLET_PITCH) ** 2] = -1
+    # nearest lenslet, one lenslet at a time (the first of equally near ones, as argmin):
+    # the distances to all at once would take ~250 MB
+    best = np.full(gx.shape, np.inf)
+    index = np.zeros(gx.shape, int)
+    for k, (fx, fy) in enumerate(xy):
+        d2 = (gx - fx) ** 2 + (gy - fy) ** 2
+        nearer = d2 < best
+        best[nearer] = d2[nearer]
+        index[nearer] = k
+    index[best > (0.45 * instrument.LENSLET_PITCH) ** 2] = -1
     extent = (x[0] - step / 2, x[-1] + step / 2, y[0] - step / 2, y[-1] + step / 2)
     return index, extent
 
