@@ -56,6 +56,29 @@ def test_local_pool_returns_results_and_errors_of_tasks():
     assert release_freed_memory() in (True, False)
 
 
+def _science(x):
+    return x
+
+
+_science.keeps_freed_memory = True
+
+
+def test_a_worker_keeps_freed_memory_only_between_science_tasks(monkeypatch):
+    """Freed memory is given back after every task but a science task, and before a task of
+    another kind once a science task kept it."""
+    from panacea.ops import executors
+
+    calls: list[str] = []
+    monkeypatch.setattr(executors, "release_freed_memory", lambda: calls.append("release"))
+    monkeypatch.setattr(executors, "_kept_for", None)
+    for fn in (abs, _science, _science, abs, _science):
+        calls.append(fn.__name__)
+        assert executors.trimmed_task(fn, -1) in (1, -1)
+    assert calls == ["abs", "release", "_science", "_science", "abs", "release", "release",
+                     "_science"]
+    assert executors._kept_for is _science
+
+
 def _differs(p, q) -> list[str]:
     """The HDUs of FITS file ``p`` whose data are not bit-identical in ``q``."""
     bad = []

@@ -62,3 +62,24 @@ def test_a_reused_figure_draws_what_a_new_one_draws(tmp_path):
     assert again == _draw(first, tmp_path, "e")
     assert again != after  # the figures did change with the data
     assert not list(tmp_path.glob(".*.part"))
+
+
+def _arc_residuals(seed: int, nline: int) -> tuple:
+    rng = np.random.default_rng(seed)
+    column = np.linspace(50, 2000, nline)[:, None] + rng.normal(0, 3, (nline, 280))
+    resid = rng.normal(0, 0.02 * (1 + seed), (nline, 280))
+    resid[0, :40] = np.nan
+    return column, resid, np.linspace(4000, 5000, nline)
+
+
+def test_the_kept_arc_residual_figure_draws_what_a_new_one_draws(tmp_path):
+    """Channels with fewer arc lines than the one before hide the extra markers."""
+    many, few = _arc_residuals(0, 25), _arc_residuals(1, 12)
+    plots._FIGURES.clear()
+    plots.plot_wave_residuals(*many, tmp_path / "a.png", "many")
+    after = plots.plot_wave_residuals(*few, tmp_path / "b.png", "few").read_bytes()
+    plots._FIGURES.clear()
+    fresh = plots.plot_wave_residuals(*few, tmp_path / "c.png", "few").read_bytes()
+    plots._FIGURES.clear()
+    assert after == fresh
+    assert (tmp_path / "a.png").read_bytes() != fresh

@@ -7,7 +7,8 @@ many tasks to keep in flight), and is a context manager that shuts its workers d
 are module-level functions of picklable values, so the products do not depend on the
 engine. After each task a worker gives its freed memory back to the system
 (:func:`~panacea.allocator.release_freed_memory`), so that it does not hold the high-water
-mark of its largest task while running small ones.
+mark of its largest task while running small ones; between science tasks, which need about
+the same memory each, it keeps it (:func:`trimmed_task`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import logging.handlers
 import multiprocessing
 import os
+import resource
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
@@ -253,19 +255,43 @@ def preload_compiled(modules: list | None = None) -> int:
     return loaded
 
 
+#: The task function whose freed memory this worker keeps for its next task of the same
+#: kind (see :func:`trimmed_task`), or None.
+_kept_for = None
+
+
 def trimmed_task(fn, *args):
     """``fn(*args)`` in a worker, its freed memory given back to the system afterwards; its
-    CPU time and peak memory are logged (the peak is reset first where Linux allows)."""
+    CPU time, system time, page faults and peak memory are logged (the peak is reset first
+    where Linux allows).
+
+    A task function marked ``keeps_freed_memory`` (the science of one exposure-channel,
+    many of which run in a row, each needing about the same memory) leaves its freed
+    memory to the next task of the worker when that is of the same kind: giving it back
+    and faulting it in again cost ~20,000 page faults (0.05-0.2 s of system time) a task.
+    It is given back before a task of another kind.
+    """
+    global _kept_for
+    if _kept_for is not None and _kept_for is not fn:
+        release_freed_memory()
+    _kept_for = None
     _reset_peak_rss()
     t0 = time.process_time()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     try:
         return fn(*args)
     finally:
         cpu = time.process_time() - t0
         peak = _peak_rss()
-        release_freed_memory()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        if getattr(fn, "keeps_freed_memory", False):
+            _kept_for = fn
+        else:
+            release_freed_memory()
         names = " ".join(a for a in args[1:4] if isinstance(a, str) and len(a) < 40)
-        log.info("task %s %s: %.1f s CPU, peak RSS %s", fn.__name__, names, cpu,
+        log.info("task %s %s: %.1f s CPU (%.2f s system, %d page faults), peak RSS %s",
+                 fn.__name__, names, cpu, r1.ru_stime - r0.ru_stime,
+                 r1.ru_minflt - r0.ru_minflt,
                  "unknown" if peak is None else f"{peak / 1e9:.2f} GB")
 
 

@@ -389,7 +389,8 @@ def _night_log(run: RunConfig, date: str) -> logging.Handler:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"))
+        "%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s",
+        "%Y-%m-%dT%H:%M:%S"))
     logger = logging.getLogger("panacea")
     handler.setLevel(logging.DEBUG if logger.getEffectiveLevel() <= logging.DEBUG
                      else logging.INFO)
@@ -411,9 +412,9 @@ def _preload_qa() -> None:
     if importlib.util.find_spec("matplotlib") is None:
         return
     from ..qa import channel_report  # noqa: F401  (and through it the metrics, plots)
-    from ..qa.plots import _pyplot
+    from ..qa.plots import warm_up
 
-    _pyplot()
+    warm_up()  # fonts loaded, the figures kept per process made and drawn once
 
 
 def _channel_report(root: Path, date: str, channel: str) -> None:

@@ -77,3 +77,8 @@ def science_task(run, date: str, channel: str, exposure: str, cal_fp: str, respo
         return summary.outcomes, join
     finally:
         archive.close()
+
+
+# many run in a row in a worker, each needing about the same memory: the worker keeps what
+# one frees for the next (ops.executors.trimmed_task)
+science_task.keeps_freed_memory = True  # type: ignore[attr-defined]

@@ -28,7 +28,7 @@ import yaml
 from astropy.io import fits
 from astropy.stats import mad_std
 
-from .. import instrument
+from .. import instrument, medians
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,10 @@ def judge(name: str, value, unit: str = "", thresholds: dict | None = None) -> M
 
 def nanmedian(a: np.ndarray, axis: int | None = None) -> np.ndarray | float:
     """``np.nanmedian`` that returns NaN for all-NaN slices (dead fibers) without a
-    warning."""
+    warning (along an axis of a 2-D array by :func:`panacea.medians.nanmedian`, which gives
+    the same numbers without numpy's per-row path)."""
+    if axis is not None and np.ndim(a) == 2:
+        return medians.nanmedian(a, axis=axis)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmedian(a, axis=axis)
@@ -288,15 +291,30 @@ def sky_fibers(sub: np.ndarray, err: np.ndarray, header, reach: float = 4.0) -> 
     """Fibers that hold only sky: most bins good, farther than ``reach`` FWHM (at least
     ``reach`` - 1 arcsec) from the source, no object excess."""
     good = err > 0
-    use = good.mean(axis=1) > 0.5
-    xy = instrument.fiber_positions()
-    if "SOURCEX" in header:
-        far = max(reach * float(header.get("SEEING", 1.5)), reach - 1.0)
-        use &= np.hypot(xy[:, 0] - header["SOURCEX"], xy[:, 1] - header["SOURCEY"]) > far
+    return _quiet_fibers(_chi(sub, err, good), good) & _far_fibers(header, reach)
+
+
+def _chi(sub: np.ndarray, err: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """Residual over error of every bin (NaN where the error is not positive)."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        chi = np.where(good, sub / np.where(good, err, 1.0), np.nan)
-        excess = fiber_median(chi, good)
-    return use & (np.abs(np.nan_to_num(excess, nan=99.0)) < 1.0)
+        return np.where(good, sub / np.where(good, err, 1.0), np.nan)
+
+
+def _quiet_fibers(chi: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """Fibers with most bins good and a median chi within 1 (no object excess)."""
+    excess = fiber_median(chi, good)
+    return (good.mean(axis=1) > 0.5) & (np.abs(np.nan_to_num(excess, nan=99.0)) < 1.0)
+
+
+def _far_fibers(header, reach: float) -> np.ndarray:
+    """Fibers farther than ``reach`` FWHM (at least ``reach`` - 1 arcsec) from the source
+    of ``header`` (every fiber when it has none)."""
+    far = np.ones(instrument.NFIBERS, bool)
+    if "SOURCEX" in header:
+        xy = instrument.fiber_positions()
+        dist = max(reach * float(header.get("SEEING", 1.5)), reach - 1.0)
+        far = np.hypot(xy[:, 0] - header["SOURCEX"], xy[:, 1] - header["SOURCEY"]) > dist
+    return far
 
 
 def line_residual(sub: np.ndarray, sky: np.ndarray, good: np.ndarray, use: np.ndarray,
@@ -348,6 +366,9 @@ def exposure_metrics(path: str | Path) -> tuple[ExposureQA, dict]:
         err = np.asarray(hdul["error_spectra"].data, float)
         spec = hdul["extracted_spectrum"].data
         spec = None if spec is None else np.asarray(spec, float)
+    # the frame's size from the cosmic-ray mask's header, read as a table's (ZNAXISn): a
+    # compressed image's header is rebuilt for each HDU passed on the way (~7 ms)
+    with fits.open(path, memmap=True, disable_image_compression=True) as hdul:
         cos = hdul["cosmics"].header
         npix = int(cos.get("ZNAXIS1", cos.get("NAXIS1", 0))) * int(
             cos.get("ZNAXIS2", cos.get("NAXIS2", 0)))
@@ -358,17 +379,18 @@ def exposure_metrics(path: str | Path) -> tuple[ExposureQA, dict]:
                     str(spectrum) if spectrum.exists() else None)
     out = qa.metrics
     # sky subtraction: chi of sky fibers in the continuum and on sky lines
-    use = sky_fibers(sub, err, h)
+    chi = _chi(sub, err, good)
+    quiet = _quiet_fibers(chi, good)
+    use = quiet & _far_fibers(h, 4.0)
     lines, cont = sky_windows(grid)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        chi = np.where(good, sub / np.where(good, err, 1.0), np.nan)[use]
+    chi = chi[use]
     # amplifier balance: the sky is flat over the IFU, so the sky fibers of both amps agree
     level = fiber_median(obs, good)
     half = obs.shape[0] // 2
     # the sky fibers; when a broad PSF leaves fewer than 10 on an amplifier, those beyond
     # 2.5 FWHM (a median level needs fibers on both amplifiers more than pristine sky)
     pick = np.ones_like(use)
-    for candidate in (use, sky_fibers(sub, err, h, reach=2.5)):
+    for candidate in (use, quiet & _far_fibers(h, 2.5)):
         if min(candidate[:half].sum(), candidate[half:].sum()) >= 10:
             pick = candidate
             break
