@@ -211,8 +211,10 @@ class _Night:
                     lambda e=exposure: None if self.finished
                     else pipeline.guider(self.conditions, night, e))
         if cal_fp is not None:
+            # the standards' guider conditions read so far go along (a copy: the
+            # background jobs may still add to the runner's)
             self._add("response", channel, tasks.response_task,
-                      (self.run, self.date, channel, cal_fp),
+                      (self.run, self.date, channel, cal_fp, dict(self.conditions)),
                       lambda ch, o, v: self._responded(ch, o, v, cal_fp))
 
     def _responded(self, channel: str, order: tuple, value, cal_fp: str) -> None:

@@ -42,9 +42,11 @@ def calibration_task(run, date: str, channel: str) -> tuple[list[Outcome], str |
         archive.close()
 
 
-def response_task(run, date: str, channel: str,
-                  cal_fp: str) -> tuple[list[Outcome], pipeline.ChannelResponse | None]:
-    """The channel's response (and the products of the standards it reduced)."""
+def response_task(run, date: str, channel: str, cal_fp: str, conditions: dict | None = None
+                  ) -> tuple[list[Outcome], pipeline.ChannelResponse | None]:
+    """The channel's response (and the products of the standards it reduced).
+    ``conditions`` holds the guider conditions the runner has read so far (keyed as by
+    :func:`pipeline.guider`); the others are read here."""
     summary = NightSummary(date, run.output)
     archive = _archive(run, date)
     if archive is None:
@@ -52,7 +54,7 @@ def response_task(run, date: str, channel: str,
     try:
         with Ledger(ledger_path(run.output), run.config_hash) as ledger:
             found = pipeline.channel_response(run, archive, date, channel, cal_fp, summary,
-                                              ledger)
+                                              ledger, conditions=conditions)
         return summary.outcomes, found
     finally:
         archive.close()
