@@ -186,3 +186,25 @@ def test_line_mask_beside_a_steep_end_does_not_swing_the_response():
     run = median_filter(q, 21, mode="nearest")
     edge = (ch.grid > ch.grid[0] + 30) & (ch.grid < 4760)
     assert np.max(np.abs(run[edge] - 1)) < 0.007
+
+
+def test_bridge_transmission_needs_both_sides():
+    """A narrow dip with the band measured on both sides is bridged; a run at the end of
+    the grid (nothing to its left) is left as it is rather than extrapolated."""
+    from panacea.fluxcal import bridge_transmission
+
+    grid = np.arange(5800.0, 5900.0, 1.0)
+    t = np.full(grid.size, 0.95)
+    t[40:44] = 0.6  # the star's line in the measured transmission
+    t[:5] = 0.3
+    holes = np.zeros(grid.size, bool)
+    holes[40:44] = True
+    holes[:5] = True
+    out = bridge_transmission(grid, t, holes, min_level=0.9)
+    assert np.allclose(out[40:44], 0.95)
+    assert np.array_equal(out[:5], t[:5])
+    # a band too deep beside the run keeps its own structure
+    deep = t.copy()
+    deep[30:40] = 0.5
+    assert np.array_equal(bridge_transmission(grid, deep, holes, min_level=0.9)[40:44],
+                          deep[40:44])

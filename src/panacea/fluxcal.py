@@ -613,7 +613,8 @@ def bridge_transmission(grid: np.ndarray, transmission: np.ndarray, holes: np.nd
     A run is bridged only where the median transmission within ``side`` Angstrom on both
     sides of it is at least ``min_level``: beside a shallow stretch of a band, a dip inside
     the run cannot be the atmosphere's, while inside a deep one bridging would drop the
-    band's own structure."""
+    band's own structure. A run without pixels to measure on one side (at an end of the
+    grid, or beside other holes) is left as it is: it would only be extrapolated."""
     out = np.asarray(transmission, float).copy()
     grid = np.asarray(grid, float)
     holes = np.asarray(holes, bool)
@@ -622,7 +623,9 @@ def bridge_transmission(grid: np.ndarray, transmission: np.ndarray, holes: np.nd
     for lo, hi in _runs(holes, grid, min_width=0.0):
         left = (grid >= lo - side) & (grid < lo) & ~holes
         right = (grid > hi) & (grid <= hi + side) & ~holes
-        levels = [float(np.median(out[m])) if m.any() else 1.0 for m in (left, right)]
+        if not (left.any() and right.any()):
+            continue
+        levels = [float(np.median(out[m])) for m in (left, right)]
         if min(levels) < min_level:
             continue
         run = (grid >= lo) & (grid <= hi)
