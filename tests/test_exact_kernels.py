@@ -12,6 +12,7 @@ import io
 import numpy as np
 import pytest
 from astropy.io import fits
+from memreader import BytesReader
 
 from panacea import ccd, instrument
 from panacea.bias import combine_bands
@@ -131,14 +132,6 @@ def test_clip_stack_is_the_array_code():
     assert np.array_equal(keep, _clip_stack_reference(x, y, w)) and not keep.all()
 
 
-class _Reader:
-    def __init__(self, content: bytes):
-        self.content = content
-
-    def read_bytes(self, rawfile) -> bytes:
-        return self.content
-
-
 class _RawFile:
     location = "memory.fits"
     amp = "LU"  # rotated
@@ -157,7 +150,7 @@ def test_usual_raw_amp_kernel_is_the_array_path(ampname):
     hdu.header["AMPNAME"] = ampname
     buf = io.BytesIO()
     hdu.writeto(buf)
-    reader, rawfile = _Reader(buf.getvalue()), _RawFile()
+    reader, rawfile = BytesReader(buf.getvalue()), _RawFile()
     loaded = ccd._load_amp(reader, rawfile, "row")
     assert loaded.raw is not None and loaded.raw.dtype == np.uint16  # the kernel's path
     planes = tuple(np.empty(loaded.shape, t) for t in (np.float32, np.float32, np.uint8))

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import faults
+from memreader import BytesReader
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -92,16 +93,6 @@ def assert_clean(run: faults.Run, out: Path) -> None:
 
 def products_of(out: Path, obsid: int) -> list[str]:
     return sorted(p.name for p in Path(out).rglob(f"*_{DATE}_{obsid:07d}_*.fits"))
-
-
-class Reader:
-    """A raw reader serving prepared bytes (for frame faults)."""
-
-    def __init__(self, content: bytes):
-        self.content = content
-
-    def read_bytes(self, rawfile) -> bytes:
-        return self.content
 
 
 class Member:
@@ -194,7 +185,7 @@ def _blank_scaled() -> bytes:
 ], ids=["garbage", "wrong-shape", "all-nan", "mostly-nan", "constant", "blank-integers"])
 def test_bad_frame_refused_with_its_name(fakeraw, make, problem):
     with pytest.raises(FrameError) as err:
-        read_amp(Reader(make(fakeraw)), Member())
+        read_amp(BytesReader(make(fakeraw)), Member())
     assert Member.location in str(err.value) and problem in str(err.value)
     assert err.value.file == Member.location  # for the night summary
 
@@ -202,10 +193,10 @@ def test_bad_frame_refused_with_its_name(fakeraw, make, problem):
 def test_float_frame_read_with_a_warning(fakeraw, caplog):
     good = fits.getdata(__import__("io").BytesIO(_amp(fakeraw))).astype(np.float64)
     with caplog.at_level(logging.WARNING):
-        frame = read_amp(Reader(_amp(fakeraw, data=good)), Member())
+        frame = read_amp(BytesReader(_amp(fakeraw, data=good)), Member())
     assert any("BITPIX -64" in r.getMessage() and Member.location in r.getMessage()
                for r in caplog.records)
-    ref = read_amp(Reader(_amp(fakeraw)), Member())
+    ref = read_amp(BytesReader(_amp(fakeraw)), Member())
     np.testing.assert_allclose(frame.image, ref.image, atol=1e-3)
 
 
@@ -217,7 +208,7 @@ def test_float_frame_read_with_a_warning(fakeraw, caplog):
 def test_absurd_detector_cards_fall_back(fakeraw, caplog, card, value, expect):
     content = faults.set_card(_amp(fakeraw), card, value)
     with caplog.at_level(logging.WARNING):
-        frame = read_amp(Reader(content), Member())
+        frame = read_amp(BytesReader(content), Member())
     messages = [r.getMessage() for r in caplog.records]
     assert any(expect in m and Member.location in m for m in messages), messages
     if card == "GAIN":  # the facts sheet's default gain, not a zero image
